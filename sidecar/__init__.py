@@ -1,0 +1,1 @@
+"""deltawatch sidecar: gRPC ingest, geometry engine, store, alerts, Prometheus export, HTTP API."""
