@@ -1,0 +1,284 @@
+"""Who may talk to the sidecar: bearer token, TLS and mutual TLS for gRPC and HTTP (DESIGN §5).
+
+The server calls five functions, each reading the frozen ServeConfig:
+
+* ``grpc_interceptors(config)``: with ``token_file`` set, a grpc.aio interceptor that requires
+  ``authorization: Bearer <token>`` on every call except the standard health service
+  (``grpc.health.v1.Health``). Server reflection is *not* exempt: it describes the whole API, so
+  with a token set it needs the token too (``grpcurl -H 'authorization: Bearer ...'``). A missing
+  or wrong token is answered UNAUTHENTICATED with a message before the handler runs, so nothing
+  is read, stored or acknowledged.
+* ``grpc_server_credentials(config)``: ``--tls-cert``/``--tls-key`` give server TLS;
+  ``--tls-client-ca`` adds mutual TLS (client certificates signed by that CA are required).
+  None means a plaintext port.
+* ``http_middlewares(config)``: the aiohttp counterpart of the interceptor: every endpoint needs
+  the token except ``/healthz``, ``/readyz`` and ``/metrics`` (the latter unless
+  ``metrics_require_token`` is set); a missing or wrong token gets 401 with a JSON body.
+* ``http_ssl_context(config)``: TLS for HTTP from the same certificate. Client certificates are
+  not requested on HTTP (kubelet probes and most Prometheus setups present none): the token is the
+  HTTP credential.
+* ``warn_if_exposed(config)``: logs (and returns) a warning for each listener bound beyond loopback
+  without TLS or without a token.
+
+Tokens are compared in constant time (``hmac.compare_digest``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import os
+import ssl
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, Protocol
+
+import grpc
+from aiohttp import web
+from deltawatch.client.credentials import is_loopback_host, read_token, split_host_port
+
+__all__ = [
+    "HEALTH_SERVICE",
+    "HTTP_PUBLIC_PATHS",
+    "AuthConfig",
+    "BearerTokenInterceptor",
+    "bearer_token_middleware",
+    "grpc_interceptors",
+    "grpc_server_credentials",
+    "http_middlewares",
+    "http_ssl_context",
+    "load_token",
+    "token_matches",
+    "warn_if_exposed",
+]
+
+log = logging.getLogger(__name__)
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+HTTP_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+
+
+class AuthConfig(Protocol):
+    """The ServeConfig fields this module reads (``metrics_require_token`` is optional)."""
+
+    grpc_address: str
+    http_address: str
+    token_file: str | os.PathLike[str] | None
+    tls_cert: str | os.PathLike[str] | None
+    tls_key: str | os.PathLike[str] | None
+    tls_client_ca: str | os.PathLike[str] | None
+
+
+def load_token(path: str | os.PathLike[str] | None) -> str | None:
+    """The token in ``path`` with surrounding whitespace stripped; None when no path is given.
+
+    Raises ValueError (with the fix) for a missing or empty file.
+    """
+    if path is None or os.fspath(path) == "":
+        return None
+    return read_token(path)
+
+
+def token_matches(expected: str, authorization: str | None) -> bool:
+    """Whether an ``authorization`` header value is ``Bearer <expected>``.
+
+    The scheme is case-insensitive (RFC 6750); the token is compared with
+    ``hmac.compare_digest`` so the time taken does not reveal how much of it matched.
+    """
+    if not authorization:
+        return False
+    scheme, _, presented = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(presented.strip().encode("utf-8"), expected.encode("utf-8"))
+
+
+def _rejection(authorization: str | None) -> str:
+    """The message for a rejected credential (never echoes what was sent)."""
+    if not authorization:
+        return (
+            "missing bearer token: this deltawatch sidecar runs with --token-file; send "
+            "'authorization: Bearer <token>' (Monitor(token_file=...) does)"
+        )
+    if not authorization.strip().lower().startswith("bearer "):
+        return "the authorization header must read 'Bearer <token>'"
+    return "invalid bearer token: it does not match the sidecar's --token-file"
+
+
+# --- gRPC ---------------------------------------------------------------------------------------
+
+
+def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+    """A handler of the same kind as ``handler`` that ends the call with UNAUTHENTICATED."""
+
+    async def abort_unary(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary:
+        return grpc.unary_unary_rpc_method_handler(abort_unary, **kwargs)
+    if handler.unary_stream:
+        return grpc.unary_stream_rpc_method_handler(abort_unary, **kwargs)
+    if handler.stream_unary:
+        return grpc.stream_unary_rpc_method_handler(abort_unary, **kwargs)
+    return grpc.stream_stream_rpc_method_handler(abort_unary, **kwargs)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+    """Requires ``authorization: Bearer <token>`` on every call outside ``exempt_services``."""
+
+    def __init__(self, token: str, exempt_services: Iterable[str] = (HEALTH_SERVICE,)) -> None:
+        self._token = token
+        self._exempt = tuple(f"/{service}/" for service in exempt_services)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Any],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        method = handler_call_details.method or ""
+        if method.startswith(self._exempt):
+            return await continuation(handler_call_details)
+        authorization = None
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key.lower() == "authorization":
+                authorization = value if isinstance(value, str) else value.decode("latin-1")
+                break
+        handler = await continuation(handler_call_details)
+        if token_matches(self._token, authorization):
+            return handler
+        if handler is None:  # unknown method: UNIMPLEMENTED reveals nothing worth protecting
+            return None
+        log.info("rejected gRPC call %s: %s", method, "missing" if not authorization else "bad")
+        return _abort_handler(handler, _rejection(authorization))
+
+
+def grpc_interceptors(config: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors for ``grpc.aio.server(interceptors=...)``: the token check when
+    ``config.token_file`` is set, else none."""
+    token = load_token(config.token_file)
+    return [] if token is None else [BearerTokenInterceptor(token)]
+
+
+def _read_pem(path: str | os.PathLike[str], flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ValueError(f"{flag}: file {os.fspath(path)!r} does not exist") from None
+
+
+def _check_tls_flags(config: AuthConfig) -> bool:
+    """True when TLS is configured; raises ValueError for an incomplete configuration."""
+    if bool(config.tls_cert) != bool(config.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together: give both (or neither)")
+    if config.tls_client_ca and not config.tls_cert:
+        raise ValueError(
+            "--tls-client-ca (mutual TLS) needs the server's own --tls-cert and --tls-key"
+        )
+    return bool(config.tls_cert)
+
+
+def grpc_server_credentials(config: AuthConfig) -> grpc.ServerCredentials | None:
+    """``grpc.ssl_server_credentials`` from ``--tls-cert``/``--tls-key``, requiring client
+    certificates signed by ``--tls-client-ca`` when it is given; None for a plaintext port."""
+    if not _check_tls_flags(config):
+        return None
+    key = _read_pem(config.tls_key, "--tls-key")
+    cert = _read_pem(config.tls_cert, "--tls-cert")
+    client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    )
+
+
+# --- HTTP ---------------------------------------------------------------------------------------
+
+
+def bearer_token_middleware(
+    token: str, public_paths: Iterable[str] = HTTP_PUBLIC_PATHS
+) -> Callable[..., Any]:
+    """An aiohttp middleware answering 401 (JSON) unless the request carries the token or its
+    path is one of ``public_paths``."""
+    public = frozenset(public_paths)
+
+    @web.middleware
+    async def require_bearer_token(request: web.Request, handler: Callable[..., Any]) -> Any:
+        if request.path in public:
+            return await handler(request)
+        authorization = request.headers.get("Authorization")
+        if token_matches(token, authorization):
+            return await handler(request)
+        body = {"error": "unauthenticated", "message": _rejection(authorization)}
+        return web.Response(
+            status=401,
+            text=json.dumps(body),
+            content_type="application/json",
+            headers={"WWW-Authenticate": 'Bearer realm="deltawatch"'},
+        )
+
+    return require_bearer_token
+
+
+def http_middlewares(config: AuthConfig) -> list[Callable[..., Any]]:
+    """Middlewares for ``web.Application(middlewares=...)``: the token check when
+    ``config.token_file`` is set (``/metrics`` stays open unless ``metrics_require_token``)."""
+    token = load_token(config.token_file)
+    if token is None:
+        return []
+    public = set(HTTP_PUBLIC_PATHS)
+    if not getattr(config, "metrics_require_token", False):
+        public.add("/metrics")
+    return [bearer_token_middleware(token, public)]
+
+
+def http_ssl_context(config: AuthConfig) -> ssl.SSLContext | None:
+    """A server ``ssl.SSLContext`` (TLS 1.2+) from ``--tls-cert``/``--tls-key``; None without
+    TLS. Client certificates are not requested on HTTP."""
+    if not _check_tls_flags(config):
+        return None
+    for path, flag in ((config.tls_cert, "--tls-cert"), (config.tls_key, "--tls-key")):
+        if not Path(path).is_file():
+            raise ValueError(f"{flag}: file {os.fspath(path)!r} does not exist")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(os.fspath(config.tls_cert), os.fspath(config.tls_key))
+    return context
+
+
+# --- exposure -----------------------------------------------------------------------------------
+
+
+def warn_if_exposed(config: AuthConfig, logger: logging.Logger | None = None) -> list[str]:
+    """Log a warning for each listener bound beyond loopback without TLS or without a token;
+    return the messages (empty when every listener is on loopback or fully protected)."""
+    logger = logger or log
+    tls = _check_tls_flags(config)
+    token = bool(config.token_file)
+    mtls = bool(config.tls_client_ca)
+    warnings = []
+    for name, address in (("gRPC", config.grpc_address), ("HTTP", config.http_address)):
+        if not address:
+            continue
+        host, _ = split_host_port(address)
+        if is_loopback_host(host):
+            continue
+        missing = []
+        if not tls:
+            missing.append("TLS (--tls-cert/--tls-key: traffic and any token travel in clear text)")
+        if not token and not (mtls and name == "gRPC"):
+            missing.append(
+                "a token (--token-file: anyone who can reach it can "
+                + ("send reports)" if name == "gRPC" else "read every run)")
+            )
+        if missing:
+            warnings.append(
+                f"SECURITY WARNING: the {name} listener {address} is reachable beyond loopback "
+                f"without {' and without '.join(missing)}"
+            )
+    for message in warnings:
+        logger.warning("%s", message)
+    return warnings
