@@ -1,0 +1,672 @@
+"""The sidecar's durable state: one SQLite file (WAL mode) in the data dir.
+
+Layout (`deltawatch.sqlite3`, schema version in `meta`):
+
+* `runs`          one row per run: created/updated times, the latest hello's config, dropped-report
+                  count reported by clients.
+* `incarnations`  every (run, incarnation) with its resume step: a newer incarnation with resume
+                  step s hides the older incarnations' history from step s on.
+* `manifests`     every run's matrices: shape, numel, dtype, layer, module, shard layout, owner.
+* `history`       one row per (run, matrix, step, incarnation): every §2 key (JSON object, floats
+                  written with `repr`, so they round-trip exactly) and the counts behind the ratios.
+* `tensors`       the geometry state needed to resume, per (run, matrix, name): raw little-endian
+                  bytes + dtype + shape (never pickle). Holds W0's baseline Ritz data, the
+                  log-spaced V_K snapshots and the lock reference V_ref, not every G or V.
+* `geometry`      the JSON half of each matrix's geometry state.
+* `lock_refs`     (run, matrix) -> lock_step, incarnation and V_ref, for `HelloResult`.
+* `alerts`, `kv`  alert state/history and a generic namespaced key/value table for the alert engine.
+
+Durability: `PRAGMA journal_mode=WAL` and `synchronous=FULL` by default. In WAL mode a commit
+appends to the WAL file; with FULL the WAL is fsync'ed at every commit, so a report acknowledged
+after `commit_check` returns survives kill -9 *and* a power loss or kernel crash. NORMAL in WAL
+mode is also kill -9 safe (the written WAL frames live in the OS page cache) but may lose the last
+commits on a power loss, which would break "persist, then acknowledge"; it is available as
+`Store(..., synchronous="NORMAL")` for throwaway data dirs.
+
+Concurrency: one writer connection (the engine's ingest thread, serialised by a lock) and one
+reader connection (HTTP, metrics); WAL lets the reader run while a write is in progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sqlite3
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DB_NAME = "deltawatch.sqlite3"
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    config TEXT NOT NULL DEFAULT '{}',
+    dropped_reports INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS incarnations (
+    run TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    resume_step INTEGER,
+    started_at REAL NOT NULL,
+    PRIMARY KEY (run, incarnation)
+);
+CREATE TABLE IF NOT EXISTS manifests (
+    run TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    position INTEGER NOT NULL,
+    rows INTEGER NOT NULL,
+    cols INTEGER NOT NULL,
+    numel INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    layer INTEGER,
+    module TEXT NOT NULL,
+    shard_layout TEXT NOT NULL,
+    owner_rank INTEGER NOT NULL,
+    PRIMARY KEY (run, matrix)
+);
+CREATE TABLE IF NOT EXISTS history (
+    run TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    received_at REAL NOT NULL,
+    numel INTEGER NOT NULL,
+    visible_count INTEGER NOT NULL,
+    visible_low_count INTEGER NOT NULL,
+    visible_principal_count INTEGER NOT NULL,
+    keys TEXT NOT NULL,
+    PRIMARY KEY (run, matrix, step, incarnation)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS tensors (
+    run TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    name TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (run, matrix, name)
+);
+CREATE TABLE IF NOT EXISTS geometry (
+    run TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    incarnation INTEGER NOT NULL,
+    last_step INTEGER,
+    state TEXT NOT NULL,
+    PRIMARY KEY (run, matrix)
+);
+CREATE TABLE IF NOT EXISTS lock_refs (
+    run TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    lock_step INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    dtype TEXT NOT NULL,
+    shape TEXT NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (run, matrix)
+);
+CREATE TABLE IF NOT EXISTS alerts (
+    id TEXT PRIMARY KEY,
+    rule TEXT NOT NULL,
+    run TEXT NOT NULL,
+    matrix TEXT,
+    state TEXT NOT NULL,
+    severity TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    ended_at REAL,
+    value REAL,
+    summary TEXT NOT NULL,
+    extra TEXT NOT NULL DEFAULT '{}',
+    updated_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS alerts_by_state ON alerts (state, run, rule);
+CREATE TABLE IF NOT EXISTS kv (
+    namespace TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (namespace, key)
+);
+"""
+
+# dtypes a stored tensor may carry (name -> torch dtype); anything else is refused on load.
+_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes."""
+    if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+        raise RuntimeError("deltawatch stores tensors little-endian; this host is big-endian")
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype not in _DTYPE_NAMES:
+        raise TypeError(f"cannot store a tensor of dtype {t.dtype}")
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return _DTYPE_NAMES[t.dtype], list(t.shape), data
+
+
+def tensor_from_bytes(dtype: str, shape: Iterable[int], data: bytes) -> torch.Tensor:
+    """A CPU tensor from (dtype name, shape, raw little-endian bytes); refuses unknown dtypes."""
+    if dtype not in _DTYPES:
+        raise TypeError(f"stored tensor has unknown dtype {dtype!r}")
+    shape = [int(s) for s in shape]
+    torch_dtype = _DTYPES[dtype]
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype)
+    return flat.reshape(shape)
+
+
+def dumps_keys(keys: Mapping[str, Any]) -> str:
+    """JSON of a key dict; non-finite floats are refused (they are null by contract)."""
+    for k, v in keys.items():
+        if isinstance(v, float) and not math.isfinite(v):
+            raise ValueError(f"key {k} is {v}; non-finite values are stored as null")
+    return json.dumps(dict(keys), allow_nan=False, separators=(",", ":"))
+
+
+@dataclass(frozen=True)
+class HistoryRow:
+    """One persisted check of one matrix."""
+
+    run: str
+    matrix: str
+    step: int
+    incarnation: int
+    received_at: float
+    numel: int
+    visible_count: int
+    visible_low_count: int
+    visible_principal_count: int
+    keys: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CheckCounts:
+    """The exact counts behind the ratio keys, kept for parameter-weighted run aggregates."""
+
+    numel: int
+    visible_count: int
+    visible_low_count: int
+    visible_principal_count: int
+
+
+@dataclass(frozen=True)
+class StateUpdate:
+    """A matrix's geometry state to persist with a check: JSON half, tensors that changed or were
+    added (written), names of tensors that disappeared (deleted)."""
+
+    meta: dict[str, Any]
+    tensors: Mapping[str, torch.Tensor]
+    removed: tuple[str, ...] = ()
+
+
+_VISIBLE_SQL = """
+SELECT h.run, h.matrix, h.step, h.incarnation, h.received_at, h.numel, h.visible_count,
+       h.visible_low_count, h.visible_principal_count, h.keys
+FROM history h
+WHERE h.run = ? {matrix_filter}
+  AND NOT EXISTS (SELECT 1 FROM incarnations i
+                  WHERE i.run = h.run AND i.incarnation > h.incarnation
+                    AND i.resume_step IS NOT NULL AND i.resume_step <= h.step)
+  AND NOT EXISTS (SELECT 1 FROM history h2
+                  WHERE h2.run = h.run AND h2.matrix = h.matrix AND h2.step = h.step
+                    AND h2.incarnation > h.incarnation)
+ORDER BY h.matrix, h.step
+"""
+
+
+class Store:
+    """SQLite persistence of runs, manifests, history, geometry state, lock references, alerts."""
+
+    def __init__(self, data_dir: str | Path, *, synchronous: str = "FULL") -> None:
+        if synchronous not in ("FULL", "NORMAL", "EXTRA"):
+            raise ValueError(f"synchronous must be FULL, EXTRA or NORMAL, got {synchronous!r}")
+        self.data_dir = Path(data_dir)
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.data_dir / DB_NAME
+        self.synchronous = synchronous
+        self._wlock = threading.RLock()
+        self._rlock = threading.Lock()
+        self._w = self._connect()
+        with self._wlock:
+            self._w.executescript(_SCHEMA)
+            row = self._w.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+            if row is None:
+                self._w.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?)",
+                    (str(SCHEMA_VERSION),),
+                )
+            elif int(row[0]) != SCHEMA_VERSION:
+                raise RuntimeError(
+                    f"{self.path} has schema version {row[0]}, this deltawatch reads "
+                    f"{SCHEMA_VERSION}; use a new --data-dir"
+                )
+        self._r = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute(f"PRAGMA synchronous={self.synchronous}")
+        con.execute("PRAGMA busy_timeout=30000")
+        return con
+
+    def close(self) -> None:
+        """Close both connections (a checkpoint of the WAL happens on the last close)."""
+        with self._rlock:
+            self._r.close()
+        with self._wlock:
+            self._w.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT); rolled back on any exception."""
+        with self._wlock:
+            self._w.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._w
+            except BaseException:
+                self._w.execute("ROLLBACK")
+                raise
+            self._w.execute("COMMIT")
+
+    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+        with self._rlock:
+            return self._r.execute(sql, params).fetchall()
+
+    # ---------------------------------------------------------------- runs and manifests
+
+    def save_hello(
+        self,
+        run: str,
+        incarnation: int,
+        resume_step: int | None,
+        config: Mapping[str, Any],
+        manifest: Iterable[Any],
+        *,
+        now: float | None = None,
+    ) -> None:
+        """Persist a hello: the run (created if new), its incarnation and resume step, the config
+        and the manifest entries (objects with ManifestEntry's fields), in one transaction."""
+        now = time.time() if now is None else now
+        cfg = json.dumps(dict(config), sort_keys=True, default=str)
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO runs (run, created_at, updated_at, config) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (run) DO UPDATE SET config = excluded.config",
+                (run, now, now, cfg),
+            )
+            c.execute(
+                "INSERT INTO incarnations (run, incarnation, resume_step, started_at) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (run, incarnation) DO NOTHING",
+                (run, incarnation, resume_step, now),
+            )
+            (start,) = c.execute(
+                "SELECT COALESCE(MAX(position) + 1, 0) FROM manifests WHERE run = ?", (run,)
+            ).fetchone()
+            for i, e in enumerate(manifest):
+                c.execute(
+                    "INSERT INTO manifests (run, matrix, position, rows, cols, numel, dtype, layer, "
+                    "module, shard_layout, owner_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (run, matrix) DO UPDATE SET dtype = excluded.dtype, "
+                    "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank",
+                    (
+                        run,
+                        e.matrix,
+                        start + i,
+                        e.shape[0],
+                        e.shape[1],
+                        e.numel,
+                        e.dtype,
+                        e.layer,
+                        e.module,
+                        e.shard_layout,
+                        e.owner_rank,
+                    ),
+                )
+
+    def rewind(self, run: str, resume_step: int) -> list[str]:
+        """Drop the lock references taken at or after `resume_step` (a newer incarnation resumes
+        from a checkpoint before them); returns the matrices whose lock was dropped."""
+        with self.transaction() as c:
+            rows = c.execute(
+                "SELECT matrix FROM lock_refs WHERE run = ? AND lock_step >= ?", (run, resume_step)
+            ).fetchall()
+            c.execute("DELETE FROM lock_refs WHERE run = ? AND lock_step >= ?", (run, resume_step))
+        return [r[0] for r in rows]
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run: run, created_at, updated_at, config (dict), dropped_reports."""
+        rows = self._read(
+            "SELECT run, created_at, updated_at, config, dropped_reports FROM runs ORDER BY run"
+        )
+        return [
+            {
+                "run": r[0],
+                "created_at": r[1],
+                "updated_at": r[2],
+                "config": json.loads(r[3]),
+                "dropped_reports": r[4],
+            }
+            for r in rows
+        ]
+
+    def incarnations(self, run: str) -> list[tuple[int, int | None]]:
+        """(incarnation, resume_step) of a run, oldest first."""
+        return [
+            (r[0], r[1])
+            for r in self._read(
+                "SELECT incarnation, resume_step FROM incarnations WHERE run = ? "
+                "ORDER BY incarnation",
+                (run,),
+            )
+        ]
+
+    def manifest(self, run: str) -> list[dict[str, Any]]:
+        """A run's manifest rows in hello order: matrix, shape, numel, dtype, layer, module,
+        shard_layout, owner_rank."""
+        rows = self._read(
+            "SELECT matrix, rows, cols, numel, dtype, layer, module, shard_layout, owner_rank "
+            "FROM manifests WHERE run = ? ORDER BY position",
+            (run,),
+        )
+        return [
+            {
+                "matrix": r[0],
+                "shape": (r[1], r[2]),
+                "numel": r[3],
+                "dtype": r[4],
+                "layer": r[5],
+                "module": r[6],
+                "shard_layout": r[7],
+                "owner_rank": r[8],
+            }
+            for r in rows
+        ]
+
+    def add_dropped(self, run: str, count: int) -> None:
+        """Add a client's dropped-report count to the run's total."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE runs SET dropped_reports = dropped_reports + ? WHERE run = ?", (count, run)
+            )
+
+    # ---------------------------------------------------------------- checks and state
+
+    def has_check(self, run: str, matrix: str, step: int, incarnation: int) -> bool:
+        """Whether (run, matrix, step, incarnation) is persisted already (a duplicate)."""
+        with self._wlock:
+            row = self._w.execute(
+                "SELECT 1 FROM history WHERE run = ? AND matrix = ? AND step = ? AND incarnation = ?",
+                (run, matrix, step, incarnation),
+            ).fetchone()
+        return row is not None
+
+    def commit_check(
+        self,
+        run: str,
+        matrix: str,
+        step: int,
+        incarnation: int,
+        keys: Mapping[str, Any],
+        counts: CheckCounts,
+        state: StateUpdate | None,
+        *,
+        lock_ref: tuple[int, torch.Tensor] | None = None,
+        now: float | None = None,
+    ) -> bool:
+        """Persist one check, the matrix's geometry state and (on the locking check) its lock
+        reference, in one transaction. Returns False (and writes nothing) for a duplicate."""
+        now = time.time() if now is None else now
+        keys_json = dumps_keys(keys)
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO history (run, matrix, step, incarnation, received_at, numel, "
+                "visible_count, visible_low_count, visible_principal_count, keys) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    run,
+                    matrix,
+                    step,
+                    incarnation,
+                    now,
+                    counts.numel,
+                    counts.visible_count,
+                    counts.visible_low_count,
+                    counts.visible_principal_count,
+                    keys_json,
+                ),
+            )
+            if cur.rowcount == 0:
+                return False
+            if state is not None:
+                self._write_state(c, run, matrix, incarnation, step, state)
+            if lock_ref is not None:
+                lock_step, v_ref = lock_ref
+                dtype, shape, data = tensor_to_bytes(v_ref)
+                c.execute(
+                    "INSERT OR REPLACE INTO lock_refs (run, matrix, lock_step, incarnation, dtype, "
+                    "shape, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (run, matrix, lock_step, incarnation, dtype, json.dumps(shape), data),
+                )
+            c.execute("UPDATE runs SET updated_at = ? WHERE run = ?", (now, run))
+        return True
+
+    def save_state(
+        self, run: str, matrix: str, incarnation: int, last_step: int | None, state: StateUpdate
+    ) -> None:
+        """Persist a matrix's geometry state alone (after a baseline or a rewind)."""
+        with self.transaction() as c:
+            self._write_state(c, run, matrix, incarnation, last_step, state)
+
+    @staticmethod
+    def _write_state(
+        c: sqlite3.Connection,
+        run: str,
+        matrix: str,
+        incarnation: int,
+        last_step: int | None,
+        state: StateUpdate,
+    ) -> None:
+        c.execute(
+            "INSERT OR REPLACE INTO geometry (run, matrix, incarnation, last_step, state) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (run, matrix, incarnation, last_step, json.dumps(state.meta, allow_nan=False)),
+        )
+        for name in state.removed:
+            c.execute(
+                "DELETE FROM tensors WHERE run = ? AND matrix = ? AND name = ?", (run, matrix, name)
+            )
+        for name, t in state.tensors.items():
+            dtype, shape, data = tensor_to_bytes(t)
+            c.execute(
+                "INSERT OR REPLACE INTO tensors (run, matrix, name, dtype, shape, data) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (run, matrix, name, dtype, json.dumps(shape), data),
+            )
+
+    def load_states(
+        self, run: str
+    ) -> dict[str, tuple[int, int | None, dict[str, Any], dict[str, torch.Tensor]]]:
+        """matrix -> (incarnation, last_step, meta, tensors) for every matrix with saved state."""
+        out: dict[str, tuple[int, int | None, dict[str, Any], dict[str, torch.Tensor]]] = {}
+        for matrix, inc, last, state in self._read(
+            "SELECT matrix, incarnation, last_step, state FROM geometry WHERE run = ?", (run,)
+        ):
+            out[matrix] = (inc, last, json.loads(state), {})
+        for matrix, name, dtype, shape, data in self._read(
+            "SELECT matrix, name, dtype, shape, data FROM tensors WHERE run = ?", (run,)
+        ):
+            if matrix in out:
+                out[matrix][3][name] = tensor_from_bytes(dtype, json.loads(shape), data)
+        return out
+
+    def lock_refs(self, run: str) -> dict[str, tuple[int, torch.Tensor]]:
+        """matrix -> (lock_step, V_ref) of a run's locked matrices."""
+        return {
+            r[0]: (r[1], tensor_from_bytes(r[2], json.loads(r[3]), r[4]))
+            for r in self._read(
+                "SELECT matrix, lock_step, dtype, shape, data FROM lock_refs WHERE run = ?", (run,)
+            )
+        }
+
+    def history(self, run: str, matrix: str | None = None) -> list[HistoryRow]:
+        """The visible history of a run (or one matrix), ordered by matrix then step.
+
+        Visible: of several incarnations' rows for one (matrix, step) the newest incarnation's;
+        and no row of an incarnation at or after a newer incarnation's resume step."""
+        if matrix is None:
+            sql, params = _VISIBLE_SQL.format(matrix_filter=""), (run,)
+        else:
+            sql, params = _VISIBLE_SQL.format(matrix_filter="AND h.matrix = ?"), (run, matrix)
+        return [
+            HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]))
+            for r in self._read(sql, params)
+        ]
+
+    def latest(self, run: str) -> dict[str, HistoryRow]:
+        """matrix -> its latest visible check."""
+        out: dict[str, HistoryRow] = {}
+        for row in self.history(run):
+            out[row.matrix] = row  # ordered by step within a matrix
+        return out
+
+    # ---------------------------------------------------------------- alerts
+
+    def save_alert(
+        self,
+        *,
+        rule: str,
+        run: str,
+        matrix: str | None,
+        state: str,
+        severity: str,
+        started_at: float,
+        ended_at: float | None = None,
+        value: float | None = None,
+        summary: str = "",
+        extra: Mapping[str, Any] | None = None,
+        id: str | None = None,
+    ) -> str:
+        """Insert or update one alert (DESIGN §4 /api/v1/alerts fields); returns its id."""
+        if state not in ("firing", "resolved"):
+            raise ValueError(f"alert state must be 'firing' or 'resolved', got {state!r}")
+        alert_id = id or uuid.uuid4().hex
+        if value is not None and not math.isfinite(value):
+            value = None
+        with self.transaction() as c:
+            c.execute(
+                "INSERT INTO alerts (id, rule, run, matrix, state, severity, started_at, ended_at, "
+                "value, summary, extra, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "severity = excluded.severity, ended_at = excluded.ended_at, "
+                "value = excluded.value, summary = excluded.summary, extra = excluded.extra, "
+                "updated_at = excluded.updated_at",
+                (
+                    alert_id,
+                    rule,
+                    run,
+                    matrix,
+                    state,
+                    severity,
+                    started_at,
+                    ended_at,
+                    value,
+                    summary,
+                    json.dumps(dict(extra or {}), default=str),
+                    time.time(),
+                ),
+            )
+        return alert_id
+
+    def alerts(
+        self, *, state: str | None = None, run: str | None = None, since: float | None = None
+    ) -> list[dict[str, Any]]:
+        """Alerts as dicts (id, rule, run, matrix, state, severity, started_at, ended_at, value,
+        summary, extra), newest first; filtered by state, run and `ended_at >= since` for
+        resolved ones."""
+        sql = (
+            "SELECT id, rule, run, matrix, state, severity, started_at, ended_at, value, summary, "
+            "extra FROM alerts WHERE 1 = 1"
+        )
+        params: list[Any] = []
+        if state is not None:
+            sql += " AND state = ?"
+            params.append(state)
+        if run is not None:
+            sql += " AND run = ?"
+            params.append(run)
+        if since is not None:
+            sql += " AND (state = 'firing' OR ended_at >= ?)"
+            params.append(since)
+        sql += " ORDER BY started_at DESC, id"
+        cols = (
+            "id",
+            "rule",
+            "run",
+            "matrix",
+            "state",
+            "severity",
+            "started_at",
+            "ended_at",
+            "value",
+            "summary",
+            "extra",
+        )
+        out = []
+        for r in self._read(sql, tuple(params)):
+            d = dict(zip(cols, r, strict=True))
+            d["extra"] = json.loads(d["extra"])
+            out.append(d)
+        return out
+
+    def open_alerts(self) -> list[dict[str, Any]]:
+        """Every firing alert."""
+        return self.alerts(state="firing")
+
+    def kv_put(self, namespace: str, key: str, value: Any) -> None:
+        """Store a JSON value under (namespace, key)."""
+        with self.transaction() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO kv (namespace, key, value) VALUES (?, ?, ?)",
+                (namespace, key, json.dumps(value)),
+            )
+
+    def kv_get(self, namespace: str, key: str, default: Any = None) -> Any:
+        """The JSON value under (namespace, key), or default."""
+        rows = self._read("SELECT value FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+        return json.loads(rows[0][0]) if rows else default
+
+    def kv_items(self, namespace: str) -> dict[str, Any]:
+        """Every key -> value of a namespace."""
+        return {
+            k: json.loads(v)
+            for k, v in self._read("SELECT key, value FROM kv WHERE namespace = ?", (namespace,))
+        }
+
+    def kv_delete(self, namespace: str, key: str) -> None:
+        """Remove (namespace, key)."""
+        with self.transaction() as c:
+            c.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
