@@ -670,3 +670,19 @@ class Store:
         """Remove (namespace, key)."""
         with self.transaction() as c:
             c.execute("DELETE FROM kv WHERE namespace = ? AND key = ?", (namespace, key))
+
+    # ---------------------------------------------------------------- alert engine state
+
+    def load_alert_state(self) -> dict[str, str]:
+        """Every saved alert-state item (key -> JSON text), as `save_alert_state` left them."""
+        return {
+            k: v for k, v in self._read("SELECT key, value FROM kv WHERE namespace = 'alert_state'")
+        }
+
+    def save_alert_state(self, items: Mapping[str, str]) -> None:
+        """Insert or replace alert-state items (key -> JSON text) in one transaction."""
+        with self.transaction() as c:
+            c.executemany(
+                "INSERT OR REPLACE INTO kv (namespace, key, value) VALUES ('alert_state', ?, ?)",
+                list(items.items()),
+            )
