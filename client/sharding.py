@@ -1,0 +1,355 @@
+"""Where a monitored matrix lives in a distributed trainer (DESIGN §3 "Sharded parameters").
+
+One question, asked once per matrix at construction: *which block of the global (m, n) matrix does
+this rank hold, over which process groups are its rows and columns split, and which rank sends its
+reports?* The answer is a `Placement`; `client/collectives.py`'s `ShardSpec` (built from it) is all
+the tracker needs to run its local matmuls plus O((m+n)·r) collectives.
+
+Supported layouts (PyTorch `[out, in]` weights):
+
+* single process, and DDP / ZeRO-1/2 (replicated weights): no collective at all; matrix i is
+  computed and sent by rank ``i mod world_size`` only (``computes_here`` is False elsewhere).
+* DTensor parameters (FSDP2 ``fully_shard`` -> ``Shard(0)``, tensor parallel ``ColwiseParallel`` ->
+  ``Shard(0)``, ``RowwiseParallel`` -> ``Shard(1)``, and 2-D meshes mixing them, ``Replicate`` on
+  any mesh dimension, e.g. HSDP): only the local block is touched. Rows split over one or several
+  mesh dimensions (FSDP2 + colwise TP gives ``_StridedShard(0)`` + ``Shard(0)``) reduce over the
+  flattened group of those dimensions; columns split over exactly one mesh dimension. Uneven and
+  empty blocks (``torch.chunk`` rule) work: an empty block contributes zeros. Every rank of the
+  parameter's mesh computes every matrix (the collectives need all of them); matrix i is *sent* by
+  the mesh's rank number ``i mod mesh size``.
+
+Refused at construction, with the fix in the message (never wrong numbers): FSDP1
+(``FullyShardedDataParallel``: its ``FlatParameter`` or, with ``use_orig_params=True``, flattened
+1-D views make a weight's local piece meaningless as a matrix block), DeepSpeed ZeRO-3 (partitioned
+flat parameters, ``ds_tensor``), ``Partial`` placements, and columns split over several mesh
+dimensions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .collectives import ShardSpec
+
+LAYOUTS = ("replicated", "rows", "cols", "rows+cols")
+
+SUPPORTED = (
+    "deltawatch supports single-process models, DDP (torch.nn.parallel.DistributedDataParallel) "
+    "and DeepSpeed ZeRO-1/2 (replicated weights), and DTensor parameters: FSDP2 "
+    "(torch.distributed.fsdp.fully_shard), tensor parallel (parallelize_module with "
+    "ColwiseParallel/RowwiseParallel) and 2-D meshes combining them"
+)
+
+
+class UnsupportedShardingError(ValueError):
+    """The model's weights are laid out in a way deltawatch cannot read as matrix blocks."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one monitored matrix (or one part of a fused matrix) lives on this rank.
+
+    rows/cols: the global index ranges [start, stop) of the local block along each dimension
+    (``None`` for rows split over several mesh dimensions, whose local rows are not contiguous).
+    row_group/col_group: the process groups over which rows/columns are split (None: not split).
+    col_starts/col_lengths: every col_group rank's column block, in group-rank order (for the
+    all-gather of G's rows); empty when columns are not split.
+    """
+
+    shape: tuple[int, int]  # global (m, n)
+    local_shape: tuple[int, int]
+    rows: tuple[int, int] | None
+    cols: tuple[int, int]
+    row_group: Any  # dist.ProcessGroup | None
+    col_group: Any  # dist.ProcessGroup | None
+    col_starts: tuple[int, ...]
+    col_lengths: tuple[int, ...]
+    layout: str  # one of LAYOUTS (the manifest's shard_layout)
+    owner_rank: int  # the global rank that sends this matrix's reports
+    computes_here: bool  # False only for a replicated matrix another rank owns
+
+    @property
+    def sharded(self) -> bool:
+        return self.row_group is not None or self.col_group is not None
+
+    @property
+    def spec(self) -> ShardSpec | None:
+        """The tracker's `ShardSpec`; None when nothing is split (no collective at all)."""
+        if not self.sharded:
+            return None
+        m, n = self.shape
+        row_length = self.local_shape[0]
+        row_offset = self.rows[0] if self.rows is not None else 0
+        row_offset = min(row_offset, m - row_length)  # strided rows: only the length matters
+        return ShardSpec(
+            shape=(m, n),
+            row_offset=row_offset,
+            row_length=row_length,
+            col_offset=self.cols[0],
+            col_length=self.local_shape[1],
+            row_group=self.row_group,
+            col_group=self.col_group,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Refusal of layouts we cannot read
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise `UnsupportedShardingError` for FSDP1 and DeepSpeed ZeRO-3 models, saying what works.
+
+    Called by `Monitor` at construction, before any anchor is copied.
+    """
+    from torch.distributed.fsdp import FlatParameter, FullyShardedDataParallel
+
+    for name, module in model.named_modules():
+        if isinstance(module, FullyShardedDataParallel):
+            raise UnsupportedShardingError(
+                f"module {name or '<root>'!r} is wrapped in FSDP1 "
+                f"(torch.distributed.fsdp.FullyShardedDataParallel); its weights are flattened "
+                f"into FlatParameter shards that are not matrix blocks, so deltawatch would report "
+                f"wrong numbers. Use FSDP2 instead: `from torch.distributed.fsdp import "
+                f"fully_shard; fully_shard(block)` for each block, then `fully_shard(model)`. "
+                f"{SUPPORTED}."
+            )
+    for name, param in model.named_parameters():
+        if isinstance(param, FlatParameter) or "_flat_param" in name:
+            raise UnsupportedShardingError(
+                f"parameter {name!r} is an FSDP1 FlatParameter; use FSDP2 (fully_shard). "
+                f"{SUPPORTED}."
+            )
+        if hasattr(param, "ds_tensor") or hasattr(param, "ds_status"):
+            raise UnsupportedShardingError(
+                f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (it carries ds_tensor/"
+                f"ds_status); its local piece is a flat 1-D partition, not a matrix block. Use "
+                f"ZeRO stage 1 or 2, or FSDP2 (torch.distributed.fsdp.fully_shard). {SUPPORTED}."
+            )
+
+
+# --------------------------------------------------------------------------------------------
+# Local block
+
+
+def is_dtensor(param: torch.Tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(param, DTensor)
+
+
+def local_block(param: torch.Tensor, rows: tuple[int, int] | None = None) -> torch.Tensor:
+    """This rank's block of `param` as a detached view (no copy; in-place optimizer updates show).
+
+    `rows` (global, [start, stop)) selects part of the matrix's rows, for fused matrices; with a
+    sharded parameter it is intersected with the local rows. Call it at check time: FSDP2 and
+    tensor parallel keep updating the same local storage, but a view is cheaper than a question.
+    """
+    with torch.no_grad():
+        local = param.to_local() if is_dtensor(param) else param
+        local = local.detach()
+    if rows is None:
+        return local
+    block_rows = _local_rows(param)
+    if block_rows is None:
+        raise UnsupportedShardingError(
+            "fused= splits rows, but this parameter's rows are split over several mesh dimensions "
+            "(not a contiguous block); drop fused= for it"
+        )
+    lo = max(rows[0], block_rows[0]) - block_rows[0]
+    hi = max(min(rows[1], block_rows[1]) - block_rows[0], lo)
+    return local[lo:hi]
+
+
+def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
+    if not is_dtensor(param):
+        return (0, int(param.shape[0]))
+    p = describe_layout(param)
+    return p["rows"]
+
+
+# --------------------------------------------------------------------------------------------
+# Layout of a DTensor
+
+
+def describe_layout(param: torch.Tensor) -> dict:
+    """The local block of a 2-D DTensor: rows, cols, groups, every col-group rank's columns.
+
+    Pure bookkeeping from `param.device_mesh` and `param.placements`; the only side effect is
+    creating (once, cached by DeviceMesh) a flattened group when rows are split over several
+    mesh dimensions — a collective call every rank makes in the same order at construction.
+    """
+    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    mesh = param.device_mesh
+    placements = tuple(param.placements)
+    m, n = (int(s) for s in param.shape)
+    split: dict[int, list[int]] = {0: [], 1: []}
+    for mesh_dim, pl in enumerate(placements):
+        if isinstance(pl, Replicate):
+            continue
+        if isinstance(pl, Partial):
+            raise UnsupportedShardingError(
+                f"a parameter with a Partial placement {placements} is a pending sum, not a "
+                f"weight; {SUPPORTED}"
+            )
+        if isinstance(pl, Shard) or hasattr(pl, "dim"):
+            dim = pl.dim if pl.dim >= 0 else pl.dim + 2
+            split[dim].append(mesh_dim)
+        else:
+            raise UnsupportedShardingError(f"unknown placement {pl!r} in {placements}; {SUPPORTED}")
+    strided = any(type(pl) is not Shard and not isinstance(pl, Replicate) for pl in placements)
+    if len(split[1]) > 1:
+        raise UnsupportedShardingError(
+            f"columns split over {len(split[1])} mesh dimensions {placements}; deltawatch "
+            f"supports columns split over one mesh dimension. {SUPPORTED}"
+        )
+    local_shape, offset = compute_local_shape_and_global_offset((m, n), mesh, placements)
+    rows_contiguous = len(split[0]) <= 1 and not strided
+    rows = (offset[0], offset[0] + local_shape[0]) if rows_contiguous else None
+    cols = (offset[1], offset[1] + local_shape[1])
+    row_group = _group_over(mesh, split[0])
+    col_group = _group_over(mesh, split[1])
+    col_starts: tuple[int, ...] = ()
+    col_lengths: tuple[int, ...] = ()
+    if split[1]:
+        size = mesh.size(split[1][0])
+        col_starts, col_lengths = chunk_ranges(n, size)
+    layout = {
+        (False, False): "replicated",
+        (True, False): "rows",
+        (False, True): "cols",
+        (True, True): "rows+cols",
+    }[(bool(split[0]), bool(split[1]))]
+    return {
+        "shape": (m, n),
+        "local_shape": (int(local_shape[0]), int(local_shape[1])),
+        "rows": rows,
+        "cols": cols,
+        "row_group": row_group,
+        "col_group": col_group,
+        "col_starts": col_starts,
+        "col_lengths": col_lengths,
+        "layout": layout,
+        "mesh_ranks": tuple(int(r) for r in mesh.mesh.flatten().tolist()),
+    }
+
+
+def chunk_ranges(length: int, parts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """`torch.chunk`'s split of `length` into `parts` (what DTensor's Shard uses): block size
+    c = ⌈length/parts⌉, part k = [k·c, min((k+1)·c, length)), empty at the end when it runs out."""
+    c = -(-length // parts) if parts else 0
+    starts = tuple(min(k * c, length) for k in range(parts))
+    lengths = tuple(min((k + 1) * c, length) - s for k, s in zip(range(parts), starts, strict=True))
+    return starts, lengths
+
+
+_FLAT_GROUPS: dict[tuple, Any] = {}
+
+
+def _group_over(mesh: Any, mesh_dims: list[int]) -> Any:
+    """The process group spanning `mesh_dims` of `mesh` (None for no dimension)."""
+    if not mesh_dims:
+        return None
+    if len(mesh_dims) == 1:
+        return mesh.get_group(mesh_dims[0])
+    key = (id(mesh), tuple(mesh_dims))
+    if key not in _FLAT_GROUPS:
+        names = mesh.mesh_dim_names
+        if names is None:
+            raise UnsupportedShardingError(
+                "rows split over several mesh dimensions of an unnamed DeviceMesh; name the mesh "
+                "dimensions (init_device_mesh(..., mesh_dim_names=('dp', 'tp')))"
+            )
+        sub = mesh[tuple(names[d] for d in mesh_dims)]
+        _FLAT_GROUPS[key] = sub._flatten().get_group()
+    return _FLAT_GROUPS[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Ownership and the Placement
+
+
+def world() -> tuple[int, int]:
+    """(rank, world_size) of the default process group; (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def owner_rank(index: int, param: torch.Tensor | None = None) -> int:
+    """The global rank that sends matrix number `index` (its position in the selection order,
+    the same on every rank): rank ``index mod world_size`` for replicated weights, the mesh's
+    ``index mod mesh size``-th rank for a DTensor (so pipeline stages with their own meshes still
+    spread their sending)."""
+    if param is not None and is_dtensor(param):
+        ranks = tuple(int(r) for r in param.device_mesh.mesh.flatten().tolist())
+        return ranks[index % len(ranks)]
+    _, size = world()
+    return index % size
+
+
+def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) -> Placement:
+    """The `Placement` of matrix number `index` (or of its global row range `rows`, for one part
+    of a fused matrix) on this rank."""
+    if param.dim() != 2:
+        raise UnsupportedShardingError(
+            f"deltawatch monitors 2-D weights; got a {param.dim()}-D parameter of shape "
+            f"{tuple(param.shape)}"
+        )
+    rank, _ = world()
+    owner = owner_rank(index, param)
+    if not is_dtensor(param):
+        m, n = (int(s) for s in param.shape)
+        r0, r1 = rows if rows is not None else (0, m)
+        return Placement(
+            shape=(r1 - r0, n),
+            local_shape=(r1 - r0, n),
+            rows=(0, r1 - r0),
+            cols=(0, n),
+            row_group=None,
+            col_group=None,
+            col_starts=(),
+            col_lengths=(),
+            layout="replicated",
+            owner_rank=owner,
+            computes_here=rank == owner,
+        )
+    d = describe_layout(param)
+    m, n = d["shape"]
+    local_shape = d["local_shape"]
+    block_rows = d["rows"]
+    if rows is not None:
+        if block_rows is None:
+            raise UnsupportedShardingError(
+                "fused= splits rows, but this parameter's rows are split over several mesh "
+                "dimensions (not a contiguous block); drop fused= for it"
+            )
+        lo = min(max(rows[0], block_rows[0]), block_rows[1])
+        hi = max(min(rows[1], block_rows[1]), lo)
+        block_rows = (lo - rows[0], hi - rows[0])
+        local_shape = (hi - lo, local_shape[1])
+        m = rows[1] - rows[0]
+    return Placement(
+        shape=(m, n),
+        local_shape=local_shape,
+        rows=block_rows,
+        cols=d["cols"],
+        row_group=d["row_group"],
+        col_group=d["col_group"],
+        col_starts=d["col_starts"],
+        col_lengths=d["col_lengths"],
+        layout=d["layout"],
+        owner_rank=owner,
+        computes_here=True,
+    )
+
+
+def describe(param: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, ShardSpec | None]:
+    """(this rank's block of `param` as a view, its `ShardSpec` or None when not split)."""
+    return local_block(param), place(param, index).spec
