@@ -562,6 +562,7 @@ class AlertEngine:
             items[json.dumps(["alert", s.run, s.rule, s.matrix])] = {
                 "kind": "alert",
                 "state": asdict(s),
+                "severity": self.config.rule(s.rule).severity,
             }
         for run, matrix in memories:
             items[json.dumps(["memory", run, matrix])] = {
@@ -820,19 +821,39 @@ def _matrix_summary(
 
 
 class StoreAlertState:
-    """Adapts the sidecar store's generic alert-state API to ``AlertStateStore``."""
+    """Alert state in the sidecar store (sidecar/store.py): the hysteresis state as alert-state
+    items (``save_alert_state``: one transaction per observed check), and every firing/resolved
+    episode in its ``alerts`` table (``save_alert``, once per transition).
+    """
 
     def __init__(self, store: Any) -> None:
         self._store = store
+        self._episodes: dict[str, str] = {}  # episode id -> state last written
 
     def load(self) -> dict[str, dict[str, Any]]:
-        return {
-            k: (json.loads(v) if isinstance(v, str) else v)
-            for k, v in self._store.load_alert_state().items()
-        }
+        return {k: json.loads(v) for k, v in self._store.load_alert_state().items()}
 
     def save(self, items: Mapping[str, dict[str, Any]]) -> None:
         self._store.save_alert_state({k: json.dumps(v) for k, v in items.items()})
+        for v in items.values():
+            s = v.get("state") if v.get("kind") == "alert" else None
+            if not s or s["state"] not in ("firing", "resolved") or s["started_at"] is None:
+                continue
+            aid = alert_id(s["run"], s["rule"], s["matrix"], s["started_at"])
+            if self._episodes.get(aid) != s["state"]:
+                self._episodes[aid] = s["state"]
+                self._store.save_alert(
+                    id=aid,
+                    rule=s["rule"],
+                    run=s["run"],
+                    matrix=s["matrix"],
+                    state=s["state"],
+                    severity=v.get("severity", ""),
+                    started_at=s["started_at"],
+                    ended_at=s["ended_at"],
+                    value=s["value"],
+                    summary=s["summary"],
+                )
 
 
 # --------------------------------------------------------------------------------------------
