@@ -1,0 +1,91 @@
+"""ServeConfig: the frozen dataclass behind `deltawatch serve`, parsed once from flags and env.
+
+Every flag `--some-flag` is also the environment variable `DELTAWATCH_SOME_FLAG`; a flag given on
+the command line wins over the environment, the environment over the default.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, fields
+
+DEVICES = ("auto", "cpu", "cuda")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+METRICS_DETAIL = ("matrix", "layer", "run")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """Settings of one sidecar process. Field names are the flags with '-' as '_'."""
+
+    grpc_address: str = "127.0.0.1:50051"
+    http_address: str = "127.0.0.1:9400"
+    data_dir: str = "./deltawatch-data"
+    device: str = "auto"
+    alert_webhook: str | None = None
+    alert_config: str | None = None
+    token_file: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    log_level: str = "info"
+    metrics_detail: str = "matrix"
+    metrics_require_token: bool = False
+    ready_file: str | None = None  # receives {"grpc_port", "http_port"} once both listen
+    rank: int = 16  # K the geometry uses when a run's hello does not say
+    grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
+
+    def __post_init__(self) -> None:
+        for name in ("grpc_address", "http_address"):
+            value = getattr(self, name)
+            if not re.fullmatch(r"(\[[0-9A-Fa-f:.]+\]|[^:\s]+|[0-9A-Fa-f:]+):\d{1,5}", value):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {value!r} must be host:port, e.g. "
+                    f"127.0.0.1:{50051 if name == 'grpc_address' else 9400} (port 0: any free port)"
+                )
+        if self.device not in DEVICES:
+            raise ValueError(f"--device {self.device!r} must be one of {', '.join(DEVICES)}")
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ValueError(f"--log-level {self.log_level!r} must be one of {LOG_LEVELS}")
+        if self.metrics_detail not in METRICS_DETAIL:
+            raise ValueError(
+                f"--metrics-detail {self.metrics_detail!r} must be one of {METRICS_DETAIL}"
+            )
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca", "alert_config"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ValueError(
+                    f"--{name.replace('_', '-')} {path!r}: file does not exist; give an "
+                    f"existing file"
+                )
+        if self.alert_webhook and not re.match(r"https?://", self.alert_webhook):
+            raise ValueError(
+                f"--alert-webhook {self.alert_webhook!r} must be an http:// or https:// URL"
+            )
+        if self.rank <= 0:
+            raise ValueError(f"--rank must be > 0, got {self.rank}")
+        if self.grace_seconds < 0:
+            raise ValueError(f"--grace-seconds must be >= 0, got {self.grace_seconds}")
+
+    @property
+    def resolved_device(self) -> str:
+        """ "auto" -> "cuda" when a GPU is visible, else "cpu"."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable of a field: data_dir -> DELTAWATCH_DATA_DIR."""
+    return "DELTAWATCH_" + field_name.upper()
+
+
+def field_names() -> list[str]:
+    return [f.name for f in fields(ServeConfig)]
