@@ -1,0 +1,788 @@
+"""The sidecar's engine: runs, manifests, one `MatrixGeometry` per matrix, run aggregates.
+
+Write side (called by the gRPC ingest from one worker thread, never on the event loop):
+`hello`, `baseline`, `ingest`, `record_dropped`. Every method validates first and raises
+`ValidationError` without changing anything; `ingest` returns only after the store committed the
+check (persist, then acknowledge).
+
+Read side (HTTP, metrics, alerts): `runs`, `run_detail`, `history`, `latest`, `aggregate`,
+`dropped_reports`. Readers see immutable `MatrixRow`s published after each commit; they never
+wait on linear algebra or on an fsync.
+
+Resume (DESIGN §5): a hello with a newer incarnation and resume step s hides the older
+incarnations' history from step s on (the store's visibility rule), drops lock references taken at
+or after s, and rewinds each matrix's geometry to its state before s (log-spaced V_K snapshots
+before s are kept in the store for exactly this).
+
+Run aggregates (DESIGN §2): count ratios pooled over matrices, i.e. weighted by parameter count:
+bf16_visible_ratio = Σ visible / Σ numel, low_magnitude_overlap = Σ |M_vis ∩ M_low| / Σ |M_vis|,
+principal_overlap likewise; geometry keys as the plain mean over matrices, ignoring nulls;
+locked_ratio = share of reported matrices that are locked; lock_step = median lock step over
+locked matrices; convergence = the worst (largest) indicator.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import statistics
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+import torch
+
+from .errors import ValidationError, invalid, precondition
+from .keys import MATRIX_KEYS
+from .store import CheckCounts, StateUpdate, Store
+
+log = logging.getLogger("deltawatch.engine")
+
+RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+MAX_MATRIX_NAME = 512
+MAX_MATRICES = 100_000
+MAX_DIM = 1 << 24
+
+# Geometry keys averaged over matrices (plain mean, nulls ignored).
+MEAN_KEYS: tuple[str, ...] = (
+    "frobenius_norm",
+    "spectral_norm",
+    "stable_rank",
+    "topk_energy_ratio",
+    "horizon_alignment",
+    "subspace_alignment",
+    "channel_energy_ratio",
+    "rotation_max_degrees",
+    "rotation_mean_degrees",
+    "spectral_shift_topk",
+)
+# Count ratios pooled over matrices: key -> (numerator count, denominator count).
+POOLED_KEYS: dict[str, tuple[str, str]] = {
+    "bf16_visible_ratio": ("visible_count", "numel"),
+    "low_magnitude_overlap": ("visible_low_count", "visible_count"),
+    "principal_overlap": ("visible_principal_count", "visible_count"),
+}
+AGGREGATE_KEYS: tuple[str, ...] = (*MATRIX_KEYS, "locked_ratio")
+
+Listener = Callable[[str, str, int, dict[str, Any]], None]
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One monitored matrix as a hello declares it."""
+
+    matrix: str
+    shape: tuple[int, int]
+    numel: int
+    dtype: str
+    layer: int | None
+    module: str
+    shard_layout: str
+    owner_rank: int
+
+
+@dataclass(frozen=True)
+class HelloResult:
+    """What the sidecar tells a trainer after its hello."""
+
+    run: str
+    incarnation: int
+    created: bool  # the run was new
+    lock_references: dict[str, tuple[int, torch.Tensor]]  # matrix -> (lock_step, V_ref (n, K))
+    last_steps: dict[str, int]  # matrix -> its last visible step
+
+
+@dataclass(frozen=True)
+class MatrixRow:
+    """A matrix's latest visible check, as readers see it."""
+
+    run: str
+    matrix: str
+    layer: int | None
+    module: str
+    shape: tuple[int, int]
+    numel: int
+    step: int
+    incarnation: int
+    visible_count: int
+    visible_low_count: int
+    visible_principal_count: int
+    keys: Mapping[str, Any]
+
+
+@dataclass
+class _Matrix:
+    entry: ManifestEntry
+    geometry: Any  # MatrixGeometry
+    last_step: int | None = None
+    persisted: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class _Run:
+    name: str
+    created_at: float
+    updated_at: float
+    config: dict[str, Any]
+    incarnation: int
+    manifest: dict[str, ManifestEntry]
+    matrices: dict[str, _Matrix]
+    rows: dict[str, MatrixRow]
+    dropped: int = 0
+
+
+def rfc3339(t: float | None) -> str | None:
+    """Unix seconds -> RFC 3339 UTC with milliseconds ("2026-11-26T15:00:00.000Z")."""
+    if t is None:
+        return None
+    d = datetime.fromtimestamp(t, tz=timezone.utc)
+    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+def resolve_device(device: str) -> torch.device:
+    """ "cpu", "cuda" (refused when CUDA is absent) or "auto" (CUDA when available)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available; use cpu or auto")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ValueError(f"device must be cpu, cuda or auto, got {device!r}")
+    return torch.device(device)
+
+
+def json_value(v: Any) -> Any:
+    """A key value as JSON wants it: finite float, int, bool or None (non-finite -> None)."""
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, bool) or v is None or isinstance(v, int):
+        return v
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def aggregate_rows(rows: Iterable[MatrixRow]) -> dict[str, Any]:
+    """Run aggregates of DESIGN §2 over matrices' latest checks (see the module docstring)."""
+    rows = list(rows)
+    out: dict[str, Any] = {}
+    for key in MEAN_KEYS:
+        values = [float(r.keys[key]) for r in rows if r.keys.get(key) is not None]
+        out[key] = math.fsum(values) / len(values) if values else None
+    for key, (num, den) in POOLED_KEYS.items():
+        n = sum(getattr(r, num) for r in rows)
+        d = sum(getattr(r, den) for r in rows)
+        out[key] = n / d if d else None
+    locked = [r for r in rows if r.keys.get("locked")]
+    out["locked_ratio"] = len(locked) / len(rows) if rows else None
+    out["locked"] = out["locked_ratio"]
+    lock_steps = [r.keys["lock_step"] for r in locked if r.keys.get("lock_step") is not None]
+    out["lock_step"] = statistics.median(lock_steps) if lock_steps else None
+    conv = [float(r.keys["convergence"]) for r in rows if r.keys.get("convergence") is not None]
+    out["convergence"] = max(conv) if conv else None
+    return {k: out[k] for k in AGGREGATE_KEYS}
+
+
+def _new_geometry(entry: ManifestEntry, rank: int, tolerance: float | None, config: Mapping) -> Any:
+    from .geometry import MatrixGeometry
+
+    kwargs: dict[str, Any] = {"rank": rank}
+    if tolerance is not None:
+        kwargs["tolerance"] = tolerance
+    return MatrixGeometry(tuple(entry.shape), **kwargs)
+
+
+class Engine:
+    """Runs, manifests and per-matrix geometry, backed by a `Store` (see the module docstring)."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        rank: int = 16,
+        tolerance: float | None = None,
+        device: str = "cpu",
+    ) -> None:
+        self.store = store
+        self.rank = rank
+        self.tolerance = tolerance
+        self.device = resolve_device(device)
+        self._write = threading.RLock()  # serialises hello / baseline / ingest / record_dropped
+        self._view = threading.Lock()  # guards the published rows readers see
+        self._runs: dict[str, _Run] = {}
+        self._listeners: list[Listener] = []
+        self._load()
+
+    # ---------------------------------------------------------------- start-up
+
+    def _load(self) -> None:
+        """Rebuild every run from the store (kill -9 safe: the store only holds committed data)."""
+        for rec in self.store.runs():
+            name = rec["run"]
+            manifest = {
+                m["matrix"]: ManifestEntry(
+                    m["matrix"],
+                    tuple(m["shape"]),
+                    m["numel"],
+                    m["dtype"],
+                    m["layer"],
+                    m["module"],
+                    m["shard_layout"],
+                    m["owner_rank"],
+                )
+                for m in self.store.manifest(name)
+            }
+            incs = self.store.incarnations(name)
+            run = _Run(
+                name=name,
+                created_at=rec["created_at"],
+                updated_at=rec["updated_at"],
+                config=rec["config"],
+                incarnation=incs[-1][0] if incs else 0,
+                manifest=manifest,
+                matrices={},
+                rows={},
+                dropped=rec["dropped_reports"],
+            )
+            states = self.store.load_states(name)
+            latest = self.store.latest(name)
+            for matrix, entry in manifest.items():
+                geometry = _new_geometry(entry, self.rank, self.tolerance, run.config)
+                mat = _Matrix(entry, geometry)
+                if matrix in states:
+                    _, last_step, meta, tensors = states[matrix]
+                    geometry.load_state({k: v.to(self.device) for k, v in tensors.items()}, meta)
+                    mat.persisted = dict(tensors)
+                if matrix in latest:
+                    mat.last_step = latest[matrix].step
+                run.matrices[matrix] = mat
+            run.rows = {m: self._row(run, h) for m, h in latest.items() if m in manifest}
+            self._runs[name] = run
+
+    # ---------------------------------------------------------------- listeners
+
+    def subscribe(self, callback: Listener) -> Callable[[], None]:
+        """Call `callback(run, matrix, step, keys)` after every persisted check (on the ingest
+        thread; exceptions are logged, never raised into ingest). Returns an unsubscribe."""
+        self._listeners.append(callback)
+        return lambda: self._listeners.remove(callback)
+
+    def _emit(self, run: str, matrix: str, step: int, keys: dict[str, Any]) -> None:
+        for cb in list(self._listeners):
+            try:
+                cb(run, matrix, step, dict(keys))
+            except Exception:
+                log.exception("listener %r failed on %s/%s step %d", cb, run, matrix, step)
+
+    # ---------------------------------------------------------------- write side
+
+    def hello(
+        self,
+        run: str,
+        incarnation: int,
+        resume_step: int | None,
+        manifest: list[ManifestEntry],
+        config: dict,
+    ) -> HelloResult:
+        """Register a run (or a new incarnation of one) with its manifest and config.
+
+        Refused (nothing changes): a bad run name or manifest (INVALID_ARGUMENT); an incarnation
+        older than the run's latest, or a matrix whose shape differs from the run's first hello
+        (FAILED_PRECONDITION). A newer incarnation with resume step s rewinds the run to s."""
+        _check_run_name(run)
+        if not isinstance(incarnation, int) or incarnation < 0:
+            raise invalid(f"hello.incarnation is {incarnation!r}; expected an integer >= 0")
+        if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
+            raise invalid(
+                f"hello.resume_step is {resume_step!r}; expected an integer >= 0 or unset"
+            )
+        entries = _check_manifest(manifest)
+        with self._write:
+            old = self._runs.get(run)
+            if old is not None:
+                if incarnation < old.incarnation:
+                    raise precondition(
+                        f"run {run}: hello from incarnation {incarnation}, but incarnation "
+                        f"{old.incarnation} has already said hello; a restarted trainer uses a "
+                        "newer incarnation"
+                    )
+                for e in entries:
+                    known = old.manifest.get(e.matrix)
+                    if known is not None and tuple(known.shape) != tuple(e.shape):
+                        raise precondition(
+                            f"run {run}: matrix {e.matrix} has shape {list(e.shape)} in this "
+                            f"hello, but {list(known.shape)} since the run's first hello; "
+                            "use a new run name for a different model"
+                        )
+            now = time.time()
+            self.store.save_hello(run, incarnation, resume_step, config, entries, now=now)
+            created = old is None
+            if old is None:
+                old = _Run(run, now, now, dict(config), incarnation, {}, {}, {})
+            r = old
+            r.config = dict(config)
+            newer = incarnation > r.incarnation
+            r.incarnation = incarnation
+            for e in entries:
+                if e.matrix in r.manifest:
+                    r.manifest[e.matrix] = e
+                    r.matrices[e.matrix].entry = e
+                else:
+                    r.manifest[e.matrix] = e
+                    r.matrices[e.matrix] = _Matrix(
+                        e, _new_geometry(e, self.rank, self.tolerance, r.config)
+                    )
+            if newer and resume_step is not None and not created:
+                self._rewind(r, resume_step)
+            with self._view:
+                self._runs[run] = r
+            return HelloResult(
+                run=run,
+                incarnation=incarnation,
+                created=created,
+                lock_references=self.store.lock_refs(run),
+                last_steps={
+                    m: x.last_step for m, x in r.matrices.items() if x.last_step is not None
+                },
+            )
+
+    def _rewind(self, r: _Run, resume_step: int) -> None:
+        """Make the run's state what it was before `resume_step` (history is hidden by the store's
+        visibility rule; lock references and geometry snapshots at or after it are dropped)."""
+        self.store.rewind(r.name, resume_step)
+        latest = self.store.latest(r.name)
+        history = None
+        for name, mat in r.matrices.items():
+            if mat.last_step is None or mat.last_step < resume_step:
+                continue
+            if history is None:
+                history = {}
+                for h in self.store.history(r.name):
+                    history.setdefault(h.matrix, []).append(h)
+            visible = history.get(name, [])
+            update = mat.geometry.rewind(resume_step, [(h.step, h.keys) for h in visible])
+            mat.last_step = latest[name].step if name in latest else None
+            self._persist_state(r.name, mat, r.incarnation, mat.last_step)
+            del update
+        with self._view:
+            r.rows = {m: self._row(r, h) for m, h in latest.items() if m in r.manifest}
+
+    def _persist_state(self, run: str, mat: _Matrix, incarnation: int, last_step: int | None):
+        self.store.save_state(run, mat.entry.matrix, incarnation, last_step, self._diff(mat))
+        self._mark_persisted(mat)
+
+    def _diff(self, mat: _Matrix) -> StateUpdate:
+        """The geometry state to write: the JSON half and only the tensors that changed."""
+        tensors, meta = mat.geometry.state()
+        changed = {
+            k: t
+            for k, t in tensors.items()
+            if k not in mat.persisted
+            or mat.persisted[k].shape != t.shape
+            or not torch.equal(mat.persisted[k], t.detach().to("cpu"))
+        }
+        removed = tuple(k for k in mat.persisted if k not in tensors)
+        return StateUpdate(meta, changed, removed)
+
+    def _mark_persisted(self, mat: _Matrix) -> None:
+        tensors, _ = mat.geometry.state()
+        mat.persisted = {k: t.detach().to("cpu").clone() for k, t in tensors.items()}
+
+    def _reload_matrix(self, run: str, mat: _Matrix) -> None:
+        """After a failed commit: the geometry back to what the store holds."""
+        r = self._runs[run]
+        mat.geometry = _new_geometry(mat.entry, self.rank, self.tolerance, r.config)
+        saved = self.store.load_states(run).get(mat.entry.matrix)
+        if saved is not None:
+            _, _, meta, tensors = saved
+            mat.geometry.load_state({k: v.to(self.device) for k, v in tensors.items()}, meta)
+            mat.persisted = dict(tensors)
+        else:
+            mat.persisted = {}
+
+    def _matrix_for(
+        self, run: str, incarnation: int, matrix: str, what: str
+    ) -> tuple[_Run, _Matrix]:
+        r = self._runs.get(run)
+        if r is None:
+            raise precondition(f"{what} for run {run!r} before its hello")
+        if incarnation != r.incarnation:
+            rel = "older" if incarnation < r.incarnation else "newer"
+            raise precondition(
+                f"run {run}: {what} from incarnation {incarnation}, {rel} than the incarnation "
+                f"that said hello last ({r.incarnation})"
+            )
+        mat = r.matrices.get(matrix)
+        if mat is None:
+            raise invalid(
+                f"run {run}: {what} names matrix {matrix!r}, which is not in the run's manifest "
+                f"({len(r.manifest)} matrices)"
+            )
+        return r, mat
+
+    def baseline(self, run: str, incarnation: int, matrix: str, sketch: Any) -> None:
+        """W0's Ritz data for the W_t tracker of one matrix (sent once per incarnation)."""
+        with self._write:
+            r, mat = self._matrix_for(run, incarnation, matrix, "baseline")
+            n = mat.entry.shape[1]
+            _check_sketch(f"matrix {matrix}: baseline", sketch, n)
+            sketch = _sketch_to(sketch, self.device)
+            try:
+                mat.geometry.baseline(sketch)
+                self._persist_state(run, mat, incarnation, mat.last_step)
+            except ValidationError:
+                self._reload_matrix(run, mat)
+                raise
+            except Exception as e:
+                self._reload_matrix(run, mat)
+                if isinstance(e, (ValueError, RuntimeError)):
+                    raise invalid(f"matrix {matrix}: baseline refused: {e}") from e
+                raise
+
+    def ingest(self, run: str, incarnation: int, check: Any) -> bool:
+        """Validate, compute the §2 keys, persist; True when stored, False for a duplicate
+        (run, matrix, step, incarnation), which is acknowledged but changes nothing."""
+        with self._write:
+            r, mat = self._matrix_for(
+                run, incarnation, check.matrix, f"report of step {check.step}"
+            )
+            _check_report(r.name, mat.entry, check, self.rank)
+            if self.store.has_check(run, check.matrix, check.step, incarnation):
+                return False
+            if mat.last_step is not None and check.step <= mat.last_step:
+                raise precondition(
+                    f"run {run}: matrix {check.matrix} step {check.step} is not after its last "
+                    f"step {mat.last_step}; a trainer restarted from a checkpoint says hello with "
+                    "a new incarnation and resume_step"
+                )
+            check = _check_to(check, self.device)
+            try:
+                keys = {k: json_value(v) for k, v in mat.geometry.ingest(check).items()}
+                missing = [k for k in MATRIX_KEYS if k not in keys]
+                if missing:
+                    raise RuntimeError(f"geometry returned no {missing}")
+                keys = {k: keys[k] for k in MATRIX_KEYS}
+                counts = CheckCounts(
+                    mat.entry.numel,
+                    int(check.visible_count),
+                    int(check.visible_low_count),
+                    int(check.visible_principal_count),
+                )
+                lock_ref = None
+                if check.locked_now and check.v_ref is not None:
+                    lock_step = check.lock_step if check.lock_step is not None else check.step
+                    lock_ref = (int(lock_step), check.v_ref)
+                now = time.time()
+                self.store.commit_check(
+                    run,
+                    check.matrix,
+                    check.step,
+                    incarnation,
+                    keys,
+                    counts,
+                    self._diff(mat),
+                    lock_ref=lock_ref,
+                    now=now,
+                )
+                self._mark_persisted(mat)
+            except Exception as e:
+                self._reload_matrix(run, mat)
+                if isinstance(e, ValueError):
+                    raise invalid(f"matrix {check.matrix} step {check.step}: {e}") from e
+                raise
+            mat.last_step = check.step
+            row = MatrixRow(
+                run,
+                check.matrix,
+                mat.entry.layer,
+                mat.entry.module,
+                tuple(mat.entry.shape),
+                mat.entry.numel,
+                check.step,
+                incarnation,
+                counts.visible_count,
+                counts.visible_low_count,
+                counts.visible_principal_count,
+                keys,
+            )
+            with self._view:
+                r.rows[check.matrix] = row
+                r.updated_at = now
+        self._emit(run, check.matrix, check.step, keys)
+        return True
+
+    def record_dropped(self, run: str, count: int) -> None:
+        """Add a client's count of reports it dropped (queue full) to the run's total."""
+        if not isinstance(count, int) or count < 0:
+            raise invalid(f"dropped_reports is {count!r}; expected an integer >= 0")
+        if count == 0:
+            return
+        with self._write:
+            r = self._runs.get(run)
+            if r is None:
+                raise precondition(f"dropped-report count for run {run!r} before its hello")
+            self.store.add_dropped(run, count)
+            with self._view:
+                r.dropped += count
+
+    # ---------------------------------------------------------------- read side
+
+    def _row(self, r: _Run, h: Any) -> MatrixRow:
+        e = r.manifest[h.matrix]
+        keys = {k: h.keys.get(k) for k in MATRIX_KEYS}
+        return MatrixRow(
+            r.name,
+            h.matrix,
+            e.layer,
+            e.module,
+            tuple(e.shape),
+            e.numel,
+            h.step,
+            h.incarnation,
+            h.visible_count,
+            h.visible_low_count,
+            h.visible_principal_count,
+            keys,
+        )
+
+    def _snapshot(self) -> list[tuple[_Run, list[MatrixRow]]]:
+        with self._view:
+            return [(r, list(r.rows.values())) for r in self._runs.values()]
+
+    def run_names(self) -> list[str]:
+        """Every run's name, sorted."""
+        with self._view:
+            return sorted(self._runs)
+
+    def runs(self) -> list[dict[str, Any]]:
+        """DESIGN §4 `/api/v1/runs` items, sorted by run name."""
+        out = []
+        for r, rows in sorted(self._snapshot(), key=lambda x: x[0].name):
+            locked = sum(1 for row in rows if row.keys.get("locked"))
+            out.append(
+                {
+                    "run": r.name,
+                    "last_step": max((row.step for row in rows), default=None),
+                    "matrices": len(r.manifest),
+                    "locked_ratio": locked / len(rows) if rows else None,
+                    "created_at": rfc3339(r.created_at),
+                    "updated_at": rfc3339(r.updated_at),
+                }
+            )
+        return out
+
+    def run_detail(self, run: str) -> dict[str, Any] | None:
+        """DESIGN §4 `/api/v1/runs/{run}`; matrices in manifest order, unreported ones all null."""
+        with self._view:
+            r = self._runs.get(run)
+            if r is None:
+                return None
+            rows = dict(r.rows)
+            manifest = list(r.manifest.values())
+        matrices = []
+        for e in manifest:
+            row = rows.get(e.matrix)
+            item: dict[str, Any] = {
+                "matrix": e.matrix,
+                "layer": e.layer,
+                "module": e.module,
+                "shape": list(e.shape),
+                "step": row.step if row else None,
+            }
+            for k in MATRIX_KEYS:
+                item[k] = row.keys.get(k) if row else None
+            matrices.append(item)
+        return {
+            "run": run,
+            "last_step": max((row.step for row in rows.values()), default=None),
+            "aggregate": aggregate_rows(rows.values()),
+            "matrices": matrices,
+        }
+
+    def history(self, run: str, matrix: str) -> dict[str, Any] | None:
+        """DESIGN §4 `/api/v1/runs/{run}/history?matrix=NAME`; None for an unknown run/matrix."""
+        with self._view:
+            r = self._runs.get(run)
+            if r is None or matrix not in r.manifest:
+                return None
+        points = []
+        for h in self.store.history(run, matrix):
+            point: dict[str, Any] = {"step": h.step}
+            for k in MATRIX_KEYS:
+                point[k] = h.keys.get(k)
+            points.append(point)
+        return {"matrix": matrix, "points": points}
+
+    def latest(self) -> list[MatrixRow]:
+        """Every matrix's latest visible check, over all runs (for the Prometheus collector)."""
+        return [row for _, rows in self._snapshot() for row in rows]
+
+    def aggregate(self, run: str) -> dict[str, Any] | None:
+        """The run aggregates of DESIGN §2 (None for an unknown run)."""
+        with self._view:
+            r = self._runs.get(run)
+            if r is None:
+                return None
+            rows = list(r.rows.values())
+        return aggregate_rows(rows)
+
+    def dropped_reports(self) -> dict[str, int]:
+        """run -> reports its clients dropped (queue full), as they reported."""
+        with self._view:
+            return {name: r.dropped for name, r in self._runs.items()}
+
+    def manifest(self, run: str) -> list[ManifestEntry] | None:
+        """A run's manifest in hello order (None for an unknown run)."""
+        with self._view:
+            r = self._runs.get(run)
+            return None if r is None else list(r.manifest.values())
+
+
+# -------------------------------------------------------------------- validation
+
+
+def _check_run_name(run: Any) -> None:
+    if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
+        raise invalid(f"run name {run!r} does not match [A-Za-z0-9._-]{{1,128}}")
+
+
+def _check_manifest(manifest: Any) -> list[ManifestEntry]:
+    entries = list(manifest or [])
+    if not entries:
+        raise invalid("hello.manifest is empty; expected at least one matrix")
+    if len(entries) > MAX_MATRICES:
+        raise invalid(f"hello.manifest has {len(entries)} matrices; at most {MAX_MATRICES}")
+    seen = set()
+    out = []
+    for i, e in enumerate(entries):
+        where = f"hello.manifest[{i}]"
+        name = e.matrix
+        if not isinstance(name, str) or not name or len(name) > MAX_MATRIX_NAME:
+            raise invalid(
+                f"{where}.matrix is {name!r}; expected a name of 1..{MAX_MATRIX_NAME} chars"
+            )
+        if any(ord(c) < 32 for c in name):
+            raise invalid(f"{where}.matrix {name!r} contains control characters")
+        if name in seen:
+            raise invalid(f"{where}.matrix {name!r} appears twice in the manifest")
+        seen.add(name)
+        shape = tuple(e.shape)
+        if len(shape) != 2 or not all(isinstance(s, int) and 0 < s <= MAX_DIM for s in shape):
+            raise invalid(f"{where} ({name}): shape {list(shape)}; expected two positive integers")
+        if e.numel != shape[0] * shape[1]:
+            raise invalid(
+                f"{where} ({name}): numel {e.numel}, but shape {list(shape)} has "
+                f"{shape[0] * shape[1]} entries"
+            )
+        if e.layer is not None and (not isinstance(e.layer, int) or e.layer < 0):
+            raise invalid(f"{where} ({name}): layer {e.layer!r}; expected an integer >= 0 or null")
+        out.append(
+            ManifestEntry(
+                name,
+                (int(shape[0]), int(shape[1])),
+                int(e.numel),
+                str(e.dtype),
+                e.layer,
+                str(e.module),
+                str(e.shard_layout),
+                int(e.owner_rank),
+            )
+        )
+    return out
+
+
+def _check_tensor(where: str, t: Any, shape: tuple[int, ...]) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise invalid(f"{where} is {type(t).__name__}; expected a tensor of shape {list(shape)}")
+    if tuple(t.shape) != tuple(shape):
+        raise invalid(f"{where} has shape {list(t.shape)}, expected {list(shape)}")
+    if not t.dtype.is_floating_point:
+        raise invalid(f"{where} has dtype {t.dtype}, expected float32")
+    if not bool(torch.isfinite(t).all()):
+        raise invalid(f"{where} has non-finite values")
+
+
+def _check_sketch(where: str, sketch: Any, n: int) -> None:
+    if sketch is None:
+        raise invalid(f"{where}: sketch missing")
+    G = sketch.G
+    if not isinstance(G, torch.Tensor) or G.dim() != 2:
+        raise invalid(f"{where}: G is not a 2-D tensor")
+    r = G.shape[1]
+    if r < 1 or r > n:
+        raise invalid(f"{where}: G has {r} columns; expected 1..{n} (r = K + p, at most n)")
+    _check_tensor(f"{where}: G", G, (n, r))
+    _check_tensor(f"{where}: C", sketch.C, (r, r))
+    conv = sketch.convergence
+    if not isinstance(conv, (int, float)) or not math.isfinite(conv) or conv < 0:
+        raise invalid(f"{where}: convergence is {conv!r}; expected a finite number >= 0")
+
+
+def _check_report(run: str, e: ManifestEntry, check: Any, rank: int) -> None:
+    where = f"run {run}: matrix {e.matrix} step {check.step}"
+    if not isinstance(check.step, int) or check.step < 0:
+        raise invalid(f"{where}: step {check.step!r}; expected an integer >= 0")
+    if tuple(check.shape) != tuple(e.shape):
+        raise invalid(f"{where}: shape {list(check.shape)}, manifest says {list(e.shape)}")
+    if check.numel != e.numel:
+        raise invalid(f"{where}: numel {check.numel}, manifest says {e.numel}")
+    n = e.shape[1]
+    fro = check.frobenius_sq
+    if not isinstance(fro, (int, float)) or not math.isfinite(fro) or fro < 0:
+        raise invalid(f"{where}: frobenius_sq is {fro!r}; expected a finite number >= 0")
+    counts = (
+        ("visible_count", check.visible_count, e.numel),
+        ("visible_low_count", check.visible_low_count, check.visible_count),
+        ("visible_principal_count", check.visible_principal_count, check.visible_count),
+    )
+    for name, v, hi in counts:
+        if not isinstance(v, int) or v < 0 or (isinstance(hi, int) and v > hi):
+            raise invalid(f"{where}: {name} is {v!r}; expected an integer in [0, {hi}]")
+    ce = check.channel_energy_sq
+    if ce is not None and (not isinstance(ce, (int, float)) or not math.isfinite(ce) or ce < 0):
+        raise invalid(f"{where}: channel_energy_sq is {ce!r}; expected a finite number >= 0")
+    if check.update is not None:
+        _check_sketch(f"{where}: update", check.update, n)
+    elif fro != 0:
+        raise invalid(f"{where}: update sketch missing while frobenius_sq = {fro} > 0")
+    _check_sketch(f"{where}: weight", check.weight, n)
+    if check.locked_now:
+        if check.v_ref is None:
+            raise invalid(f"{where}: locked_now without v_ref; expected v_ref of shape [{n}, K]")
+        _check_tensor(f"{where}: v_ref", check.v_ref, (n, check.v_ref.shape[1]))
+        if check.lock_step is not None and check.lock_step != check.step:
+            raise invalid(
+                f"{where}: locked_now with lock_step {check.lock_step}; expected the check's step"
+            )
+    if check.lock_step is not None and (
+        not isinstance(check.lock_step, int) or check.lock_step < 0 or check.lock_step > check.step
+    ):
+        raise invalid(f"{where}: lock_step {check.lock_step!r}; expected 0..{check.step}")
+
+
+def _sketch_to(sketch: Any, device: torch.device) -> Any:
+    if sketch is None or (sketch.G.device == device and sketch.G.dtype == torch.float32):
+        return sketch
+    import dataclasses
+
+    return dataclasses.replace(
+        sketch,
+        G=sketch.G.to(device=device, dtype=torch.float32),
+        C=sketch.C.to(device=device, dtype=torch.float32),
+    )
+
+
+def _check_to(check: Any, device: torch.device) -> Any:
+    import dataclasses
+
+    v_ref = check.v_ref
+    if v_ref is not None:
+        v_ref = v_ref.to(device=device, dtype=torch.float32)
+    return dataclasses.replace(
+        check,
+        update=_sketch_to(check.update, device),
+        weight=_sketch_to(check.weight, device),
+        v_ref=v_ref,
+    )

@@ -1,0 +1,126 @@
+"""The sidecar's HTTP side (aiohttp): the JSON API of DESIGN §4, `/metrics`, `/healthz`, `/readyz`.
+
+    GET /api/v1/runs                          {"runs": [{run, last_step, matrices, locked_ratio,
+                                                          created_at, updated_at}]}
+    GET /api/v1/runs/{run}                    {run, last_step, aggregate: {keys}, matrices: [...]}
+    GET /api/v1/runs/{run}/history?matrix=M   {matrix, points: [{step, keys}]}
+    GET /api/v1/alerts                        {"alerts": [...]} from the alerts provider
+    GET /metrics                              Prometheus / OpenMetrics text of the registry
+    GET /healthz                              200 while the process serves
+    GET /readyz                               200 once the engine is loaded and `ready()` holds
+
+Unknown values are null. An unknown run or matrix is a 404 with a JSON body
+`{"error": "...", "status": 404}`. Handlers read the engine's published state; anything that
+touches the store or formats a large exposition runs in a thread, so the event loop never waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from .engine import Engine
+
+AlertsProvider = Callable[[], list[dict[str, Any]]]
+
+ENGINE_KEY: web.AppKey[Engine] = web.AppKey("deltawatch_engine", Engine)
+REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("deltawatch_registry", CollectorRegistry)
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe: non-finite floats become null (JSON has no NaN)."""
+    if isinstance(v, float):
+        return v if math.isfinite(v) else None
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_clean(x) for x in v]
+    return v
+
+
+def json_response(body: Any, status: int = 200) -> web.Response:
+    """A JSON response with `allow_nan=False` (non-finite values were nulled first)."""
+    text = json.dumps(_clean(body), allow_nan=False, separators=(",", ":"))
+    return web.Response(text=text, status=status, content_type="application/json")
+
+
+def json_error(status: int, message: str) -> web.Response:
+    """`{"error": message, "status": status}` with that HTTP status."""
+    return json_response({"error": message, "status": status}, status=status)
+
+
+def make_app(
+    engine: Engine,
+    *,
+    registry: CollectorRegistry,
+    alerts: AlertsProvider | None = None,
+    middlewares: Iterable[Any] = (),
+    ready: Callable[[], bool] | None = None,
+) -> web.Application:
+    """The aiohttp application over an engine and a dedicated Prometheus registry.
+
+    `alerts`: a callable returning the DESIGN §4 alert items (e.g. the AlertEngine); without one
+    `/api/v1/alerts` answers `{"alerts": []}`. `middlewares`: e.g. the bearer-token check of
+    sidecar/auth.py. `ready`: extra readiness condition (e.g. the gRPC port is bound)."""
+    app = web.Application(middlewares=list(middlewares))
+    app[ENGINE_KEY] = engine
+    app[REGISTRY_KEY] = registry
+
+    async def list_runs(request: web.Request) -> web.Response:
+        return json_response({"runs": engine.runs()})
+
+    async def run_detail(request: web.Request) -> web.Response:
+        run = request.match_info["run"]
+        detail = engine.run_detail(run)
+        if detail is None:
+            return json_error(404, f"unknown run {run!r}")
+        return json_response(detail)
+
+    async def history(request: web.Request) -> web.Response:
+        run = request.match_info["run"]
+        matrix = request.query.get("matrix")
+        if matrix is None or matrix == "":
+            return json_error(400, "the query parameter matrix=NAME is required")
+        if engine.manifest(run) is None:
+            return json_error(404, f"unknown run {run!r}")
+        body = await asyncio.to_thread(engine.history, run, matrix)
+        if body is None:
+            return json_error(404, f"run {run!r} has no matrix {matrix!r}")
+        return json_response(body)
+
+    async def list_alerts(request: web.Request) -> web.Response:
+        if alerts is None:
+            return json_response({"alerts": []})
+        items = await asyncio.to_thread(alerts)
+        return json_response({"alerts": list(items)})
+
+    async def metrics(request: web.Request) -> web.Response:
+        encoder, content_type = choose_encoder(request.headers.get("Accept", ""))
+        output = await asyncio.to_thread(encoder, registry)
+        resp = web.Response(body=output)
+        resp.headers["Content-Type"] = content_type
+        return resp
+
+    async def healthz(request: web.Request) -> web.Response:
+        return json_response({"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        if ready is not None and not ready():
+            return json_response({"status": "not ready"}, status=503)
+        return json_response({"status": "ready", "runs": len(engine.run_names())})
+
+    app.router.add_get("/api/v1/runs", list_runs)
+    app.router.add_get("/api/v1/runs/{run}", run_detail)
+    app.router.add_get("/api/v1/runs/{run}/history", history)
+    app.router.add_get("/api/v1/alerts", list_alerts)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    return app

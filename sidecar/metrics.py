@@ -1,0 +1,324 @@
+"""Prometheus export: a custom collector over the engine's published state, following the binding
+table of sidecar/keys.py, plus the service's own metrics.
+
+Series scheme (documented in docs/sidecar.md):
+
+* per matrix (`--metrics-detail matrix`, the default): the binding table's metric names with labels
+  `run`, `matrix`, `layer`, `module` (layer "" when a name has no block index);
+* per layer (`--metrics-detail layer`): the same metric names with labels `run`, `layer` only, the
+  aggregate of DESIGN §2 over the layer's matrices (geometry keys: mean; count ratios: pooled;
+  counts: sums);
+* per run (always): `deltawatch_run_<name>` with the label `run` only, where `<name>` is the
+  binding's metric name without its `deltawatch_` prefix (`deltawatch_run_update_stable_rank`,
+  `deltawatch_run_bf16_visible_ratio`, ...), plus `deltawatch_run_subspace_locked_ratio` and
+  `deltawatch_run_matrices`. `--metrics-detail run` exports only these.
+
+Never a `step` label (the step is the value of `deltawatch_last_step`); a null value is not
+exported. Booleans export as 0/1.
+
+Service metrics: `deltawatch_ingest_messages_total`, `deltawatch_ingest_bytes_total`,
+`deltawatch_ingest_errors_total{reason}`, `deltawatch_ingest_lag_seconds` (read from the
+ingest's stats object, duck-typed: `messages`, `bytes_total`, `errors`, `last_lag_seconds`,
+`lock`), `deltawatch_client_dropped_reports_total{run}` (the engine's persisted counts, so it
+survives restarts), `deltawatch_alerts_firing{run,rule}` (from a provider returning
+{(run, rule): count}, e.g. `AlertEngine.firing_counts`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from .engine import AGGREGATE_KEYS, Engine, MatrixRow, aggregate_rows
+from .keys import BINDINGS, MATRIX_PARAMETERS_METRIC, VISIBLE_PARAMETERS_METRIC
+
+log = logging.getLogger("deltawatch.metrics")
+
+DETAILS = ("matrix", "layer", "run")
+MATRIX_LABELS = ("run", "matrix", "layer", "module")
+LAYER_LABELS = ("run", "layer")
+RUN_LABELS = ("run",)
+LOCKED_RATIO_METRIC = "deltawatch_run_subspace_locked_ratio"
+RUN_MATRICES_METRIC = "deltawatch_run_matrices"
+
+AlertsFiring = Callable[[], Mapping[tuple[str, str], int]]
+
+
+def run_metric(metric: str) -> str:
+    """The run-level name of a binding's metric: deltawatch_X -> deltawatch_run_X."""
+    assert metric.startswith("deltawatch_")
+    return "deltawatch_run_" + metric[len("deltawatch_") :]
+
+
+def _number(v: Any) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool):
+        return 1.0 if v else 0.0
+    return float(v)
+
+
+def _row_value(row: MatrixRow, key: str) -> float | None:
+    if key == "step":
+        return float(row.step)
+    return _number(row.keys.get(key))
+
+
+def _layer_label(layer: int | None) -> str:
+    return "" if layer is None else str(layer)
+
+
+class EngineCollector(Collector):
+    """Yields the diagnostics' metric families from `engine.latest()` at scrape time."""
+
+    def __init__(self, engine: Engine, *, detail: str = "matrix") -> None:
+        if detail not in DETAILS:
+            raise ValueError(f"metrics detail must be one of {DETAILS}, got {detail!r}")
+        self.engine = engine
+        self.detail = detail
+
+    def describe(self) -> list[Metric]:
+        return []  # dynamic series: no up-front description (the registry calls collect lazily)
+
+    def collect(self) -> Iterator[Metric]:
+        rows = self.engine.latest()
+        by_run: dict[str, list[MatrixRow]] = {}
+        for row in rows:
+            by_run.setdefault(row.run, []).append(row)
+        if self.detail == "matrix":
+            yield from self._per_matrix(rows)
+        elif self.detail == "layer":
+            yield from self._per_layer(by_run)
+        yield from self._per_run(by_run)
+
+    def _per_matrix(self, rows: list[MatrixRow]) -> Iterator[Metric]:
+        for b in BINDINGS:
+            fam = GaugeMetricFamily(b.metric, b.help, labels=MATRIX_LABELS)
+            for row in rows:
+                v = _row_value(row, b.key)
+                if v is not None:
+                    fam.add_metric(_matrix_labels(row), v)
+            yield fam
+        vis = GaugeMetricFamily(
+            VISIBLE_PARAMETERS_METRIC,
+            "Weights whose bf16 value differs from the anchor's.",
+            labels=MATRIX_LABELS,
+        )
+        par = GaugeMetricFamily(
+            MATRIX_PARAMETERS_METRIC, "Parameters in the matrix.", labels=MATRIX_LABELS
+        )
+        for row in rows:
+            vis.add_metric(_matrix_labels(row), float(row.visible_count))
+            par.add_metric(_matrix_labels(row), float(row.numel))
+        yield vis
+        yield par
+
+    def _per_layer(self, by_run: dict[str, list[MatrixRow]]) -> Iterator[Metric]:
+        groups: list[tuple[tuple[str, str], dict[str, Any], list[MatrixRow]]] = []
+        for run, rows in sorted(by_run.items()):
+            layers: dict[str, list[MatrixRow]] = {}
+            for row in rows:
+                layers.setdefault(_layer_label(row.layer), []).append(row)
+            for layer, members in sorted(layers.items()):
+                agg = aggregate_rows(members)
+                agg["step"] = max(r.step for r in members)
+                groups.append(((run, layer), agg, members))
+        for b in BINDINGS:
+            fam = GaugeMetricFamily(
+                b.metric, b.help + " (mean over the layer)", labels=LAYER_LABELS
+            )
+            for labels, agg, _ in groups:
+                v = _number(agg.get(b.key))
+                if v is not None:
+                    fam.add_metric(list(labels), v)
+            yield fam
+        vis = GaugeMetricFamily(
+            VISIBLE_PARAMETERS_METRIC,
+            "Weights whose bf16 value differs from the anchor's (sum over the layer).",
+            labels=LAYER_LABELS,
+        )
+        par = GaugeMetricFamily(
+            MATRIX_PARAMETERS_METRIC, "Parameters (sum over the layer).", labels=LAYER_LABELS
+        )
+        for labels, _, members in groups:
+            vis.add_metric(list(labels), float(sum(r.visible_count for r in members)))
+            par.add_metric(list(labels), float(sum(r.numel for r in members)))
+        yield vis
+        yield par
+
+    def _per_run(self, by_run: dict[str, list[MatrixRow]]) -> Iterator[Metric]:
+        aggs = {}
+        for run, rows in sorted(by_run.items()):
+            agg = aggregate_rows(rows)
+            agg["step"] = max(r.step for r in rows)
+            aggs[run] = (agg, rows)
+        for b in BINDINGS:
+            if b.key == "locked":
+                continue  # exported as deltawatch_run_subspace_locked_ratio below
+            help_ = b.help + (
+                " Run aggregate: "
+                + (
+                    "pooled over matrices."
+                    if b.key.endswith("overlap") or b.key == "bf16_visible_ratio"
+                    else "median over locked matrices."
+                    if b.key == "lock_step"
+                    else "latest step of any matrix."
+                    if b.key == "step"
+                    else "mean over matrices."
+                )
+            )
+            fam = GaugeMetricFamily(run_metric(b.metric), help_, labels=RUN_LABELS)
+            for run, (agg, _) in aggs.items():
+                v = _number(agg.get(b.key))
+                if v is not None:
+                    fam.add_metric([run], v)
+            yield fam
+        locked = GaugeMetricFamily(
+            LOCKED_RATIO_METRIC, "Share of the run's reported matrices that are locked.", RUN_LABELS
+        )
+        matrices = GaugeMetricFamily(
+            RUN_MATRICES_METRIC, "Matrices of the run that have reported.", labels=RUN_LABELS
+        )
+        vis = GaugeMetricFamily(
+            run_metric(VISIBLE_PARAMETERS_METRIC),
+            "Weights whose bf16 value differs from the anchor's (sum over the run).",
+            labels=RUN_LABELS,
+        )
+        par = GaugeMetricFamily(
+            run_metric(MATRIX_PARAMETERS_METRIC),
+            "Monitored parameters (sum over the run's reported matrices).",
+            labels=RUN_LABELS,
+        )
+        for run, (agg, rows) in aggs.items():
+            if agg["locked_ratio"] is not None:
+                locked.add_metric([run], float(agg["locked_ratio"]))
+            matrices.add_metric([run], float(len(rows)))
+            vis.add_metric([run], float(sum(r.visible_count for r in rows)))
+            par.add_metric([run], float(sum(r.numel for r in rows)))
+        yield locked
+        yield matrices
+        yield vis
+        yield par
+
+
+def _matrix_labels(row: MatrixRow) -> list[str]:
+    return [row.run, row.matrix, _layer_label(row.layer), row.module]
+
+
+class ServiceCollector(Collector):
+    """The service's own metrics, read at scrape time from the ingest stats, the engine and the
+    alert provider (each optional)."""
+
+    def __init__(
+        self,
+        engine: Engine | None,
+        *,
+        ingest_stats: Any = None,
+        alerts_firing: AlertsFiring | None = None,
+    ) -> None:
+        self.engine = engine
+        self.ingest_stats = ingest_stats
+        self.alerts_firing = alerts_firing
+        self._lock = threading.Lock()
+
+    def set_ingest_stats(self, stats: Any) -> None:
+        """Point the ingest counters at the gRPC servicer's stats object."""
+        self.ingest_stats = stats
+
+    def set_alerts_firing(self, provider: AlertsFiring | None) -> None:
+        """Point deltawatch_alerts_firing at a provider of {(run, rule): firing count}."""
+        self.alerts_firing = provider
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        messages = CounterMetricFamily(
+            "deltawatch_ingest_messages", "Messages received on ingest streams."
+        )
+        nbytes = CounterMetricFamily("deltawatch_ingest_bytes", "Bytes received on ingest streams.")
+        errors = CounterMetricFamily(
+            "deltawatch_ingest_errors", "Ingest messages refused, by reason.", labels=["reason"]
+        )
+        lag = GaugeMetricFamily(
+            "deltawatch_ingest_lag_seconds",
+            "Time from a report's arrival to its acknowledgement (persisted), last report.",
+        )
+        stats = self.ingest_stats
+        n_messages, n_bytes, by_reason, last_lag = 0, 0, {}, 0.0
+        if stats is not None:
+            lock = getattr(stats, "lock", None) or self._lock
+            with lock:
+                msgs = getattr(stats, "messages", 0)
+                n_messages = sum(msgs.values()) if isinstance(msgs, Mapping) else int(msgs)
+                n_bytes = int(getattr(stats, "bytes_total", 0))
+                by_reason = dict(getattr(stats, "errors", {}) or {})
+                last_lag = float(getattr(stats, "last_lag_seconds", 0.0))
+        messages.add_metric([], float(n_messages))
+        nbytes.add_metric([], float(n_bytes))
+        for reason, count in sorted(by_reason.items()):
+            errors.add_metric([str(reason)], float(count))
+        lag.add_metric([], last_lag)
+        yield messages
+        yield nbytes
+        yield errors
+        yield lag
+
+        dropped = CounterMetricFamily(
+            "deltawatch_client_dropped_reports",
+            "Reports clients dropped because their send queue was full.",
+            labels=["run"],
+        )
+        if self.engine is not None:
+            for run, count in sorted(self.engine.dropped_reports().items()):
+                dropped.add_metric([run], float(count))
+        yield dropped
+
+        firing = GaugeMetricFamily(
+            "deltawatch_alerts_firing", "Alerts firing, by run and rule.", labels=["run", "rule"]
+        )
+        if self.alerts_firing is not None:
+            try:
+                counts = self.alerts_firing()
+            except Exception:
+                log.exception("alerts provider failed; deltawatch_alerts_firing left empty")
+                counts = {}
+            for (run, rule), count in sorted(counts.items()):
+                firing.add_metric([run, rule], float(count))
+        yield firing
+
+
+def make_registry(
+    engine: Engine,
+    *,
+    detail: str = "matrix",
+    ingest_stats: Any = None,
+    alerts_firing: AlertsFiring | None = None,
+) -> tuple[CollectorRegistry, ServiceCollector]:
+    """A dedicated registry (never the global one) with the engine's and the service's collectors.
+
+    Returns the registry and the service collector, whose `set_ingest_stats` and
+    `set_alerts_firing` connect the parts that start later."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine, detail=detail))
+    service = ServiceCollector(engine, ingest_stats=ingest_stats, alerts_firing=alerts_firing)
+    registry.register(service)
+    return registry, service
+
+
+__all__ = [
+    "AGGREGATE_KEYS",
+    "DETAILS",
+    "EngineCollector",
+    "LOCKED_RATIO_METRIC",
+    "RUN_MATRICES_METRIC",
+    "ServiceCollector",
+    "make_registry",
+    "run_metric",
+]
