@@ -1,0 +1,239 @@
+"""The anchor W0: the local-shard copy the update is measured against, its masks, and W0's own
+top-(k+p) Ritz basis for the W_t tracker.
+
+Views (DESIGN §2): "bf16" keeps bf16(W0) and takes the masks on it (the visible update is
+f32(bf16(W_t)) − f32(bf16(W0))); "native" keeps W0 in the parameter's own dtype.
+Placement: "device" keeps the copy beside the parameter; "host" keeps it in CPU memory (pinned
+when the parameter is on CUDA) and streams it to the device in row chunks at check time.
+
+Memory per parameter (local shard): the copy (2 bytes in the bf16 view; the dtype's size in the
+native view, 4 for fp32) + the packed principal mask (1 bit = 0.125 bytes), so 2.125 bytes per
+parameter by default, 4.125 for fp32 native; plus O((m+n)·(k+p)) for the bases. At attach, W0 is
+also formed once as float32 on the device (4 bytes per parameter, transient).
+
+Thresholds: a (low-magnitude) and b (principal) are exact order statistics (client/masks.py).
+[W0]_R, the rank-R truncation (R = mask_rank): when min(m, n) ≤ EXACT_LIMIT it is exact — the
+top-R eigenvectors of the float64 Gram matrix of the smaller side (at attach only; sharded, that
+Gram is assembled with O((m+n)·min(m, n)) collectives) — else the subspace iteration of
+client/sketch.py (float32, R + p columns) run until its indicator is ≤ ATTACH_TOLERANCE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+
+import torch
+
+from .collectives import ShardSpec, all_reduce_sum, gather_cols
+from .masks import kth_largest_abs, low_magnitude_threshold, mask_count, pack_bits, unpack_bits
+from .sketch import convergence, highest_precision, orth, power_step, rayleigh_ritz, ritz_vectors
+
+EXACT_LIMIT = (
+    1024  # min(m, n) at or below which [W0]_R and W0's basis come from an exact eigensolve
+)
+ATTACH_TOLERANCE = 1e-5  # indicator target of the attach-time subspace iterations
+ATTACH_MAX_STEPS = 50
+MASK_OVERSAMPLE = 16
+CHUNK_ELEMENTS = 1 << 22
+VIEWS = ("bf16", "native")
+PLACEMENTS = ("host", "device")
+
+
+def stable_seed(seed: int, name: str) -> int:
+    """A seed from (seed, matrix name) that is the same in every process (no Python hash())."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def gaussian_basis(n: int, r: int, seed: int, device: torch.device | str) -> torch.Tensor:
+    """An orthonormal (n, r) basis from a seeded Gaussian, drawn on the CPU so every rank and
+    device draws the same numbers."""
+    g = torch.Generator().manual_seed(seed)
+    return orth(torch.randn(n, r, generator=g, dtype=torch.float32)).to(device)
+
+
+def view_dtype(view: str, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the anchor keeps: bf16 in the bf16 view, the parameter's own in native."""
+    return torch.bfloat16 if view == "bf16" else dtype
+
+
+def chunk_rows(n_cols: int) -> int:
+    """Rows per chunk: about CHUNK_ELEMENTS entries, a multiple of 8 (so packed masks align)."""
+    return max(8, (CHUNK_ELEMENTS // max(n_cols, 1)) // 8 * 8)
+
+
+def _subspace_iteration(
+    A: torch.Tensor, r: int, k: int, seed: int, spec: ShardSpec | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Power steps from a seeded basis until convergence(k) ≤ ATTACH_TOLERANCE. Returns the last
+    (V, G, C): G, C are the sketch of the basis V."""
+    n = A.shape[1] if spec is None else spec.shape[1]
+    V = gaussian_basis(n, r, seed, A.device)
+    for _ in range(ATTACH_MAX_STEPS):
+        _, G, C = power_step(A, V, spec)
+        theta, _ = rayleigh_ritz(G, C)
+        if convergence(theta, C, k) <= ATTACH_TOLERANCE:
+            break
+        V = orth(G)
+    return V, G, C
+
+
+class Anchor:
+    """W0's local shard, the thresholds a and b, the packed principal mask and W0's Ritz basis."""
+
+    def __init__(
+        self,
+        W0_local: torch.Tensor,
+        *,
+        shape: tuple[int, int] | None = None,
+        view: str = "bf16",
+        placement: str = "host",
+        alpha: float = 0.5,
+        mask_rank: int = 64,
+        rank: int = 16,
+        oversample: int = 16,
+        spec: ShardSpec | None = None,
+        seed: int = 0,
+        name: str = "",
+    ) -> None:
+        if view not in VIEWS:
+            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
+        if placement not in PLACEMENTS:
+            raise ValueError(f"anchor placement must be one of {PLACEMENTS}, got {placement!r}")
+        if W0_local.ndim != 2:
+            raise ValueError(f"{name}: the anchor needs a 2-D weight, got shape {W0_local.shape}")
+        self.shape = tuple(shape) if shape is not None else tuple(W0_local.shape)
+        if spec is not None and tuple(spec.shape) != self.shape:
+            raise ValueError(f"{name}: spec shape {spec.shape} != shape {self.shape}")
+        if spec is None and tuple(W0_local.shape) != self.shape:
+            raise ValueError(f"{name}: local shape {tuple(W0_local.shape)} != {self.shape}")
+        self.name = name
+        self.view = view
+        self.placement = placement
+        self.alpha = alpha
+        self.mask_rank = mask_rank
+        self.rank = rank
+        self.oversample = oversample
+        self.spec = spec
+        self.seed = seed
+        self.device = W0_local.device
+        self.local_shape = tuple(W0_local.shape)
+        self.numel = self.shape[0] * self.shape[1]
+        self.dtype = view_dtype(view, W0_local.dtype)
+        W0 = W0_local.detach().to(self.dtype).clone()
+        if placement == "host" and W0.device.type != "cpu":
+            W0 = W0.cpu().pin_memory()
+        self.W0 = W0.contiguous()
+        with highest_precision():
+            self.a = low_magnitude_threshold(self.W0, alpha, spec, numel=self.numel)
+            A = W0_local.detach().to(self.dtype).float()
+            self._principal_mask(A)
+            self.V0 = self._weight_basis(A)
+            _, G, C = power_step(A, self.V0, spec)
+            theta, _ = rayleigh_ritz(G, C)
+            self.exact = min(self.shape) <= rank + oversample
+            self.baseline_G, self.baseline_C = G, C
+            self.baseline_convergence = 0.0 if self.exact else convergence(theta, C, rank)
+
+    # -- access at check time -------------------------------------------------------------
+
+    def row_chunks(self) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(rows, W0[rows] on the compute device) for the local block, chunk by chunk."""
+        m_loc, n_loc = self.local_shape
+        step = chunk_rows(n_loc)
+        for r0 in range(0, m_loc, step):
+            rows = slice(r0, min(r0 + step, m_loc))
+            yield rows, self.W0[rows].to(self.device, non_blocking=True)
+
+    def principal_rows(self, rows: slice) -> torch.Tensor:
+        """M_princ for the given local rows (boolean, on the compute device)."""
+        n_loc = self.local_shape[1]
+        start, stop = rows.start * n_loc, rows.stop * n_loc
+        bits = unpack_bits(self.principal_packed, start, stop - start)
+        return bits.view(rows.stop - rows.start, n_loc).to(self.device)
+
+    def low_mask(self, W0_rows: torch.Tensor) -> torch.Tensor:
+        """M_low = {|W0| ≤ a} for a chunk of W0 (in the anchor's dtype)."""
+        return W0_rows.abs() <= self.a.to(W0_rows.device)
+
+    def nbytes(self) -> int:
+        """Bytes held for this matrix: copy + packed mask + bases."""
+        return (
+            self.W0.numel() * self.W0.element_size()
+            + self.principal_packed.numel()
+            + self.V0.numel() * self.V0.element_size()
+        )
+
+    # -- attach-time computations ---------------------------------------------------------
+
+    def _principal_mask(self, A: torch.Tensor) -> None:
+        """b and the packed M_princ from [W0]_R = L·Rtᵀ (local block), computed chunk-wise."""
+        L, Rt, dtype = self._truncation_factors(A)
+        step = chunk_rows(Rt.shape[0])
+
+        def chunks() -> Iterator[torch.Tensor]:
+            for r0 in range(0, L.shape[0], step):
+                yield L[r0 : r0 + step] @ Rt.T
+
+        k = mask_count(self.alpha, self.numel)
+        self.b = kth_largest_abs(chunks, k, self.numel, self.spec, dtype=dtype)
+        packed = [pack_bits(c.abs() >= self.b.to(c.device)) for c in chunks()]
+        mask = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
+        self.principal_packed = mask.to(self.W0.device)
+
+    def _truncation_factors(
+        self, A: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
+        """(L, Rt, dtype) with [W0]_R (local block) = L·Rtᵀ; float64 on the exact path."""
+        m, n = self.shape
+        R = min(self.mask_rank, m, n)
+        spec = self.spec
+        if min(m, n) <= EXACT_LIMIT:
+            A64 = A.double()
+            if n <= m:  # Gram WᵀW (n×n): P = W (local rows), V_R its top eigenvectors
+                P, G, _ = power_step(A64, torch.eye(n, dtype=torch.float64, device=A.device), spec)
+                V_R = torch.linalg.eigh((G + G.T) / 2)[1].flip(1)[:, :R]
+                cols = slice(None) if spec is None else spec.cols
+                return P @ V_R, V_R[cols], torch.float64
+            # Gram WWᵀ (m×m) through the transposed layout: P = (W[:, local cols])ᵀ
+            spec_t = None if spec is None else spec.transposed()
+            P, G, _ = power_step(A64.T, torch.eye(m, dtype=torch.float64, device=A.device), spec_t)
+            U_R = torch.linalg.eigh((G + G.T) / 2)[1].flip(1)[:, :R]
+            rows = slice(None) if spec is None else spec.rows
+            return U_R[rows], P @ U_R, torch.float64
+        seed = stable_seed(self.seed, self.name + "#mask")
+        _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec)
+        theta, Z = rayleigh_ritz(G, C)
+        V_R = ritz_vectors(G, Z, R).float()
+        cols = slice(None) if spec is None else spec.cols
+        L = A @ V_R[cols]
+        if spec is not None:
+            all_reduce_sum(L, spec.col_group)
+        return L, V_R[cols], torch.float32
+
+    def _weight_basis(self, A: torch.Tensor) -> torch.Tensor:
+        """W0's top-(k+p) right singular basis (n, r) for the W_t tracker (float32, device); on the
+        exact path (min(m, n) ≤ r) the tracker's fixed basis."""
+        m, n = self.shape
+        r = self.rank + self.oversample
+        spec = self.spec
+        if n <= r:  # exact path: V = I_n, padded with zero columns to r
+            return torch.eye(n, r, device=A.device)
+        if m <= r:  # exact path: one power step from any full-rank V spans R^m
+            return gaussian_basis(n, r, stable_seed(self.seed, self.name), A.device)
+        if min(m, n) <= EXACT_LIMIT:
+            A64 = A.double()
+            if n <= m:
+                _, G, _ = power_step(A64, torch.eye(n, dtype=torch.float64, device=A.device), spec)
+                return torch.linalg.eigh((G + G.T) / 2)[1].flip(1)[:, :r].float()
+            spec_t = None if spec is None else spec.transposed()
+            P, G, _ = power_step(A64.T, torch.eye(m, dtype=torch.float64, device=A.device), spec_t)
+            lam, U = torch.linalg.eigh((G + G.T) / 2)
+            lam, U = lam.flip(0)[:r], U.flip(1)[:, :r]
+            V_local = (P @ U) / torch.sqrt(lam.clamp_min(torch.finfo(torch.float64).tiny))
+            V = V_local if spec is None else gather_cols(V_local, spec)
+            return orth(V).float()
+        seed = stable_seed(self.seed, self.name + "#weight")
+        V, _, _ = _subspace_iteration(A, r, self.rank, seed, spec)
+        return V

@@ -1,0 +1,163 @@
+"""The horizon lock rule of DESIGN §2 (pure and deterministic; the client decides the lock with it
+and the sidecar runs the same code for `horizon_alignment`).
+
+Consecutive checks are no test of locking (a cumulative sum always changes little relative to its
+size), so the test is the *horizon*: Sim_K between V_K now and V_K at the kept check whose step is
+nearest to step_t / 2 (ties: the later check). V_K is kept at the log-spaced check indices
+1, 2, 4, 8, …; a kept check older than the current horizon can never be the horizon again (the
+target step_t / 2 only grows), so at most a few snapshots are held: O(log T) at worst.
+
+A matrix locks at the first check where, on `patience` consecutive checks,
+horizon_alignment ≥ `threshold` and topk_energy_ratio ≥ `min_energy`; or at the first check with
+step ≥ `at_step` (when given). V_ref := V_K at that check. A check without a horizon (the first
+check, ΔW = 0, a check whose estimate did not converge) breaks the streak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sketch import sim_k
+
+DEFAULT_THRESHOLD = 0.9
+DEFAULT_PATIENCE = 3
+DEFAULT_MIN_ENERGY = 0.5
+
+
+def is_snapshot_check(index: int) -> bool:
+    """Check indices 1, 2, 4, 8, … keep their V_K."""
+    return index >= 1 and (index & (index - 1)) == 0
+
+
+def horizon_position(snapshot_steps: list[int], step: int) -> int | None:
+    """Position of the kept check whose step is nearest to step / 2 (ties: the later one)."""
+    best = None
+    for i, s in enumerate(snapshot_steps):
+        if best is None or abs(2 * s - step) <= abs(2 * snapshot_steps[best] - step):
+            best = i
+    return best
+
+
+def pad_columns(V: torch.Tensor, k: int) -> torch.Tensor:
+    """V with exactly k columns: extra ones cut, missing ones zero (a zero column adds nothing to
+    ‖VaᵀVb‖_F², so a rank-deficient V_K scores honestly below 1)."""
+    if V.shape[1] >= k:
+        return V[:, :k]
+    return torch.cat([V, V.new_zeros((V.shape[0], k - V.shape[1]))], dim=1)
+
+
+@dataclass(frozen=True)
+class LockObservation:
+    horizon_alignment: float | None  # Sim_K(t, h(t)); None without a horizon or without V_K
+    horizon_step: int | None
+    locked_now: bool
+
+
+class LockState:
+    """Log-spaced V_K snapshots, the streak and the lock reference of one matrix."""
+
+    def __init__(
+        self,
+        k: int,
+        *,
+        threshold: float = DEFAULT_THRESHOLD,
+        patience: int = DEFAULT_PATIENCE,
+        min_energy: float = DEFAULT_MIN_ENERGY,
+        at_step: int | None = None,
+    ) -> None:
+        self.k = k
+        self.threshold = threshold
+        self.patience = patience
+        self.min_energy = min_energy
+        self.at_step = at_step
+        self.checks = 0
+        self.streak = 0
+        self.snapshots: list[tuple[int, int, torch.Tensor]] = []  # (check index, step, V_K)
+        self.lock_step: int | None = None
+        self.v_ref: torch.Tensor | None = None
+
+    @property
+    def locked(self) -> bool:
+        return self.lock_step is not None
+
+    def observe(
+        self,
+        step: int,
+        V_K: torch.Tensor | None,
+        energy: float | None,
+        converged: bool = True,
+    ) -> LockObservation:
+        """Record one check (V_K None when ΔW = 0) and apply the lock rule."""
+        self.checks += 1
+        index = self.checks
+        alignment = None
+        horizon_step = None
+        if V_K is not None:
+            V_K = pad_columns(V_K, self.k)
+            pos = horizon_position([s for _, s, _ in self.snapshots], step)
+            if pos is not None:
+                _, horizon_step, V_h = self.snapshots[pos]
+                alignment = sim_k(V_K, V_h, self.k)
+                del self.snapshots[:pos]  # older ones can never be the horizon again
+            if is_snapshot_check(index):
+                self.snapshots.append((index, step, V_K))
+        passing = (
+            alignment is not None
+            and converged
+            and energy is not None
+            and alignment >= self.threshold
+            and energy >= self.min_energy
+        )
+        self.streak = self.streak + 1 if passing else 0
+        locked_now = False
+        if not self.locked and V_K is not None:
+            by_step = self.at_step is not None and step >= self.at_step
+            if self.streak >= self.patience or by_step:
+                self.lock_step = step
+                self.v_ref = V_K
+                locked_now = True
+        return LockObservation(alignment, horizon_step, locked_now)
+
+    def restore(self, lock_step: int, v_ref: torch.Tensor) -> None:
+        """Adopt a lock reference (e.g. sent back by the sidecar after a trainer restart)."""
+        self.lock_step = int(lock_step)
+        self.v_ref = pad_columns(v_ref, self.k)
+
+    def state_dict(self) -> dict:
+        """Plain tensors and ints (no pickle needed to store it)."""
+        n = self.snapshots[0][2].shape[0] if self.snapshots else 0
+        state = {
+            "k": self.k,
+            "checks": self.checks,
+            "streak": self.streak,
+            "lock_step": -1 if self.lock_step is None else self.lock_step,
+            "snapshot_index": torch.tensor([i for i, _, _ in self.snapshots], dtype=torch.int64),
+            "snapshot_step": torch.tensor([s for _, s, _ in self.snapshots], dtype=torch.int64),
+            "snapshot_V": (
+                torch.stack([V.detach().float().cpu() for _, _, V in self.snapshots])
+                if self.snapshots
+                else torch.zeros((0, n, self.k))
+            ),
+        }
+        if self.v_ref is not None:
+            state["v_ref"] = self.v_ref.detach().float().cpu()
+        return state
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        self.k = int(state["k"])
+        self.checks = int(state["checks"])
+        self.streak = int(state["streak"])
+        lock_step = int(state["lock_step"])
+        self.lock_step = None if lock_step < 0 else lock_step
+        self.v_ref = state["v_ref"].to(device) if "v_ref" in state else None
+        self.snapshots = [
+            (int(i), int(s), V.to(device))
+            for i, s, V in zip(
+                state["snapshot_index"].tolist(),
+                state["snapshot_step"].tolist(),
+                state["snapshot_V"],
+                strict=True,
+            )
+        ]

@@ -1,0 +1,170 @@
+"""The linear algebra of DESIGN §3: warm-started randomized subspace iteration with Rayleigh–Ritz
+on span(P), as plain functions with the paper's letters.
+
+For a tracked matrix A (m×n: the update ΔW or the weight W_t) and an orthonormal basis
+V ∈ R^{n×r} (r = K + p), one power step is
+
+    P = A·V        (m×r)
+    G = Aᵀ·P       (n×r)   = AᵀA·V
+    C = Pᵀ·P       (r×r)   = Vᵀ·G
+
+costing 4·m·n·r flops. Rayleigh–Ritz on span(P) (one power step fresher than span(V)) solves the
+generalized eigenproblem GᵀG z = θ C z: for u = P z, uᵀAAᵀu / uᵀu = zᵀGᵀGz / zᵀCz. Then
+σ_i ≈ √θ_i (lower bounds) and the right singular vectors are the normalised columns of G·z
+(Aᵀu = G z, ‖G z‖² = θ zᵀCz). Ritz values on span(V) are the eigenvalues of C, so the
+convergence indicator needs no extra matmul (Halko, Martinsson, Tropp 2011, Alg. 4.4 with the
+Rayleigh–Ritz of Saad, "Numerical Methods for Large Eigenvalue Problems", §4.3).
+
+All r×r work is done in float64 (it is O(n·r²), negligible); products with A are float32 with
+TF32 off (`highest_precision`), since TF32's 10-bit mantissa drowns a small ΔW.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+
+import torch
+
+from .collectives import ShardSpec, all_reduce_sum, gather_cols
+
+# A check stops its power steps when the indicator is at or below this (and estimates are null
+# above it). Chosen so the accuracy bounds of docs/geometry.md hold on the synthetic trajectories.
+DEFAULT_TOLERANCE = 1e-2
+# Eigenvalues of C below DEFAULT_CUTOFF · λ_max(C) are dropped when whitening: C is computed in
+# float32 (relative error ~1e-7), so smaller eigenvalues carry no information.
+DEFAULT_CUTOFF = 1e-6
+
+
+@contextlib.contextmanager
+def highest_precision() -> Iterator[None]:
+    """float32 matmuls in full precision (TF32 off on CUDA, for matmul and cuDNN); restores the
+    caller's settings on exit so the trainer's own precision choice is left alone."""
+    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+    cudnn_tf32 = torch.backends.cudnn.allow_tf32
+    precision = torch.get_float32_matmul_precision()
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
+        torch.backends.cudnn.allow_tf32 = cudnn_tf32
+        torch.set_float32_matmul_precision(precision)
+
+
+def power_step(
+    A: torch.Tensor, V: torch.Tensor, spec: ShardSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One power step: P = A·V, G = Aᵀ·P, C = PᵀP. Cost 4·m·n·r flops (local block).
+
+    A is the local block (spec None: the whole matrix); V the full (n, r) basis, identical on
+    every rank. Sharded (docs/architecture.md "Sharding"): P = A_local·V[cols] summed over the
+    column group; G_local = A_localᵀ·P summed over the row group, then assembled over the column
+    group; C = PᵀP summed over the row group. Every collective is O((m+n)·r). Returns P for the
+    local rows, and the full G (n, r) and C (r, r) on every rank.
+    """
+    if spec is None:
+        P = A @ V
+        G = A.T @ P
+        C = P.T @ P
+        return P, G, C
+    P = A @ V[spec.cols]
+    all_reduce_sum(P, spec.col_group)
+    G = A.T @ P
+    all_reduce_sum(G, spec.row_group)
+    G = gather_cols(G, spec)
+    C = P.T @ P
+    all_reduce_sum(C, spec.row_group)
+    return P, G, C
+
+
+def orth(G: torch.Tensor) -> torch.Tensor:
+    """V = orth(G): the Q of a reduced QR with sign(diag R) ≥ 0, so the basis is deterministic
+    (every rank computing it from the same G gets the same V). Cost 2·n·r² flops."""
+    Q, R = torch.linalg.qr(G)
+    d = torch.sign(torch.diagonal(R))
+    d = torch.where(d == 0, torch.ones_like(d), d)
+    return Q * d
+
+
+def rayleigh_ritz(
+    G: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rayleigh–Ritz on span(P): solve GᵀG z = θ C z, θ descending.
+
+    C may be singular: with C = U diag(d) Uᵀ, keep d_i > cutoff·d_max, whiten with
+    W = U_k diag(d_k^{-1/2}), solve (G W)ᵀ(G W) y = θ y and return Z = W y (so ZᵀCZ = I).
+    σ_i ≈ √θ_i; right singular vectors: `ritz_vectors(G, Z, k)`. float64, O(n·r²).
+    Returns (theta (k',), Z (r, k')) with k' ≤ r the number of kept directions.
+    """
+    G64 = G.double()
+    C64 = C.double()
+    C64 = (C64 + C64.T) / 2
+    d, U = torch.linalg.eigh(C64)
+    d_max = d[-1] if d.numel() else torch.zeros((), dtype=d.dtype)
+    if d.numel() == 0 or not d_max > 0:
+        return d.new_zeros(0), C64.new_zeros((C64.shape[0], 0))
+    keep = d > cutoff * d_max
+    W = U[:, keep] / torch.sqrt(d[keep])
+    GW = G64 @ W
+    M = GW.T @ GW
+    M = (M + M.T) / 2
+    theta, Y = torch.linalg.eigh(M)
+    theta = theta.flip(0).clamp_min(0)
+    Y = Y.flip(1)
+    return theta, W @ Y
+
+
+def ritz_vectors(G: torch.Tensor, Z: torch.Tensor, k: int) -> torch.Tensor:
+    """The top-k right Ritz vectors: normalised columns of G·z_i (float64, n×min(k, k'))."""
+    Vk = G.double() @ Z[:, :k]
+    norms = torch.linalg.vector_norm(Vk, dim=0)
+    return Vk / torch.where(norms > 0, norms, torch.ones_like(norms))
+
+
+def singular_values(theta: torch.Tensor) -> torch.Tensor:
+    """σ_i = √θ_i (Ritz values are lower bounds of the true σ_i)."""
+    return torch.sqrt(theta.clamp_min(0))
+
+
+def convergence(theta: torch.Tensor, C: torch.Tensor, k: int) -> float:
+    """The free convergence indicator: max_{i≤k} |σ_i^P − σ_i^V| / σ_1^P, comparing the Ritz
+    values on span(P) (√θ from the generalized problem) with those on span(V) (√ of the
+    eigenvalues of C, V orthonormal) from the same power step. 0 for a zero matrix."""
+    sP = singular_values(theta)
+    if sP.numel() == 0 or not sP[0] > 0:
+        return 0.0
+    lam = torch.linalg.eigvalsh((C.double() + C.double().T) / 2).flip(0)
+    sV = singular_values(lam)
+    j = min(k, sP.numel(), sV.numel())
+    return float(torch.max(torch.abs(sP[:j] - sV[:j])) / sP[0])
+
+
+def sim_k(Va: torch.Tensor, Vb: torch.Tensor, k: int | None = None) -> float:
+    """Sim_K(a, b) = ‖V_aᵀ V_b‖_F² / K (mean cos² of the principal angles; 1 = same subspace).
+    K defaults to Va's column count; a basis with fewer columns than K scores below 1."""
+    K = Va.shape[1] if k is None else k
+    if K == 0:
+        return float("nan")
+    M = Va.double().T @ Vb.double().to(Va.device)
+    return float(torch.sum(M * M) / K)
+
+
+def principal_angles_degrees(Va: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending, float64) between span(Va) and span(Vb).
+
+    Small angles from sines, the singular values of (I − Va Vaᵀ) Vb (arcsin is well conditioned
+    there, so sub-degree angles are exact); angles above 45° from cosines, the singular values of
+    Vaᵀ Vb (Knyazev & Argentati 2002). Both bases are re-orthonormalised in float64 first."""
+    Qa = torch.linalg.qr(Va.double())[0]
+    Qb = torch.linalg.qr(Vb.double().to(Va.device))[0]
+    cos = torch.linalg.svdvals(Qa.T @ Qb).clamp(0, 1)  # descending -> ascending angles
+    sin = torch.linalg.svdvals(Qb - Qa @ (Qa.T @ Qb)).clamp(0, 1).flip(0)  # ascending
+    j = min(cos.numel(), sin.numel())
+    cos, sin = cos[:j], sin[:j]
+    small = sin < math.sqrt(0.5)
+    angles = torch.where(small, torch.arcsin(sin), torch.arccos(cos))
+    return torch.rad2deg(angles)

@@ -1,0 +1,288 @@
+"""One matrix's trackers: the warm-started subspace iteration on ΔW (stable rank, energy, the lock)
+and on W_t (rotation and spectral shift against W0), plus the exact statistics of DESIGN §2.
+
+A check (DESIGN §3):
+  1. form ΔW = view(W_t) − view(W0) chunk by chunk (the anchor may live on the host) and, in the
+     same pass, the exact statistics: ‖ΔW‖_F² (float64), the bitwise bf16-visible count and its
+     intersections with M_low and M_princ; reduced over shards (one O(1) collective per group);
+  2. ΔW = 0: no power step, V kept, `update=None`; else power steps P = ΔW·V, G = ΔWᵀ·P,
+     C = PᵀP, V ← orth(G) until the convergence indicator ≤ tolerance or `max_power_steps`;
+  3. Rayleigh–Ritz on the client too (r×r, cheap) for V_K and the top-K energy, fed to the lock
+     rule (client/lock.py) — decided from G and C, which every rank holds, so identical on every
+     rank; once locked, ‖ΔW·V_ref‖_F² exactly;
+  4. the same power steps on view(W_t), warm-started from W0's top-(k+p) Ritz basis.
+Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exact=True`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .anchor import Anchor, gaussian_basis, stable_seed
+from .collectives import ShardSpec, all_reduce_sum, reduce_over_matrix
+from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockState
+from .sketch import (
+    DEFAULT_TOLERANCE,
+    convergence,
+    highest_precision,
+    orth,
+    power_step,
+    rayleigh_ritz,
+    ritz_vectors,
+)
+
+
+@dataclass(frozen=True)
+class Sketch:  # one tracked subspace iteration's output
+    G: torch.Tensor  # (n, r) float32: AᵀA·V for the tracked matrix A (ΔW or W_t)
+    C: torch.Tensor  # (r, r) float32: PᵀP = Vᵀ G, P = A·V
+    convergence: float  # indicator after the last power step (0.0 on the exact path)
+    power_steps: int
+    exact: bool  # min(m, n) <= r: Rayleigh–Ritz on span(P) is exact
+
+
+@dataclass(frozen=True)
+class MatrixCheck:
+    matrix: str
+    step: int
+    shape: tuple[int, int]  # global (m, n)
+    numel: int
+    frobenius_sq: float  # ‖ΔW‖_F², accumulated in float64, reduced over shards
+    visible_count: int  # #{bf16(W_t) != bf16(W0)} bitwise
+    visible_low_count: int  # |M_vis ∩ M_low|
+    visible_principal_count: int  # |M_vis ∩ M_princ|
+    channel_energy_sq: float | None  # ‖ΔW·V_ref‖_F² once locked, else None
+    update: Sketch | None  # ΔW tracker; None when ΔW == 0 (‖ΔW‖_F == 0)
+    weight: Sketch  # W_t tracker (rotation, spectral shift)
+    lock_step: int | None  # the client's lock decision (identical on every rank)
+    locked_now: bool  # True on the check that locked
+    v_ref: torch.Tensor | None  # (n, K) float32, sent on the check that locked (locked_now)
+
+
+def _to_wire(G: torch.Tensor, C: torch.Tensor, conv: float, steps: int, exact: bool) -> Sketch:
+    return Sketch(G.detach().float().cpu(), C.detach().float().cpu(), float(conv), steps, exact)
+
+
+class MatrixTracker:
+    """The per-matrix state of the client: anchor, ΔW and W_t bases, lock."""
+
+    def __init__(
+        self,
+        name: str,
+        shape: tuple[int, int],
+        *,
+        anchor: Anchor,
+        rank: int = 16,
+        oversample: int = 16,
+        max_power_steps: int = 4,
+        view: str = "bf16",
+        alpha: float = 0.5,
+        mask_rank: int = 64,
+        seed: int = 0,
+        spec: ShardSpec | None = None,
+        tolerance: float = DEFAULT_TOLERANCE,
+        lock_threshold: float = DEFAULT_THRESHOLD,
+        lock_patience: int = DEFAULT_PATIENCE,
+        lock_min_energy: float = DEFAULT_MIN_ENERGY,
+        lock_at_step: int | None = None,
+    ) -> None:
+        shape = (int(shape[0]), int(shape[1]))
+        given = (anchor.shape, anchor.view, anchor.alpha, anchor.mask_rank, anchor.rank)
+        wanted = (shape, view, alpha, mask_rank, rank)
+        if given != wanted or anchor.oversample != oversample:
+            raise ValueError(
+                f"{name}: the anchor was built for (shape, view, alpha, mask_rank, rank) = "
+                f"{given}, the tracker asks for {wanted}; build both with the same settings"
+            )
+        if max_power_steps < 1:
+            raise ValueError(f"{name}: max_power_steps must be >= 1, got {max_power_steps}")
+        self.name = name
+        self.shape = shape
+        self.anchor = anchor
+        self.rank = rank
+        self.r = rank + oversample
+        self.max_power_steps = max_power_steps
+        self.view = view
+        self.spec = spec
+        self.tolerance = tolerance
+        self.device = anchor.device
+        self.exact = min(shape) <= self.r
+        if self.exact:
+            self.V = anchor.V0.clone()
+        else:
+            self.V = gaussian_basis(shape[1], self.r, stable_seed(seed, name), self.device)
+        self.V_w = anchor.V0.clone()
+        self.lock = LockState(
+            rank,
+            threshold=lock_threshold,
+            patience=lock_patience,
+            min_energy=lock_min_energy,
+            at_step=lock_at_step,
+        )
+
+    @classmethod
+    def attach(
+        cls,
+        name: str,
+        W0_local: torch.Tensor,
+        *,
+        shape: tuple[int, int] | None = None,
+        placement: str = "host",
+        **kwargs,
+    ) -> MatrixTracker:
+        """Build the anchor from the current weight and the tracker on it."""
+        shape = tuple(shape) if shape is not None else tuple(W0_local.shape)
+        anchor = Anchor(
+            W0_local,
+            shape=shape,
+            view=kwargs.get("view", "bf16"),
+            placement=placement,
+            alpha=kwargs.get("alpha", 0.5),
+            mask_rank=kwargs.get("mask_rank", 64),
+            rank=kwargs.get("rank", 16),
+            oversample=kwargs.get("oversample", 16),
+            spec=kwargs.get("spec"),
+            seed=kwargs.get("seed", 0),
+            name=name,
+        )
+        return cls(name, shape, anchor=anchor, **kwargs)
+
+    # -- public ---------------------------------------------------------------------------
+
+    @property
+    def lock_step(self) -> int | None:
+        return self.lock.lock_step
+
+    @property
+    def v_ref(self) -> torch.Tensor | None:
+        """The locked channel V_ref (n, K) on the compute device, or None before the lock."""
+        return self.lock.v_ref
+
+    def restore_lock(self, lock_step: int, v_ref: torch.Tensor) -> None:
+        """Adopt a lock reference sent back by the sidecar after a restart."""
+        self.lock.restore(lock_step, v_ref.to(self.device, torch.float32))
+
+    def baseline(self) -> Sketch:
+        """W0's own sketch for the W_t tracker (sent once per incarnation)."""
+        a = self.anchor
+        return _to_wire(a.baseline_G, a.baseline_C, a.baseline_convergence, 1, a.exact)
+
+    @torch.no_grad()
+    def check(self, W_t_local: torch.Tensor, step: int) -> MatrixCheck:
+        """One check of the current weight (the local shard) at training step `step`."""
+        with highest_precision():
+            return self._check(W_t_local.detach(), int(step))
+
+    # -- the check ------------------------------------------------------------------------
+
+    def _check(self, W: torch.Tensor, step: int) -> MatrixCheck:
+        a = self.anchor
+        if tuple(W.shape) != a.local_shape:
+            raise ValueError(f"{self.name}: local shape {tuple(W.shape)} != {a.local_shape}")
+        W = W.to(self.device)
+        D = torch.empty(a.local_shape, dtype=torch.float32, device=self.device)
+        stats = torch.zeros(4, dtype=torch.float64, device=self.device)
+        for rows, W0 in a.row_chunks():
+            Wr = W[rows]
+            D[rows] = Wr.to(a.dtype).float() - W0.float()
+            visible = Wr.to(torch.bfloat16).view(torch.int16) != W0.to(torch.bfloat16).view(
+                torch.int16
+            )
+            stats[0] += D[rows].double().square().sum()
+            stats[1] += visible.sum()
+            stats[2] += (visible & a.low_mask(W0)).sum()
+            stats[3] += (visible & a.principal_rows(rows)).sum()
+        reduce_over_matrix(stats, self.spec)
+        frobenius_sq = float(stats[0])
+        counts = [int(round(float(c))) for c in stats[1:]]
+
+        update = None
+        V_K = energy = None
+        converged = False
+        if frobenius_sq > 0:
+            update, theta, Z, self.V = self._iterate(D, self.V, self.rank)
+            V_K = ritz_vectors(update.G, Z, self.rank).float().to(self.device)
+            energy = float(theta[: self.rank].sum()) / frobenius_sq
+            converged = update.convergence <= self.tolerance
+        obs = self.lock.observe(step, V_K, energy, converged)
+        channel = self._channel_energy(D) if self.lock.locked else None
+
+        if update is None:  # W_t == W0 in this view: its sketch is W0's
+            weight = self.baseline()
+        else:
+            A = self._weight_view(W, D)
+            weight, _, _, self.V_w = self._iterate(A, self.V_w, self.rank)
+        return MatrixCheck(
+            matrix=self.name,
+            step=step,
+            shape=self.shape,
+            numel=self.shape[0] * self.shape[1],
+            frobenius_sq=frobenius_sq,
+            visible_count=counts[0],
+            visible_low_count=counts[1],
+            visible_principal_count=counts[2],
+            channel_energy_sq=channel,
+            update=update,
+            weight=weight,
+            lock_step=self.lock.lock_step,
+            locked_now=obs.locked_now,
+            v_ref=self.lock.v_ref.float().cpu() if obs.locked_now else None,
+        )
+
+    def _iterate(
+        self, A: torch.Tensor, V: torch.Tensor, k: int
+    ) -> tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Power steps from V until convergence(k) ≤ tolerance (or the budget); returns the sketch
+        of the last step, its Ritz pairs and the next basis orth(G)."""
+        if self.exact:
+            _, G, C = power_step(A, V, self.spec)
+            theta, Z = rayleigh_ritz(G, C)
+            return Sketch(G.float().cpu(), C.float().cpu(), 0.0, 1, True), theta, Z, V
+        steps = 0
+        while steps < self.max_power_steps:
+            steps += 1
+            _, G, C = power_step(A, V, self.spec)
+            theta, Z = rayleigh_ritz(G, C)
+            indicator = convergence(theta, C, k)
+            V = orth(G)
+            if indicator <= self.tolerance:
+                break
+        return _to_wire(G, C, indicator, steps, False), theta, Z, V
+
+    def _channel_energy(self, D: torch.Tensor) -> float:
+        """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
+        the local rows summed over the row group. O(m·K) collectives."""
+        v_ref = self.lock.v_ref.to(self.device, torch.float32)
+        cols = slice(None) if self.spec is None else self.spec.cols
+        Q = D @ v_ref[cols]
+        if self.spec is not None:
+            all_reduce_sum(Q, self.spec.col_group)
+        energy = Q.double().square().sum().reshape(1)
+        if self.spec is not None:
+            all_reduce_sum(energy, self.spec.row_group)
+        return float(energy[0])
+
+    def _weight_view(self, W: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
+        """view(W_t) as float32 on the device, reusing ΔW's buffer unless W is already it."""
+        if W.dtype == torch.float32 and self.anchor.dtype == torch.float32:
+            return W
+        for rows, _ in self.anchor.row_chunks():
+            D[rows] = W[rows].to(self.anchor.dtype).float()
+        return D
+
+    # -- checkpoints ----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Plain tensors and ints: the bases and the lock state (the anchor is rebuilt from the
+        original weights, `anchor_checkpoint`)."""
+        state = {"V": self.V.detach().cpu(), "V_w": self.V_w.detach().cpu()}
+        state.update({f"lock.{k}": v for k, v in self.lock.state_dict().items()})
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.V = state["V"].to(self.device, torch.float32)
+        self.V_w = state["V_w"].to(self.device, torch.float32)
+        lock = {k[len("lock.") :]: v for k, v in state.items() if k.startswith("lock.")}
+        self.lock.load_state_dict(lock, self.device)
