@@ -1,0 +1,176 @@
+"""One event loop: the grpc.aio ingest server and the aiohttp HTTP app, graceful on SIGTERM.
+
+    store -> engine (linear algebra on the ingest's worker thread)
+          -> alert engine (listener on the engine) -> webhook / gRPC streams
+    IngestService (gRPC, with health and reflection)   make_app (HTTP: API, /metrics, probes)
+
+`Sidecar(config)` builds the parts; `await sidecar.start()` binds both ports (port 0 picks a free
+one: `grpc_port` / `http_port`, logged, and written to `--ready-file` as JSON); `await
+sidecar.stop()` shuts down in order (health NOT_SERVING, streams closed, gRPC drained within
+`grace_seconds`, alerts flushed, HTTP closed, store closed). `serve(config)` runs until SIGTERM or
+SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import tempfile
+
+import grpc
+from aiohttp import web
+from deltawatch.client.wire import MAX_FRAME_BYTES
+from deltawatch.sidecar import auth
+from deltawatch.sidecar.alerts import (
+    AlertEngine,
+    AlertService,
+    StoreAlertState,
+    load_alert_config,
+)
+from deltawatch.sidecar.config import ServeConfig
+from deltawatch.sidecar.engine import Engine
+from deltawatch.sidecar.http_api import make_app
+from deltawatch.sidecar.ingest import IngestService
+from deltawatch.sidecar.metrics import make_registry
+from deltawatch.sidecar.store import Store
+from deltawatch.v1 import deltawatch_pb2 as pb
+from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+log = logging.getLogger("deltawatch.sidecar")
+
+INGEST_SERVICE = pb.DESCRIPTOR.services_by_name["Ingest"].full_name  # deltawatch.v1.Ingest
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
+    ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+]
+
+
+def _split(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Sidecar:
+    """The assembled service (see the module docstring)."""
+
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        os.makedirs(config.data_dir, exist_ok=True)
+        self.store = Store(config.data_dir)
+        self.engine = Engine(self.store, rank=config.rank, device=config.resolved_device)
+        alert_config = load_alert_config(config.alert_config) if config.alert_config else None
+        self.alert_engine = AlertEngine(
+            alert_config,
+            StoreAlertState(self.store),
+            run_matrices=lambda run: len(self.engine.manifest(run) or []) or None,
+        )
+        self.engine.subscribe(self.alert_engine.observe)
+        self.ingest = IngestService(self.engine)
+        self.alerts = AlertService(
+            self.alert_engine, webhook_url=config.alert_webhook, publish=self.ingest.publish_alert
+        )
+        self.registry, self.service_metrics = make_registry(
+            self.engine,
+            detail=config.metrics_detail,
+            ingest_stats=self.ingest.stats,
+            alerts_firing=self.alert_engine.firing_counts,
+        )
+        self.health = health.aio.HealthServicer()
+        self.grpc_server: grpc.aio.Server | None = None
+        self.runner: web.AppRunner | None = None
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
+        self._serving = False
+
+    async def start(self) -> None:
+        c = self.config
+        auth.warn_if_exposed(c)
+        server = grpc.aio.server(interceptors=auth.grpc_interceptors(c), options=GRPC_OPTIONS)
+        pb_grpc.add_IngestServicer_to_server(self.ingest, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (INGEST_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )  # fmt: skip
+        credentials = auth.grpc_server_credentials(c)
+        if credentials is None:
+            self.grpc_port = server.add_insecure_port(c.grpc_address)
+        else:
+            self.grpc_port = server.add_secure_port(c.grpc_address, credentials)
+        if not self.grpc_port:
+            raise OSError(f"could not bind the gRPC address {c.grpc_address}")
+        await server.start()
+        self.grpc_server = server
+        await self.alerts.start()
+
+        app = make_app(
+            self.engine,
+            registry=self.registry,
+            alerts=self.alert_engine,
+            middlewares=auth.http_middlewares(c),
+            ready=lambda: self._serving,
+        )
+        self.runner = web.AppRunner(app, access_log=None)
+        await self.runner.setup()
+        host, port = _split(c.http_address)
+        site = web.TCPSite(self.runner, host, port, ssl_context=auth.http_ssl_context(c))
+        await site.start()
+        self.http_port = int(self.runner.addresses[0][1])
+
+        for name in ("", INGEST_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._serving = True
+        log.info(
+            "deltawatch serving gRPC on %s:%d, HTTP on %s:%d, data in %s",
+            _split(c.grpc_address)[0],
+            self.grpc_port,
+            host,
+            self.http_port,
+            os.path.abspath(c.data_dir),
+        )
+        if c.ready_file:
+            write_ready_file(c.ready_file, self.grpc_port, self.http_port)
+
+    async def stop(self) -> None:
+        self._serving = False
+        await self.health.enter_graceful_shutdown()
+        self.ingest.close()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(self.config.grace_seconds)
+        await self.alerts.close()
+        if self.runner is not None:
+            await self.runner.cleanup()
+        self.store.close()
+        log.info("deltawatch stopped")
+
+
+def write_ready_file(path: str, grpc_port: int, http_port: int) -> None:
+    """Atomically write {"grpc_port": .., "http_port": ..} (a reader never sees half a file)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".ready-")
+    with os.fdopen(fd, "w") as f:
+        json.dump({"grpc_port": grpc_port, "http_port": http_port, "pid": os.getpid()}, f)
+    os.replace(tmp, path)
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run the sidecar until SIGTERM or SIGINT, then shut down gracefully."""
+    sidecar = Sidecar(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await sidecar.start()
+    try:
+        await stop.wait()
+        log.info("deltawatch: signal received, shutting down")
+    finally:
+        await sidecar.stop()
