@@ -355,3 +355,24 @@ def test_dockerfile_is_non_root_with_index_urls_as_bare_build_args() -> None:
     ignore = (ROOT / ".dockerignore").read_text().split()
     for needed in ("!client/", "!sidecar/", "!protos/", "!pyproject.toml"):
         assert needed in ignore
+
+
+def test_rendered_and_example_flags_are_real_serve_flags() -> None:
+    """Every argument the chart and the sidecar Job pass parses as a `deltawatch serve` flag and
+    gives a valid ServeConfig (files aside: they exist only in the pod)."""
+    from deltawatch.sidecar import cli
+
+    parser = cli.build_parser(with_demo=False)
+    job = yaml.safe_load((DEPLOY / "sidecar-job.yaml").read_text())
+    arg_lists = [
+        container(render())["args"],
+        container(render(MTLS_VALUES))["args"],
+        container(render({"serve": {"alertWebhook": "http://am:9093/hook"}}))["args"],
+        job["spec"]["template"]["spec"]["initContainers"][0]["args"],
+    ]
+    for args in arg_lists:
+        namespace = parser.parse_args(["serve", *args])
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
+            setattr(namespace, name, None)
+        config = cli.serve_config(namespace, environ={})
+        assert config.data_dir == "/data"
