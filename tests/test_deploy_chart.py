@@ -29,6 +29,7 @@ CORE_KINDS = {
     "Secret",
     "ConfigMap",
     "Job",
+    "NetworkPolicy",
 }
 SIDECAR_VALUES = yaml.safe_load((DEPLOY / "values-sidecar.yaml").read_text())
 MTLS_VALUES = yaml.safe_load((DEPLOY / "values-central-mtls.yaml").read_text())
@@ -221,6 +222,26 @@ def test_service_monitor_release_interval_and_timeout_are_configurable() -> None
     assert rule["metadata"]["labels"]["release"] == "rules"
     objects = render({"serviceMonitor": {"enabled": False}, "prometheusRule": {"enabled": False}})
     assert not by_kind(objects, "ServiceMonitor") and not by_kind(objects, "PrometheusRule")
+
+
+def test_network_policy_admits_trainers_to_grpc_and_monitoring_to_http() -> None:
+    assert not by_kind(render(), "NetworkPolicy")
+    objects = render({"networkPolicy": {"enabled": True}})
+    validate_core(objects)
+    (policy,) = by_kind(objects, "NetworkPolicy")
+    (deployment,) = by_kind(objects, "Deployment")
+    assert policy["spec"]["podSelector"]["matchLabels"].items() <= pod_labels(deployment).items()
+    grpc_rule, http_rule = policy["spec"]["ingress"]
+    assert grpc_rule["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    assert grpc_rule["from"][0]["podSelector"]["matchLabels"] == {"deltawatch.io/client": "true"}
+    assert http_rule["ports"] == [{"port": "http", "protocol": "TCP"}]
+    assert http_rule["from"][0]["namespaceSelector"]["matchLabels"] == {
+        "kubernetes.io/metadata.name": "monitoring"
+    }
+    (policy,) = by_kind(
+        render({"networkPolicy": {"enabled": True, "httpFrom": []}}), "NetworkPolicy"
+    )
+    assert "from" not in policy["spec"]["ingress"][1]  # an empty list admits everyone
 
 
 def test_prometheus_rule_carries_the_repository_rules_and_promtool_accepts_them(
