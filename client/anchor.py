@@ -128,8 +128,10 @@ class Anchor:
         with highest_precision():
             self.a = low_magnitude_threshold(self.W0, alpha, spec, numel=self.numel)
             A = W0_local.detach().to(self.dtype).float()
-            self._principal_mask(A)
-            self.V0 = self._weight_basis(A)
+            gram = self._gram(A) if min(self.shape) <= EXACT_LIMIT else None
+            self._principal_mask(A, gram)
+            self.V0 = self._weight_basis(A, gram)
+            del gram
             _, G, C = power_step(A, self.V0, spec)
             theta, _ = rayleigh_ritz(G, C)
             self.exact = min(self.shape) <= rank + oversample
@@ -167,14 +169,22 @@ class Anchor:
 
     # -- attach-time computations ---------------------------------------------------------
 
-    def _principal_mask(self, A: torch.Tensor) -> None:
+    def _principal_mask(self, A: torch.Tensor, gram: tuple | None) -> None:
         """b and the packed M_princ from [W0]_R = L·Rtᵀ (local block), computed chunk-wise."""
-        L, Rt, dtype = self._truncation_factors(A)
-        step = chunk_rows(Rt.shape[0])
+        if self.mask_rank >= min(self.shape):  # [W0]_R = W0 exactly (ties kept as ties)
+            step, dtype = chunk_rows(A.shape[1]), A.dtype
 
-        def chunks() -> Iterator[torch.Tensor]:
-            for r0 in range(0, L.shape[0], step):
-                yield L[r0 : r0 + step] @ Rt.T
+            def chunks() -> Iterator[torch.Tensor]:
+                for r0 in range(0, A.shape[0], step):
+                    yield A[r0 : r0 + step]
+
+        else:
+            L, Rt, dtype = self._truncation_factors(A, gram)
+            step = chunk_rows(Rt.shape[0])
+
+            def chunks() -> Iterator[torch.Tensor]:
+                for r0 in range(0, L.shape[0], step):
+                    yield L[r0 : r0 + step] @ Rt.T
 
         k = mask_count(self.alpha, self.numel)
         self.b = kth_largest_abs(chunks, k, self.numel, self.spec, dtype=dtype)
@@ -182,37 +192,47 @@ class Anchor:
         mask = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
         self.principal_packed = mask.to(self.W0.device)
 
+    def _gram(self, A: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The exact route (min(m, n) ≤ EXACT_LIMIT): the float64 Gram matrix of the smaller side
+        through `power_step` with V = I, and its eigendecomposition, descending.
+
+        n ≤ m: G = WᵀW (n×n), P = W (local rows). n > m: through the transposed layout,
+        G = WWᵀ (m×m), P = (W[:, local cols])ᵀ. Returns (transposed, P, λ, E)."""
+        m, n = self.shape
+        transposed = n > m
+        side = m if transposed else n
+        A64 = A.double().T if transposed else A.double()
+        spec = self.spec if self.spec is None or not transposed else self.spec.transposed()
+        eye = torch.eye(side, dtype=torch.float64, device=A.device)
+        P, G, _ = power_step(A64, eye, spec)
+        lam, E = torch.linalg.eigh((G + G.T) / 2)
+        return transposed, P, lam.flip(0), E.flip(1)
+
     def _truncation_factors(
-        self, A: torch.Tensor
+        self, A: torch.Tensor, gram: tuple | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
-        """(L, Rt, dtype) with [W0]_R (local block) = L·Rtᵀ; float64 on the exact path."""
+        """(L, Rt, dtype) with [W0]_R (local block) = L·Rtᵀ; float64 on the exact route."""
         m, n = self.shape
         R = min(self.mask_rank, m, n)
         spec = self.spec
-        if min(m, n) <= EXACT_LIMIT:
-            A64 = A.double()
-            if n <= m:  # Gram WᵀW (n×n): P = W (local rows), V_R its top eigenvectors
-                P, G, _ = power_step(A64, torch.eye(n, dtype=torch.float64, device=A.device), spec)
-                V_R = torch.linalg.eigh((G + G.T) / 2)[1].flip(1)[:, :R]
-                cols = slice(None) if spec is None else spec.cols
-                return P @ V_R, V_R[cols], torch.float64
-            # Gram WWᵀ (m×m) through the transposed layout: P = (W[:, local cols])ᵀ
-            spec_t = None if spec is None else spec.transposed()
-            P, G, _ = power_step(A64.T, torch.eye(m, dtype=torch.float64, device=A.device), spec_t)
-            U_R = torch.linalg.eigh((G + G.T) / 2)[1].flip(1)[:, :R]
-            rows = slice(None) if spec is None else spec.rows
-            return U_R[rows], P @ U_R, torch.float64
+        rows = slice(None) if spec is None else spec.rows
+        cols = slice(None) if spec is None else spec.cols
+        if gram is not None:
+            transposed, P, _, E = gram
+            E_R = E[:, :R]
+            if transposed:  # [W0]_R = U_R U_Rᵀ W0, (U_Rᵀ W0)[:, cols]ᵀ = P U_R
+                return E_R[rows], P @ E_R, torch.float64
+            return P @ E_R, E_R[cols], torch.float64  # [W0]_R = W0 V_R V_Rᵀ
         seed = stable_seed(self.seed, self.name + "#mask")
         _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec)
         theta, Z = rayleigh_ritz(G, C)
         V_R = ritz_vectors(G, Z, R).float()
-        cols = slice(None) if spec is None else spec.cols
         L = A @ V_R[cols]
         if spec is not None:
             all_reduce_sum(L, spec.col_group)
         return L, V_R[cols], torch.float32
 
-    def _weight_basis(self, A: torch.Tensor) -> torch.Tensor:
+    def _weight_basis(self, A: torch.Tensor, gram: tuple | None) -> torch.Tensor:
         """W0's top-(k+p) right singular basis (n, r) for the W_t tracker (float32, device); on the
         exact path (min(m, n) ≤ r) the tracker's fixed basis."""
         m, n = self.shape
@@ -222,16 +242,13 @@ class Anchor:
             return torch.eye(n, r, device=A.device)
         if m <= r:  # exact path: one power step from any full-rank V spans R^m
             return gaussian_basis(n, r, stable_seed(self.seed, self.name), A.device)
-        if min(m, n) <= EXACT_LIMIT:
-            A64 = A.double()
-            if n <= m:
-                _, G, _ = power_step(A64, torch.eye(n, dtype=torch.float64, device=A.device), spec)
-                return torch.linalg.eigh((G + G.T) / 2)[1].flip(1)[:, :r].float()
-            spec_t = None if spec is None else spec.transposed()
-            P, G, _ = power_step(A64.T, torch.eye(m, dtype=torch.float64, device=A.device), spec_t)
-            lam, U = torch.linalg.eigh((G + G.T) / 2)
-            lam, U = lam.flip(0)[:r], U.flip(1)[:, :r]
-            V_local = (P @ U) / torch.sqrt(lam.clamp_min(torch.finfo(torch.float64).tiny))
+        if gram is not None:
+            transposed, P, lam, E = gram
+            if not transposed:
+                return E[:, :r].float()
+            # right vectors v_i = W0ᵀ u_i / σ_i; the local columns are rows of P U
+            scale = torch.sqrt(lam[:r].clamp_min(torch.finfo(torch.float64).tiny))
+            V_local = (P @ E[:, :r]) / scale
             V = V_local if spec is None else gather_cols(V_local, spec)
             return orth(V).float()
         seed = stable_seed(self.seed, self.name + "#weight")

@@ -28,7 +28,10 @@ def view_of(W: torch.Tensor, view: str) -> torch.Tensor:
 
 
 def truncation(W: torch.Tensor, rank: int) -> torch.Tensor:
-    """[W]_R = U_R Σ_R V_Rᵀ, the rank-R SVD reconstruction (float64)."""
+    """[W]_R = U_R Σ_R V_Rᵀ, the rank-R SVD reconstruction (float64); W itself when
+    R ≥ min(m, n)."""
+    if rank >= min(W.shape):
+        return W.double()
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False)
     R = min(rank, S.numel())
     return (U[:, :R] * S[:R]) @ Vh[:R]
