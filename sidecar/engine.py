@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from .errors import ValidationError, invalid, precondition
+from .geometry import MatrixGeometry
 from .keys import MATRIX_KEYS
 from .store import CheckCounts, StateUpdate, Store
 
@@ -119,7 +120,8 @@ class _Matrix:
     entry: ManifestEntry
     geometry: Any  # MatrixGeometry
     last_step: int | None = None
-    persisted: dict[str, torch.Tensor] = field(default_factory=dict)
+    persisted: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors as last written
+    archived: set[int] = field(default_factory=set)  # steps of the archived V_K snapshots
 
 
 @dataclass
@@ -185,13 +187,15 @@ def aggregate_rows(rows: Iterable[MatrixRow]) -> dict[str, Any]:
     return {k: out[k] for k in AGGREGATE_KEYS}
 
 
-def _new_geometry(entry: ManifestEntry, rank: int, tolerance: float | None, config: Mapping) -> Any:
-    from .geometry import MatrixGeometry
+def run_rank(config: Mapping[str, Any], default: int) -> int:
+    """K of a run: the client's `rank` from its hello config, else the engine's default."""
+    k = config.get("rank", default)
+    return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else default
 
-    kwargs: dict[str, Any] = {"rank": rank}
-    if tolerance is not None:
-        kwargs["tolerance"] = tolerance
-    return MatrixGeometry(tuple(entry.shape), **kwargs)
+
+# State tensors named archive.<step>: every log-spaced V_K snapshot ever taken (O(log T) per
+# matrix), kept so a resume can give the lock state back the snapshots before its resume step.
+ARCHIVE = "archive."
 
 
 class Engine:
@@ -249,12 +253,9 @@ class Engine:
             states = self.store.load_states(name)
             latest = self.store.latest(name)
             for matrix, entry in manifest.items():
-                geometry = _new_geometry(entry, self.rank, self.tolerance, run.config)
-                mat = _Matrix(entry, geometry)
+                mat = _Matrix(entry, self._geometry(entry, run.config))
                 if matrix in states:
-                    _, last_step, meta, tensors = states[matrix]
-                    geometry.load_state({k: v.to(self.device) for k, v in tensors.items()}, meta)
-                    mat.persisted = dict(tensors)
+                    self._adopt_state(mat, states[matrix][2], states[matrix][3])
                 if matrix in latest:
                     mat.last_step = latest[matrix].step
                 run.matrices[matrix] = mat
@@ -308,6 +309,12 @@ class Engine:
                         f"{old.incarnation} has already said hello; a restarted trainer uses a "
                         "newer incarnation"
                     )
+                k_old, k_new = run_rank(old.config, self.rank), run_rank(config, self.rank)
+                if k_old != k_new:
+                    raise precondition(
+                        f"run {run}: hello.config.rank is {k_new}, but the run was started with "
+                        f"rank {k_old}; K must stay the same within a run (use a new run name)"
+                    )
                 for e in entries:
                     known = old.manifest.get(e.matrix)
                     if known is not None and tuple(known.shape) != tuple(e.shape):
@@ -331,9 +338,7 @@ class Engine:
                     r.matrices[e.matrix].entry = e
                 else:
                     r.manifest[e.matrix] = e
-                    r.matrices[e.matrix] = _Matrix(
-                        e, _new_geometry(e, self.rank, self.tolerance, r.config)
-                    )
+                    r.matrices[e.matrix] = _Matrix(e, self._geometry(e, r.config))
             if newer and resume_step is not None and not created:
                 self._rewind(r, resume_step)
             with self._view:
@@ -348,12 +353,69 @@ class Engine:
                 },
             )
 
+    def _geometry(self, entry: ManifestEntry, config: Mapping[str, Any]) -> MatrixGeometry:
+        alpha = config.get("alpha", 0.5)
+        return MatrixGeometry(
+            tuple(entry.shape),
+            rank=run_rank(config, self.rank),
+            alpha=float(alpha) if isinstance(alpha, (int, float)) else 0.5,
+            tolerance=self.tolerance,
+            device=self.device,
+        )
+
+    def _adopt_state(self, mat: _Matrix, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
+        """Load a matrix's geometry from its stored state (archived snapshots set aside)."""
+        live = {k: v for k, v in tensors.items() if not k.startswith(ARCHIVE)}
+        mat.geometry = MatrixGeometry.from_state(live, meta, self.device)
+        mat.persisted = dict(tensors)
+        mat.archived = {int(k[len(ARCHIVE) :]) for k in tensors if k.startswith(ARCHIVE)}
+
+    def _state_update(
+        self, mat: _Matrix, drop_from: int | None = None
+    ) -> tuple[StateUpdate, dict[str, torch.Tensor]]:
+        """The geometry state to write (the JSON half; only tensors that changed; newly taken
+        V_K snapshots archived as archive.<step>, kept until a rewind to a step at or before them
+        (`drop_from`)) and the full tensor set once written."""
+        tensors, meta = mat.geometry.state()
+        tensors = dict(tensors)
+        for _, step, V in mat.geometry.lock.snapshots:
+            if step not in mat.archived:
+                tensors[f"{ARCHIVE}{step}"] = V.detach().to("cpu")
+        for name, t in mat.persisted.items():
+            if not name.startswith(ARCHIVE) or name in tensors:
+                continue
+            if drop_from is None or int(name[len(ARCHIVE) :]) < drop_from:
+                tensors[name] = t
+        changed = {k: t for k, t in tensors.items() if not _same(mat.persisted.get(k), t)}
+        removed = tuple(k for k in mat.persisted if k not in tensors)
+        return StateUpdate(meta, changed, removed), tensors
+
+    def _persisted(self, mat: _Matrix, tensors: dict[str, torch.Tensor]) -> None:
+        mat.persisted = tensors
+        mat.archived = {int(k[len(ARCHIVE) :]) for k in tensors if k.startswith(ARCHIVE)}
+
+    def _persist_state(self, run: str, mat: _Matrix, incarnation: int) -> None:
+        update, tensors = self._state_update(mat)
+        self.store.save_state(run, mat.entry.matrix, incarnation, mat.last_step, update)
+        self._persisted(mat, tensors)
+
+    def _reload_matrix(self, run: str, mat: _Matrix) -> None:
+        """After a failed commit: the geometry back to what the store holds."""
+        r = self._runs[run]
+        mat.geometry = self._geometry(mat.entry, r.config)
+        mat.persisted, mat.archived = {}, set()
+        saved = self.store.load_states(run).get(mat.entry.matrix)
+        if saved is not None:
+            self._adopt_state(mat, saved[2], saved[3])
+
     def _rewind(self, r: _Run, resume_step: int) -> None:
-        """Make the run's state what it was before `resume_step` (history is hidden by the store's
-        visibility rule; lock references and geometry snapshots at or after it are dropped)."""
+        """Make the run's state what it was before `resume_step`: the store hides the older
+        incarnations' history from it on and drops later lock references; each matrix's lock
+        state gets back its check count and the archived V_K snapshots taken before it, so the
+        horizon of the resumed checks is the one an uninterrupted run would have had."""
         self.store.rewind(r.name, resume_step)
         latest = self.store.latest(r.name)
-        history = None
+        history: dict[str, list] | None = None
         for name, mat in r.matrices.items():
             if mat.last_step is None or mat.last_step < resume_step:
                 continue
@@ -361,46 +423,16 @@ class Engine:
                 history = {}
                 for h in self.store.history(r.name):
                     history.setdefault(h.matrix, []).append(h)
-            visible = history.get(name, [])
-            update = mat.geometry.rewind(resume_step, [(h.step, h.keys) for h in visible])
+            archive = {
+                int(k[len(ARCHIVE) :]): t for k, t in mat.persisted.items() if k.startswith(ARCHIVE)
+            }
+            rewind_geometry(mat.geometry, resume_step, history.get(name, []), archive)
             mat.last_step = latest[name].step if name in latest else None
-            self._persist_state(r.name, mat, r.incarnation, mat.last_step)
-            del update
+            update, tensors = self._state_update(mat, drop_from=resume_step)
+            self.store.save_state(r.name, name, r.incarnation, mat.last_step, update)
+            self._persisted(mat, tensors)
         with self._view:
             r.rows = {m: self._row(r, h) for m, h in latest.items() if m in r.manifest}
-
-    def _persist_state(self, run: str, mat: _Matrix, incarnation: int, last_step: int | None):
-        self.store.save_state(run, mat.entry.matrix, incarnation, last_step, self._diff(mat))
-        self._mark_persisted(mat)
-
-    def _diff(self, mat: _Matrix) -> StateUpdate:
-        """The geometry state to write: the JSON half and only the tensors that changed."""
-        tensors, meta = mat.geometry.state()
-        changed = {
-            k: t
-            for k, t in tensors.items()
-            if k not in mat.persisted
-            or mat.persisted[k].shape != t.shape
-            or not torch.equal(mat.persisted[k], t.detach().to("cpu"))
-        }
-        removed = tuple(k for k in mat.persisted if k not in tensors)
-        return StateUpdate(meta, changed, removed)
-
-    def _mark_persisted(self, mat: _Matrix) -> None:
-        tensors, _ = mat.geometry.state()
-        mat.persisted = {k: t.detach().to("cpu").clone() for k, t in tensors.items()}
-
-    def _reload_matrix(self, run: str, mat: _Matrix) -> None:
-        """After a failed commit: the geometry back to what the store holds."""
-        r = self._runs[run]
-        mat.geometry = _new_geometry(mat.entry, self.rank, self.tolerance, r.config)
-        saved = self.store.load_states(run).get(mat.entry.matrix)
-        if saved is not None:
-            _, _, meta, tensors = saved
-            mat.geometry.load_state({k: v.to(self.device) for k, v in tensors.items()}, meta)
-            mat.persisted = dict(tensors)
-        else:
-            mat.persisted = {}
 
     def _matrix_for(
         self, run: str, incarnation: int, matrix: str, what: str
@@ -428,10 +460,9 @@ class Engine:
             r, mat = self._matrix_for(run, incarnation, matrix, "baseline")
             n = mat.entry.shape[1]
             _check_sketch(f"matrix {matrix}: baseline", sketch, n)
-            sketch = _sketch_to(sketch, self.device)
             try:
                 mat.geometry.baseline(sketch)
-                self._persist_state(run, mat, incarnation, mat.last_step)
+                self._persist_state(run, mat, incarnation)
             except ValidationError:
                 self._reload_matrix(run, mat)
                 raise
@@ -457,7 +488,6 @@ class Engine:
                     f"step {mat.last_step}; a trainer restarted from a checkpoint says hello with "
                     "a new incarnation and resume_step"
                 )
-            check = _check_to(check, self.device)
             try:
                 keys = {k: json_value(v) for k, v in mat.geometry.ingest(check).items()}
                 missing = [k for k in MATRIX_KEYS if k not in keys]
@@ -475,6 +505,7 @@ class Engine:
                     lock_step = check.lock_step if check.lock_step is not None else check.step
                     lock_ref = (int(lock_step), check.v_ref)
                 now = time.time()
+                update, tensors = self._state_update(mat)
                 self.store.commit_check(
                     run,
                     check.matrix,
@@ -482,11 +513,11 @@ class Engine:
                     incarnation,
                     keys,
                     counts,
-                    self._diff(mat),
+                    update,
                     lock_ref=lock_ref,
                     now=now,
                 )
-                self._mark_persisted(mat)
+                self._persisted(mat, tensors)
             except Exception as e:
                 self._reload_matrix(run, mat)
                 if isinstance(e, ValueError):
@@ -762,27 +793,48 @@ def _check_report(run: str, e: ManifestEntry, check: Any, rank: int) -> None:
         raise invalid(f"{where}: lock_step {check.lock_step!r}; expected 0..{check.step}")
 
 
-def _sketch_to(sketch: Any, device: torch.device) -> Any:
-    if sketch is None or (sketch.G.device == device and sketch.G.dtype == torch.float32):
-        return sketch
-    import dataclasses
-
-    return dataclasses.replace(
-        sketch,
-        G=sketch.G.to(device=device, dtype=torch.float32),
-        C=sketch.C.to(device=device, dtype=torch.float32),
-    )
+def _same(old: torch.Tensor | None, new: torch.Tensor) -> bool:
+    """Whether a state tensor is unchanged since it was written (same storage, or equal)."""
+    if old is None or old.shape != new.shape or old.dtype != new.dtype:
+        return False
+    if old.device == new.device and old.data_ptr() == new.data_ptr():
+        return True
+    return bool(torch.equal(old, new.detach().to(old.device)))
 
 
-def _check_to(check: Any, device: torch.device) -> Any:
-    import dataclasses
+def rewind_geometry(
+    geometry: MatrixGeometry,
+    resume_step: int,
+    visible: list[Any],
+    archive: Mapping[int, torch.Tensor],
+) -> None:
+    """A matrix's geometry as it was after its last visible check before `resume_step`.
 
-    v_ref = check.v_ref
-    if v_ref is not None:
-        v_ref = v_ref.to(device=device, dtype=torch.float32)
-    return dataclasses.replace(
-        check,
-        update=_sketch_to(check.update, device),
-        weight=_sketch_to(check.weight, device),
-        v_ref=v_ref,
-    )
+    visible: the matrix's visible history (HistoryRow, ascending steps, all before the resume
+    step); archive: step -> V_K of every log-spaced snapshot ever taken. The lock state gets back
+    its check count (= the visible checks), the snapshots taken before the resume step (the next
+    check prunes those that can no longer be its horizon, as an uninterrupted run would have) and
+    the streak recomputed from the stored keys; a lock taken at or after the resume step is
+    undone. W0's baseline is kept (the resumed trainer uses the same anchor)."""
+    lock = geometry.lock
+    rows = [h for h in visible if h.step < resume_step]
+    position = {h.step: i + 1 for i, h in enumerate(rows)}
+    lock.checks = len(rows)
+    lock.snapshots = [
+        (position[step], step, V.to(geometry.device))
+        for step, V in sorted(archive.items())
+        if step < resume_step and step in position
+    ]
+    streak = 0
+    for h in rows:
+        a, e = h.keys.get("horizon_alignment"), h.keys.get("topk_energy_ratio")
+        ok = a is not None and e is not None and a >= lock.threshold and e >= lock.min_energy
+        streak = streak + 1 if ok else 0
+    lock.streak = streak
+    if lock.lock_step is not None and lock.lock_step >= resume_step:
+        lock.lock_step, lock.v_ref = None, None
+    last_lock = rows[-1].keys.get("lock_step") if rows else None
+    if last_lock is None or last_lock >= resume_step:
+        geometry.lock_step, geometry.v_ref = None, None
+    else:
+        geometry.lock_step = int(last_lock)

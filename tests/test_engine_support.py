@@ -1,0 +1,158 @@
+"""Shared pieces of the engine tests (no tests here): a synthetic monitored run whose reports are
+real `MatrixCheck`s from the core's `MatrixTracker`, and a real aiohttp server on a loopback port
+in a background thread.
+
+The synthetic run, per matrix (m×n, float32): W0 = U·diag(σ)·Vᵀ with a pretrained-like decaying
+spectrum σ_i = 10^(−2·i/min(m,n)) · 0.5; OPD-like update W_t = W0 + s·t·A·B / K + ε·√t·N_t with a
+fixed rank-K channel A (m×K), B (K×n) Gaussian, s = 2e-3, ε = 2e-5, N_t a fresh Gaussian per step
+(faint dense noise): the channel dominates, so the update's subspace is stable and locks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass, field
+
+import torch
+from aiohttp import web
+from deltawatch.client.naming import parse_name
+from deltawatch.client.tracker import MatrixCheck, MatrixTracker, Sketch
+from deltawatch.sidecar.engine import ManifestEntry
+
+SHAPES: dict[str, tuple[int, int]] = {
+    "model.layers.0.self_attn.q_proj.weight": (96, 64),
+    "model.layers.0.mlp.down_proj.weight": (64, 128),
+    "model.layers.1.self_attn.k_proj.weight": (24, 64),  # min(m, n) <= r: the exact path
+}
+RANK = 8
+OVERSAMPLE = 8
+
+
+def _gen(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def decaying_weight(m: int, n: int, seed: object) -> torch.Tensor:
+    """W0 = U·diag(σ)·Vᵀ, σ_i = 0.5·10^(−2i/min(m, n)) (float32)."""
+    g = _gen("w0", seed)
+    U, _ = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))
+    V, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    k = min(m, n)
+    sigma = 0.5 * torch.logspace(0, -2, k, dtype=torch.float64)
+    return ((U[:, :k] * sigma) @ V[:, :k].T).float()
+
+
+@dataclass
+class SyntheticRun:
+    """A monitored OPD-like run over SHAPES, checked every step with real trackers."""
+
+    run: str = "toy-opd"
+    shapes: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SHAPES))
+    rank: int = RANK
+    oversample: int = OVERSAMPLE
+    scale: float = 2e-3
+    noise: float = 2e-5
+    lock_at_step: int | None = None
+
+    def __post_init__(self) -> None:
+        self.W0 = {name: decaying_weight(m, n, name) for name, (m, n) in self.shapes.items()}
+        self.channel = {
+            name: (
+                torch.randn(m, self.rank, generator=_gen("A", name)),
+                torch.randn(self.rank, n, generator=_gen("B", name)),
+            )
+            for name, (m, n) in self.shapes.items()
+        }
+        self.trackers = self.new_trackers()
+
+    def new_trackers(self) -> dict[str, MatrixTracker]:
+        return {
+            name: MatrixTracker.attach(
+                name,
+                W0.clone(),
+                rank=self.rank,
+                oversample=self.oversample,
+                lock_at_step=self.lock_at_step,
+            )
+            for name, W0 in self.W0.items()
+        }
+
+    def weight(self, name: str, step: int) -> torch.Tensor:
+        A, B = self.channel[name]
+        m, n = self.shapes[name]
+        N = torch.randn(m, n, generator=_gen("N", name, step))
+        return self.W0[name] + self.scale * step * (A @ B) / self.rank + self.noise * step**0.5 * N
+
+    def checks(self, step: int) -> list[MatrixCheck]:
+        return [tr.check(self.weight(name, step), step) for name, tr in self.trackers.items()]
+
+    def baselines(self) -> dict[str, Sketch]:
+        return {name: tr.baseline() for name, tr in self.trackers.items()}
+
+    def manifest(self) -> list[ManifestEntry]:
+        out = []
+        for name, (m, n) in self.shapes.items():
+            layer, module = parse_name(name)
+            out.append(ManifestEntry(name, (m, n), m * n, "float32", layer, module, "none", 0))
+        return out
+
+    def config(self) -> dict:
+        return {"rank": self.rank, "oversample": self.oversample, "view": "bf16"}
+
+    def start(self, engine, incarnation: int = 1, resume_step: int | None = None):
+        """hello + baselines, as the ingest would call them."""
+        result = engine.hello(self.run, incarnation, resume_step, self.manifest(), self.config())
+        for name, sketch in self.baselines().items():
+            engine.baseline(self.run, incarnation, name, sketch)
+        return result
+
+
+class ServerThread:
+    """A real aiohttp server for an app factory on 127.0.0.1:<ephemeral>, in its own loop/thread."""
+
+    def __init__(self, make_app) -> None:
+        self._make_app = make_app
+        self._ready = threading.Event()
+        self._loop = asyncio.new_event_loop()
+        self.port = 0
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._start())
+        self._ready.set()
+        self._loop.run_forever()
+
+    async def _start(self) -> None:
+        self._runner = web.AppRunner(self._make_app())
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        self.port = self._runner.addresses[0][1]
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        self._ready.wait(30)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(30)
+
+    def get(self, path: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{path}", headers=headers or {})
+        try:
+            with urllib.request.urlopen(req, timeout=30) as resp:
+                return resp.status, dict(resp.headers), resp.read()
+        except urllib.error.HTTPError as e:
+            return e.code, dict(e.headers), e.read()
+
+    def get_json(self, path: str) -> tuple[int, object]:
+        status, _, body = self.get(path)
+        return status, json.loads(body)
