@@ -20,7 +20,8 @@ The server calls five functions, each reading the frozen ServeConfig:
 * ``warn_if_exposed(config)``: logs (and returns) a warning for each listener bound beyond loopback
   without TLS or without a token.
 
-Tokens are compared in constant time (``hmac.compare_digest``).
+Tokens are compared in constant time (``hmac.compare_digest``). The token file is re-read when it
+changes (``TokenFile``): rotating a Kubernetes Secret needs no restart.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import json
 import logging
 import os
 import ssl
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -42,6 +44,7 @@ __all__ = [
     "HEALTH_SERVICE",
     "HTTP_PUBLIC_PATHS",
     "AuthConfig",
+    "TokenFile",
     "BearerTokenInterceptor",
     "bearer_token_middleware",
     "grpc_interceptors",
@@ -78,6 +81,53 @@ def load_token(path: str | os.PathLike[str] | None) -> str | None:
     if path is None or os.fspath(path) == "":
         return None
     return read_token(path)
+
+
+class TokenFile:
+    """The token in ``path``, re-read when the file changes, so a rotated token (a Kubernetes
+    Secret update swaps the file) takes effect without a restart. The file is stat'ed at most
+    every ``recheck_seconds``; an unreadable or empty new version is logged and the previous
+    token stays in effect. Streams already open are not affected by a rotation.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, recheck_seconds: float = 1.0) -> None:
+        self.path = os.fspath(path)
+        self.recheck_seconds = recheck_seconds
+        self._token = read_token(self.path)  # raises ValueError at start-up
+        self._signature = self._stat()
+        self._checked = time.monotonic()
+
+    def _stat(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)  # follows the Secret's symlinks
+        except OSError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def current(self) -> str:
+        """The token in effect now."""
+        now = time.monotonic()
+        if now - self._checked < self.recheck_seconds:
+            return self._token
+        self._checked = now
+        signature = self._stat()
+        if signature is None or signature == self._signature:
+            return self._token
+        try:
+            token = read_token(self.path)
+        except (OSError, ValueError) as exc:
+            self._signature = signature  # warn once per broken version, not on every call
+            log.warning(
+                "token file changed but cannot be used (%s); keeping the previous token", exc
+            )
+            return self._token
+        self._token, self._signature = token, signature
+        log.info("token file %s changed: the new token is in effect", self.path)
+        return self._token
+
+
+def _expected(token: str | TokenFile) -> str:
+    return token if isinstance(token, str) else token.current()
 
 
 def token_matches(expected: str, authorization: str | None) -> bool:
@@ -131,7 +181,9 @@ def _abort_handler(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMeth
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every call outside ``exempt_services``."""
 
-    def __init__(self, token: str, exempt_services: Iterable[str] = (HEALTH_SERVICE,)) -> None:
+    def __init__(
+        self, token: str | TokenFile, exempt_services: Iterable[str] = (HEALTH_SERVICE,)
+    ) -> None:
         self._token = token
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
 
@@ -149,7 +201,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
                 authorization = value if isinstance(value, str) else value.decode("latin-1")
                 break
         handler = await continuation(handler_call_details)
-        if token_matches(self._token, authorization):
+        if token_matches(_expected(self._token), authorization):
             return handler
         if handler is None:  # unknown method: UNIMPLEMENTED reveals nothing worth protecting
             return None
@@ -160,8 +212,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 def grpc_interceptors(config: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors for ``grpc.aio.server(interceptors=...)``: the token check when
     ``config.token_file`` is set, else none."""
-    token = load_token(config.token_file)
-    return [] if token is None else [BearerTokenInterceptor(token)]
+    if not config.token_file:
+        return []
+    return [BearerTokenInterceptor(TokenFile(config.token_file))]
 
 
 def _read_pem(path: str | os.PathLike[str], flag: str) -> bytes:
@@ -199,7 +252,7 @@ def grpc_server_credentials(config: AuthConfig) -> grpc.ServerCredentials | None
 
 
 def bearer_token_middleware(
-    token: str, public_paths: Iterable[str] = HTTP_PUBLIC_PATHS
+    token: str | TokenFile, public_paths: Iterable[str] = HTTP_PUBLIC_PATHS
 ) -> Callable[..., Any]:
     """An aiohttp middleware answering 401 (JSON) unless the request carries the token or its
     path is one of ``public_paths``."""
@@ -210,7 +263,7 @@ def bearer_token_middleware(
         if request.path in public:
             return await handler(request)
         authorization = request.headers.get("Authorization")
-        if token_matches(token, authorization):
+        if token_matches(_expected(token), authorization):
             return await handler(request)
         body = {"error": "unauthenticated", "message": _rejection(authorization)}
         return web.Response(
@@ -226,13 +279,12 @@ def bearer_token_middleware(
 def http_middlewares(config: AuthConfig) -> list[Callable[..., Any]]:
     """Middlewares for ``web.Application(middlewares=...)``: the token check when
     ``config.token_file`` is set (``/metrics`` stays open unless ``metrics_require_token``)."""
-    token = load_token(config.token_file)
-    if token is None:
+    if not config.token_file:
         return []
     public = set(HTTP_PUBLIC_PATHS)
     if not getattr(config, "metrics_require_token", False):
         public.add("/metrics")
-    return [bearer_token_middleware(token, public)]
+    return [bearer_token_middleware(TokenFile(config.token_file), public)]
 
 
 def http_ssl_context(config: AuthConfig) -> ssl.SSLContext | None:

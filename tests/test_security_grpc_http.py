@@ -192,7 +192,7 @@ class Recorder:
         )
 
 
-def _in_thread_server(config: Config):
+def _in_thread_server(config: Config, interceptors: list | None = None):
     """Start a grpc.aio server (auth from ``config``) on its own loop thread; yields
     (target, recorder) and stops it afterwards."""
     import threading
@@ -203,7 +203,10 @@ def _in_thread_server(config: Config):
     box: dict = {}
 
     async def main() -> None:
-        server = grpc.aio.server(interceptors=auth.grpc_interceptors(config))
+        if interceptors is None:
+            server = grpc.aio.server(interceptors=auth.grpc_interceptors(config))
+        else:
+            server = grpc.aio.server(interceptors=interceptors)
         server.add_generic_rpc_handlers((recorder.handler(),))
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
@@ -425,6 +428,43 @@ def test_grpc_mutual_tls_requires_a_client_certificate_from_the_ca(pki: Pki) -> 
             assert _unary(ch)(b"mtls", timeout=10) == b"ack:mtls"
             assert _health(ch) == health_pb2.HealthCheckResponse.SERVING
         assert recorder.received == [b"mtls"]
+    finally:
+        stop()
+
+
+def test_rotated_token_file_takes_effect_without_restart(tmp_path: Path, caplog) -> None:
+    """A Kubernetes Secret update swaps the file behind a symlink: the new token is accepted,
+    the old one refused; an empty new version keeps the previous token."""
+    versions = tmp_path / "v1"
+    versions.mkdir()
+    (versions / "token").write_text("old-token\n")
+    link = tmp_path / "token"
+    link.symlink_to(versions / "token")
+    token = auth.TokenFile(link, recheck_seconds=0.0)
+    target, recorder, stop = _in_thread_server(Config(), [auth.BearerTokenInterceptor(token)])
+    try:
+        with channel(target, token="old-token") as ch:
+            assert _unary(ch)(b"before", timeout=10) == b"ack:before"
+        new = tmp_path / "v2"
+        new.mkdir()
+        (new / "token").write_text("new-token")
+        swap = tmp_path / "token.tmp"
+        swap.symlink_to(new / "token")
+        swap.replace(link)  # atomic, like kubelet's ..data swap
+        with channel(target, token="old-token") as ch:
+            with pytest.raises(grpc.RpcError) as err:
+                _unary(ch)(b"stale", timeout=10)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with channel(target, token="new-token") as ch:
+            assert _unary(ch)(b"after", timeout=10) == b"ack:after"
+        (new / "token").write_text("")  # a broken update: the previous token stays in effect
+        with (
+            caplog.at_level(logging.WARNING, logger="deltawatch.sidecar.auth"),
+            channel(target, token="new-token") as ch,
+        ):
+            assert _unary(ch)(b"kept", timeout=10) == b"ack:kept"
+        assert any("keeping the previous token" in r.getMessage() for r in caplog.records)
+        assert recorder.received == [b"before", b"after", b"kept"]
     finally:
         stop()
 
