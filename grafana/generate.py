@@ -759,6 +759,53 @@ MATRIX_PANELS: tuple[tuple[str, str, str, float | None, float | None, bool], ...
 
 def matrices() -> dict[str, Any]:
     L = Layout()
+    L.row("Selected matrices")
+    L.add(
+        stat(
+            "Matrices selected",
+            "Matrices of the run matching the module and layer filters.",
+            targets((f"count({matrix_metric('step')}{{{SEL}}})", "matrices")),
+            decimals=0,
+            graph=False,
+        ),
+        6,
+        4,
+    )
+    L.add(
+        stat(
+            "Locked",
+            "Share of the selected matrices that are locked.",
+            targets((f"avg({matrix_metric('locked')}{{{SEL}}})", "locked")),
+            unit="percentunit",
+            decimals=0,
+            steps=((None, "orange"), (0.5, "yellow"), (0.9, "green")),
+        ),
+        6,
+        4,
+    )
+    L.add(
+        stat(
+            "Worst subspace alignment",
+            "Lowest Sim_K(t, ref) among the selected matrices (the drift alert fires below 0.7).",
+            targets((f"min({matrix_metric('subspace_alignment')}{{{SEL}}})", "worst")),
+            unit="percentunit",
+            decimals=1,
+            steps=((None, "red"), (0.7, "yellow"), (0.9, "green")),
+        ),
+        6,
+        4,
+    )
+    L.add(
+        stat(
+            "Most bf16-visible",
+            "Highest bf16-visible share among the selected matrices.",
+            targets((f"max({matrix_metric('bf16_visible_ratio')}{{{SEL}}})", "max")),
+            unit="percentunit",
+            decimals=1,
+        ),
+        6,
+        4,
+    )
     L.row("Layer × time")
     for key, title, scheme, reverse in (
         ("subspace_alignment", "Subspace alignment", "RdYlGn", False),
