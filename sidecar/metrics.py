@@ -180,7 +180,9 @@ class EngineCollector(Collector):
                     fam.add_metric([run], v)
             yield fam
         locked = GaugeMetricFamily(
-            LOCKED_RATIO_METRIC, "Share of the run's reported matrices that are locked.", RUN_LABELS
+            LOCKED_RATIO_METRIC,
+            "Share of the run's reported matrices that are locked.",
+            labels=RUN_LABELS,
         )
         matrices = GaugeMetricFamily(
             RUN_MATRICES_METRIC, "Matrices of the run that have reported.", labels=RUN_LABELS

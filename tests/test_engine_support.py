@@ -23,6 +23,8 @@ from aiohttp import web
 from deltawatch.client.naming import parse_name
 from deltawatch.client.tracker import MatrixCheck, MatrixTracker, Sketch
 from deltawatch.sidecar.engine import ManifestEntry
+from deltawatch.sidecar.keys import MATRIX_KEYS
+from deltawatch.sidecar.reference import exact_counts, exact_keys
 
 SHAPES: dict[str, tuple[int, int]] = {
     "model.layers.0.self_attn.q_proj.weight": (96, 64),
@@ -156,3 +158,34 @@ class ServerThread:
     def get_json(self, path: str) -> tuple[int, object]:
         status, _, body = self.get(path)
         return status, json.loads(body)
+
+
+def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: dict, step: int):
+    """The API's matrices at `step` against the exact float64 reference, with the issue-2 bounds
+    for an OPD-like run after >= 3 checks: ‖ΔW‖_F relative 1e-4; visible count and both overlaps
+    exactly the reference's; stable rank 2%; σ1 1%; top-K energy, Sim_K against V_ref and channel
+    energy 0.02; rotation within 10% or 0.05°."""
+    by_name = {m["matrix"]: m for m in matrices}
+    v_refs = {c.matrix: c.v_ref for s in checks for c in checks[s] if c.locked_now}
+    lock_steps = {c.matrix: c.step for s in checks for c in checks[s] if c.locked_now}
+    assert set(v_refs) == set(run.shapes), "every OPD-like matrix locks within the run"
+    for name, (m, n) in run.shapes.items():
+        got = by_name[name]
+        assert got["step"] == step
+        W0, Wt = run.W0[name], run.weight(name, step)
+        ref = exact_keys(W0, Wt, rank=run.rank, k_rotation=run.rank, v_ref=v_refs[name])
+        counts = exact_counts(W0, Wt)
+        assert abs(got["frobenius_norm"] - ref["frobenius_norm"]) <= 1e-4 * ref["frobenius_norm"]
+        assert got["bf16_visible_ratio"] == counts["visible"] / (m * n)
+        assert got["low_magnitude_overlap"] == counts["visible_low"] / counts["visible"]
+        assert got["principal_overlap"] == counts["visible_principal"] / counts["visible"]
+        assert abs(got["stable_rank"] / ref["stable_rank"] - 1) <= 0.02
+        assert abs(got["spectral_norm"] / ref["spectral_norm"] - 1) <= 0.01
+        assert abs(got["topk_energy_ratio"] - ref["topk_energy_ratio"]) <= 0.02
+        assert abs(got["subspace_alignment"] - ref["subspace_alignment"]) <= 0.02
+        assert abs(got["channel_energy_ratio"] - ref["channel_energy_ratio"]) <= 0.02
+        tol = max(0.1 * ref["rotation_mean_degrees"], 0.05)
+        assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol
+        assert got["locked"] is True and got["lock_step"] == lock_steps[name]
+        assert set(got) == {"matrix", "layer", "module", "shape", "step", *MATRIX_KEYS}
+        assert got["shape"] == [m, n]
