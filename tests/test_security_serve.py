@@ -180,7 +180,7 @@ def test_serve_with_token_and_tls(tmp_path: Path, pki: Pki) -> None:
         ]:
             model, mon = monitor(grpc_port, run, tls=tls, **credentials)
             train_one_check(model, mon)
-            assert mon.close(timeout=3) is False
+            assert mon.close(timeout=1) is False
             stats = mon.stats()
             assert stats["acknowledged"] == 0 and stats["errors"].get("unauthenticated", 0) >= 1
         # HTTP: probes and /metrics open, the API closed without the token
@@ -222,7 +222,7 @@ def test_serve_with_mutual_tls(tmp_path: Path, pki: Pki) -> None:
         ]:
             model, mon = monitor(grpc_port, run, tls=tls)
             train_one_check(model, mon)
-            assert mon.close(timeout=3) is False
+            assert mon.close(timeout=1) is False
             assert mon.stats()["acknowledged"] == 0
         status, body = http(http_port, "/api/v1/runs", ca=pki.ca)
         assert status == 200 and json.loads(body)["runs"] == []
