@@ -110,6 +110,22 @@ def test_lint_is_clean(values: dict | None) -> None:
     assert [m for m in report["messages"] if m["severity"] >= 2] == []
 
 
+def test_chart_packages_and_the_archive_renders_the_same(tmp_path: Path) -> None:
+    archive = helm.package(CHART, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged, helm.Chart.load(CHART) as source:
+        names = sorted(f["name"] for f in packaged.files)
+        assert "files/prometheus/deltawatch-rules.yml" in names
+        assert packaged.schema == source.schema
+        kinds = lambda c: sorted(  # noqa: E731
+            (path, [d["kind"] for d in yaml.safe_load_all(text) if d])
+            for path, text in c.render(
+                values={"auth": {"token": {"value": "t"}}}, name="dw"
+            ).items()
+            if not path.endswith("NOTES.txt")
+        )
+        assert kinds(packaged) == kinds(source)
+
+
 def test_values_schema_refuses_bad_values() -> None:
     with helm.Chart.load(CHART) as chart:
         chart.validate_schema(chart.values)
@@ -359,6 +375,38 @@ def test_sidecar_job_example_fits_the_chart() -> None:
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+# --- Pod Security Standards ---------------------------------------------------------------------
+
+
+def assert_restricted(pod: dict) -> None:
+    """The Pod Security Standards' "restricted" profile (the checks that apply to these pods):
+    no host namespaces or hostPath, non-root, no privilege escalation, all capabilities dropped,
+    seccomp RuntimeDefault, plus a read-only root filesystem for deltawatch's own container."""
+    assert not any(pod.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert not any("hostPath" in v for v in pod.get("volumes", []))
+    pod_sc = pod.get("securityContext", {})
+    for c in pod.get("initContainers", []) + pod["containers"]:
+        sc = c.get("securityContext", {})
+        assert sc.get("privileged") is not True, c["name"]
+        assert sc.get("allowPrivilegeEscalation") is False, c["name"]
+        assert "ALL" in sc.get("capabilities", {}).get("drop", []), c["name"]
+        assert set(sc.get("capabilities", {}).get("add", [])) <= {"NET_BIND_SERVICE"}, c["name"]
+        assert sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot")) is True, c["name"]
+        assert sc.get("runAsUser", pod_sc.get("runAsUser", 1)) != 0, c["name"]
+        seccomp = sc.get("seccompProfile", pod_sc.get("seccompProfile", {}))
+        assert seccomp.get("type") in ("RuntimeDefault", "Localhost"), c["name"]
+        if c["name"] == "deltawatch":
+            assert sc.get("readOnlyRootFilesystem") is True
+
+
+def test_pods_meet_the_restricted_pod_security_standard() -> None:
+    for values in (None, MTLS_VALUES, {"persistence": {"enabled": False}}):
+        (deployment,) = by_kind(render(values), "Deployment")
+        assert_restricted(deployment["spec"]["template"]["spec"])
+    job = yaml.safe_load((DEPLOY / "sidecar-job.yaml").read_text())
+    assert_restricted(job["spec"]["template"]["spec"])
+
+
 # --- the image ----------------------------------------------------------------------------------
 
 
@@ -374,8 +422,13 @@ def test_dockerfile_is_non_root_with_index_urls_as_bare_build_args() -> None:
     assert users and users[-1] == "USER 10001:10001"
     assert 'ENTRYPOINT ["deltawatch", "serve"]' in lines
     ignore = (ROOT / ".dockerignore").read_text().split()
-    for needed in ("!client/", "!sidecar/", "!protos/", "!pyproject.toml"):
-        assert needed in ignore
+    # every COPY source from the build context exists and is let through by .dockerignore
+    for line in lines:
+        if line.startswith("COPY ") and "--from=" not in line:
+            for source in line.split()[1:-1]:
+                assert (ROOT / source).exists(), f"Dockerfile copies {source}, which is missing"
+                allowed = f"!{source}/" if (ROOT / source).is_dir() else f"!{source}"
+                assert allowed in ignore, f".dockerignore keeps {source} out of the context"
 
 
 def test_rendered_and_example_flags_are_real_serve_flags() -> None:
