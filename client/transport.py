@@ -36,6 +36,10 @@ CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 0),
+    # gRPC's own reconnect backoff (default up to 120 s) capped, so a sidecar that comes up is
+    # found within a couple of seconds.
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
 ]
 
 
@@ -52,6 +56,12 @@ class _Item:
 def payload_nbytes(*tensors) -> int:
     """A report's budgeted size: its tensors' bytes plus a fixed allowance for the scalars."""
     return 512 + sum(int(t.numel()) * 4 for t in tensors if t is not None)
+
+
+def _describe(item: _Item) -> tuple[str, str, int | None]:
+    if item.kind == "baseline":
+        return ("baseline", item.payload[0], None)
+    return ("report", item.payload.matrix, int(item.payload.step))
 
 
 class ErrorLog:
@@ -104,6 +114,10 @@ class Transport:
         self._dropped_unreported = 0
         self.dropped_total = 0
         self.acked_total = 0
+        # (kind, matrix, step) of the latest acknowledged items, for tests and debugging.
+        self.acked_log: collections.deque[tuple[str, str, int | None]] = collections.deque(
+            maxlen=100_000
+        )
         self.refused_total = 0
         self.connections = 0
         self.lock_references: dict[str, tuple[int, object]] = {}
@@ -292,6 +306,7 @@ class Transport:
                 if item is not None:
                     self._bytes -= item.nbytes
                     self.acked_total += 1
+                    self.acked_log.append(_describe(item))
             self._cv.notify_all()
 
     def _refused(self, err: pb.Error) -> None:

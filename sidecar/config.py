@@ -35,6 +35,7 @@ class ServeConfig:
     ready_file: str | None = None  # receives {"grpc_port", "http_port"} once both listen
     rank: int = 16  # K the geometry uses when a run's hello does not say
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
+    threads: int = 0  # torch compute threads of the engine; 0: torch's default (all cores)
 
     def __post_init__(self) -> None:
         for name in ("grpc_address", "http_address"):
@@ -69,6 +70,8 @@ class ServeConfig:
             )
         if self.rank <= 0:
             raise ValueError(f"--rank must be > 0, got {self.rank}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be >= 0, got {self.grace_seconds}")
 

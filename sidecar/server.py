@@ -63,6 +63,10 @@ class Sidecar:
     def __init__(self, config: ServeConfig):
         self.config = config
         os.makedirs(config.data_dir, exist_ok=True)
+        if config.threads:
+            import torch
+
+            torch.set_num_threads(config.threads)
         self.store = Store(config.data_dir)
         self.engine = Engine(self.store, rank=config.rank, device=config.resolved_device)
         alert_config = load_alert_config(config.alert_config) if config.alert_config else None

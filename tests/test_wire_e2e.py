@@ -1,0 +1,327 @@
+"""The whole path with real parts: Monitor -> gRPC stream -> a real `deltawatch serve` process ->
+SQLite -> HTTP API, on ephemeral loopback ports.
+
+Toy model: two blocks, each with a 96x128 and a 128x96 fp32 matrix (above the exact-path size
+min(m, n) <= r = 32, so the tracker runs), W0 with a decaying spectrum. Trajectories are applied
+to the parameters directly (deterministic): OPD-like W_t = W0 + (t/T)·B·Aᵀ (a fixed rank-16
+channel, entries ~1e-3 per step) + faint dense noise.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+from deltawatch.client import Monitor
+from deltawatch.sidecar.reference import exact_counts, exact_keys
+
+SHAPES = {"q": (96, 128), "o": (128, 96)}
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.q = torch.nn.Linear(128, 96, bias=False)
+        self.o = torch.nn.Linear(96, 128, bias=False)
+
+
+class Toy(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([Block(), Block()])
+
+
+def pretrained_like(m: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """U diag(s) Vᵀ with s_i = 0.5 / sqrt(i + 1): a decaying spectrum."""
+    U = torch.linalg.qr(torch.randn(m, m, generator=g, dtype=torch.float64))[0]
+    V = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))[0]
+    k = min(m, n)
+    s = 0.5 / torch.sqrt(torch.arange(1, k + 1, dtype=torch.float64))
+    return ((U[:, :k] * s) @ V[:, :k].T).float()
+
+
+def make_toy(seed: int = 0) -> tuple[Toy, dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    model = Toy()
+    W0 = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(pretrained_like(*p.shape, g))
+            W0[name] = p.detach().clone()
+    return model, W0
+
+
+def opd_direction(shape, g: torch.Generator) -> torch.Tensor:
+    m, n = shape
+    B = torch.randn(m, 16, generator=g, dtype=torch.float64) * 0.25
+    A = torch.linalg.qr(torch.randn(n, 16, generator=g, dtype=torch.float64))[0]
+    return B @ A.T * 1e-2  # entries ~1e-3: well above bf16's resolution of 0.02-sized weights
+
+
+def set_weights(model: Toy, W0: dict, directions: dict, t: int, g: torch.Generator) -> dict:
+    """W_t = W0 + t·D + faint noise (1% of the step); returns the weights set."""
+    out = {}
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            D = directions[name]
+            noise = torch.randn(D.shape, generator=g, dtype=torch.float64) * 1e-5
+            Wt = (W0[name].double() + t * D + noise).float()
+            p.copy_(Wt)
+            out[name] = Wt.clone()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# A real sidecar process
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class SidecarProcess:
+    """`python -m deltawatch.sidecar.cli serve` on loopback; ports read from the ready file."""
+
+    def __init__(self, data_dir: Path, grpc_port: int = 0, http_port: int = 0):
+        self.data_dir = data_dir
+        self.ready = data_dir / f"ready-{time.monotonic_ns()}.json"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "deltawatch.sidecar.cli", "serve",
+                "--grpc-address", f"127.0.0.1:{grpc_port}",
+                "--http-address", f"127.0.0.1:{http_port}",
+                "--data-dir", str(data_dir), "--device", "cpu",
+                "--ready-file", str(self.ready), "--log-level", "warning",
+            ],
+            # Two cores shared by the trainer and the sidecar: one compute thread for the
+            # sidecar, so OpenMP threads do not spin against the trainer's.
+            env={**os.environ, "OMP_NUM_THREADS": "1", "DELTAWATCH_THREADS": "1"},
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not self.ready.exists():
+            assert self.proc.poll() is None, "the sidecar exited during start-up"
+            assert time.monotonic() < deadline, "the sidecar did not become ready in 60 s"
+            time.sleep(0.05)
+        ports = json.loads(self.ready.read_text())
+        self.grpc_port, self.http_port = ports["grpc_port"], ports["http_port"]
+        self.endpoint = f"127.0.0.1:{self.grpc_port}"
+
+    def get(self, path: str, **query) -> dict:
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return json.loads(r.read())
+
+    def history(self, run: str, matrix: str) -> dict[int, dict]:
+        return {
+            p["step"]: p for p in self.get(f"/api/v1/runs/{run}/history", matrix=matrix)["points"]
+        }
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            return self.proc.wait(30)
+        return self.proc.returncode
+
+
+@pytest.fixture
+def sidecars(tmp_path):
+    started: list[SidecarProcess] = []
+
+    def start(**kwargs) -> SidecarProcess:
+        s = SidecarProcess(tmp_path, **kwargs)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait(10)
+
+
+def rel(a: float, b: float) -> float:
+    return abs(a - b) / abs(b)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_numbers_through_the_real_path_equal_the_exact_reference(sidecars):
+    """Issue-2 bounds for an OPD-like run, read back over HTTP from a real sidecar process."""
+    side = sidecars()
+    model, W0 = make_toy(0)
+    g = torch.Generator().manual_seed(1)
+    directions = {n: opd_direction(p.shape, g) for n, p in model.named_parameters()}
+    mon = Monitor(model, run="toy-opd", endpoint=side.endpoint, every=1)
+    weights = {}
+    for t in range(1, 6):
+        weights[t] = set_weights(model, W0, directions, t, g)
+        mon.step(t)
+    assert mon.close(timeout=60) is True
+    assert mon.stats()["errors"] == {}
+    detail = side.get("/api/v1/runs/toy-opd")
+    assert detail["last_step"] == 5 and len(detail["matrices"]) == 4
+    for row in detail["matrices"]:
+        name = row["matrix"]
+        assert (row["layer"], row["module"]) == (int(name.split(".")[1]), name.split(".")[2])
+        hist = side.history("toy-opd", name)
+        assert sorted(hist) == [1, 2, 3, 4, 5]
+        for t in (3, 5):  # after 3 checks the OPD-like bounds hold
+            got = hist[t]
+            ref = exact_keys(W0[name], weights[t][name], view="bf16", rank=16)
+            counts = exact_counts(W0[name], weights[t][name], view="bf16")
+            numel = math.prod(SHAPES[name.split(".")[2]])
+            assert rel(got["frobenius_norm"], ref["frobenius_norm"]) <= 1e-4
+            assert round(got["bf16_visible_ratio"] * numel) == counts["visible"]
+            assert got["bf16_visible_ratio"] == counts["visible"] / numel
+            assert got["low_magnitude_overlap"] == counts["visible_low"] / counts["visible"]
+            assert got["principal_overlap"] == counts["visible_principal"] / counts["visible"]
+            assert rel(got["stable_rank"], ref["stable_rank"]) <= 0.02
+            assert rel(got["spectral_norm"], ref["spectral_norm"]) <= 0.01
+            assert abs(got["topk_energy_ratio"] - ref["topk_energy_ratio"]) <= 0.02
+            tol = max(0.1 * ref["rotation_mean_degrees"], 0.05)
+            assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol
+    assert side.stop() == 0  # SIGTERM: graceful
+
+
+def test_kill9_and_restart_lose_no_acknowledged_report(sidecars):
+    side = sidecars()
+    model, W0 = make_toy(2)
+    g = torch.Generator().manual_seed(3)
+    directions = {n: opd_direction(p.shape, g) for n, p in model.named_parameters()}
+    mon = Monitor(model, run="toy-kill", endpoint=side.endpoint, every=1, lock_at_step=3)
+    names = [m.name for m in mon.matrices]
+    for t in range(1, 7):
+        set_weights(model, W0, directions, t, g)
+        mon.step(t)
+    deadline = time.monotonic() + 30
+    while len([a for a in mon._transport.acked_log if a[0] == "report"]) < 8:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    side.kill9()
+    acked_before = [a for a in list(mon._transport.acked_log) if a[0] == "report"]
+    for t in range(7, 10):  # the sidecar is down: checks queue up, the trainer does not wait
+        set_weights(model, W0, directions, t, g)
+        mon.step(t)
+    side2 = sidecars(grpc_port=side.grpc_port)  # same data dir, same port
+    for t in range(10, 13):
+        set_weights(model, W0, directions, t, g)
+        mon.step(t)
+    assert mon.close(timeout=60) is True
+    for _, matrix, step in acked_before:
+        assert step in side2.history("toy-kill", matrix), (matrix, step)
+    for name in names:  # and what was not acknowledged was resent
+        assert sorted(side2.history("toy-kill", name)) == list(range(1, 13))
+    detail = side2.get("/api/v1/runs/toy-kill")
+    assert all(r["locked"] and r["lock_step"] == 3 for r in detail["matrices"])
+    assert mon.stats()["connections"] >= 2
+
+
+def test_absent_sidecar_costs_the_trainer_nothing(sidecars):
+    """No sidecar for the first half of a run: no step above 2 s while the connect timeout is
+    20 s, no exception, and the checks arrive once it is up."""
+    port = free_port()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: no OpenMP spinning against the sidecar's thread
+    try:
+        _absent_sidecar_run(sidecars, port)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _absent_sidecar_run(sidecars, port: int) -> None:
+    model, _ = make_toy(4)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    mon = Monitor(model, run="toy-late", endpoint=f"127.0.0.1:{port}", every=2, connect_timeout=20)
+    mon.attach(opt)
+    x = torch.randn(16, 128, generator=torch.Generator().manual_seed(5))
+    durations = []
+    side = None
+    for step in range(1, 21):
+        if step == 11:
+            side = sidecars(grpc_port=port)
+        t0 = time.monotonic()
+        y = x
+        for b in model.layers:
+            y = b.o(torch.tanh(b.q(y)))
+        loss = (y - x).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()  # the hook checks every 2nd step
+        durations.append(time.monotonic() - t0)
+    print("durations", [round(d, 3) for d in durations])
+    assert max(durations) < 2.0, durations
+    assert mon.close(timeout=60) is True
+    assert side is not None
+    for m in mon.matrices:
+        assert sorted(side.history("toy-late", m.name)) == list(range(2, 21, 2))
+    assert mon.stats()["dropped_reports"] == 0
+
+
+def test_resume_with_a_new_incarnation_replaces_reports_from_the_resume_step(sidecars, tmp_path):
+    from safetensors.torch import save_file
+
+    side = sidecars()
+    model, W0 = make_toy(6)
+    save_file({k: v.contiguous() for k, v in W0.items()}, str(tmp_path / "anchor.safetensors"))
+    g = torch.Generator().manual_seed(7)
+    first = {n: opd_direction(p.shape, g) for n, p in model.named_parameters()}
+    second = {n: -2 * d for n, d in first.items()}
+    mon = Monitor(model, run="toy-resume", endpoint=side.endpoint, every=1, incarnation=1)
+    truth = {}
+    for t in range(1, 9):
+        truth[t] = set_weights(model, W0, first, t, g)
+        mon.step(t)
+    assert mon.close(timeout=60) is True
+    state = mon.state_dict()
+    # The trainer "restarts" from its step-4 checkpoint and takes another path from there on.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(truth[4][name])
+    mon2 = Monitor(
+        model, run="toy-resume", endpoint=side.endpoint, every=1, incarnation=2, resume_step=5,
+        anchor_checkpoint=str(tmp_path / "anchor.safetensors"),
+    )  # fmt: skip
+    mon2.load_state_dict(state)
+    for t in range(5, 8):
+        truth[t] = {
+            n: (truth[4][n].double() + (t - 4) * second[n]).float()
+            for n, _ in model.named_parameters()
+        }
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                p.copy_(truth[t][name])
+        mon2.step(t)
+    assert mon2.close(timeout=60) is True
+    for name in W0:
+        hist = side.history("toy-resume", name)
+        assert sorted(hist) == list(range(1, 8)), "step 8 of incarnation 1 is replaced"
+        for t in range(1, 8):
+            ref = exact_keys(W0[name], truth[t][name], view="bf16", rank=16)["frobenius_norm"]
+            assert rel(hist[t]["frobenius_norm"], ref) <= 1e-4, (name, t)
+
+
+def test_sigterm_flushes_and_exits_cleanly(sidecars):
+    side = sidecars()
+    assert side.get("/healthz") is not None
+    os.kill(side.proc.pid, signal.SIGTERM)
+    assert side.proc.wait(30) == 0
