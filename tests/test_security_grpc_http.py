@@ -313,6 +313,18 @@ def test_split_host_port_and_exposure_warnings(tmp_path: Path, pki: Pki, caplog)
     assert auth.warn_if_exposed(both) == []
 
 
+def test_client_warns_before_sending_a_token_in_clear_text(caplog, pki: Pki) -> None:
+    """Channels are lazy: nothing is sent here, only the warning is logged."""
+    with caplog.at_level(logging.WARNING, logger="deltawatch.client.credentials"):
+        channel("127.0.0.1:50051", token=TOKEN).close()
+        channel("localhost:50051", token=TOKEN).close()
+        channel("10.0.0.7:50051", tls={"ca": pki.ca}, token=TOKEN).close()
+        assert caplog.records == []
+        channel("10.0.0.7:50051", token=TOKEN).close()
+    (record,) = caplog.records
+    assert "WITHOUT TLS" in record.getMessage() and TOKEN not in record.getMessage()
+
+
 def test_incomplete_tls_flags_are_refused_with_the_fix(pki: Pki) -> None:
     with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
         auth.grpc_server_credentials(Config(tls_cert=pki.server_cert))
