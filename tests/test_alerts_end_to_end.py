@@ -1,0 +1,231 @@
+"""SubspaceDrift on all three paths, end to end: a monitored run (a real Monitor on a torch model)
+whose channel moves after the lock, streaming to a real `deltawatch serve` process; the alert
+arrives in `/api/v1/alerts`, at the `--alert-webhook` receiver (a real aiohttp server on a loopback
+port) and in the trainer's `Monitor(on_alert=...)` callback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from aiohttp import web
+from deltawatch.client import Monitor
+
+M, N = 64, 128
+LAYERS = 2
+LR = 3e-4
+DEADLINE = 60.0  # generous bound on waiting for a delivery; never a timing assertion
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj = torch.nn.Linear(N, M, bias=False)
+
+
+class TinyModel(torch.nn.Module):
+    """model.layers.{i}.mlp.up_proj.weight, [64, 128], with a pretrained-like spectrum."""
+
+    def __init__(self, g: torch.Generator) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(Block() for _ in range(LAYERS))
+        with torch.no_grad():
+            for block in self.model.layers:
+                U, _ = torch.linalg.qr(torch.randn(M, M, generator=g))
+                V, _ = torch.linalg.qr(torch.randn(N, N, generator=g))
+                s = torch.arange(1, M + 1, dtype=torch.float32) ** -0.7
+                block.mlp.up_proj.weight.copy_((U * s) @ V[:, :M].T)
+
+
+def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(M, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(N, k, generator=g))
+    return U @ torch.diag(torch.linspace(1.0, 0.5, k)) @ V.T
+
+
+class WebhookReceiver:
+    """A real aiohttp server on its own thread and loop, recording POSTed JSON bodies."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def handle(request: web.Request) -> web.Response:
+            self.bodies.append(await request.json())
+            return web.Response(text="ok")
+
+        async def start() -> None:
+            app = web.Application()
+            app.router.add_post("/alertmanager", handle)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+            self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/alertmanager"
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
+def start_sidecar(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict[str, int]]:
+    ready = data_dir / "ready.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deltawatch.sidecar.cli",
+            "serve",
+            "--grpc-address",
+            "127.0.0.1:0",
+            "--http-address",
+            "127.0.0.1:0",
+            "--data-dir",
+            str(data_dir),
+            "--device",
+            "cpu",
+            "--ready-file",
+            str(ready),
+            *extra,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.monotonic() + DEADLINE
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"sidecar did not start:\n{proc.stdout.read()}")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
+
+
+def wait_for(predicate, what: str) -> None:
+    deadline = time.monotonic() + DEADLINE
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"gave up waiting for {what}")
+        time.sleep(0.05)
+
+
+def get_json(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, one_thread):
+    receiver = WebhookReceiver()
+    proc, ports = start_sidecar(tmp_path, "--alert-webhook", receiver.url)
+    api = f"http://127.0.0.1:{ports['http_port']}"
+    received: list[dict[str, Any]] = []
+    try:
+        g = torch.Generator().manual_seed(0)
+        model = TinyModel(g)
+        params = [b.mlp.up_proj.weight for b in model.model.layers]
+        first = [channel(g) for _ in params]
+        second = [channel(g) for _ in params]
+        mon = Monitor(
+            model,
+            run="e2e-drift",
+            endpoint=f"127.0.0.1:{ports['grpc_port']}",
+            every=1,
+            on_alert=received.append,
+        )
+        with torch.no_grad():
+            for step in range(1, 31):
+                for p, a, b in zip(params, first, second, strict=True):
+                    direction = a if step <= 16 else 3.0 * b  # the channel moves at step 17
+                    p.add_(LR * direction + 3e-6 * torch.randn(M, N, generator=g))
+                mon.step(step)
+        wait_for(
+            lambda: any(a["rule"] == "SubspaceDrift" for a in received), "SubspaceDrift in on_alert"
+        )
+        assert mon.close(timeout=DEADLINE)
+        wait_for(
+            lambda: any(b["groupLabels"]["alertname"] == "SubspaceDrift" for b in receiver.bodies),
+            "SubspaceDrift at the webhook",
+        )
+
+        # 1. the HTTP API: the run-level roll-up and one alert per matrix, all firing
+        alerts = get_json(f"{api}/api/v1/alerts")["alerts"]
+        drift = {a["matrix"]: a for a in alerts if a["rule"] == "SubspaceDrift"}
+        names = {f"model.layers.{i}.mlp.up_proj.weight" for i in range(LAYERS)}
+        assert set(drift) == {None, *names}
+        assert {a["state"] for a in drift.values()} == {"firing"}
+        for name in names:  # the value is the matrix's latest subspace_alignment, below 0.7
+            points = get_json(f"{api}/api/v1/runs/e2e-drift/history?matrix={name}")["points"]
+            assert drift[name]["value"] == points[-1]["subspace_alignment"] < 0.7
+            assert points[-1]["locked"] is True and points[-1]["lock_step"] <= 16
+        rollup = drift[None]
+        assert set(rollup) == {
+            "id",
+            "rule",
+            "run",
+            "matrix",
+            "state",
+            "severity",
+            "started_at",
+            "ended_at",
+            "value",
+            "summary",
+        }
+
+        # 2. the trainer's callback got the same roll-up, as a dict of the same shape
+        by_id = {a["id"]: a for a in received if a["rule"] == "SubspaceDrift"}
+        assert rollup["id"] in by_id
+        got = by_id[rollup["id"]]
+        assert {k: got[k] for k in ("rule", "run", "state", "severity", "started_at")} == {
+            k: rollup[k] for k in ("rule", "run", "state", "severity", "started_at")
+        }
+        assert got["matrix"] is None
+
+        # 3. the webhook: Alertmanager v4, one group for (run, rule), matrices in an annotation
+        body = [b for b in receiver.bodies if b["groupLabels"]["alertname"] == "SubspaceDrift"][-1]
+        assert body["version"] == "4" and body["status"] == "firing"
+        assert body["groupLabels"] == {"alertname": "SubspaceDrift", "run": "e2e-drift"}
+        (alert,) = body["alerts"]
+        assert alert["startsAt"] == rollup["started_at"]
+        assert set(alert["annotations"]["matrices"].split(", ")) == names
+        metrics = urllib.request.urlopen(f"{api}/metrics", timeout=30).read().decode()
+        assert 'deltawatch_alerts_firing{rule="SubspaceDrift",run="e2e-drift"} 2.0' in metrics
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        receiver.close()
