@@ -163,6 +163,7 @@ class AlertConfig:
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     rollup_min_matrices: int = 1
     resolved_retention_seconds: float = 3600.0
+    persist_every_seconds: float = 1.0
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -227,11 +228,10 @@ def _validate(config: AlertConfig) -> None:
             f"alert config: rollup_min_matrices must be an integer >= 1, "
             f"got {config.rollup_min_matrices!r}"
         )
-    if not _is_number(config.resolved_retention_seconds) or config.resolved_retention_seconds < 0:
-        raise ValueError(
-            "alert config: resolved_retention_seconds must be a number >= 0, "
-            f"got {config.resolved_retention_seconds!r}"
-        )
+    for name in ("resolved_retention_seconds", "persist_every_seconds"):
+        v = getattr(config, name)
+        if not _is_number(v) or v < 0:
+            raise ValueError(f"alert config: {name} must be a number >= 0, got {v!r}")
 
 
 def _is_number(v: Any) -> bool:
@@ -531,7 +531,10 @@ class AlertEngine:
         self._memory: dict[tuple[str, str], dict[str, Any]] = {}  # (run, matrix) -> rule windows
         self._matrices: dict[str, set[str]] = {}  # run -> matrices seen
         self._activity: dict[str, RunActivity] = {}
+        self._dirty: tuple[set, set, set] = (set(), set(), set())  # states, memories, runs
         self._load()
+        # A sidecar that was down is not a stalled run: silence counts from this start at most.
+        self._started_at = self._clock()
 
     # -- persistence ------------------------------------------------------------------------
 
@@ -550,6 +553,20 @@ class AlertEngine:
                 self._activity[data["run"]] = RunActivity(**data["activity"])
             else:
                 log.warning("alert state %s: unknown kind %r, ignored", key, kind)
+
+    def flush(self) -> None:
+        """Write every changed item to the state store. Transitions are written at once; the
+        counters and windows of checks without one are written here, which the AlertService calls
+        every ``persist_every_seconds`` and at shutdown (so a kill -9 loses at most that much of
+        the streaks, never an open alert)."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        states, memories, runs = self._dirty
+        self._save([self._states[k] for k in states], list(memories), list(runs))
+        for dirty in self._dirty:
+            dirty.clear()
 
     def _save(
         self,
@@ -641,11 +658,13 @@ class AlertEngine:
             rollups = [self._rollup(run, r, now) for r in rules_touched]
             rollups += self._clear_stall(run, now)
             rollups = [r for r in rollups if r is not None]
-            self._save(
-                changed + [r[0] for r in rollups],
-                [(run, matrix)],
-                [run] if activity_changed else [],
-            )
+            states, memories, runs = self._dirty
+            states.update((s.run, s.rule, s.matrix) for s in changed + [r[0] for r in rollups])
+            memories.add((run, matrix))
+            if activity_changed:
+                runs.add(run)
+            if rollups or rules_touched or self.config.persist_every_seconds == 0:
+                self._flush_locked()
             emitted = [(r[1], self.firing_matrices(run, r[1]["rule"])) for r in rollups]
         self._emit(emitted)
         return [item for item, _ in emitted]
@@ -717,7 +736,7 @@ class AlertEngine:
                 for run, a in self._activity.items():
                     if a.last_report_at is None:
                         continue
-                    silent = now - a.last_report_at
+                    silent = now - max(a.last_report_at, self._started_at)
                     limit = stall_threshold_seconds(a.intervals(), rule)
                     s = self._states.get((run, "RunStalled", None))
                     if silent > limit and silent <= rule.forget_after_seconds:
@@ -739,7 +758,8 @@ class AlertEngine:
                         s.summary = f"run {run}: silent for {silent:.0f} s, considered finished"
                         out.append((s, s.item(rule.severity)))
             self._forget(now)
-            self._save([s for s, _ in out])
+            self._dirty[0].update((s.run, s.rule, s.matrix) for s, _ in out)
+            self._flush_locked()
         self._emit([(i, []) for _, i in out])
         return [i for _, i in out]
 
@@ -1062,6 +1082,7 @@ class AlertService:
         self._publish = publish
         self._loop: asyncio.AbstractEventLoop | None = None
         self._timer: asyncio.Task[None] | None = None
+        self._flusher: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -1069,6 +1090,7 @@ class AlertService:
             await self.webhook.start()
         self.engine.add_sink(self._on_transition)
         self._timer = asyncio.ensure_future(self._tick_forever())
+        self._flusher = asyncio.ensure_future(self._flush_forever())
 
     def _on_transition(self, item: dict[str, Any], matrices: list[str]) -> None:
         # Called on whichever thread evaluated the rule; everything below runs on the loop.
@@ -1096,11 +1118,24 @@ class AlertService:
             except Exception:
                 log.exception("alert timer failed")
 
+    async def _flush_forever(self) -> None:
+        period = self.engine.config.persist_every_seconds
+        if period == 0:
+            return  # every check is written as it is observed
+        while True:
+            await asyncio.sleep(period)
+            try:
+                await asyncio.to_thread(self.engine.flush)
+            except Exception:
+                log.exception("persisting alert state failed")
+
     async def close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._timer
+        for task in (self._timer, self._flusher):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        await asyncio.to_thread(self.engine.flush)
         if self.webhook is not None:
             await self.webhook.close()
 

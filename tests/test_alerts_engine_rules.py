@@ -194,6 +194,7 @@ def test_alert_state_survives_an_engine_restart(tmp_path):
         run.step(step, moved=True)
     before = run.alerts.alerts()
     assert any(a["state"] == "firing" for a in before)
+    run.alerts.flush()  # the AlertService flushes periodically and at shutdown
     run.close()
 
     store = Store(tmp_path, synchronous="NORMAL")  # a new sidecar process on the same data dir

@@ -110,6 +110,7 @@ def test_state_survives_a_restart_through_the_store(tmp_path):
     other = "model.layers.1.mlp.down_proj.weight"
     for step in (1, 2):
         engine.observe(RUN, other, step, keys(0.5), now=T0 + step)
+    engine.flush()  # what the AlertService does every persist_every_seconds and at shutdown
     store.close()
 
     store = Store(tmp_path)  # a new process on the same data dir
@@ -135,7 +136,7 @@ def test_run_stalled_on_the_timer():
     assert stall_threshold_seconds([5.0, 5.0], rule) == 180.0  # the floor
     assert stall_threshold_seconds([30.0], rule) == 180.0  # too few intervals: floor alone
 
-    engine = AlertEngine()
+    engine = AlertEngine(clock=lambda: T0)
     for i in range(5):  # a run checking every 30 s
         engine.observe(RUN, M, 10 * (i + 1), keys(0.9), now=T0 + 30 * i)
     last = T0 + 120
@@ -153,11 +154,41 @@ def test_run_stalled_on_the_timer():
 
 def test_a_run_silent_past_forget_after_resolves():
     config = with_overrides(AlertConfig(), run_stalled={"forget_after_seconds": 1000.0})
-    engine = AlertEngine(config)
+    engine = AlertEngine(config, clock=lambda: T0)
     engine.observe(RUN, M, 10, keys(0.9), now=T0)
     (fired,) = engine.tick(now=T0 + 200)
     (resolved,) = engine.tick(now=T0 + 1001)
     assert (fired["state"], resolved["state"]) == ("firing", "resolved")
+
+
+def test_a_sidecar_restart_is_not_a_stalled_run(tmp_path):
+    """Silence counts from the sidecar's start at most: reports that stopped while the sidecar
+    was down do not fire RunStalled the moment it comes back."""
+    store = Store(tmp_path)
+    engine = AlertEngine(AlertConfig(), StoreAlertState(store), clock=lambda: T0)
+    engine.observe(RUN, M, 10, keys(0.9), now=T0)
+    engine.flush()
+    store.close()
+    store = Store(tmp_path)
+    restarted = T0 + 3600.0  # an hour later
+    engine = AlertEngine(AlertConfig(), StoreAlertState(store), clock=lambda: restarted)
+    assert engine.tick(now=restarted + 1) == []
+    (fired,) = engine.tick(now=restarted + 181)  # the floor (60 s) plus the grace (120 s)
+    assert fired["rule"] == "RunStalled" and fired["value"] == 181.0
+    store.close()
+
+
+def test_checks_without_a_transition_are_written_on_flush_transitions_at_once(tmp_path):
+    store = Store(tmp_path)
+    config = with_overrides(AlertConfig(), subspace_drift={"fire_after": 2})
+    engine = AlertEngine(config, StoreAlertState(store), clock=lambda: T0)
+    engine.observe(RUN, M, 1, keys(0.5), now=T0)  # one breach: counters only
+    assert AlertEngine(config, StoreAlertState(store)).alerts() == []
+    assert store.load_alert_state() == {}
+    engine.observe(RUN, M, 2, keys(0.5), now=T0 + 1)  # fires: written before observe returns
+    reloaded = AlertEngine(config, StoreAlertState(store), clock=lambda: T0)
+    assert reloaded.alerts(now=T0 + 1) == engine.alerts(now=T0 + 1)
+    store.close()
 
 
 def test_resolved_alerts_leave_the_api_after_retention():
