@@ -274,6 +274,15 @@ def test_prometheus_rule_carries_the_repository_rules_and_promtool_accepts_them(
     check = subprocess.run([PROMTOOL, "check", "rules", str(rules_file)], capture_output=True)
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
     assert b"SUCCESS" in check.stdout
+    # the repository's promtool unit tests pass against the rules as the chart renders them
+    # (Helm re-serialises the YAML: multi-line expressions and quoting must survive it)
+    (tmp_path / "deltawatch-rules.yml").write_text(rules_file.read_text())
+    unit_tests = tmp_path / "deltawatch-rules.test.yml"
+    unit_tests.write_bytes((ROOT / "prometheus" / "deltawatch-rules.test.yml").read_bytes())
+    test = subprocess.run(
+        [PROMTOOL, "test", "rules", unit_tests.name], capture_output=True, cwd=tmp_path
+    )
+    assert test.returncode == 0, test.stdout.decode() + test.stderr.decode()
 
 
 def test_dashboard_configmaps_hold_the_repository_json_verbatim() -> None:
