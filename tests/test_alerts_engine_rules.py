@@ -9,6 +9,7 @@ checked against the exact float64 reference (sidecar/reference.py) of the same w
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -170,7 +171,7 @@ def test_a_channel_that_moves_after_lock_raises_subspace_drift(tmp_path):
     run.close()
 
 
-def test_a_dense_kick_raises_visibility_spike(tmp_path):
+def test_a_dense_kick_raises_visibility_spike_and_stable_rank_excursion(tmp_path):
     run = Run("rlvr-kick", tmp_path)
     for step in range(1, 31):  # the visible share rises fast at first (0.12 per check), then slows
         run.step(step)
@@ -183,6 +184,20 @@ def test_a_dense_kick_raises_visibility_spike(tmp_path):
         rise = run.keys[n][31]["bf16_visible_ratio"] - before[n]
         assert spikes[n]["value"] == pytest.approx(rise, rel=1e-12, abs=0)
         assert rise >= AlertConfig().visibility_spike.min_increase
+
+    # the kick stays in the cumulative update: its stable rank leaves the band for good
+    run.step(32)
+    rule = AlertConfig().stable_rank_excursion
+    excursions = {a["matrix"]: a for a in run.alerts.alerts() if a["rule"] == "StableRankExcursion"}
+    assert set(excursions) == {None, *NAMES}
+    for n in NAMES:
+        history = [run.keys[n][s]["stable_rank"] for s in range(1, 31)]
+        lock = run.keys[n][30]["lock_step"]
+        window = [v for s, v in zip(range(1, 31), history, strict=True) if s >= lock]
+        median = statistics.median(window[-rule.window :])
+        assert excursions[n]["value"] == run.keys[n][32]["stable_rank"]
+        # the exact float64 stable rank of the same weights is outside the band too
+        assert run.exact(n)["stable_rank"] > rule.factor * median
     run.close()
 
 
