@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import sqlite3
 import statistics
 
@@ -39,8 +40,12 @@ def _feed(engine, run, baselines, checks, steps, incarnation=1, resume_step=None
             assert engine.ingest(run.run, incarnation, check) is True
 
 
+# The geometry's device: cpu here; DELTAWATCH_TEST_DEVICE=cuda runs the same tests on a GPU.
+DEVICE = os.environ.get("DELTAWATCH_TEST_DEVICE", "cpu")
+
+
 def _engine(path) -> Engine:
-    return Engine(Store(path), rank=8)
+    return Engine(Store(path), rank=8, device=DEVICE)
 
 
 def _table_counts(path) -> dict[str, int]:

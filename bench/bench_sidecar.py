@@ -1,0 +1,252 @@
+"""Sidecar ingest benchmark: a Qwen3-8B-shaped check through `Engine.ingest` (geometry + store).
+
+Qwen3-8B: 36 layers × 7 matrices, hidden 4096, intermediate 12288, [out, in] shapes
+q 4096×4096, k/v 1024×4096, o 4096×4096, gate/up 12288×4096, down 4096×12288; K = 16, p = 16,
+r = 32. A report carries G (n×r) and C (r×r) for the update and for the weight tracker, so a check
+is Σ n·r·4·2 ≈ 340 MB of float32.
+
+The reports are made without forming any m×n matrix: for a synthetic low-rank A = U·diag(s)·Wᵀ
+(rank q = 48, decaying s), G = AᵀA·V = W·diag(s²)·(Wᵀ·V) and C = Vᵀ·G — exactly what a tracker
+would send for that A, at O(n·q·r) cost. The ΔW channel is fixed across checks (OPD-like), so the
+run locks on the 4th check and the later checks carry the channel statistics.
+
+Printed: seconds per check and MB/s for `Engine.ingest` on every matrix of a check (store with
+synchronous=FULL, and NORMAL), the geometry alone (no store), and baselines measured in the same
+process on the same bytes: a plain copy of the report tensors (`clone`), and one SQLite commit
+per matrix with a 1 KB row (the persistence floor). Ratios are against the copy. Resident memory
+(RSS) after start-up, after the checks, and its growth.
+
+    .venv/bin/python bench/bench_sidecar.py               # 36 layers, 6 checks
+    .venv/bin/python bench/bench_sidecar.py --layers 4    # quicker
+    .venv/bin/python bench/bench_sidecar.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sqlite3
+import sys
+import tempfile
+import time
+import zlib
+
+import psutil
+import torch
+from deltawatch.client.tracker import MatrixCheck, Sketch
+from deltawatch.sidecar.engine import Engine, ManifestEntry
+from deltawatch.sidecar.geometry import MatrixGeometry
+from deltawatch.sidecar.store import Store
+
+HIDDEN, INTERMEDIATE, KV = 4096, 12288, 1024
+MODULES = {
+    "self_attn.q_proj": (HIDDEN, HIDDEN),
+    "self_attn.k_proj": (KV, HIDDEN),
+    "self_attn.v_proj": (KV, HIDDEN),
+    "self_attn.o_proj": (HIDDEN, HIDDEN),
+    "mlp.gate_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.up_proj": (INTERMEDIATE, HIDDEN),
+    "mlp.down_proj": (HIDDEN, INTERMEDIATE),
+}
+K, P = 16, 16
+R = K + P
+Q = 48  # rank of the synthetic matrices behind the sketches
+
+
+def _gen(*parts: object) -> torch.Generator:
+    return torch.Generator().manual_seed(zlib.crc32(repr(parts).encode()))
+
+
+def _orth(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    return torch.linalg.qr(torch.randn(n, k, generator=g))[0]
+
+
+class SyntheticMatrix:
+    """A low-rank A = U·diag(s)·Wᵀ standing in for ΔW (fixed channel W) and for W_t."""
+
+    def __init__(self, name: str, shape: tuple[int, int]) -> None:
+        m, n = shape
+        self.name, self.shape = name, shape
+        g = _gen(name)
+        self.W_update = _orth(n, Q, g)  # the update's right singular vectors (fixed channel)
+        self.W_weight = _orth(n, Q, g)
+        self.s = torch.logspace(0, -2, Q)
+        self.V = _orth(n, R, g)  # the tracker's basis
+
+    def sketch(self, W: torch.Tensor, s: torch.Tensor) -> Sketch:
+        """G = AᵀA·V = W·diag(s²)·WᵀV and C = VᵀG, as the tracker sends them."""
+        G = W @ ((s * s)[:, None] * (W.T @ self.V))
+        C = self.V.T @ G
+        return Sketch(G.contiguous(), C.contiguous(), 1e-4, 1, False)
+
+    def check(self, step: int, lock_step: int) -> MatrixCheck:
+        m, n = self.shape
+        scale = 1e-3 * step
+        s_update = self.s * scale
+        frob_sq = float((s_update * s_update).sum())
+        locked_now = step == lock_step
+        locked = step >= lock_step
+        return MatrixCheck(
+            matrix=self.name,
+            step=step,
+            shape=self.shape,
+            numel=m * n,
+            frobenius_sq=frob_sq,
+            visible_count=m * n // 2,
+            visible_low_count=m * n // 4,
+            visible_principal_count=m * n // 5,
+            channel_energy_sq=0.99 * frob_sq if locked else None,
+            update=self.sketch(self.W_update, s_update),
+            weight=self.sketch(self.W_weight, self.s * (1 + 1e-4 * step)),
+            lock_step=lock_step if locked else None,
+            locked_now=locked_now,
+            v_ref=self.W_update[:, :K].contiguous() if locked_now else None,
+        )
+
+
+def manifest(layers: int) -> list[ManifestEntry]:
+    out = []
+    for layer in range(layers):
+        for module, (m, n) in MODULES.items():
+            name = f"model.layers.{layer}.{module}.weight"
+            out.append(ManifestEntry(name, (m, n), m * n, "bfloat16", layer, module, "none", 0))
+    return out
+
+
+def report_bytes(check: MatrixCheck) -> int:
+    t = [check.update.G, check.update.C, check.weight.G, check.weight.C]
+    if check.v_ref is not None:
+        t.append(check.v_ref)
+    return sum(x.numel() * x.element_size() for x in t)
+
+
+def rss_mb() -> float:
+    return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
+def run_engine(entries, mats, checks: int, sync: str, device: str) -> tuple[list[float], int]:
+    """Seconds per check of Engine.ingest over every matrix, and the bytes of one check."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        engine = Engine(Store(d, synchronous=sync), rank=K, device=device)
+        engine.hello("bench", 1, None, entries, {"rank": K, "oversample": P})
+        for mat in mats:
+            engine.baseline("bench", 1, mat.name, mat.sketch(mat.W_weight, mat.s))
+        times, nbytes = [], 0
+        for step in range(1, checks + 1):
+            reports = [mat.check(step, lock_step=4) for mat in mats]
+            nbytes = sum(report_bytes(c) for c in reports)
+            t0 = time.perf_counter()
+            for c in reports:
+                engine.ingest("bench", 1, c)
+            times.append(time.perf_counter() - t0)
+            del reports
+        engine.store.close()
+    return times, nbytes
+
+
+def run_geometry(mats, checks: int, device: str) -> list[float]:
+    geoms = {m.name: MatrixGeometry(m.shape, rank=K, device=device) for m in mats}
+    for m in mats:
+        geoms[m.name].baseline(m.sketch(m.W_weight, m.s))
+    times = []
+    for step in range(1, checks + 1):
+        reports = [m.check(step, lock_step=4) for m in mats]
+        t0 = time.perf_counter()
+        for c in reports:
+            geoms[c.matrix].ingest(c)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_copy(mats, checks: int) -> list[float]:
+    times = []
+    for step in range(1, checks + 1):
+        reports = [m.check(step, lock_step=4) for m in mats]
+        t0 = time.perf_counter()
+        for c in reports:
+            for t in (c.update.G, c.update.C, c.weight.G, c.weight.C):
+                t.clone()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def run_sqlite(n_matrices: int, checks: int, sync: str) -> list[float]:
+    times = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        con = sqlite3.connect(os.path.join(d, "floor.sqlite3"), isolation_level=None)
+        con.execute("PRAGMA journal_mode=WAL")
+        con.execute(f"PRAGMA synchronous={sync}")
+        con.execute("CREATE TABLE t (k TEXT PRIMARY KEY, v TEXT)")
+        row = "x" * 1024
+        for step in range(checks):
+            t0 = time.perf_counter()
+            for i in range(n_matrices):
+                con.execute("BEGIN IMMEDIATE")
+                con.execute("INSERT INTO t VALUES (?, ?)", (f"{step}.{i}", row))
+                con.execute("COMMIT")
+            times.append(time.perf_counter() - t0)
+        con.close()
+    return times
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--checks", type=int, default=6)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    rss0 = rss_mb()
+    entries = manifest(args.layers)
+    mats = [SyntheticMatrix(e.matrix, e.shape) for e in entries]
+    rss_setup = rss_mb()
+    print(
+        f"# {args.layers} layers × {len(MODULES)} matrices = {len(mats)} matrices, K={K}, r={R}, "
+        f"{args.checks} checks, device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    copy = run_copy(mats, args.checks)
+    floor = run_sqlite(len(mats), args.checks, "FULL")
+    geometry = run_geometry(mats, args.checks, args.device)
+    rss_before = rss_mb()
+    full, nbytes = run_engine(entries, mats, args.checks, "FULL", args.device)
+    rss_after = rss_mb()
+    normal, _ = run_engine(entries, mats, args.checks, "NORMAL", args.device)
+    mb = nbytes / 1e6
+    base = median(copy)
+    rows = [
+        ("copy of the report tensors (baseline)", copy),
+        ("SQLite: one 1 KB commit per matrix, FULL", floor),
+        ("geometry only (MatrixGeometry.ingest)", geometry),
+        ("Engine.ingest, store synchronous=FULL", full),
+        ("Engine.ingest, store synchronous=NORMAL", normal),
+    ]
+    print(f"# one check = {mb:.1f} MB of report tensors (G, C of both trackers)")
+    print()
+    print(f"| {'what':<42} | s/check (median) | first check s | MB/s | × copy |")
+    print(f"| {'-' * 42} | ---: | ---: | ---: | ---: |")
+    for name, t in rows:
+        med = median(t)
+        print(
+            f"| {name:<42} | {med:.3f} | {t[0]:.3f} | {mb / med:,.0f} | "
+            f"{med / base if base > 0 else math.nan:,.1f} |"
+        )
+    print()
+    print(
+        f"RSS: {rss0:.0f} MB at start, {rss_setup:.0f} MB with the synthetic matrices, "
+        f"{rss_before:.0f} MB before the engine, {rss_after:.0f} MB after {args.checks} checks "
+        f"(+{rss_after - rss_before:.0f} MB: the engine's per-matrix state and SQLite cache)"
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
