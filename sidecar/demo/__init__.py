@@ -1,0 +1,7 @@
+"""`deltawatch demo`: a tiny Qwen3 post-trained three ways (OPD, SFT, RLVR) from one anchor.
+
+Files: ``task.py`` (the arithmetic task and its character tokenizer), ``model.py`` (the tiny Qwen3,
+its weights), ``losses.py`` (the pure loss and advantage functions), ``regimes.py`` (the training
+loops), ``sidecar_process.py`` (the sidecar subprocess and its HTTP API), ``report.py`` (the table
+and the JSON), ``cli.py`` (``add_arguments`` / ``run``).
+"""
