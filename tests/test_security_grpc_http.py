@@ -55,6 +55,7 @@ def _issue(
     *,
     ca: bool = False,
     server: bool = False,
+    dns_names: tuple[str, ...] = (),
 ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -91,6 +92,7 @@ def _issue(
             x509.SubjectAlternativeName(
                 [
                     x509.DNSName("localhost"),
+                    *(x509.DNSName(name) for name in dns_names),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
                 ]
@@ -112,16 +114,17 @@ class Pki:
     stranger_key: Path
 
 
-def make_pki(directory: Path) -> Pki:
-    """A CA, a server certificate (localhost, 127.0.0.1, ::1), a client certificate signed by the
-    CA and one signed by an unrelated CA, as PEM files in ``directory``."""
+def make_pki(directory: Path, dns_names: tuple[str, ...] = ()) -> Pki:
+    """A CA, a server certificate (localhost, 127.0.0.1, ::1 and ``dns_names``), a client
+    certificate signed by the CA and one signed by an unrelated CA, as PEM files in
+    ``directory``."""
     directory.mkdir(parents=True, exist_ok=True)
     ca_key, ca_cert = _issue("deltawatch test CA", None, None, ca=True)
     stranger_ca_key, stranger_ca = _issue("someone else's CA", None, None, ca=True)
     files = {}
     for stem, (key, cert) in {
         "ca": (ca_key, ca_cert),
-        "server": _issue("localhost", ca_key, ca_cert.subject, server=True),
+        "server": _issue("localhost", ca_key, ca_cert.subject, server=True, dns_names=dns_names),
         "client": _issue("trainer", ca_key, ca_cert.subject),
         "stranger": _issue("intruder", stranger_ca_key, stranger_ca.subject),
     }.items():

@@ -39,6 +39,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @contextmanager
 def serve(tmp_path: Path, *flags: str) -> Iterator[dict]:
     """`deltawatch serve` on ephemeral loopback ports; yields {"grpc_port", "http_port", "log"}."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     ready = tmp_path / "ready.json"
     log_path = tmp_path / "serve.log"
     cmd = [
