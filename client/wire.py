@@ -233,7 +233,8 @@ class Assembled:
 
 
 class Assembler:
-    """Reassembles frames into messages, validating each step.
+    """Reassembles frames into messages, validating each step (finiteness is checked per
+    message, by `check_from` / `sketch_from`, so a NaN refuses one report, not the stream).
 
     Raises `WireError` on malformed chunking (unexpected chunk, wrong index or count, a chunk over
     1 MiB, a declared tensor over `MAX_TENSOR_BYTES`, a new message while one is incomplete).
@@ -278,7 +279,7 @@ class Assembler:
                         "INVALID_ARGUMENT",
                         f"{field}: inline data with chunk_count {t.chunk_count}, expected 1",
                     )
-                msg.tensors[field] = decode_tensor(field, t)
+                msg.tensors[field] = decode_tensor(field, t, check_finite=False)
             else:
                 if t.chunk_count != math.ceil(declared / MAX_CHUNK_BYTES):
                     raise WireError(
@@ -318,7 +319,9 @@ class Assembler:
         self._pending.nbytes += frame.ByteSize()
         if len(self._parts) < t.chunk_count:
             return None
-        self._pending.tensors[field] = decode_tensor(field, t, b"".join(self._parts))
+        self._pending.tensors[field] = decode_tensor(
+            field, t, b"".join(self._parts), check_finite=False
+        )
         self._parts = []
         self._waiting.pop(0)
         if self._waiting:
@@ -350,10 +353,20 @@ def _declared_bytes(field: str, t: pb.Tensor) -> int:
     return n
 
 
+def _finite(field: str, t: torch.Tensor) -> None:
+    if not bool(torch.isfinite(t).all()):
+        bad = int((~torch.isfinite(t)).sum())
+        raise WireError(
+            "INVALID_ARGUMENT", f"{field}: {bad} non-finite values, expected all finite"
+        )
+
+
 def sketch_from(msg: Assembled, prefix: str, body: pb.Sketch):
     """The tracker `Sketch` of a decoded message (prefix "update" or "weight")."""
     from deltawatch.client.tracker import Sketch
 
+    for name in ("G", "C"):
+        _finite(f"{prefix}.{name}", msg.tensors[f"{prefix}.{name}"])
     if not math.isfinite(body.convergence):
         raise WireError(
             "INVALID_ARGUMENT",
@@ -391,6 +404,8 @@ def check_from(msg: Assembled):
             f"report.v_ref: {'present' if r.HasField('v_ref') else 'absent'} with locked_now="
             f"{r.locked_now}, expected v_ref exactly on the check that locked",
         )
+    if "v_ref" in msg.tensors:
+        _finite("v_ref", msg.tensors["v_ref"])
     if r.locked_now and not r.HasField("lock_step"):
         raise WireError("INVALID_ARGUMENT", "report.lock_step: absent with locked_now=true")
     return MatrixCheck(

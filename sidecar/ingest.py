@@ -34,6 +34,7 @@ from deltawatch.client.config import RUN_NAME
 from deltawatch.sidecar.errors import ValidationError
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger("deltawatch.sidecar.ingest")
 
@@ -188,6 +189,14 @@ class IngestService(pb_grpc.IngestServicer):
         except wire.WireError as exc:
             self._count_error("malformed")
             out.put_nowait(StreamAbort(exc.code, exc.message))
+        except DecodeError as exc:
+            self._count_error("malformed")
+            out.put_nowait(
+                StreamAbort(
+                    "INVALID_ARGUMENT",
+                    f"frame: not a deltawatch.v1.ClientMessage ({exc}); expected protobuf frames",
+                )
+            )
         except StreamAbort as exc:
             self._count_error(exc.code.lower())
             out.put_nowait(exc)
