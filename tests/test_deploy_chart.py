@@ -341,6 +341,29 @@ def test_tls_mtls_and_metrics_token_values() -> None:
     assert "WARNING: auth.token.enabled is false" in text
 
 
+def test_alert_config_values_reach_the_alert_engine(tmp_path: Path) -> None:
+    """serve.alertConfig becomes a ConfigMap mounted as --alert-config, and the sidecar's own
+    loader reads it back with the values given."""
+    from deltawatch.sidecar.alerts import load_alert_config
+
+    settings = {"subspace_drift": {"threshold": 0.6}, "rollup_min_matrices": 2}
+    objects = render({"serve": {"alertConfig": settings}})
+    validate_core(objects)
+    (configmap,) = [o for o in by_kind(objects, "ConfigMap") if "alerts.yaml" in o["data"]]
+    main = container(objects)
+    assert "--alert-config=/etc/deltawatch/alerts/alerts.yaml" in main["args"]
+    mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
+    assert mounts["alert-config"] == "/etc/deltawatch/alerts"
+    (deployment,) = by_kind(objects, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["alert-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    path = tmp_path / "alerts.yaml"
+    path.write_text(configmap["data"]["alerts.yaml"])
+    config = load_alert_config(path)
+    assert config.subspace_drift.threshold == 0.6 and config.rollup_min_matrices == 2
+    assert not any(a.startswith("--alert-config") for a in container(render())["args"])
+
+
 # --- sidecar mode -------------------------------------------------------------------------------
 
 
@@ -450,12 +473,14 @@ def test_rendered_and_example_flags_are_real_serve_flags() -> None:
     arg_lists = [
         container(render())["args"],
         container(render(MTLS_VALUES))["args"],
-        container(render({"serve": {"alertWebhook": "http://am:9093/hook"}}))["args"],
+        container(
+            render({"serve": {"alertWebhook": "http://am:9093/hook", "alertConfig": {"a": 1}}})
+        )["args"],
         job["spec"]["template"]["spec"]["initContainers"][0]["args"],
     ]
     for args in arg_lists:
         namespace = parser.parse_args(["serve", *args])
-        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("token_file", "tls_cert", "tls_key", "tls_client_ca", "alert_config"):
             setattr(namespace, name, None)
         config = cli.serve_config(namespace, environ={})
         assert config.data_dir == "/data"
