@@ -224,6 +224,8 @@ class Monitor:
             self.step(self._steps)
 
         self._hooks.append(optimizer.register_step_post_hook(hook))
+        if self._channel is not None:  # project in a step pre-hook: right for DDP and FSDP2 too
+            self._channel.attach(optimizer)
         return self
 
     def step(self, step: int) -> None:
@@ -338,13 +340,11 @@ def _agree_incarnation() -> int:
 
 
 def _install_channel_projection(monitor: Monitor, model: torch.nn.Module):
-    """enforce_channel=True: project gradients onto each locked channel (client/channel.py)."""
-    try:
-        from .channel import ChannelProjection
-    except ImportError as exc:
-        raise ValueError(
-            "enforce_channel=True needs client/channel.py, which this install lacks"
-        ) from exc
+    """enforce_channel=True: project gradients onto each locked channel (client/channel.py): a
+    post-accumulate-grad hook per parameter now, an optimizer step pre-hook once `attach` is
+    called."""
+    from .channel import ChannelProjection
+
     trackers = {m.name: m for m in monitor.matrices if m.tracker is not None}
     projection = ChannelProjection(trackers)
     projection.install(model)

@@ -441,3 +441,29 @@ def test_hostile_messages_get_clear_statuses_and_change_nothing(shared):
     assert "hostile-ok" in runs and "bad run!" not in runs
     assert sorted(shared.history("hostile-ok", name)) == [1, 2]
     channel.close()
+
+
+def test_full_queue_drops_the_oldest_and_reports_the_count(sidecars):
+    """1 MiB of queue, no sidecar, 12 checks of ~160 kB: the oldest reports are dropped and
+    counted; the newest arrive, and the sidecar exports the client's count."""
+    port = free_port()
+    model, W0 = make_toy(8)
+    g = torch.Generator().manual_seed(9)
+    directions = {n: opd_direction(p.shape, g) for n, p in model.named_parameters()}
+    mon = Monitor(model, run="toy-drop", endpoint=f"127.0.0.1:{port}", every=1,
+                  max_queue_bytes=1 << 20)  # fmt: skip
+    for t in range(1, 13):
+        set_weights(model, W0, directions, t, g)
+        mon.step(t)
+    dropped = mon.stats()["dropped_reports"]
+    assert dropped > 0 and mon.stats()["queued_bytes"] <= 1 << 20
+    side = sidecars(grpc_port=port)
+    assert mon.close(timeout=60) is True
+    kept = {m.name: sorted(side.history("toy-drop", m.name)) for m in mon.matrices}
+    assert sum(len(v) for v in kept.values()) == 4 * 12 - dropped
+    for steps in kept.values():  # what is kept is the newest
+        assert steps == list(range(13 - len(steps), 13))
+    with urllib.request.urlopen(f"http://127.0.0.1:{side.http_port}/metrics", timeout=10) as r:
+        metrics = r.read().decode()
+    line = f'deltawatch_client_dropped_reports_total{{run="toy-drop"}} {float(dropped)}'
+    assert line in metrics
