@@ -59,6 +59,7 @@ class MatrixGeometry:
         self.base_V: torch.Tensor | None = None
         self.lock_step: int | None = None
         self.v_ref: torch.Tensor | None = None
+        self.last_horizon_step: int | None = None  # h(t) of the last ingested check
 
     def baseline(self, sketch: Sketch) -> None:
         """W0's sketch from the W_t tracker (once per incarnation)."""
@@ -74,6 +75,7 @@ class MatrixGeometry:
         V_K = None
         converged = False
         energy = None
+        self.last_horizon_step = None
         if check.update is None:
             keys["spectral_norm"] = 0.0
             self.lock.observe(check.step, None, None, False)
@@ -82,6 +84,7 @@ class MatrixGeometry:
             converged = check.update.convergence <= self.tolerance
             energy = float(theta[:K].sum()) / frob_sq if frob_sq > 0 else None
             obs = self.lock.observe(check.step, V_K.float(), energy, converged)
+            self.last_horizon_step = obs.horizon_step
             keys["convergence"] = float(check.update.convergence)
             if converged and sigma.numel() and sigma[0] > 0:
                 s1 = float(sigma[0])

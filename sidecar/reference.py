@@ -67,6 +67,27 @@ def right_vectors(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return S, Vh[:k].T
 
 
+def exact_anchor(
+    W0: torch.Tensor,
+    *,
+    view: str = "bf16",
+    alpha: float = 0.5,
+    mask_rank: int = 64,
+    k_rotation: int = 16,
+) -> dict:
+    """Everything the reference needs from W0 alone (thresholds, masks, σ and V_k of W0), so a
+    trajectory's checks can share it: pass it to `exact_keys(..., anchor=...)`."""
+    W0v = view_of(W0, view)
+    S0, V0 = right_vectors(W0v, k_rotation)
+    return {
+        "W0": W0,
+        "settings": (view, alpha, mask_rank, k_rotation),
+        "masks": exact_thresholds(W0v, alpha, mask_rank),
+        "sigma": S0,
+        "V": V0,
+    }
+
+
 def exact_keys(
     W0: torch.Tensor,
     Wt: torch.Tensor,
@@ -78,8 +99,16 @@ def exact_keys(
     k_rotation: int = 16,
     v_ref: torch.Tensor | None = None,
     horizon_V: torch.Tensor | None = None,
+    anchor: dict | None = None,
 ) -> dict[str, float | bool | int | None]:
-    """Every §2 key in float64 (see the module docstring for the history-dependent ones)."""
+    """Every §2 key in float64 (see the module docstring for the history-dependent ones).
+    `anchor`: the W0 part precomputed by `exact_anchor` with the same settings."""
+    if anchor is None:
+        anchor = exact_anchor(
+            W0, view=view, alpha=alpha, mask_rank=mask_rank, k_rotation=k_rotation
+        )
+    if anchor["W0"] is not W0 or anchor["settings"] != (view, alpha, mask_rank, k_rotation):
+        raise ValueError("exact_keys: the anchor was computed for another W0 or other settings")
     W0v, Wtv = view_of(W0, view), view_of(Wt, view)
     D = Wtv.double() - W0v.double()
     keys: dict[str, float | bool | int | None] = dict.fromkeys(MATRIX_KEYS)
@@ -100,13 +129,13 @@ def exact_keys(
     else:
         keys["spectral_norm"] = 0.0
     vis = visible_mask(W0, Wt)
-    masks = exact_thresholds(W0v, alpha, mask_rank)
+    masks = anchor["masks"]
     n_vis = int(vis.sum())
     keys["bf16_visible_ratio"] = n_vis / vis.numel()
     if n_vis:
         keys["low_magnitude_overlap"] = int((vis & masks["low"]).sum()) / n_vis
         keys["principal_overlap"] = int((vis & masks["principal"]).sum()) / n_vis
-    S0, V0 = right_vectors(W0v, k_rotation)
+    S0, V0 = anchor["sigma"], anchor["V"]
     St, Vt = right_vectors(Wtv, k_rotation)
     angles = principal_angles_degrees(V0, Vt)
     keys["rotation_max_degrees"] = float(angles.max())
