@@ -17,9 +17,11 @@ network I/O happen on the sender thread.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,6 +117,8 @@ class Monitor:
                     m.name, m.tracker.baseline()
                 ))  # fmt: skip
         self._closed = False
+        # Flush at interpreter exit when the trainer forgets close() (a short bounded wait).
+        atexit.register(_close_at_exit, weakref.ref(self))
 
     # -- construction helpers ------------------------------------------------------------------
 
@@ -323,6 +327,12 @@ class Monitor:
             "connections": t.connections,
             "errors": dict(self.errors.counts),
         }
+
+
+def _close_at_exit(ref: weakref.ref) -> None:
+    mon = ref()
+    if mon is not None and not mon._closed:
+        mon.close(timeout=min(2.0, mon.config.close_timeout))
 
 
 def _agree_incarnation() -> int:
