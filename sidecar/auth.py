@@ -20,8 +20,9 @@ The server calls five functions, each reading the frozen ServeConfig:
 * ``warn_if_exposed(config)``: logs (and returns) a warning for each listener bound beyond loopback
   without TLS or without a token.
 
-Tokens are compared in constant time (``hmac.compare_digest``). The token file is re-read when it
-changes (``TokenFile``): rotating a Kubernetes Secret needs no restart.
+Tokens are compared in constant time (``hmac.compare_digest``). The token file and the TLS files
+are re-read when they change (``TokenFile``, ``TlsFiles``): rotating a Kubernetes Secret or
+renewing a certificate needs no restart.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "HEALTH_SERVICE",
     "HTTP_PUBLIC_PATHS",
     "AuthConfig",
+    "TlsFiles",
     "TokenFile",
     "BearerTokenInterceptor",
     "bearer_token_middleware",
@@ -235,16 +237,96 @@ def _check_tls_flags(config: AuthConfig) -> bool:
     return bool(config.tls_cert)
 
 
-def grpc_server_credentials(config: AuthConfig) -> grpc.ServerCredentials | None:
-    """``grpc.ssl_server_credentials`` from ``--tls-cert``/``--tls-key``, requiring client
-    certificates signed by ``--tls-client-ca`` when it is given; None for a plaintext port."""
+class TlsFiles:
+    """The server's PEM files (``--tls-cert``, ``--tls-key``, ``--tls-client-ca``), watched for
+    changes so a renewed certificate (cert-manager rewriting the Secret) is served to new
+    connections without a restart. ``changed()`` stats the files at most every
+    ``recheck_seconds``; ``load()`` reads them and checks that key and certificate belong
+    together (a half-written update is refused, the previous material stays in use).
+    """
+
+    def __init__(self, config: AuthConfig, *, recheck_seconds: float = 1.0) -> None:
+        self.cert = os.fspath(config.tls_cert)
+        self.key = os.fspath(config.tls_key)
+        self.client_ca = os.fspath(config.tls_client_ca) if config.tls_client_ca else None
+        self.recheck_seconds = recheck_seconds
+        self._signature = self._stat()
+        self._checked = time.monotonic()
+
+    def _paths(self) -> list[str]:
+        return [self.cert, self.key] + ([self.client_ca] if self.client_ca else [])
+
+    def _stat(self) -> tuple:
+        signature = []
+        for path in self._paths():
+            try:
+                st = os.stat(path)
+            except OSError:
+                signature.append(None)
+            else:
+                signature.append((st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(signature)
+
+    def changed(self) -> bool:
+        """True (once) when a file changed since the last call that returned True."""
+        now = time.monotonic()
+        if now - self._checked < self.recheck_seconds:
+            return False
+        self._checked = now
+        signature = self._stat()
+        if signature == self._signature:
+            return False
+        self._signature = signature
+        return True
+
+    def load(self) -> tuple[bytes, bytes, bytes | None]:
+        """(key, cert, client CA) as PEM bytes; ValueError/ssl.SSLError when unusable."""
+        key = _read_pem(self.key, "--tls-key")
+        cert = _read_pem(self.cert, "--tls-cert")
+        client_ca = _read_pem(self.client_ca, "--tls-client-ca") if self.client_ca else None
+        self.server_context()  # the key matches the certificate, the files parse
+        return key, cert, client_ca
+
+    def server_context(self) -> ssl.SSLContext:
+        """A server ``ssl.SSLContext`` (TLS 1.2+) with the certificate and key (HTTP)."""
+        for path, flag in ((self.cert, "--tls-cert"), (self.key, "--tls-key")):
+            if not Path(path).is_file():
+                raise ValueError(f"{flag}: file {path!r} does not exist")
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(self.cert, self.key)
+        return context
+
+
+def grpc_server_credentials(
+    config: AuthConfig, *, recheck_seconds: float = 1.0
+) -> grpc.ServerCredentials | None:
+    """Server TLS from ``--tls-cert``/``--tls-key``, requiring client certificates signed by
+    ``--tls-client-ca`` when it is given (mutual TLS); None for a plaintext port.
+
+    Built with ``grpc.dynamic_ssl_server_credentials``: on each new connection gRPC asks for the
+    current material, and changed files (checked at most every ``recheck_seconds``) are loaded,
+    so a renewed certificate needs no restart. Connections already open keep theirs.
+    """
     if not _check_tls_flags(config):
         return None
-    key = _read_pem(config.tls_key, "--tls-key")
-    cert = _read_pem(config.tls_cert, "--tls-cert")
-    client_ca = _read_pem(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
-    return grpc.ssl_server_credentials(
-        [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+    files = TlsFiles(config, recheck_seconds=recheck_seconds)
+    key, cert, client_ca = files.load()
+    initial = grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    def fetch() -> grpc.ServerCertificateConfiguration | None:
+        if not files.changed():
+            return None
+        try:
+            key, cert, client_ca = files.load()
+        except (OSError, ValueError, ssl.SSLError) as exc:
+            log.warning("TLS files changed but cannot be used (%s); keeping the previous ones", exc)
+            return None
+        log.info("TLS files changed: new gRPC connections use the new certificate")
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=client_ca)
+
+    return grpc.dynamic_ssl_server_credentials(
+        initial, fetch, require_client_authentication=client_ca is not None
     )
 
 
@@ -287,17 +369,34 @@ def http_middlewares(config: AuthConfig) -> list[Callable[..., Any]]:
     return [bearer_token_middleware(TokenFile(config.token_file), public)]
 
 
-def http_ssl_context(config: AuthConfig) -> ssl.SSLContext | None:
+def http_ssl_context(config: AuthConfig, *, recheck_seconds: float = 1.0) -> ssl.SSLContext | None:
     """A server ``ssl.SSLContext`` (TLS 1.2+) from ``--tls-cert``/``--tls-key``; None without
-    TLS. Client certificates are not requested on HTTP."""
+    TLS. Client certificates are not requested on HTTP.
+
+    Renewed files are picked up without a restart: the context's ``sni_callback`` (run in every
+    handshake) swaps in a context built from the changed files (checked at most every
+    ``recheck_seconds``).
+    """
     if not _check_tls_flags(config):
         return None
-    for path, flag in ((config.tls_cert, "--tls-cert"), (config.tls_key, "--tls-key")):
-        if not Path(path).is_file():
-            raise ValueError(f"{flag}: file {os.fspath(path)!r} does not exist")
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(os.fspath(config.tls_cert), os.fspath(config.tls_key))
+    files = TlsFiles(config, recheck_seconds=recheck_seconds)
+    current = files.server_context()
+    context = files.server_context()
+
+    def use_current(sslobj: ssl.SSLObject, server_name: str | None, _: ssl.SSLContext) -> None:
+        nonlocal current
+        if files.changed():
+            try:
+                current = files.server_context()
+            except (OSError, ValueError, ssl.SSLError) as exc:
+                log.warning(
+                    "TLS files changed but cannot be used (%s); keeping the previous ones", exc
+                )
+            else:
+                log.info("TLS files changed: new HTTPS connections use the new certificate")
+        sslobj.context = current
+
+    context.sni_callback = use_current
     return context
 
 

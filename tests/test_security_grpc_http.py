@@ -195,7 +195,9 @@ class Recorder:
         )
 
 
-def _in_thread_server(config: Config, interceptors: list | None = None):
+def _in_thread_server(
+    config: Config, interceptors: list | None = None, tls_recheck_seconds: float = 1.0
+):
     """Start a grpc.aio server (auth from ``config``) on its own loop thread; yields
     (target, recorder) and stops it afterwards."""
     import threading
@@ -214,7 +216,7 @@ def _in_thread_server(config: Config, interceptors: list | None = None):
         health_servicer = health.aio.HealthServicer()
         await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-        creds = auth.grpc_server_credentials(config)
+        creds = auth.grpc_server_credentials(config, recheck_seconds=tls_recheck_seconds)
         if creds is None:
             port = server.add_insecure_port("127.0.0.1:0")
         else:
@@ -510,10 +512,13 @@ def _http_app(config: Config, written: list) -> web.Application:
     return app
 
 
-async def _serve_http(config: Config, written: list) -> tuple[web.AppRunner, int]:
+async def _serve_http(
+    config: Config, written: list, tls_recheck_seconds: float = 1.0
+) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(_http_app(config, written))
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=auth.http_ssl_context(config))
+    context = auth.http_ssl_context(config, recheck_seconds=tls_recheck_seconds)
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
     await site.start()
     return runner, site._server.sockets[0].getsockname()[1]
 
@@ -581,6 +586,116 @@ def test_http_metrics_token_when_configured_and_tls(pki: Pki, token_file: Path) 
                 with pytest.raises(aiohttp.ClientError):
                     async with session.get(f"http://127.0.0.1:{port}/healthz"):
                         pass
+        finally:
+            await runner.cleanup()
+
+    asyncio.run(scenario())
+
+
+# --- tests: certificate renewal without restart ---------------------------------------------
+
+
+class SecretVolume:
+    """A directory laid out like a mounted Kubernetes Secret: tls.crt, tls.key and ca.crt are
+    symlinks into ``..data``, itself a symlink to a timestamped directory that an update swaps
+    atomically."""
+
+    def __init__(self, root: Path, pki: Pki) -> None:
+        self.root = root
+        root.mkdir()
+        self._version = 0
+        self._write(pki)
+        for name in ("tls.crt", "tls.key", "ca.crt"):
+            (root / name).symlink_to(f"..data/{name}")
+
+    def _write(self, pki: Pki) -> None:
+        self._version += 1
+        version = self.root / f"..v{self._version}"
+        version.mkdir()
+        for name, source in (("tls.crt", pki.server_cert), ("tls.key", pki.server_key)):
+            (version / name).write_bytes(source.read_bytes())
+        (version / "ca.crt").write_bytes(pki.ca.read_bytes())
+        swap = self.root / "..data_tmp"
+        swap.symlink_to(version.name)
+        swap.replace(self.root / "..data")
+
+    def update(self, pki: Pki) -> None:
+        self._write(pki)
+
+    def config(self, *, mtls: bool = False) -> Config:
+        return Config(
+            tls_cert=self.root / "tls.crt",
+            tls_key=self.root / "tls.key",
+            tls_client_ca=self.root / "ca.crt" if mtls else None,
+        )
+
+
+@pytest.fixture(scope="module")
+def renewed(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    """A second PKI: the renewed certificate comes from a new CA, so which one is served is
+    visible to a client that trusts only one of them."""
+    return make_pki(tmp_path_factory.mktemp("pki-renewed"))
+
+
+def _trainer(pki: Pki, of: Pki) -> dict:
+    """TLS settings of a client that trusts ``pki``'s CA and presents ``of``'s client cert."""
+    return {"ca": str(pki.ca), "cert": str(of.client_cert), "key": str(of.client_key)}
+
+
+def _handshake_ok(target: str, tls: dict) -> bool:
+    with channel(target, tls=tls) as ch:
+        try:
+            return _unary(ch)(b"hello", timeout=10) == b"ack:hello"
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+            return False
+
+
+def test_grpc_renewed_certificate_and_client_ca_without_restart(
+    tmp_path: Path, pki: Pki, renewed: Pki
+) -> None:
+    secret = SecretVolume(tmp_path / "tls", pki)
+    target, recorder, stop = _in_thread_server(secret.config(mtls=True), tls_recheck_seconds=0.0)
+    try:
+        assert _handshake_ok(target, _trainer(pki, of=pki))
+        assert not _handshake_ok(target, _trainer(renewed, of=renewed))
+        secret.update(renewed)  # new server certificate and new client CA
+        assert _handshake_ok(target, _trainer(renewed, of=renewed))
+        assert not _handshake_ok(target, _trainer(pki, of=pki))  # old CA no longer served
+        assert not _handshake_ok(target, _trainer(renewed, of=pki))  # old client CA refused
+        # a broken update (key of one certificate, certificate of another) keeps the last good
+        broken = Pki(**{**renewed.__dict__, "server_key": pki.server_key})
+        secret.update(broken)
+        assert _handshake_ok(target, _trainer(renewed, of=renewed))
+        assert len(recorder.received) == 3
+    finally:
+        stop()
+
+
+def test_http_renewed_certificate_without_restart(tmp_path: Path, pki: Pki, renewed: Pki) -> None:
+    secret = SecretVolume(tmp_path / "tls", pki)
+
+    async def fetch(port: int, host: str, ca: Path) -> int | None:
+        context = ssl.create_default_context(cafile=str(ca))
+        try:
+            async with (
+                aiohttp.ClientSession() as session,
+                session.get(f"https://{host}:{port}/healthz", ssl=context) as response,
+            ):
+                return response.status
+        except aiohttp.ClientConnectorCertificateError:
+            return None
+
+    async def scenario() -> None:
+        runner, port = await _serve_http(secret.config(), [], tls_recheck_seconds=0.0)
+        try:
+            for host in ("localhost", "127.0.0.1"):  # with and without SNI
+                assert await fetch(port, host, pki.ca) == 200
+                assert await fetch(port, host, renewed.ca) is None
+            secret.update(renewed)
+            for host in ("localhost", "127.0.0.1"):
+                assert await fetch(port, host, renewed.ca) == 200
+                assert await fetch(port, host, pki.ca) is None
         finally:
             await runner.cleanup()
 
