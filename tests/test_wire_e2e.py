@@ -467,3 +467,64 @@ def test_full_queue_drops_the_oldest_and_reports_the_count(sidecars):
         metrics = r.read().decode()
     line = f'deltawatch_client_dropped_reports_total{{run="toy-drop"}} {float(dropped)}'
     assert line in metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# In-process sidecar: alert fan-out to the run's streams, reflection
+
+
+@pytest.fixture
+def in_process(tmp_path):
+    import asyncio
+    import threading
+
+    from deltawatch.sidecar.config import ServeConfig
+    from deltawatch.sidecar.server import Sidecar
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    config = ServeConfig(
+        grpc_address="127.0.0.1:0", http_address="127.0.0.1:0", data_dir=str(tmp_path),
+        device="cpu",
+    )  # fmt: skip
+    sidecar = Sidecar(config)
+    asyncio.run_coroutine_threadsafe(sidecar.start(), loop).result(30)
+    yield sidecar
+    asyncio.run_coroutine_threadsafe(sidecar.stop(), loop).result(30)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def test_alerts_reach_on_alert_of_their_run_only(in_process):
+    import grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    endpoint = f"127.0.0.1:{in_process.grpc_port}"
+    got_a, got_b = [], []
+    model_a, _ = make_toy(10)
+    model_b, _ = make_toy(11)
+    mon_a = Monitor(model_a, run="toy-alert-a", endpoint=endpoint, on_alert=got_a.append)
+    mon_b = Monitor(model_b, run="toy-alert-b", endpoint=endpoint, on_alert=got_b.append)
+    deadline = time.monotonic() + 30
+    while mon_a.stats()["acknowledged"] < 4 or mon_b.stats()["acknowledged"] < 4:  # baselines
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    item = {
+        "id": "SubspaceDrift/toy-alert-a/1", "rule": "SubspaceDrift", "run": "toy-alert-a",
+        "matrix": None, "state": "firing", "severity": "warning",
+        "started_at": "2026-11-26T15:00:00.000Z", "ended_at": None, "value": 0.42,
+        "summary": "3 of 4 matrices left their locked channel",
+    }  # fmt: skip
+    in_process.ingest.publish_alert("toy-alert-a", item)  # from another thread, as the engine does
+    while not got_a:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert got_a == [item] and got_b == []
+    assert mon_a.close(10) and mon_b.close(10)
+
+    with grpc.insecure_channel(endpoint) as channel:
+        services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "deltawatch.v1.Ingest" in services and "grpc.health.v1.Health" in services
