@@ -315,7 +315,7 @@ def run_kind(
                     lowrank_times[niter].append(t)
                     est = from_singular_values(S, exact["frobenius_sq"], K)
                     point[f"svd_lowrank_{niter}"] = {"errors": relative_errors(est, exact)}
-                if full_svd:
+                if full_svd and step in args.full_svd_at:
                     t, S = timed(lambda D=D: torch.linalg.svdvals(D), device)
                     full_times.append(t)
                     est = from_singular_values(S, exact["frobenius_sq"], K)
@@ -596,6 +596,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="skip the full SVD for matrices with more elements (default: 2e7 on the CPU, "
         "so 4096x12288 is skipped; never on CUDA); 0 skips it always",
     )
+    p.add_argument(
+        "--full-svd-at",
+        type=parse_ints,
+        default=None,
+        help="reported checks at which to run the full SVD (default: every reported check)",
+    )
+    p.add_argument(
+        "--table-from", type=Path, default=None, help="print the table of a saved --json and exit"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -607,39 +616,53 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--device cuda: this torch build sees no CUDA device")
     if args.skip_full_svd_above is None and args.device == "cpu":
         args.skip_full_svd_above = 2e7
+    if args.full_svd_at is None:
+        args.full_svd_at = list(args.report_at)
     bad = [t for t in args.report_at if not 1 <= t <= args.checks]
     if bad:
         p.error(f"--report-at {bad}: must lie in 1..--checks ({args.checks})")
     return args
 
 
+def header(results: dict) -> str:
+    info, st = results["machine"], results["settings"]
+    return (
+        f"deltawatch sketch benchmark: {info.get('gpu', info.get('cpu'))}, torch {info['torch']}, "
+        f"{info['threads']} threads, device {info['device']}, load average at start "
+        f"{info.get('load_average')}; K={st['rank']}, p={st['oversample']}, view={st['view']}, "
+        f"anchor={st['anchor']}, {st['checks']} checks; {results.get('seconds', 0):.0f} s in all"
+        + (" (PARTIAL: stopped before the last shape)" if results.get("partial") else "")
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.table_from is not None:
+        results = json.loads(args.table_from.read_text())
+        results["ratios"] = ratio_rows(results)
+        print(header(results))
+        print(table(results))
+        return 0
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    settings = {k: v for k, v in vars(args).items() if k not in ("shapes", "json")} | {
-        "shapes": [list(s) for s in args.shapes]
-    }
+    settings = {
+        k: v for k, v in vars(args).items() if k not in ("shapes", "json", "table_from")
+    } | {"shapes": [list(s) for s in args.shapes]}
     results = {"machine": machine(device), "settings": settings, "shapes": []}
     started = time.perf_counter()
-    for m, n in args.shapes:
+    for i, (m, n) in enumerate(args.shapes):
         results["shapes"].append(run_shape(args, m, n, device))
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    results["ratios"] = ratio_rows(results)
-    results["seconds"] = time.perf_counter() - started
-    info = results["machine"]
-    print(
-        f"deltawatch sketch benchmark: {info.get('gpu', info.get('cpu'))}, torch {info['torch']}, "
-        f"{info['threads']} threads, device {info['device']}; K={args.rank}, p={args.oversample}, "
-        f"view={args.view}, anchor={args.anchor}, {args.checks} checks; "
-        f"{results['seconds']:.0f} s in all"
-    )
+        results["ratios"] = ratio_rows(results)
+        results["seconds"] = time.perf_counter() - started
+        results["partial"] = i + 1 < len(args.shapes)
+        if args.json is not None:  # after every shape, so a run cut short keeps what it measured
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+    print(header(results))
     print(table(results))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 
