@@ -341,6 +341,46 @@ def test_tls_mtls_and_metrics_token_values() -> None:
     assert "WARNING: auth.token.enabled is false" in text
 
 
+def test_cert_manager_certificate_names_what_clients_and_prometheus_dial() -> None:
+    values = {
+        "tls": {
+            "enabled": True,
+            "clientCA": {"enabled": True},
+            "certManager": {
+                "enabled": True,
+                "issuerRef": {"name": "cluster-ca"},
+                "extraDnsNames": ["deltawatch.example.internal"],
+            },
+        }
+    }
+    objects = render(values)
+    validate_core(objects)
+    (certificate,) = by_kind(objects, "Certificate")
+    spec = certificate["spec"]
+    assert spec["secretName"] == "dw-deltawatch-tls"
+    assert spec["issuerRef"] == {
+        "name": "cluster-ca",
+        "kind": "ClusterIssuer",
+        "group": "cert-manager.io",
+    }
+    assert spec["privateKey"]["rotationPolicy"] == "Always" and "server auth" in spec["usages"]
+    (service,) = by_kind(objects, "Service")
+    name = service["metadata"]["name"]
+    assert {name, f"{name}.ml.svc", "deltawatch.example.internal"} <= set(spec["dnsNames"])
+    (deployment,) = by_kind(objects, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["tls"]["secret"]["secretName"] == spec["secretName"]
+    assert volumes["client-ca"]["secret"]["secretName"] == spec["secretName"]
+    (monitor,) = by_kind(objects, "ServiceMonitor")
+    tls_config = monitor["spec"]["endpoints"][0]["tlsConfig"]
+    assert tls_config["ca"]["secret"]["name"] == spec["secretName"]
+    assert tls_config["serverName"] in spec["dnsNames"]
+    missing_issuer = {"tls": {"enabled": True, "certManager": {"enabled": True}}}
+    with pytest.raises(helm.HelmRenderError, match="issuerRef.name"):
+        render(missing_issuer)
+    assert not by_kind(render(MTLS_VALUES), "Certificate")
+
+
 def test_alert_config_values_reach_the_alert_engine(tmp_path: Path) -> None:
     """serve.alertConfig becomes a ConfigMap mounted as --alert-config, and the sidecar's own
     loader reads it back with the values given."""

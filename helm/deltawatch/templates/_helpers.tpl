@@ -51,9 +51,14 @@ app.kubernetes.io/part-of: deltawatch
 {{- default (printf "%s-token" (include "deltawatch.fullname" .)) .Values.auth.token.existingSecret }}
 {{- end }}
 
+{{/* The kubernetes.io/tls Secret with the server certificate (yours, or cert-manager's). */}}
+{{- define "deltawatch.tlsSecretName" -}}
+{{- default (printf "%s-tls" (include "deltawatch.fullname" .)) .Values.tls.existingSecret }}
+{{- end }}
+
 {{/* The Secret holding the client CA for mutual TLS. */}}
 {{- define "deltawatch.clientCASecretName" -}}
-{{- default .Values.tls.existingSecret .Values.tls.clientCA.existingSecret }}
+{{- default (include "deltawatch.tlsSecretName" .) .Values.tls.clientCA.existingSecret }}
 {{- end }}
 
 {{/* The release label kube-prometheus-stack selects monitors and rules by. */}}
@@ -76,7 +81,7 @@ tlsConfig:
   serverName: {{ default (printf "%s.%s.svc" (include "deltawatch.fullname" .) .Release.Namespace) .Values.tls.serverName }}
   ca:
     secret:
-      name: {{ .Values.tls.existingSecret }}
+      name: {{ include "deltawatch.tlsSecretName" . }}
       key: ca.crt
 {{- end }}
 {{- if and .Values.auth.token.enabled .Values.auth.metricsRequireToken }}
@@ -98,11 +103,17 @@ relabelings:
 
 {{/* Fail early on contradictory values. */}}
 {{- define "deltawatch.validate" -}}
-{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) }}
-{{- fail "tls.enabled needs tls.existingSecret: a kubernetes.io/tls Secret with tls.crt and tls.key (and ca.crt)" }}
+{{- if and .Values.tls.enabled (not .Values.tls.existingSecret) (not .Values.tls.certManager.enabled) }}
+{{- fail "tls.enabled needs tls.existingSecret (a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt) or tls.certManager.enabled" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.certManager.issuerRef.name) }}
+{{- fail "tls.certManager.enabled needs tls.certManager.issuerRef.name (an Issuer or ClusterIssuer)" }}
+{{- end }}
+{{- if and .Values.tls.certManager.enabled (not .Values.tls.enabled) }}
+{{- fail "tls.certManager.enabled issues a certificate for TLS: set tls.enabled too" }}
 {{- end }}
 {{- if and .Values.tls.clientCA.enabled (not .Values.tls.enabled) }}
-{{- fail "tls.clientCA.enabled (mutual TLS) needs tls.enabled and tls.existingSecret" }}
+{{- fail "tls.clientCA.enabled (mutual TLS) needs tls.enabled" }}
 {{- end }}
 {{- if and .Values.auth.metricsRequireToken (not .Values.auth.token.enabled) }}
 {{- fail "auth.metricsRequireToken needs auth.token.enabled" }}
