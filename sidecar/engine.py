@@ -196,6 +196,8 @@ def run_rank(config: Mapping[str, Any], default: int) -> int:
 # State tensors named archive.<step>: every log-spaced V_K snapshot ever taken (O(log T) per
 # matrix), kept so a resume can give the lock state back the snapshots before its resume step.
 ARCHIVE = "archive."
+# The lock state's live snapshots (n×K each) and their steps, as MatrixGeometry.state() names them.
+SNAPSHOT_V, SNAPSHOT_STEP = "lock.snapshot_V", "lock.snapshot_step"
 
 
 class Engine:
@@ -364,11 +366,19 @@ class Engine:
         )
 
     def _adopt_state(self, mat: _Matrix, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """Load a matrix's geometry from its stored state (archived snapshots set aside)."""
+        """Load a matrix's geometry from its stored state: the lock's live snapshots come from
+        the archive (they are stored once, as archive.<step>), the rest as the geometry wrote it."""
         live = {k: v for k, v in tensors.items() if not k.startswith(ARCHIVE)}
+        archive = {int(k[len(ARCHIVE) :]): v for k, v in tensors.items() if k.startswith(ARCHIVE)}
+        steps = [int(s) for s in live[SNAPSHOT_STEP].tolist()] if SNAPSHOT_STEP in live else None
+        if steps is not None and all(s in archive for s in steps):
+            n, k = mat.entry.shape[1], int(meta.get("lock", {}).get("k", meta.get("rank", 0)))
+            live[SNAPSHOT_V] = (
+                torch.stack([archive[s] for s in steps]) if steps else torch.zeros((0, n, k))
+            )
         mat.geometry = MatrixGeometry.from_state(live, meta, self.device)
-        mat.persisted = dict(tensors)
-        mat.archived = {int(k[len(ARCHIVE) :]) for k in tensors if k.startswith(ARCHIVE)}
+        mat.persisted = dict(tensors)  # a stored SNAPSHOT_V (older layout) is deleted on next write
+        mat.archived = set(archive)
 
     def _state_update(
         self, mat: _Matrix, drop_from: int | None = None
@@ -378,6 +388,7 @@ class Engine:
         (`drop_from`)) and the full tensor set once written."""
         tensors, meta = mat.geometry.state()
         tensors = dict(tensors)
+        tensors.pop(SNAPSHOT_V, None)  # the live snapshots are archived; not stored twice
         for _, step, V in mat.geometry.lock.snapshots:
             if step not in mat.archived:
                 tensors[f"{ARCHIVE}{step}"] = V.detach().to("cpu")

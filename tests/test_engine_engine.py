@@ -327,7 +327,7 @@ def test_engine_unreported_matrices_are_all_null(toy, tmp_path):
 @pytest.mark.parametrize("device", ["cpu", "auto"])
 def test_engine_device_option(tmp_path, device):
     engine = Engine(Store(tmp_path), device=device)
-    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    expected = "cuda" if device == "auto" and torch.cuda.is_available() else "cpu"
     assert engine.device.type == expected
     with pytest.raises(ValueError):
         Engine(Store(tmp_path), device="tpu")
