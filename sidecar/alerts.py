@@ -470,6 +470,7 @@ class RunActivity:
     last_step: int | None = None
     last_report_at: float | None = None
     step_times: list[float] = field(default_factory=list)
+    finished: bool = False  # the trainer said goodbye; a new report reopens the run
 
     def intervals(self) -> list[float]:
         return [b - a for a, b in zip(self.step_times[:-1], self.step_times[1:], strict=True)]
@@ -673,6 +674,7 @@ class AlertEngine:
         """Record a report for RunStalled; a new (higher) step adds an arrival time."""
         a = self._activity.setdefault(run, RunActivity())
         a.last_report_at = now
+        a.finished = False
         if a.last_step is None or step > a.last_step:
             a.last_step = step
             a.step_times.append(now)
@@ -682,6 +684,24 @@ class AlertEngine:
             a.last_step = step
             a.step_times = [now]
         return True
+
+    def finish_run(self, run: str, now: float | None = None) -> list[dict[str, Any]]:
+        """The run's trainer closed its Monitor (a gRPC Goodbye): a finished run is not a
+        stalled one. RunStalled stops watching it (and resolves if firing) until it reports again.
+        Returns the roll-up transitions."""
+        now = self._clock() if now is None else now
+        with self._lock:
+            a = self._activity.setdefault(run, RunActivity())
+            a.finished = True
+            self._dirty[2].add(run)
+            out = self._clear_stall(run, now)
+            if out:
+                out[0][0].summary = f"run {run} finished (its trainer said goodbye)"
+                out = [(out[0][0], out[0][0].item(self.config.run_stalled.severity))]
+                self._dirty[0].add((run, "RunStalled", None))
+            self._flush_locked()
+        self._emit([(item, []) for _, item in out])
+        return [item for _, item in out]
 
     def firing_matrices(self, run: str, rule: str) -> list[str]:
         """The matrices of ``run`` where ``rule`` is firing, sorted."""
@@ -734,7 +754,7 @@ class AlertEngine:
         with self._lock:
             if rule.enabled:
                 for run, a in self._activity.items():
-                    if a.last_report_at is None:
+                    if a.last_report_at is None or a.finished:
                         continue
                     silent = now - max(a.last_report_at, self._started_at)
                     limit = stall_threshold_seconds(a.intervals(), rule)

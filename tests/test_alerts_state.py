@@ -152,6 +152,28 @@ def test_run_stalled_on_the_timer():
     assert resolved["state"] == "resolved" and resolved["id"] == fired["id"]
 
 
+def test_a_run_that_said_goodbye_is_not_stalled(tmp_path):
+    store = Store(tmp_path)
+    engine = AlertEngine(AlertConfig(), StoreAlertState(store), clock=lambda: T0)
+    engine.observe(RUN, M, 10, keys(0.9), now=T0)
+    (fired,) = engine.tick(now=T0 + 200)
+    (resolved,) = engine.finish_run(RUN, now=T0 + 201)
+    assert (fired["state"], resolved["state"], resolved["id"]) == (
+        "firing",
+        "resolved",
+        fired["id"],
+    )
+    assert engine.tick(now=T0 + 5000) == []  # finished: silence is expected
+    store.close()
+    store = Store(tmp_path)  # still finished after a restart
+    engine = AlertEngine(AlertConfig(), StoreAlertState(store), clock=lambda: T0)
+    assert engine.tick(now=T0 + 9000) == []
+    engine.observe(RUN, M, 20, keys(0.9), now=T0 + 9000)  # reports again: watched again
+    (again,) = engine.tick(now=T0 + 9000 + 181)
+    assert again["state"] == "firing" and again["id"] != fired["id"]
+    store.close()
+
+
 def test_a_run_silent_past_forget_after_resolves():
     config = with_overrides(AlertConfig(), run_stalled={"forget_after_seconds": 1000.0})
     engine = AlertEngine(config, clock=lambda: T0)
