@@ -88,16 +88,22 @@ def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object
 
 
 def median_time(
-    fn: Callable[[], object], device: torch.device, repeats: int, warmups: int
+    fn: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmups: int,
+    setup: Callable[[], object] | None = None,
 ) -> tuple[float, object]:
-    """Median seconds over `repeats` calls after `warmups` untimed ones; the last result."""
+    """Median seconds over `repeats` calls after `warmups` untimed ones; the last result.
+    `setup` runs, untimed, before every call."""
     out = None
-    for _ in range(warmups):
-        out = fn()
     times = []
-    for _ in range(max(1, repeats)):
+    for i in range(warmups + max(1, repeats)):
+        if setup is not None:
+            setup()
         t, out = timed(fn, device)
-        times.append(t)
+        if i >= warmups:
+            times.append(t)
     return statistics.median(times), out
 
 
@@ -266,11 +272,13 @@ def run_kind(
     for step, W in enumerate(walk, 1):
         state = tr.state_dict()
 
-        def one_check(state: dict = state, W: torch.Tensor = W, step: int = step) -> MatrixCheck:
-            tr.load_state_dict(state)
-            return tr.check(W, step)
-
-        t_check, check = median_time(one_check, device, reps, warmups=0)
+        t_check, check = median_time(
+            lambda W=W, step=step: tr.check(W, step),
+            device,
+            reps,
+            warmups=0,
+            setup=lambda state=state: tr.load_state_dict(state),
+        )
         keys = geometry.ingest(check)
         D = delta_view(W, W0_view)
         steps = check.update.power_steps if check.update is not None else 0
