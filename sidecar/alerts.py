@@ -148,6 +148,7 @@ class WebhookConfig:
     initial_backoff_seconds: float = 1.0
     max_backoff_seconds: float = 60.0
     max_matrices_listed: int = 50
+    headers: Mapping[str, str] = field(default_factory=dict)  # e.g. an Authorization header
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,11 @@ def _validate(config: AlertConfig) -> None:
             elif f.name in ("receiver", "external_url"):
                 if not isinstance(v, str):
                     raise ValueError(f"{where} must be a string, got {v!r}")
+            elif f.name == "headers":
+                if not isinstance(v, Mapping) or not all(
+                    isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+                ):
+                    raise ValueError(f"{where} must map header names to strings, got {v!r}")
             elif f.name == "grace_seconds":
                 if not _is_number(v) or v < 0:
                     raise ValueError(f"{where} must be a number >= 0, got {v!r}")
@@ -983,7 +989,7 @@ class WebhookSender:
     ) -> None:
         self.url = url
         self.config = config
-        self._headers = dict(headers or {})
+        self._headers = dict(config.webhook.headers if headers is None else headers)
         self._rng = rng or random.Random()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._session: Any = None

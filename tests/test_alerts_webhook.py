@@ -31,12 +31,14 @@ class Receiver:
     def __init__(self, statuses: list[int] | None = None) -> None:
         self.statuses = list(statuses or [])
         self.bodies: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
         self.got = asyncio.Event()
         self.release: asyncio.Event | None = None
         self.runner: web.AppRunner | None = None
         self.url = ""
 
     async def handle(self, request: web.Request) -> web.Response:
+        self.headers.append(dict(request.headers))
         self.bodies.append(await request.json())
         self.got.set()
         if self.release is not None:
@@ -259,6 +261,23 @@ def test_delivery_never_blocks_ingest():
             await service.webhook.drain(10)
             await service.close()
             assert service.webhook.delivered >= 1
+
+    asyncio.run(main())
+
+
+def test_configured_headers_are_sent():
+    async def main() -> None:
+        async with Receiver() as receiver:
+            config = fast_config(headers={"Authorization": "Bearer s3cret"})
+            engine = AlertEngine(config, clock=lambda: T0)
+            service = AlertService(engine, webhook_url=receiver.url)
+            await service.start()
+            for step in (10, 20):
+                await asyncio.to_thread(engine.observe, RUN, Q, step, drifted(0.2))
+            await service.webhook.drain(10)
+            await service.close()
+            assert receiver.headers[0]["Authorization"] == "Bearer s3cret"
+            assert receiver.headers[0]["Content-Type"] == "application/json"
 
     asyncio.run(main())
 
