@@ -330,11 +330,14 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
                 "fused= splits rows, but this parameter's rows are split over several mesh "
                 "dimensions (not a contiguous block); drop fused= for it"
             )
-        lo = min(max(rows[0], block_rows[0]), block_rows[1])
-        hi = max(min(rows[1], block_rows[1]), lo)
-        block_rows = (lo - rows[0], hi - rows[0])
-        local_shape = (hi - lo, local_shape[1])
+        # the part's rows [p0, p1) ∩ the local block [b0, b1), relative to the part; an empty
+        # intersection keeps an in-range offset with length 0 (the rank contributes zeros)
         m = rows[1] - rows[0]
+        lo = max(rows[0], block_rows[0])
+        length = max(0, min(rows[1], block_rows[1]) - lo)
+        start = min(max(lo - rows[0], 0), m - length)
+        block_rows = (start, start + length)
+        local_shape = (length, local_shape[1])
     return Placement(
         shape=(m, n),
         local_shape=local_shape,

@@ -1,0 +1,155 @@
+"""Feed the toy model's fixed weight trajectory through a real Monitor, sharded or not.
+
+    python tests/dist/run_toy.py --modes single --endpoint HOST:PORT --run-prefix P --out DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist/run_toy.py \
+        --modes fsdp2,tp,ddp,fsdp1 --endpoint HOST:PORT --run-prefix P --out DIR
+
+Each mode is its own run, named P-<mode>. Each rank writes DIR/<mode>-rank<k>.json: the element count of every torch.distributed collective issued
+during checks (through a counting wrapper around the real calls), the Monitor's manifest, its
+error counters, and whether close() saw every report acknowledged. Mode fsdp1 writes the refusal
+message instead. The weights are written, not trained: every mode sees bit-identical float32
+weights at every step (tests/dist/toy.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from deltawatch.client import sharding  # noqa: E402
+from deltawatch.client.monitor import Monitor  # noqa: E402
+from toy import FUSED, CollectiveCounter, Toy, initial_weights, weights_at  # noqa: E402
+
+MONITOR = dict(every=1, rank=4, oversample=4, max_power_steps=4, lock_at_step=3, fused=FUSED)
+
+
+def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(the model handed to the Monitor, the module whose parameters carry the plain names)."""
+    torch.manual_seed(0)
+    toy = Toy()
+    W0 = initial_weights()
+    with torch.no_grad():
+        for name, p in toy.named_parameters():
+            if name in W0:
+                p.copy_(W0[name])
+    if mode == "single":
+        return toy, toy
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    if mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        for block in toy.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(toy, mesh=mesh)
+        return toy, toy
+    if mode == "tp":
+        from torch.distributed.tensor.parallel import RowwiseParallel, parallelize_module
+
+        plan = {
+            name.rpartition(".")[0]: RowwiseParallel()
+            for name, p in toy.named_parameters()
+            if p.dim() == 2
+        }
+        parallelize_module(toy, mesh, plan)
+        return toy, toy
+    if mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(toy)
+        return ddp.module, ddp.module  # replicated weights; the Monitor gets the plain names
+    if mode == "fsdp1":
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        wrapped = FullyShardedDataParallel(
+            toy, use_orig_params=False, device_id=torch.device("cpu")
+        )
+        return wrapped, toy
+    raise SystemExit(f"unknown mode {mode}")
+
+
+def write_weights(named: torch.nn.Module, W: dict[str, torch.Tensor]) -> None:
+    """Write W_t into every rank's local block of each weight (no optimizer: the same bits as the
+    single-process run)."""
+    with torch.no_grad():
+        for name, p in named.named_parameters():
+            if name not in W:
+                continue
+            if sharding.is_dtensor(p):
+                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+                shape, offset = compute_local_shape_and_global_offset(
+                    p.shape, p.device_mesh, p.placements
+                )
+                block = W[name][offset[0] : offset[0] + shape[0], offset[1] : offset[1] + shape[1]]
+                p.to_local().copy_(block)
+            else:
+                p.copy_(W[name])
+
+
+def run_mode(mode: str, a: argparse.Namespace) -> dict:
+    """One monitored run of the trajectory in `mode`; returns what this rank saw."""
+    rank, world = sharding.world()
+    model, named = build(mode)
+    out: dict = {"rank": rank, "world_size": world, "mode": mode}
+    try:
+        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=a.endpoint, **MONITOR)
+    except ValueError as exc:
+        out["refused"] = str(exc)
+        return out
+    counter = CollectiveCounter()
+    counter.install()
+    W0 = initial_weights()
+    try:
+        for step in range(1, a.steps + 1):
+            write_weights(named, weights_at(step, W0))
+            counter.active = True
+            mon.step(step)
+            counter.active = False
+    finally:
+        counter.uninstall()
+    out["calls"] = counter.calls
+    out["manifest"] = mon.manifest
+    out["computed"] = [m.name for m in mon.matrices if m.tracker is not None]
+    out["acknowledged"] = mon.close(timeout=60)
+    out["stats"] = mon.stats()
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--modes", required=True, help="comma-separated: single | fsdp2,tp,ddp,fsdp1")
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--run-prefix", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--hang-timeout", type=float, default=150.0)
+    a = ap.parse_args()
+    # A hung collective prints every thread's stack and exits instead of waiting forever.
+    faulthandler.dump_traceback_later(a.hang_timeout, exit=True)
+    modes = a.modes.split(",")
+    distributed = modes != ["single"]
+    if distributed:
+        dist.init_process_group("gloo")
+    os.makedirs(a.out, exist_ok=True)
+    for mode in modes:
+        out = run_mode(mode, a)
+        with open(os.path.join(a.out, f"{mode}-rank{out['rank']}.json"), "w") as f:
+            json.dump(out, f, default=str)
+        if distributed:
+            dist.barrier()
+    if distributed:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
