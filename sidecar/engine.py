@@ -331,16 +331,21 @@ class Engine:
             if old is None:
                 old = _Run(run, now, now, dict(config), incarnation, {}, {}, {})
             r = old
-            r.config = dict(config)
+            new = {
+                e.matrix: _Matrix(e, self._geometry(e, config))
+                for e in entries
+                if e.matrix not in r.manifest
+            }
             newer = incarnation > r.incarnation
-            r.incarnation = incarnation
-            for e in entries:
-                if e.matrix in r.manifest:
+            with self._view:  # readers iterate the manifest under this lock
+                r.config = dict(config)
+                r.incarnation = incarnation
+                for e in entries:
                     r.manifest[e.matrix] = e
-                    r.matrices[e.matrix].entry = e
-                else:
-                    r.manifest[e.matrix] = e
-                    r.matrices[e.matrix] = _Matrix(e, self._geometry(e, r.config))
+                    if e.matrix in new:
+                        r.matrices[e.matrix] = new[e.matrix]
+                    else:
+                        r.matrices[e.matrix].entry = e
             if newer and resume_step is not None and not created:
                 self._rewind(r, resume_step)
             with self._view:
