@@ -373,6 +373,9 @@ def dashboard(
 # ------------------------------------------------------------------------------------------
 
 SEL = 'run="$run", module=~"$module", layer=~"$layer"'
+# Heatmap rows are layers: matrices outside the repeated blocks (layer "") have no row, and with
+# every row name numeric Grafana sorts the rows by layer number.
+LAYERED = SEL + ', layer!=""'
 RUN = 'run="$run"'
 
 
@@ -562,7 +565,7 @@ def overview() -> dict[str, Any]:
             "Subspace alignment by layer",
             "Mean Sim_K(t, ref) of each layer's selected matrices "
             "over time (red: the layer's update left its channel).",
-            f"avg by (layer) ({matrix_metric('subspace_alignment')}{{{SEL}}})",
+            f"avg by (layer) ({matrix_metric('subspace_alignment')}{{{LAYERED}}})",
             unit="percentunit",
             min_=0,
             max_=1,
@@ -817,7 +820,7 @@ def matrices() -> dict[str, Any]:
             heatmap(
                 f"{title} by layer",
                 f"Mean {key} of each layer's selected matrices.",
-                f"avg by (layer) ({matrix_metric(key)}{{{SEL}}})",
+                f"avg by (layer) ({matrix_metric(key)}{{{LAYERED}}})",
                 scheme=scheme,
                 reverse=reverse,
                 unit="percentunit" if key.endswith("ratio") or "alignment" in key else "none",

@@ -115,7 +115,19 @@ def test_the_overview_shows_what_the_issue_asks_for():
     ):
         assert words in titles, words
     heat = [p for p in panels(d) if p["type"] == "heatmap"]
-    assert all("by (layer)" in p["targets"][0]["expr"] for p in heat)
+    assert heat
+
+
+@pytest.mark.parametrize("path", DASHBOARDS, ids=lambda p: p.name)
+def test_heatmaps_are_layer_by_time(path):
+    """One row per layer, named by its number only, so Grafana sorts the rows numerically."""
+    for p in panels(json.loads(path.read_text())):
+        if p["type"] != "heatmap":
+            continue
+        (t,) = p["targets"]
+        assert "by (layer)" in t["expr"] and 'layer!=""' in t["expr"]
+        assert t["legendFormat"] == "{{layer}}" and t["format"] == "time_series"
+        assert p["options"]["calculate"] is False
 
 
 def test_every_exported_metric_is_on_a_panel_or_deliberately_not_shown():
