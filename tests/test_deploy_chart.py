@@ -5,6 +5,7 @@ copies of the dashboards and the rules are the repository's files, byte for byte
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 from pathlib import Path
@@ -384,26 +385,38 @@ def test_cert_manager_certificate_names_what_clients_and_prometheus_dial() -> No
 
 
 def test_alert_config_values_reach_the_alert_engine(tmp_path: Path) -> None:
-    """serve.alertConfig becomes a ConfigMap mounted as --alert-config, and the sidecar's own
-    loader reads it back with the values given."""
+    """serve.alertConfig becomes a Secret (the webhook headers may hold credentials) mounted as
+    --alert-config, and the sidecar's own loader reads it back with the values given."""
     from deltawatch.sidecar.alerts import load_alert_config
 
-    settings = {"subspace_drift": {"threshold": 0.6}, "rollup_min_matrices": 2}
+    settings = {
+        "subspace_drift": {"threshold": 0.6},
+        "rollup_min_matrices": 2,
+        "webhook": {"headers": {"Authorization": "Bearer receiver-token"}},
+    }
     objects = render({"serve": {"alertConfig": settings}})
     validate_core(objects)
-    (configmap,) = [o for o in by_kind(objects, "ConfigMap") if "alerts.yaml" in o["data"]]
+    assert not any("alerts.yaml" in o.get("data", {}) for o in by_kind(objects, "ConfigMap"))
+    (secret,) = [o for o in by_kind(objects, "Secret") if "alerts.yaml" in o["data"]]
     main = container(objects)
     assert "--alert-config=/etc/deltawatch/alerts/alerts.yaml" in main["args"]
     mounts = {m["name"]: m["mountPath"] for m in main["volumeMounts"]}
     assert mounts["alert-config"] == "/etc/deltawatch/alerts"
     (deployment,) = by_kind(objects, "Deployment")
     volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
-    assert volumes["alert-config"]["configMap"]["name"] == configmap["metadata"]["name"]
+    assert volumes["alert-config"]["secret"]["secretName"] == secret["metadata"]["name"]
     path = tmp_path / "alerts.yaml"
-    path.write_text(configmap["data"]["alerts.yaml"])
+    path.write_bytes(base64.b64decode(secret["data"]["alerts.yaml"]))
     config = load_alert_config(path)
     assert config.subspace_drift.threshold == 0.6 and config.rollup_min_matrices == 2
+    assert dict(config.webhook.headers) == {"Authorization": "Bearer receiver-token"}
     assert not any(a.startswith("--alert-config") for a in container(render())["args"])
+    objects = render({"serve": {"alertConfigExistingSecret": "my-alerts"}})
+    assert "--alert-config=/etc/deltawatch/alerts/alerts.yaml" in container(objects)["args"]
+    (deployment,) = by_kind(objects, "Deployment")
+    volumes = {v["name"]: v for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["alert-config"]["secret"]["secretName"] == "my-alerts"
+    assert not [o for o in by_kind(objects, "Secret") if "alerts.yaml" in o["data"]]
 
 
 # --- sidecar mode -------------------------------------------------------------------------------
