@@ -12,10 +12,8 @@ ranks must issue the same sequence of collectives; DDP issues none; FSDP1 is ref
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,6 +21,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests" / "dist"))
+import sidecar_process as serve  # noqa: E402
+
 SCRIPT = ROOT / "tests" / "dist" / "run_toy.py"
 MODES = ("fsdp2", "tp", "ddp")
 R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
@@ -32,42 +33,11 @@ REL = 1e-4
 pytestmark = pytest.mark.timeout(400)
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["OMP_NUM_THREADS"] = "1"
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     """A real sidecar on ephemeral loopback ports: (grpc endpoint, http base URL)."""
-    d = tmp_path_factory.mktemp("sidecar")
-    ready = d / "ready.json"
-    log = open(d / "serve.log", "w")  # noqa: SIM115 - open while the sidecar runs
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deltawatch.sidecar.cli", "serve"]
-        + ["--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0"]
-        + ["--data-dir", str(d / "data"), "--ready-file", str(ready), "--device", "cpu"],
-        env=_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        for _ in range(600):
-            if ready.exists() and ready.read_text().strip().endswith("}"):
-                break
-            assert proc.poll() is None, (d / "serve.log").read_text()
-            time.sleep(0.1)
-        ports = json.loads(ready.read_text())
-        yield f"127.0.0.1:{ports['grpc_port']}", f"http://127.0.0.1:{ports['http_port']}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with serve.sidecar(tmp_path_factory.mktemp("sidecar")) as ports:
+        yield ports
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +49,7 @@ def runs(sidecar, tmp_path_factory):
     common += ["--steps", str(STEPS)]
     single = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--modes", "single", *common],
-        env=_env(),
+        env=serve.quiet_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -87,7 +57,7 @@ def runs(sidecar, tmp_path_factory):
     job = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         + [str(SCRIPT), "--modes", ",".join((*MODES, "fsdp1")), *common],
-        env=_env(),
+        env=serve.quiet_env(),
         capture_output=True,
         text=True,
         timeout=360,
@@ -101,9 +71,7 @@ def runs(sidecar, tmp_path_factory):
     return result
 
 
-def _get(base: str, path: str) -> dict:
-    with urllib.request.urlopen(base + "/api/v1" + path, timeout=30) as r:
-        return json.load(r)
+_get = serve.get_json
 
 
 def _history(base: str, run: str, matrix: str) -> list[dict]:

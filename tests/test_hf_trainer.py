@@ -1,0 +1,125 @@
+"""A real transformers Trainer with DeltawatchCallback: checks arrive in a real sidecar.
+
+A tiny randomly initialised Qwen3 (2 layers, hidden 64; no download) trains 4 steps with plain
+SGD; the callback creates the Monitor when training begins and checks after every second
+optimizer step. The sidecar must hold 14 matrices (q/k/v/o, gate/up/down per layer) under the
+Hugging Face names with the right layer and module, checks at steps 2 and 4 (the Trainer's
+global steps), and the exact statistics must equal the float64 reference computed from the
+weights before and after training.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
+import sidecar_process  # noqa: E402
+
+transformers = pytest.importorskip("transformers")  # the "hf" extra
+
+pytestmark = pytest.mark.timeout(240)
+
+MODULES = {
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+}
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Random token sequences: language modelling on noise is enough to move the weights."""
+
+    def __init__(self, n: int, length: int, vocab: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def test_trainer_checks_arrive_under_hf_names(tmp_path):
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
+
+    from deltawatch.client.hf import DeltawatchCallback
+
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
+    model = Qwen3ForCausalLM(config)
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "out"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    with sidecar_process.sidecar(tmp_path) as (endpoint, base):
+        callback = DeltawatchCallback(
+            run="hf-qwen3", endpoint=endpoint, every=2, rank=4, oversample=4
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=Tokens(16, 16, config.vocab_size),
+            callbacks=[callback],
+        )
+        trainer.train()
+        assert callback.monitor is None  # closed at on_train_end
+        assert trainer.state.global_step == 4
+        detail = sidecar_process.get_json(base, "/runs/hf-qwen3")
+        histories = {
+            m["matrix"]: sidecar_process.get_json(
+                base, f"/runs/hf-qwen3/history?matrix={m['matrix']}"
+            )["points"]
+            for m in detail["matrices"]
+        }
+
+    rows = detail["matrices"]
+    assert len(rows) == 14
+    assert detail["last_step"] == 4
+    assert {(m["layer"], m["module"]) for m in rows} == {(i, mod) for i in (0, 1) for mod in MODULES}
+    for m in rows:
+        assert m["matrix"] == f"model.layers.{m['layer']}.{m['module']}.weight"
+        assert [p["step"] for p in histories[m["matrix"]]] == [2, 4]
+
+    # exact statistics of the last check against float64 from the weights before and after
+    WT = {n: p.detach() for n, p in model.named_parameters() if p.dim() == 2}
+    for m in rows:
+        name = m["matrix"]
+        w0, wt = W0[name].to(torch.bfloat16), WT[name].to(torch.bfloat16)
+        dw = wt.double() - w0.double()
+        visible = (w0.view(torch.int16) != wt.view(torch.int16)).double().mean().item()
+        last = histories[name][-1]
+        assert m["shape"] == list(W0[name].shape)
+        assert last["frobenius_norm"] == pytest.approx(dw.norm().item(), rel=1e-6)
+        assert last["bf16_visible_ratio"] == pytest.approx(visible, abs=1e-12)
+        assert visible > 0.2  # SGD at this rate moves many weights visibly
