@@ -49,9 +49,8 @@ class Tokens(torch.utils.data.Dataset):
 
 
 def test_trainer_checks_arrive_under_hf_names(tmp_path):
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
-
     from deltawatch.client.hf import DeltawatchCallback
+    from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
 
     torch.manual_seed(0)
     config = Qwen3Config(
@@ -106,7 +105,9 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
     rows = detail["matrices"]
     assert len(rows) == 14
     assert detail["last_step"] == 4
-    assert {(m["layer"], m["module"]) for m in rows} == {(i, mod) for i in (0, 1) for mod in MODULES}
+    assert {(m["layer"], m["module"]) for m in rows} == {
+        (i, mod) for i in (0, 1) for mod in MODULES
+    }
     for m in rows:
         assert m["matrix"] == f"model.layers.{m['layer']}.{m['module']}.weight"
         assert [p["step"] for p in histories[m["matrix"]]] == [2, 4]
