@@ -229,3 +229,64 @@ def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, on
         except subprocess.TimeoutExpired:
             proc.kill()
         receiver.close()
+
+
+def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path, one_thread):
+    """The real server's timer with an --alert-config file: a trainer that stops reporting (its
+    stream still open) gets RunStalled in on_alert and the API; its next report resolves it."""
+    config = tmp_path / "alerts.json"
+    config.write_text(
+        json.dumps(
+            {
+                "run_stalled": {
+                    "min_seconds": 1.0,
+                    "grace_seconds": 0.5,
+                    "evaluate_every_seconds": 0.2,
+                }
+            }
+        )
+    )
+    proc, ports = start_sidecar(tmp_path / "data", "--alert-config", str(config))
+    api = f"http://127.0.0.1:{ports['http_port']}"
+    received: list[dict[str, Any]] = []
+    try:
+        g = torch.Generator().manual_seed(3)
+        model = TinyModel(g)
+        mon = Monitor(
+            model,
+            run="e2e-stall",
+            endpoint=f"127.0.0.1:{ports['grpc_port']}",
+            every=1,
+            on_alert=received.append,
+        )
+
+        def step(s: int) -> None:
+            with torch.no_grad():
+                for block in model.model.layers:
+                    block.mlp.up_proj.weight.add_(LR * torch.randn(M, N, generator=g))
+            mon.step(s)
+
+        for s in (1, 2, 3):
+            step(s)
+
+        def stalled(state: str) -> list[dict[str, Any]]:
+            return [a for a in received if a["rule"] == "RunStalled" and a["state"] == state]
+
+        wait_for(lambda: stalled("firing"), "RunStalled firing in on_alert")
+        (fired,) = stalled("firing")
+        assert fired["run"] == "e2e-stall" and fired["matrix"] is None
+        assert fired["severity"] == "critical" and fired["value"] > 1.5
+        api_items = get_json(f"{api}/api/v1/alerts")["alerts"]
+        assert fired["id"] in {a["id"] for a in api_items if a["state"] == "firing"}
+
+        step(4)  # the trainer reports again
+        wait_for(lambda: stalled("resolved"), "RunStalled resolved in on_alert")
+        (resolved,) = stalled("resolved")
+        assert resolved["id"] == fired["id"] and resolved["ended_at"] is not None
+        assert mon.close(timeout=DEADLINE)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
