@@ -1,0 +1,132 @@
+"""The linear algebra of DESIGN §3 (client/sketch.py) against float64 SVDs."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from deltawatch.client.sketch import (
+    convergence,
+    highest_precision,
+    orth,
+    power_step,
+    principal_angles_degrees,
+    rayleigh_ritz,
+    ritz_vectors,
+    sim_k,
+    singular_values,
+)
+
+
+def gaussian(*shape: int, seed: int = 0) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def test_one_step_is_exact_when_the_short_side_fits_the_basis() -> None:
+    """m ≤ r < n: span(P) = R^m, so Rayleigh–Ritz on span(P) gives every σ_i and v_i."""
+    A = gaussian(20, 300)
+    V = orth(gaussian(300, 32, seed=1))
+    _, G, C = power_step(A, V)
+    theta, Z = rayleigh_ritz(G, C)
+    _, S, Vh = torch.linalg.svd(A.double(), full_matrices=False)
+    assert torch.allclose(singular_values(theta)[:20], S, rtol=1e-5)
+    Vk = ritz_vectors(G, Z, 16)
+    assert sim_k(Vk, Vh[:16].T) > 1 - 1e-6
+    assert convergence(theta, C, 16) > 0  # span(V) alone is not exact, span(P) is
+
+
+def test_identity_basis_padded_with_zero_columns_is_exact() -> None:
+    """n ≤ r: V = I_n padded to r columns; C is singular and the cutoff drops the zeros."""
+    A = gaussian(300, 24)
+    V = torch.eye(24, 32)
+    _, G, C = power_step(A, V)
+    theta, Z = rayleigh_ritz(G, C)
+    assert theta.numel() == 24
+    S = torch.linalg.svdvals(A.double())
+    assert torch.allclose(singular_values(theta), S, rtol=1e-5)
+
+
+def test_singular_c_gives_no_spurious_ritz_values() -> None:
+    """A of rank 5: C = PᵀP has rank 5; the whitening keeps 5 directions, all exact."""
+    A = gaussian(100, 5) @ gaussian(5, 80, seed=1)
+    V = orth(gaussian(80, 32, seed=2))
+    _, G, C = power_step(A, V)
+    theta, _ = rayleigh_ritz(G, C)
+    S = torch.linalg.svdvals(A.double())
+    assert theta.numel() == 5
+    assert torch.allclose(singular_values(theta), S[:5], rtol=1e-5)
+
+
+def test_invariant_subspace_has_zero_indicator_and_a_fresh_one_does_not() -> None:
+    s = torch.arange(1, 121, dtype=torch.float64) ** -0.5
+    U = torch.linalg.qr(gaussian(200, 120).double())[0]
+    Q = torch.linalg.qr(gaussian(150, 120, seed=1).double())[0]
+    A = ((U * s) @ Q.T).float()
+    _, G, C = power_step(A, Q[:, :32].float().contiguous())
+    theta, _ = rayleigh_ritz(G, C)
+    assert convergence(theta, C, 16) < 1e-5
+    _, G, C = power_step(A, orth(gaussian(150, 32, seed=3)))
+    theta, _ = rayleigh_ritz(G, C)
+    assert convergence(theta, C, 16) > 1e-2
+
+
+def test_ritz_values_are_lower_bounds_converging_with_power_steps() -> None:
+    A = gaussian(256, 512) * (torch.arange(1, 513) ** -0.3)
+    S = torch.linalg.svdvals(A.double())
+    V = orth(gaussian(512, 32, seed=1))
+    errors = []
+    for _ in range(4):
+        _, G, C = power_step(A, V)
+        theta, _ = rayleigh_ritz(G, C)
+        sigma1 = float(singular_values(theta)[0])
+        assert sigma1 <= float(S[0]) * (1 + 1e-6)
+        errors.append(1 - sigma1 / float(S[0]))
+        V = orth(G)
+    assert errors[-1] < errors[0]
+
+
+def test_orth_is_deterministic_and_orthonormal() -> None:
+    G = gaussian(64, 8)
+    V = orth(G)
+    assert torch.allclose(V.T @ V, torch.eye(8), atol=1e-6)
+    assert torch.equal(V, orth(G.clone()))
+    assert bool((torch.diagonal(V.T @ G) > 0).all())  # sign(diag R) > 0
+
+
+def rotated(Va: torch.Tensor, angles_deg: list[float]) -> torch.Tensor:
+    """Vb: column i of Va turned by angles_deg[i] towards an orthogonal direction."""
+    n, k = Va.shape
+    Q = torch.linalg.qr(torch.cat([Va, gaussian(n, k, seed=9).double()], dim=1))[0]
+    W = Q[:, k : 2 * k]
+    t = torch.deg2rad(torch.tensor(angles_deg, dtype=torch.float64))
+    return Va * torch.cos(t) + W * torch.sin(t)
+
+
+def test_principal_angles_exact_from_microdegrees_to_right_angles() -> None:
+    Va = torch.linalg.qr(gaussian(300, 5).double())[0]
+    wanted = [1e-6, 1e-3, 0.5, 30.0, 89.0]
+    Vb = rotated(Va, wanted)
+    got = principal_angles_degrees(Va, Vb)
+    for g, w in zip(got.tolist(), wanted, strict=True):
+        assert math.isclose(g, w, rel_tol=1e-6, abs_tol=1e-9), (g, w)
+    assert float(principal_angles_degrees(Va, Va).max()) < 1e-9
+
+
+def test_sim_k() -> None:
+    Va = torch.linalg.qr(gaussian(50, 4).double())[0]
+    assert math.isclose(sim_k(Va, Va), 1.0, rel_tol=1e-12)
+    Vb = rotated(Va, [90.0, 90.0, 0.0, 0.0])
+    assert math.isclose(sim_k(Va, Vb), 0.5, rel_tol=1e-9)
+    assert math.isclose(sim_k(Va, Va[:, :2], 4), 0.5, rel_tol=1e-9)  # a missing column counts 0
+
+
+def test_highest_precision_turns_tf32_off_and_restores_it() -> None:
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with highest_precision():
+            assert not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cudnn.allow_tf32
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
