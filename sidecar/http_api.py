@@ -56,6 +56,17 @@ def json_error(status: int, message: str) -> web.Response:
     return json_response({"error": message, "status": status}, status=status)
 
 
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Unknown paths and wrong methods answer JSON too: {"error", "status"}."""
+    try:
+        return await handler(request)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return json_error(e.status, f"{e.reason}: {request.method} {request.path}")
+
+
 def make_app(
     engine: Engine,
     *,
@@ -69,7 +80,7 @@ def make_app(
     `alerts`: a callable returning the DESIGN §4 alert items (e.g. the AlertEngine); without one
     `/api/v1/alerts` answers `{"alerts": []}`. `middlewares`: e.g. the bearer-token check of
     sidecar/auth.py. `ready`: extra readiness condition (e.g. the gRPC port is bound)."""
-    app = web.Application(middlewares=list(middlewares))
+    app = web.Application(middlewares=[*middlewares, json_errors])
     app[ENGINE_KEY] = engine
     app[REGISTRY_KEY] = registry
 

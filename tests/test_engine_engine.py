@@ -331,3 +331,44 @@ def test_engine_device_option(tmp_path, device):
     assert engine.device.type == expected
     with pytest.raises(ValueError):
         Engine(Store(tmp_path), device="tpu")
+
+
+def test_engine_zero_update_is_null_and_left_out_of_aggregates(tmp_path):
+    """A matrix whose bf16 view has not changed (ΔW = 0): ratios and stable rank are null, the
+    aggregate's means ignore it, the pooled visibility counts it with 0 visible weights, and its
+    null keys are not exported to Prometheus."""
+    from deltawatch.sidecar.metrics import EngineCollector
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    run = SyntheticRun(run="toy-still", scale=2e-4, noise=2e-6)
+    still = next(iter(run.shapes))
+    engine = _engine(tmp_path)
+    run.start(engine)
+    for step in (1, 2):
+        for name, tr in run.trackers.items():
+            W = run.W0[name].clone() if name == still else run.weight(name, step)
+            assert engine.ingest(run.run, 1, tr.check(W, step))
+    detail = engine.run_detail(run.run)
+    rows = {m["matrix"]: m for m in detail["matrices"]}
+    zero = rows[still]
+    assert zero["frobenius_norm"] == 0.0 and zero["bf16_visible_ratio"] == 0.0
+    for key in ("stable_rank", "topk_energy_ratio", "low_magnitude_overlap", "principal_overlap"):
+        assert zero[key] is None, key
+    others = [m for name, m in rows.items() if name != still]
+    agg = detail["aggregate"]
+    assert agg["stable_rank"] == pytest.approx(
+        sum(m["stable_rank"] for m in others) / len(others), rel=1e-12
+    )
+    numel = sum(m * n for m, n in run.shapes.values())
+    visible = sum(m["bf16_visible_ratio"] * m["shape"][0] * m["shape"][1] for m in others)
+    assert agg["bf16_visible_ratio"] == pytest.approx(visible / numel, rel=1e-12)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(EngineCollector(engine))
+    families = {
+        f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    exported = {s.labels["matrix"] for s in families["deltawatch_update_stable_rank"].samples}
+    assert exported == {m["matrix"] for m in others}
+    frob = {s.labels["matrix"] for s in families["deltawatch_update_frobenius_norm"].samples}
+    assert still in frob

@@ -142,6 +142,7 @@ def test_engine_http_history_and_errors(served):
         ("/api/v1/runs/nope/history?matrix=x", 404),
         (f"/api/v1/runs/{run.run}/history?matrix=nope", 404),
         (f"/api/v1/runs/{run.run}/history", 400),
+        ("/api/v1/nothing-here", 404),
     ]:
         status, headers, raw = http.get(path)
         assert status == code, path
