@@ -20,6 +20,7 @@ import pytest
 import torch
 from aiohttp import web
 from deltawatch.client import Monitor
+from prometheus_client.parser import text_string_to_metric_families
 
 M, N = 64, 128
 LAYERS = 2
@@ -221,7 +222,14 @@ def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, on
         assert alert["startsAt"] == rollup["started_at"]
         assert set(alert["annotations"]["matrices"].split(", ")) == names
         metrics = urllib.request.urlopen(f"{api}/metrics", timeout=30).read().decode()
-        assert 'deltawatch_alerts_firing{rule="SubspaceDrift",run="e2e-drift"} 2.0' in metrics
+        firing = {
+            (x.labels["run"], x.labels["rule"]): x.value
+            for family in text_string_to_metric_families(metrics)
+            for x in family.samples
+            if x.name == "deltawatch_alerts_firing"
+        }
+        assert firing[("e2e-drift", "SubspaceDrift")] == 2.0  # both matrices
+        assert firing[("e2e-drift", "RunStalled")] == 0.0
     finally:
         proc.terminate()
         try:
