@@ -747,8 +747,15 @@ def _check_tensor(where: str, t: Any, shape: tuple[int, ...]) -> None:
         raise invalid(f"{where} has shape {list(t.shape)}, expected {list(shape)}")
     if not t.dtype.is_floating_point:
         raise invalid(f"{where} has dtype {t.dtype}, expected float32")
-    if not bool(torch.isfinite(t).all()):
+    if t.numel() and not _finite(t):
         raise invalid(f"{where} has non-finite values")
+
+
+def _finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: min and max in one pass (NaN and ±inf propagate to them),
+    without materialising an isfinite mask of the tensor's size."""
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _check_sketch(where: str, sketch: Any, n: int) -> None:
