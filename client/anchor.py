@@ -152,8 +152,10 @@ class Anchor:
         """M_princ for the given local rows (boolean, on the compute device)."""
         n_loc = self.local_shape[1]
         start, stop = rows.start * n_loc, rows.stop * n_loc
-        bits = unpack_bits(self.principal_packed, start, stop - start)
-        return bits.view(rows.stop - rows.start, n_loc).to(self.device)
+        first, last = start // 8, (stop + 7) // 8  # move the packed bytes, unpack on the device
+        packed = self.principal_packed[first:last].to(self.device, non_blocking=True)
+        bits = unpack_bits(packed, start - 8 * first, stop - start)
+        return bits.view(rows.stop - rows.start, n_loc)
 
     def low_mask(self, W0_rows: torch.Tensor) -> torch.Tensor:
         """M_low = {|W0| ≤ a} for a chunk of W0 (in the anchor's dtype)."""
@@ -190,7 +192,8 @@ class Anchor:
         self.b = kth_largest_abs(chunks, k, self.numel, self.spec, dtype=dtype)
         packed = [pack_bits(c.abs() >= self.b.to(c.device)) for c in chunks()]
         mask = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
-        self.principal_packed = mask.to(self.W0.device)
+        mask = mask.to(self.W0.device)
+        self.principal_packed = mask.pin_memory() if self.W0.is_pinned() else mask
 
     def _gram(self, A: torch.Tensor) -> tuple[bool, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The exact route (min(m, n) ≤ EXACT_LIMIT): the float64 Gram matrix of the smaller side
