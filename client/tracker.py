@@ -202,8 +202,8 @@ class MatrixTracker:
         V_K = energy = None
         converged = False
         if frobenius_sq > 0:
-            update, theta, Z, self.V = self._iterate(D, self.V, self.rank)
-            V_K = ritz_vectors(update.G, Z, self.rank).float().to(self.device)
+            update, theta, Z, self.V, G = self._iterate(D, self.V, self.rank)
+            V_K = ritz_vectors(G, Z, self.rank).float()
             energy = float(theta[: self.rank].sum()) / frobenius_sq
             converged = update.convergence <= self.tolerance
         obs = self.lock.observe(step, V_K, energy, converged)
@@ -213,7 +213,7 @@ class MatrixTracker:
             weight = self.baseline()
         else:
             A = self._weight_view(W, D)
-            weight, _, _, self.V_w = self._iterate(A, self.V_w, self.rank)
+            weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.rank)
         return MatrixCheck(
             matrix=self.name,
             step=step,
@@ -233,13 +233,14 @@ class MatrixTracker:
 
     def _iterate(
         self, A: torch.Tensor, V: torch.Tensor, k: int
-    ) -> tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Power steps from V until convergence(k) ≤ tolerance (or the budget); returns the sketch
-        of the last step, its Ritz pairs and the next basis orth(G)."""
+        of the last step (on the CPU), its Ritz pairs, the next basis orth(G) and G on the
+        device."""
         if self.exact:
             _, G, C = power_step(A, V, self.spec)
             theta, Z = rayleigh_ritz(G, C)
-            return Sketch(G.float().cpu(), C.float().cpu(), 0.0, 1, True), theta, Z, V
+            return _to_wire(G, C, 0.0, 1, True), theta, Z, V, G
         steps = 0
         while steps < self.max_power_steps:
             steps += 1
@@ -249,7 +250,7 @@ class MatrixTracker:
             V = orth(G)
             if indicator <= self.tolerance:
                 break
-        return _to_wire(G, C, indicator, steps, False), theta, Z, V
+        return _to_wire(G, C, indicator, steps, False), theta, Z, V, G
 
     def _channel_energy(self, D: torch.Tensor) -> float:
         """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
