@@ -38,6 +38,8 @@ def test_bench_sketch_runs_and_its_reference_is_exact(tmp_path: Path) -> None:
         "--report-at=1,3",
         "--niters=0,2",
         "--repeats=1",
+        "--full-svd-at=1,3",
+        "--full-svd-kinds=opd,sft,rlvr",
         "--threads=1",
         f"--json={out}",
     ]
