@@ -120,8 +120,8 @@ class _Matrix:
     entry: ManifestEntry
     geometry: Any  # MatrixGeometry
     last_step: int | None = None
-    persisted: dict[str, torch.Tensor] = field(default_factory=dict)  # tensors as last written
-    archived: set[int] = field(default_factory=set)  # steps of the archived V_K snapshots
+    persisted: dict[str, torch.Tensor] = field(default_factory=dict)  # state tensors as stored
+    archived: set[int] = field(default_factory=set)  # steps of the archived V_K snapshots (store)
 
 
 @dataclass
@@ -372,9 +372,11 @@ class Engine:
 
     def _adopt_state(self, mat: _Matrix, meta: dict, tensors: dict[str, torch.Tensor]) -> None:
         """Load a matrix's geometry from its stored state: the lock's live snapshots come from
-        the archive (they are stored once, as archive.<step>), the rest as the geometry wrote it."""
+        the archive (they are stored once, as archive.<step>), the rest as the geometry wrote it.
+        Archived snapshots are not kept in memory afterwards (only their steps)."""
         live = {k: v for k, v in tensors.items() if not k.startswith(ARCHIVE)}
         archive = {int(k[len(ARCHIVE) :]): v for k, v in tensors.items() if k.startswith(ARCHIVE)}
+        stored = dict(live)  # a stored SNAPSHOT_V (older layout) is deleted on the next write
         steps = [int(s) for s in live[SNAPSHOT_STEP].tolist()] if SNAPSHOT_STEP in live else None
         if steps is not None and all(s in archive for s in steps):
             n, k = mat.entry.shape[1], int(meta.get("lock", {}).get("k", meta.get("rank", 0)))
@@ -382,38 +384,39 @@ class Engine:
                 torch.stack([archive[s] for s in steps]) if steps else torch.zeros((0, n, k))
             )
         mat.geometry = MatrixGeometry.from_state(live, meta, self.device)
-        mat.persisted = dict(tensors)  # a stored SNAPSHOT_V (older layout) is deleted on next write
+        mat.persisted = stored
         mat.archived = set(archive)
 
     def _state_update(
         self, mat: _Matrix, drop_from: int | None = None
-    ) -> tuple[StateUpdate, dict[str, torch.Tensor]]:
-        """The geometry state to write (the JSON half; only tensors that changed; newly taken
-        V_K snapshots archived as archive.<step>, kept until a rewind to a step at or before them
-        (`drop_from`)) and the full tensor set once written."""
+    ) -> tuple[StateUpdate, dict[str, torch.Tensor], set[int]]:
+        """What to write for a matrix's geometry state: the JSON half, the tensors that changed,
+        each newly taken V_K snapshot as archive.<step> (written once, kept until a rewind to a
+        step at or before it: `drop_from`), and what was removed. Returns the update, the
+        non-archive tensors as they will be stored, and the archived steps."""
         tensors, meta = mat.geometry.state()
         tensors = dict(tensors)
         tensors.pop(SNAPSHOT_V, None)  # the live snapshots are archived; not stored twice
-        for _, step, V in mat.geometry.lock.snapshots:
-            if step not in mat.archived:
-                tensors[f"{ARCHIVE}{step}"] = V.detach().to("cpu")
-        for name, t in mat.persisted.items():
-            if not name.startswith(ARCHIVE) or name in tensors:
-                continue
-            if drop_from is None or int(name[len(ARCHIVE) :]) < drop_from:
-                tensors[name] = t
         changed = {k: t for k, t in tensors.items() if not _same(mat.persisted.get(k), t)}
-        removed = tuple(k for k in mat.persisted if k not in tensors)
-        return StateUpdate(meta, changed, removed), tensors
+        removed = [k for k in mat.persisted if k not in tensors]
+        archived = set(mat.archived)
+        if drop_from is not None:
+            dropped = {s for s in archived if s >= drop_from}
+            removed += [f"{ARCHIVE}{s}" for s in sorted(dropped)]
+            archived -= dropped
+        for _, step, V in mat.geometry.lock.snapshots:
+            if step not in archived:
+                changed[f"{ARCHIVE}{step}"] = V.detach().to("cpu")
+                archived.add(step)
+        return StateUpdate(meta, changed, tuple(removed)), tensors, archived
 
-    def _persisted(self, mat: _Matrix, tensors: dict[str, torch.Tensor]) -> None:
-        mat.persisted = tensors
-        mat.archived = {int(k[len(ARCHIVE) :]) for k in tensors if k.startswith(ARCHIVE)}
+    def _persisted(self, mat: _Matrix, tensors: dict[str, torch.Tensor], archived: set[int]):
+        mat.persisted, mat.archived = tensors, archived
 
     def _persist_state(self, run: str, mat: _Matrix, incarnation: int) -> None:
-        update, tensors = self._state_update(mat)
+        update, tensors, archived = self._state_update(mat)
         self.store.save_state(run, mat.entry.matrix, incarnation, mat.last_step, update)
-        self._persisted(mat, tensors)
+        self._persisted(mat, tensors, archived)
 
     def _reload_matrix(self, run: str, mat: _Matrix) -> None:
         """After a failed commit: the geometry back to what the store holds."""
@@ -439,14 +442,13 @@ class Engine:
                 history = {}
                 for h in self.store.history(r.name):
                     history.setdefault(h.matrix, []).append(h)
-            archive = {
-                int(k[len(ARCHIVE) :]): t for k, t in mat.persisted.items() if k.startswith(ARCHIVE)
-            }
+            archive = self.store.load_tensors(r.name, name, prefix=ARCHIVE)
+            archive = {int(k[len(ARCHIVE) :]): t for k, t in archive.items()}
             rewind_geometry(mat.geometry, resume_step, history.get(name, []), archive)
             mat.last_step = latest[name].step if name in latest else None
-            update, tensors = self._state_update(mat, drop_from=resume_step)
+            update, tensors, archived = self._state_update(mat, drop_from=resume_step)
             self.store.save_state(r.name, name, r.incarnation, mat.last_step, update)
-            self._persisted(mat, tensors)
+            self._persisted(mat, tensors, archived)
         with self._view:
             r.rows = {m: self._row(r, h) for m, h in latest.items() if m in r.manifest}
 
@@ -521,7 +523,7 @@ class Engine:
                     lock_step = check.lock_step if check.lock_step is not None else check.step
                     lock_ref = (int(lock_step), check.v_ref)
                 now = time.time()
-                update, tensors = self._state_update(mat)
+                update, tensors, archived = self._state_update(mat)
                 self.store.commit_check(
                     run,
                     check.matrix,
@@ -533,7 +535,7 @@ class Engine:
                     lock_ref=lock_ref,
                     now=now,
                 )
-                self._persisted(mat, tensors)
+                self._persisted(mat, tensors, archived)
             except Exception as e:
                 self._reload_matrix(run, mat)
                 if isinstance(e, ValueError):

@@ -523,6 +523,15 @@ class Store:
                 out[matrix][3][name] = tensor_from_bytes(dtype, json.loads(shape), data)
         return out
 
+    def load_tensors(self, run: str, matrix: str, *, prefix: str = "") -> dict[str, torch.Tensor]:
+        """name -> tensor of one matrix's stored state tensors whose name starts with prefix."""
+        rows = self._read(
+            "SELECT name, dtype, shape, data FROM tensors WHERE run = ? AND matrix = ? "
+            "AND substr(name, 1, ?) = ?",
+            (run, matrix, len(prefix), prefix),
+        )
+        return {r[0]: tensor_from_bytes(r[1], json.loads(r[2]), r[3]) for r in rows}
+
     def lock_refs(self, run: str) -> dict[str, tuple[int, torch.Tensor]]:
         """matrix -> (lock_step, V_ref) of a run's locked matrices."""
         return {
