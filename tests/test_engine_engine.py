@@ -145,6 +145,11 @@ def test_engine_duplicates_are_acknowledged_and_change_nothing(toy, tmp_path):
     run, baselines, checks = toy
     engine = _engine(tmp_path)
     seen = []
+
+    def broken(*event):
+        raise RuntimeError("a listener's failure never reaches ingest")
+
+    engine.subscribe(broken)
     engine.subscribe(lambda *event: seen.append(event[:3]))
     _feed(engine, run, baselines, checks, range(1, 3))
     before = (engine.run_detail(run.run), _table_counts(tmp_path), len(seen))
