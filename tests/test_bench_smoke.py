@@ -7,8 +7,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -20,19 +18,18 @@ SHAPE = (48, 64)  # min(m, n) > K + p = 32: the tracker path, not the exact one
 CHECKS = 3
 
 
-def load_trajectories():
-    spec = importlib.util.spec_from_file_location("bench_trajectories", BENCH / "trajectories.py")
+def load(name: str):
+    """A bench/ script as a module (bench/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
-def test_bench_sketch_runs_and_its_reference_is_exact(tmp_path: Path) -> None:
+def test_bench_sketch_runs_and_its_reference_is_exact(tmp_path: Path, capsys) -> None:
     out = tmp_path / "bench.json"
     m, n = SHAPE
-    cmd = [
-        sys.executable,
-        str(BENCH / "bench_sketch.py"),
+    argv = [
         f"--shapes={m}x{n}",
         f"--checks={CHECKS}",
         "--report-at=1,3",
@@ -43,27 +40,24 @@ def test_bench_sketch_runs_and_its_reference_is_exact(tmp_path: Path) -> None:
         "--threads=1",
         f"--json={out}",
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"== {m}x{n}" in proc.stdout and "Cost ratios" in proc.stdout
-
-    results = json.loads(out.read_text())
-    assert results["partial"] is False and results["settings"]["view"] == "bf16"
-    (shape,) = results["shapes"]
-    assert shape["shape"] == [m, n] and shape["full_svd"] is True
-    assert len(results["ratios"]) == 3
-
-    traj = load_trajectories()
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as the bench ran: the same blocking, so the same float rounding
-    try:
-        check_against_reference(traj, shape)
+    try:  # in this process (one torch import, not two); main() sets one thread, as the run below
+        assert load("bench_sketch").main(argv) == 0
+        stdout = capsys.readouterr().out
+        assert f"== {m}x{n}" in stdout and "Cost ratios" in stdout
+        check_against_reference(load("trajectories"), json.loads(out.read_text()))
     finally:
         torch.set_num_threads(threads)
 
 
-def check_against_reference(traj, shape: dict) -> None:
+def check_against_reference(traj, results: dict) -> None:
+    """The bench's numbers against sidecar/reference.py on the same weights."""
     m, n = SHAPE
+
+    assert results["partial"] is False and results["settings"]["view"] == "bf16"
+    (shape,) = results["shapes"]
+    assert shape["shape"] == [m, n] and shape["full_svd"] is True
+    assert len(results["ratios"]) == 3
     W0 = traj.pretrained_like(m, n, seed=0)
     for index, kind in enumerate(traj.KINDS):
         data = shape["kinds"][kind]
