@@ -55,20 +55,16 @@ class Placement:
     """Where one monitored matrix (or one part of a fused matrix) lives on this rank.
 
     rows/cols: the global index ranges [start, stop) of the local block along each dimension
-    (``None`` for rows split over several mesh dimensions, whose local rows are not contiguous).
-    row_group/col_group: the process groups over which rows/columns are split (None: not split).
-    col_starts/col_lengths: every col_group rank's column block, in group-rank order (for the
-    all-gather of G's rows); empty when columns are not split.
+    (always contiguous; possibly empty). row_group/col_group: the process groups over which
+    rows/columns are split (None: not split).
     """
 
     shape: tuple[int, int]  # global (m, n)
     local_shape: tuple[int, int]
-    rows: tuple[int, int] | None
+    rows: tuple[int, int]
     cols: tuple[int, int]
     row_group: Any  # dist.ProcessGroup | None
     col_group: Any  # dist.ProcessGroup | None
-    col_starts: tuple[int, ...]
-    col_lengths: tuple[int, ...]
     layout: str  # one of LAYOUTS (the manifest's shard_layout)
     owner_rank: int  # the global rank that sends this matrix's reports
     computes_here: bool  # False only for a replicated matrix another rank owns
@@ -82,14 +78,10 @@ class Placement:
         """The tracker's `ShardSpec`; None when nothing is split (no collective at all)."""
         if not self.sharded:
             return None
-        m, n = self.shape
-        row_length = self.local_shape[0]
-        row_offset = self.rows[0] if self.rows is not None else 0
-        row_offset = min(row_offset, m - row_length)  # strided rows: only the length matters
         return ShardSpec(
-            shape=(m, n),
-            row_offset=row_offset,
-            row_length=row_length,
+            shape=self.shape,
+            row_offset=self.rows[0],
+            row_length=self.local_shape[0],
             col_offset=self.cols[0],
             col_length=self.local_shape[1],
             row_group=self.row_group,
@@ -154,22 +146,10 @@ def local_block(param: torch.Tensor, rows: tuple[int, int] | None = None) -> tor
         local = local.detach()
     if rows is None:
         return local
-    block_rows = _local_rows(param)
-    if block_rows is None:
-        raise UnsupportedShardingError(
-            "fused= splits rows, but this parameter's rows are split over several mesh dimensions "
-            "(not a contiguous block); drop fused= for it"
-        )
+    block_rows = describe_layout(param)["rows"] if is_dtensor(param) else (0, local.shape[0])
     lo = max(rows[0], block_rows[0]) - block_rows[0]
     hi = max(min(rows[1], block_rows[1]) - block_rows[0], lo)
     return local[lo:hi]
-
-
-def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
-    if not is_dtensor(param):
-        return (0, int(param.shape[0]))
-    p = describe_layout(param)
-    return p["rows"]
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,49 +157,52 @@ def _local_rows(param: torch.Tensor) -> tuple[int, int] | None:
 
 
 def describe_layout(param: torch.Tensor) -> dict:
-    """The local block of a 2-D DTensor: rows, cols, groups, every col-group rank's columns.
+    """The local block of a 2-D DTensor: global row and column ranges, and the process groups.
 
-    Pure bookkeeping from `param.device_mesh` and `param.placements`; the only side effect is
-    creating (once, cached by DeviceMesh) a flattened group when rows are split over several
-    mesh dimensions — a collective call every rank makes in the same order at construction.
+    Pure bookkeeping from `param.device_mesh` and `param.placements`. A tensor dimension split over
+    several mesh dimensions is chunked outer to inner (`torch.chunk` rule at each level), so the
+    local block stays contiguous: ``(Shard(0), Shard(0))`` chunks by mesh dimension 0 first;
+    FSDP2 over colwise tensor parallel gives ``(_StridedShard(0, sf=tp), Shard(0))``, which means
+    "by tp first, then by dp" (that is what the stride records). The only side effect is creating
+    (once per mesh) a flattened group for rows split over several mesh dimensions — a collective
+    call every rank makes in the same order at construction.
     """
     from torch.distributed.tensor import Partial, Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
     mesh = param.device_mesh
     placements = tuple(param.placements)
     m, n = (int(s) for s in param.shape)
-    split: dict[int, list[int]] = {0: [], 1: []}
+    split: dict[int, list[int]] = {0: [], 1: []}  # tensor dim -> mesh dims, outer to inner
+    strided: dict[int, int] = {}  # mesh dim -> split factor of a _StridedShard
     for mesh_dim, pl in enumerate(placements):
         if isinstance(pl, Replicate):
             continue
-        if isinstance(pl, Partial):
+        if isinstance(pl, Partial) or not hasattr(pl, "dim"):
             raise UnsupportedShardingError(
-                f"a parameter with a Partial placement {placements} is a pending sum, not a "
-                f"weight; {SUPPORTED}"
+                f"placement {pl!r} in {placements} is not a row or column split of a weight; "
+                f"{SUPPORTED}"
             )
-        if isinstance(pl, Shard) or hasattr(pl, "dim"):
-            dim = pl.dim if pl.dim >= 0 else pl.dim + 2
-            split[dim].append(mesh_dim)
-        else:
-            raise UnsupportedShardingError(f"unknown placement {pl!r} in {placements}; {SUPPORTED}")
-    strided = any(type(pl) is not Shard and not isinstance(pl, Replicate) for pl in placements)
+        dim = pl.dim if pl.dim >= 0 else pl.dim + 2
+        split[dim].append(mesh_dim)
+        if not isinstance(pl, Shard):
+            strided[mesh_dim] = int(getattr(pl, "split_factor", 1))
+    for dim, dims in split.items():
+        split[dim] = _chunk_order(mesh, dims, strided, placements)
     if len(split[1]) > 1:
         raise UnsupportedShardingError(
             f"columns split over {len(split[1])} mesh dimensions {placements}; deltawatch "
             f"supports columns split over one mesh dimension. {SUPPORTED}"
         )
-    local_shape, offset = compute_local_shape_and_global_offset((m, n), mesh, placements)
-    rows_contiguous = len(split[0]) <= 1 and not strided
-    rows = (offset[0], offset[0] + local_shape[0]) if rows_contiguous else None
-    cols = (offset[1], offset[1] + local_shape[1])
-    row_group = _group_over(mesh, split[0])
-    col_group = _group_over(mesh, split[1])
-    col_starts: tuple[int, ...] = ()
-    col_lengths: tuple[int, ...] = ()
-    if split[1]:
-        size = mesh.size(split[1][0])
-        col_starts, col_lengths = chunk_ranges(n, size)
+    coord = mesh.get_coordinate()
+    rows = _nested_range(m, [(mesh.size(d), coord[d]) for d in split[0]])
+    cols = _nested_range(n, [(mesh.size(d), coord[d]) for d in split[1]])
+    local_shape = (rows[1] - rows[0], cols[1] - cols[0])
+    actual = tuple(int(s) for s in param.to_local().shape)
+    if actual != local_shape:  # the layout rule above does not describe this tensor
+        raise UnsupportedShardingError(
+            f"placements {placements} on mesh {mesh.mesh.tolist()} give a local block of shape "
+            f"{actual}, not the contiguous block {local_shape} deltawatch expects. {SUPPORTED}"
+        )
     layout = {
         (False, False): "replicated",
         (True, False): "rows",
@@ -228,16 +211,35 @@ def describe_layout(param: torch.Tensor) -> dict:
     }[(bool(split[0]), bool(split[1]))]
     return {
         "shape": (m, n),
-        "local_shape": (int(local_shape[0]), int(local_shape[1])),
+        "local_shape": local_shape,
         "rows": rows,
         "cols": cols,
-        "row_group": row_group,
-        "col_group": col_group,
-        "col_starts": col_starts,
-        "col_lengths": col_lengths,
+        "row_group": _group_over(mesh, split[0]),
+        "col_group": _group_over(mesh, split[1]),
         "layout": layout,
-        "mesh_ranks": tuple(int(r) for r in mesh.mesh.flatten().tolist()),
     }
+
+
+def _chunk_order(mesh: Any, dims: list[int], strided: dict[int, int], placements) -> list[int]:
+    """Mesh dimensions splitting one tensor dimension, in chunking order (outer first)."""
+    if not any(d in strided for d in dims):
+        return dims  # plain Shard on each: left to right
+    fsdp_over_tp = len(dims) == 2 and dims[0] in strided and dims[1] not in strided
+    if fsdp_over_tp and strided[dims[0]] == mesh.size(dims[1]):
+        return [dims[1], dims[0]]  # by tp first, then dp
+    raise UnsupportedShardingError(
+        f"strided placements {placements} on mesh {mesh.mesh.tolist()}; deltawatch supports "
+        f"_StridedShard only as FSDP2 over tensor parallel produces it. {SUPPORTED}"
+    )
+
+
+def _nested_range(length: int, levels: list[tuple[int, int]]) -> tuple[int, int]:
+    """[start, stop) after chunking [0, length) by (parts, index) at each level, outer first."""
+    start = 0
+    for parts, index in levels:
+        starts, lengths = chunk_ranges(length, parts)
+        start, length = start + starts[index], lengths[index]
+    return (start, start + length)
 
 
 def chunk_ranges(length: int, parts: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -258,6 +260,7 @@ def _group_over(mesh: Any, mesh_dims: list[int]) -> Any:
         return None
     if len(mesh_dims) == 1:
         return mesh.get_group(mesh_dims[0])
+    mesh_dims = sorted(mesh_dims)  # a sum over the group: the order of its ranks does not matter
     key = (id(mesh), tuple(mesh_dims))
     if key not in _FLAT_GROUPS:
         names = mesh.mesh_dim_names
@@ -314,8 +317,6 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
             cols=(0, n),
             row_group=None,
             col_group=None,
-            col_starts=(),
-            col_lengths=(),
             layout="replicated",
             owner_rank=owner,
             computes_here=rank == owner,
@@ -325,11 +326,6 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
     local_shape = d["local_shape"]
     block_rows = d["rows"]
     if rows is not None:
-        if block_rows is None:
-            raise UnsupportedShardingError(
-                "fused= splits rows, but this parameter's rows are split over several mesh "
-                "dimensions (not a contiguous block); drop fused= for it"
-            )
         # the part's rows [p0, p1) ∩ the local block [b0, b1), relative to the part; an empty
         # intersection keeps an in-range offset with length 0 (the rank contributes zeros)
         m = rows[1] - rows[0]
@@ -345,8 +341,6 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
         cols=d["cols"],
         row_group=d["row_group"],
         col_group=d["col_group"],
-        col_starts=d["col_starts"],
-        col_lengths=d["col_lengths"],
         layout=d["layout"],
         owner_rank=owner,
         computes_here=True,

@@ -4,7 +4,8 @@ One real `deltawatch serve` process; one plain process feeds the toy trajectory 
 through a Monitor; one `torchrun --standalone --nproc-per-node 2` (gloo, CPU) feeds the same
 trajectory through FSDP2 `fully_shard` (Shard(0), uneven and empty blocks, a fused QKV split
 across ranks), tensor parallel `RowwiseParallel` (Shard(1), uneven columns) and DDP (replicated),
-then tries FSDP1. Every key read back over the sidecar's HTTP API must equal the single-process
+then tries FSDP1; a 4-rank torchrun does the same on a 2 x 2 (dp, tp) mesh: FSDP2 over
+colwise/rowwise tensor parallel (`_StridedShard` rows, and row+column blocks). Every key read back over the sidecar's HTTP API must equal the single-process
 value within 1e-4 relative; no collective issued during a check may move O(m·n) elements; both
 ranks must issue the same sequence of collectives; DDP issues none; FSDP1 is refused.
 """
@@ -25,7 +26,9 @@ sys.path.insert(0, str(ROOT / "tests" / "dist"))
 import sidecar_process as serve  # noqa: E402
 
 SCRIPT = ROOT / "tests" / "dist" / "run_toy.py"
-MODES = ("fsdp2", "tp", "ddp")
+MODES = ("fsdp2", "tp", "ddp")  # torchrun, 2 ranks
+MESH_2D = "fsdp2_tp"  # torchrun, 4 ranks: a 2 x 2 (dp, tp) mesh
+WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, "fsdp1": 2, MESH_2D: 4}
 R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
 STEPS = 5
 REL = 1e-4
@@ -54,17 +57,18 @@ def runs(sidecar, tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    job = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + [str(SCRIPT), "--modes", ",".join((*MODES, "fsdp1")), *common],
-        env=serve.quiet_env(),
-        capture_output=True,
-        text=True,
-        timeout=360,
-    )
+    for nproc, modes in ((2, (*MODES, "fsdp1")), (4, (MESH_2D,))):
+        job = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc-per-node", str(nproc), str(SCRIPT), "--modes", ",".join(modes), *common],
+            env=serve.quiet_env(),
+            capture_output=True,
+            text=True,
+            timeout=360,
+        )
+        assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
     single_log, _ = single.communicate(timeout=360)
     assert single.returncode == 0, single_log
-    assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
     result = {}
     for f in out.glob("*.json"):
         result[f.stem] = json.loads(f.read_text())
@@ -80,16 +84,15 @@ def _history(base: str, run: str, matrix: str) -> list[dict]:
 
 
 def test_every_rank_delivered_every_report(runs):
-    for mode in ("single", *MODES):
-        ranks = [0] if mode == "single" else [0, 1]
-        for k in ranks:
+    for mode in ("single", *MODES, MESH_2D):
+        for k in range(WORLD[mode]):
             r = runs[f"{mode}-rank{k}"]
             assert r["acknowledged"] is True, r
             assert r["stats"]["errors"] == {}, r["stats"]
             assert r["stats"]["dropped_reports"] == 0
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("mode", (*MODES, MESH_2D))
 def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     _, base = sidecar
     single = _get(base, "/runs/toy-single")
@@ -120,18 +123,24 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     assert compared > 7 * STEPS * 10
 
 
-@pytest.mark.parametrize("mode", ("fsdp2", "tp"))
+@pytest.mark.parametrize("mode", ("fsdp2", "tp", MESH_2D))
 def test_no_collective_moves_a_matrix(runs, mode):
     """Every collective of a check is O((m+n)·r): P (m×r), G (n×r), C (r×r), counts, norms."""
-    r0, r1 = runs[f"{mode}-rank0"], runs[f"{mode}-rank1"]
+    ranks = [runs[f"{mode}-rank{k}"] for k in range(WORLD[mode])]
+    r0 = ranks[0]
     shapes = [tuple(e["shape"]) for e in r0["manifest"]]
     bound = max((m + n) * R for m, n in shapes)
     smallest_tracked = min(m * n for m, n in shapes if min(m, n) > R)
     assert bound < smallest_tracked  # the sizes make the test meaningful
     assert r0["calls"], "a sharded check must reduce something"
-    assert max(numel for _, numel in r0["calls"] + r1["calls"]) <= bound
-    # the same collectives, in the same order, of the same sizes, on both ranks
-    assert r0["calls"] == r1["calls"]
+    assert max(numel for r in ranks for _, numel in r["calls"]) <= bound
+    # the same collectives in the same order on every rank; on a 1-D mesh the same sizes too (on
+    # the 2 x 2 mesh sizes differ between groups: G's all-reduce over dp is n_local x r, 49 or 48
+    # columns; gloo itself fails a collective whose sizes differ inside one group)
+    for r in ranks[1:]:
+        assert [name for name, _ in r["calls"]] == [name for name, _ in r0["calls"]]
+        if mode != MESH_2D:
+            assert r["calls"] == r0["calls"]
 
 
 def test_ddp_has_no_collectives_and_spreads_the_work(runs):
@@ -150,6 +159,13 @@ def test_sharded_layouts_and_owners(runs):
     assert [e["owner_rank"] for e in fsdp] == [i % 2 for i in range(len(fsdp))]
     # every rank computes every sharded matrix (the collectives need all of them)
     assert len(runs["fsdp2-rank1"]["computed"]) == len(fsdp)
+    # FSDP2 over tensor parallel: colwise weights are rows split over both mesh dimensions
+    # (_StridedShard), rowwise ones rows over dp and columns over tp; owners spread over 4 ranks
+    mesh = runs[f"{MESH_2D}-rank3"]["manifest"]
+    layouts = {e["module"]: e["shard_layout"] for e in mesh}
+    assert layouts["mlp.down_proj"] == "rows+cols"
+    assert layouts["self_attn.q_proj"] == layouts["self_attn.v_proj"] == "rows"
+    assert [e["owner_rank"] for e in mesh] == [i % 4 for i in range(len(mesh))]
 
 
 def test_fsdp1_is_refused_with_the_fix(runs):

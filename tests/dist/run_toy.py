@@ -3,6 +3,8 @@
     python tests/dist/run_toy.py --modes single --endpoint HOST:PORT --run-prefix P --out DIR
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist/run_toy.py \
         --modes fsdp2,tp,ddp,fsdp1 --endpoint HOST:PORT --run-prefix P --out DIR
+    python -m torch.distributed.run --standalone --nproc-per-node 4 tests/dist/run_toy.py \
+        --modes fsdp2_tp ...    # a 2 x 2 (dp, tp) mesh
 
 Each mode is its own run, named P-<mode>. Each rank writes DIR/<mode>-rank<k>.json: the element count of every torch.distributed collective issued
 during checks (through a counting wrapper around the real calls), the Monitor's manifest, its
@@ -62,6 +64,25 @@ def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         }
         parallelize_module(toy, mesh, plan)
         return toy, toy
+    if mode == "fsdp2_tp":  # 2-D mesh: FSDP2 over tensor parallel, as torchtitan builds it
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor.parallel import (
+            ColwiseParallel,
+            RowwiseParallel,
+            parallelize_module,
+        )
+
+        mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+        plan = {
+            name.rpartition(".")[0]: RowwiseParallel() if "down_proj" in name else ColwiseParallel()
+            for name, p in toy.named_parameters()
+            if p.dim() == 2
+        }
+        parallelize_module(toy, mesh["tp"], plan)
+        for block in toy.model.layers:
+            fully_shard(block, mesh=mesh["dp"])
+        fully_shard(toy, mesh=mesh["dp"])
+        return toy, toy
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -77,21 +98,21 @@ def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     raise SystemExit(f"unknown mode {mode}")
 
 
-def write_weights(named: torch.nn.Module, W: dict[str, torch.Tensor]) -> None:
+def write_weights(named: torch.nn.Module, W: dict[str, torch.Tensor], verify: bool = False) -> None:
     """Write W_t into every rank's local block of each weight (no optimizer: the same bits as the
-    single-process run)."""
+    single-process run). `verify`: gather each DTensor back with DTensor's own `full_tensor()`
+    and compare, so the block layout is checked independently of client/sharding.py (a wrong
+    row order would not change singular values, so the geometry alone would not show it)."""
     with torch.no_grad():
         for name, p in named.named_parameters():
             if name not in W:
                 continue
             if sharding.is_dtensor(p):
-                from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
-
-                shape, offset = compute_local_shape_and_global_offset(
-                    p.shape, p.device_mesh, p.placements
-                )
-                block = W[name][offset[0] : offset[0] + shape[0], offset[1] : offset[1] + shape[1]]
-                p.to_local().copy_(block)
+                d = sharding.describe_layout(p)
+                (r0, r1), (c0, c1) = d["rows"], d["cols"]
+                p.to_local().copy_(W[name][r0:r1, c0:c1])
+                if verify and not torch.equal(p.full_tensor(), W[name]):
+                    raise AssertionError(f"{name}: local blocks do not reassemble W")
             else:
                 p.copy_(W[name])
 
@@ -111,7 +132,7 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
     W0 = initial_weights()
     try:
         for step in range(1, a.steps + 1):
-            write_weights(named, weights_at(step, W0))
+            write_weights(named, weights_at(step, W0), verify=step == 1)
             counter.active = True
             mon.step(step)
             counter.active = False
