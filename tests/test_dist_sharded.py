@@ -29,6 +29,7 @@ SCRIPT = ROOT / "tests" / "dist" / "run_toy.py"
 MODES = ("fsdp2", "tp", "ddp")  # torchrun, 2 ranks
 MESH_2D = "fsdp2_tp"  # torchrun, 4 ranks: a 2 x 2 (dp, tp) mesh
 WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, "fsdp1": 2, MESH_2D: 4}
+DOWN = "fsdp2_down"  # fsdp2 with rank 1's sidecar down
 R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
 STEPS = 5
 REL = 1e-4
@@ -57,7 +58,7 @@ def runs(sidecar, tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    for nproc, modes in ((2, (*MODES, "fsdp1")), (4, (MESH_2D,))):
+    for nproc, modes in ((2, (*MODES, DOWN, "fsdp1")), (4, (MESH_2D,))):
         job = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             + ["--nproc-per-node", str(nproc), str(SCRIPT), "--modes", ",".join(modes), *common],
@@ -172,3 +173,21 @@ def test_fsdp1_is_refused_with_the_fix(runs):
     for k in (0, 1):
         msg = runs[f"fsdp1-rank{k}"]["refused"]
         assert "FSDP1" in msg and "fully_shard" in msg and "wrong numbers" in msg
+
+
+def test_a_sidecar_down_on_one_node_never_stalls_the_job(runs, sidecar):
+    """Rank 1's sidecar refuses connections (the Monitor's connect timeout is 20 s): every step of
+    both ranks still returns far below it, the collectives stay in lockstep (the job finished),
+    and rank 0's matrices arrive at every step."""
+    _, base = sidecar
+    r0, r1 = runs[f"{DOWN}-rank0"], runs[f"{DOWN}-rank1"]
+    assert max(r0["step_seconds"] + r1["step_seconds"]) < 5.0
+    assert r0["acknowledged"] is True
+    assert r1["acknowledged"] is False and r1["stats"]["unacknowledged"] > 0
+    assert r0["calls"] == r1["calls"]
+    detail = _get(base, f"/runs/toy-{DOWN}")
+    owned_by_0 = sorted(e["matrix"] for e in r0["manifest"] if e["owner_rank"] == 0)
+    arrived = sorted(m["matrix"] for m in detail["matrices"] if m["step"] is not None)
+    assert arrived == owned_by_0
+    for name in owned_by_0:
+        assert [p["step"] for p in _history(base, f"toy-{DOWN}", name)] == [1, 2, 3, 4, 5]

@@ -6,11 +6,13 @@
     python -m torch.distributed.run --standalone --nproc-per-node 4 tests/dist/run_toy.py \
         --modes fsdp2_tp ...    # a 2 x 2 (dp, tp) mesh
 
-Each mode is its own run, named P-<mode>. Each rank writes DIR/<mode>-rank<k>.json: the element count of every torch.distributed collective issued
-during checks (through a counting wrapper around the real calls), the Monitor's manifest, its
-error counters, and whether close() saw every report acknowledged. Mode fsdp1 writes the refusal
-message instead. The weights are written, not trained: every mode sees bit-identical float32
-weights at every step (tests/dist/toy.py).
+Each mode is its own run, named P-<mode>. Each rank writes DIR/<mode>-rank<k>.json: the element
+count of every torch.distributed collective issued during checks (through a counting wrapper
+around the real calls), the Monitor's manifest, its error counters, the wall time of each
+`Monitor.step`, and whether close() saw every report acknowledged. Mode fsdp2_down is fsdp2 with
+rank 1's sidecar down (its endpoint refuses connections). Mode fsdp1 writes the refusal message
+instead. The weights are written, not trained: every mode sees bit-identical float32 weights at
+every step (tests/dist/toy.py).
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ import argparse
 import faulthandler
 import json
 import os
+import socket
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -47,7 +51,7 @@ def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
-    if mode == "fsdp2":
+    if mode in ("fsdp2", "fsdp2_down"):
         from torch.distributed.fsdp import fully_shard
 
         for block in toy.model.layers:
@@ -117,31 +121,45 @@ def write_weights(named: torch.nn.Module, W: dict[str, torch.Tensor], verify: bo
                 p.copy_(W[name])
 
 
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_mode(mode: str, a: argparse.Namespace) -> dict:
     """One monitored run of the trajectory in `mode`; returns what this rank saw."""
     rank, world = sharding.world()
     model, named = build(mode)
     out: dict = {"rank": rank, "world_size": world, "mode": mode}
+    endpoint = a.endpoint
+    if mode == "fsdp2_down" and rank == 1:  # this node's sidecar is down: nothing listens there
+        endpoint = f"127.0.0.1:{free_port()}"
     try:
-        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=a.endpoint, **MONITOR)
+        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=endpoint, **MONITOR)
     except ValueError as exc:
         out["refused"] = str(exc)
         return out
     counter = CollectiveCounter()
     counter.install()
     W0 = initial_weights()
+    step_seconds = []
     try:
         for step in range(1, a.steps + 1):
             write_weights(named, weights_at(step, W0), verify=step == 1)
             counter.active = True
+            t0 = time.perf_counter()
             mon.step(step)
+            step_seconds.append(time.perf_counter() - t0)
             counter.active = False
     finally:
         counter.uninstall()
+    out["step_seconds"] = step_seconds
     out["calls"] = counter.calls
     out["manifest"] = mon.manifest
     out["computed"] = [m.name for m in mon.matrices if m.tracker is not None]
-    out["acknowledged"] = mon.close(timeout=60)
+    out["acknowledged"] = mon.close(timeout=2 if endpoint != a.endpoint else 60)
     out["stats"] = mon.stats()
     return out
 
