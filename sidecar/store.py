@@ -203,6 +203,10 @@ class HistoryRow:
     keys: dict[str, Any]
 
 
+def _history_row(r: tuple) -> HistoryRow:
+    return HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]))
+
+
 @dataclass(frozen=True)
 class CheckCounts:
     """The exact counts behind the ratio keys, kept for parameter-weighted run aggregates."""
@@ -234,7 +238,7 @@ WHERE h.run = ? {matrix_filter}
   AND NOT EXISTS (SELECT 1 FROM history h2
                   WHERE h2.run = h.run AND h2.matrix = h.matrix AND h2.step = h.step
                     AND h2.incarnation > h.incarnation)
-ORDER BY h.matrix, h.step
+ORDER BY {order}
 """
 
 
@@ -547,19 +551,22 @@ class Store:
         Visible: of several incarnations' rows for one (matrix, step) the newest incarnation's;
         and no row of an incarnation at or after a newer incarnation's resume step."""
         if matrix is None:
-            sql, params = _VISIBLE_SQL.format(matrix_filter=""), (run,)
+            sql = _VISIBLE_SQL.format(matrix_filter="", order="h.matrix, h.step")
+            params: tuple = (run,)
         else:
-            sql, params = _VISIBLE_SQL.format(matrix_filter="AND h.matrix = ?"), (run, matrix)
-        return [
-            HistoryRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], json.loads(r[9]))
-            for r in self._read(sql, params)
-        ]
+            sql = _VISIBLE_SQL.format(matrix_filter="AND h.matrix = ?", order="h.step")
+            params = (run, matrix)
+        return [_history_row(r) for r in self._read(sql, params)]
 
     def latest(self, run: str) -> dict[str, HistoryRow]:
-        """matrix -> its latest visible check."""
+        """matrix -> its latest visible check (one indexed lookup per matrix, newest step first,
+        so start-up does not read a long run's whole history)."""
+        sql = _VISIBLE_SQL.format(matrix_filter="AND h.matrix = ?", order="h.step DESC LIMIT 1")
         out: dict[str, HistoryRow] = {}
-        for row in self.history(run):
-            out[row.matrix] = row  # ordered by step within a matrix
+        for (matrix,) in self._read("SELECT matrix FROM manifests WHERE run = ?", (run,)):
+            rows = self._read(sql, (run, matrix))
+            if rows:
+                out[matrix] = _history_row(rows[0])
         return out
 
     # ---------------------------------------------------------------- alerts
