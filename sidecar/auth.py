@@ -184,10 +184,14 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     """Requires ``authorization: Bearer <token>`` on every call outside ``exempt_services``."""
 
     def __init__(
-        self, token: str | TokenFile, exempt_services: Iterable[str] = (HEALTH_SERVICE,)
+        self,
+        token: str | TokenFile,
+        exempt_services: Iterable[str] = (HEALTH_SERVICE,),
+        on_reject: Callable[[str], None] | None = None,
     ) -> None:
         self._token = token
         self._exempt = tuple(f"/{service}/" for service in exempt_services)
+        self._on_reject = on_reject
 
     async def intercept_service(
         self,
@@ -208,15 +212,20 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:  # unknown method: UNIMPLEMENTED reveals nothing worth protecting
             return None
         log.info("rejected gRPC call %s: %s", method, "missing" if not authorization else "bad")
+        if self._on_reject is not None:
+            self._on_reject("unauthenticated")
         return _abort_handler(handler, _rejection(authorization))
 
 
-def grpc_interceptors(config: AuthConfig) -> list[grpc.aio.ServerInterceptor]:
+def grpc_interceptors(
+    config: AuthConfig, *, on_reject: Callable[[str], None] | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors for ``grpc.aio.server(interceptors=...)``: the token check when
-    ``config.token_file`` is set, else none."""
+    ``config.token_file`` is set, else none. ``on_reject(reason)`` is called for each refused
+    call (the server counts it in ``deltawatch_ingest_errors_total{reason="unauthenticated"}``)."""
     if not config.token_file:
         return []
-    return [BearerTokenInterceptor(TokenFile(config.token_file))]
+    return [BearerTokenInterceptor(TokenFile(config.token_file), on_reject=on_reject)]
 
 
 def _read_pem(path: str | os.PathLike[str], flag: str) -> bytes:

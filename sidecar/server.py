@@ -96,7 +96,8 @@ class Sidecar:
     async def start(self) -> None:
         c = self.config
         auth.warn_if_exposed(c)
-        server = grpc.aio.server(interceptors=auth.grpc_interceptors(c), options=GRPC_OPTIONS)
+        interceptors = auth.grpc_interceptors(c, on_reject=self._count_rejected)
+        server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
         pb_grpc.add_IngestServicer_to_server(self.ingest, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
@@ -142,6 +143,11 @@ class Sidecar:
         )
         if c.ready_file:
             write_ready_file(c.ready_file, self.grpc_port, self.http_port)
+
+    def _count_rejected(self, reason: str) -> None:
+        """A call refused by auth.py's token check: deltawatch_ingest_errors_total{reason}."""
+        with self.ingest.stats.lock:
+            self.ingest.stats.errors[reason] += 1
 
     async def stop(self) -> None:
         self._serving = False

@@ -135,6 +135,15 @@ def ingested_messages(metrics_text: str) -> float:
     return sum(values)
 
 
+def refused_unauthenticated(metrics_text: str) -> float:
+    prefix = 'deltawatch_ingest_errors_total{reason="unauthenticated"}'
+    values = [
+        float(line.split()[-1]) for line in metrics_text.splitlines() if line.startswith(prefix)
+    ]
+    assert values, metrics_text
+    return values[0]
+
+
 def check_arrived(port: int, run: str, reference: dict[str, float], **http_kw) -> None:
     status, body = http(port, f"/api/v1/runs/{run}", **http_kw)
     assert status == 200, body
@@ -193,7 +202,9 @@ def test_serve_with_token_and_tls(tmp_path: Path, pki: Pki) -> None:
             assert http(http_port, path, ca=pki.ca, token="nope")[0] == 401
         status, body = http(http_port, "/api/v1/runs", ca=pki.ca, token=TOKEN)
         assert status == 200 and json.loads(body)["runs"] == []
-        assert ingested_messages(http(http_port, "/metrics", ca=pki.ca)[1]) == 0
+        metrics = http(http_port, "/metrics", ca=pki.ca)[1]
+        assert ingested_messages(metrics) == 0
+        assert refused_unauthenticated(metrics) >= 2  # operators see the refused trainers
         # the right token over TLS: the reports arrive, with the right numbers
         model, mon = monitor(grpc_port, "good", tls=tls, token_file=str(token_file))
         reference = train_one_check(model, mon)
