@@ -434,17 +434,13 @@ class Engine:
         horizon of the resumed checks is the one an uninterrupted run would have had."""
         self.store.rewind(r.name, resume_step)
         latest = self.store.latest(r.name)
-        history: dict[str, list] | None = None
         for name, mat in r.matrices.items():
             if mat.last_step is None or mat.last_step < resume_step:
                 continue
-            if history is None:
-                history = {}
-                for h in self.store.history(r.name):
-                    history.setdefault(h.matrix, []).append(h)
+            visible = self.store.history(r.name, name)
             archive = self.store.load_tensors(r.name, name, prefix=ARCHIVE)
             archive = {int(k[len(ARCHIVE) :]): t for k, t in archive.items()}
-            rewind_geometry(mat.geometry, resume_step, history.get(name, []), archive)
+            rewind_geometry(mat.geometry, resume_step, visible, archive)
             mat.last_step = latest[name].step if name in latest else None
             update, tensors, archived = self._state_update(mat, drop_from=resume_step)
             self.store.save_state(r.name, name, r.incarnation, mat.last_step, update)
