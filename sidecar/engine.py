@@ -263,6 +263,20 @@ class Engine:
                 run.matrices[matrix] = mat
             run.rows = {m: self._row(run, h) for m, h in latest.items() if m in manifest}
             self._runs[name] = run
+            # A resume whose hello was persisted but whose rewind was not (killed in between):
+            # the geometry state of an older incarnation still reaches the resume step.
+            resume_step = incs[-1][1] if incs else None
+            if resume_step is not None:
+                stale = [
+                    m
+                    for m, (inc, last, _, _) in states.items()
+                    if m in manifest
+                    and inc < run.incarnation
+                    and last is not None
+                    and last >= resume_step
+                ]
+                if stale:
+                    self._rewind(run, resume_step, stale)
 
     # ---------------------------------------------------------------- listeners
 
@@ -427,16 +441,21 @@ class Engine:
         if saved is not None:
             self._adopt_state(mat, saved[2], saved[3])
 
-    def _rewind(self, r: _Run, resume_step: int) -> None:
+    def _rewind(self, r: _Run, resume_step: int, matrices: list[str] | None = None) -> None:
         """Make the run's state what it was before `resume_step`: the store hides the older
         incarnations' history from it on and drops later lock references; each matrix's lock
         state gets back its check count and the archived V_K snapshots taken before it, so the
         horizon of the resumed checks is the one an uninterrupted run would have had."""
         self.store.rewind(r.name, resume_step)
         latest = self.store.latest(r.name)
-        for name, mat in r.matrices.items():
-            if mat.last_step is None or mat.last_step < resume_step:
-                continue
+        if matrices is None:
+            matrices = [
+                m
+                for m, x in r.matrices.items()
+                if x.last_step is not None and x.last_step >= resume_step
+            ]
+        for name in matrices:
+            mat = r.matrices[name]
             visible = self.store.history(r.name, name)
             archive = self.store.load_tensors(r.name, name, prefix=ARCHIVE)
             archive = {int(k[len(ARCHIVE) :]): t for k, t in archive.items()}

@@ -297,6 +297,21 @@ def test_engine_resume_replaces_the_old_incarnation_from_the_resume_step(toy, tm
     assert {m: s for m, (s, _) in again.store.lock_refs(run.run).items()} == {
         c.matrix: c.lock_step for step in new_checks for c in new_checks[step] if c.locked_now
     }
+    # killed after the resume's hello was persisted but before the rewind: the restarted engine
+    # finishes the rewind from the store, and the new incarnation's checks come out the same
+    crashed = _engine(tmp_path / "crashed")
+    _feed(crashed, run, baselines, checks, range(1, STEPS + 1))
+    crashed.store.save_hello(run.run, 2, resume, run.config(), run.manifest())
+    del crashed
+    restarted = _engine(tmp_path / "crashed")
+    assert all(s < resume for s, _ in restarted.store.lock_refs(run.run).values())
+    restarted.hello(run.run, 2, resume, run.manifest(), run.config())  # the trainer's re-hello
+    for name, sketch in baselines.items():
+        restarted.baseline(run.run, 2, name, sketch)
+    for step in range(resume, STEPS + 1):
+        for check in new_checks[step]:
+            assert restarted.ingest(run.run, 2, check)
+    assert restarted.run_detail(run.run) == control.run_detail(run.run)
 
 
 def test_engine_dropped_reports_and_runs_listing(toy, tmp_path):
