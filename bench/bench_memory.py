@@ -59,8 +59,8 @@ def settle() -> None:
 def reset_peak(device: str) -> None:
     """Reset the peak (VmHWM to the current RSS; CUDA's max_memory_allocated)."""
     settle()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # not every sandbox allows it; the host peak then spans the whole run
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
