@@ -39,20 +39,39 @@ DEFAULT_CUTOFF = 1e-6
 
 @contextlib.contextmanager
 def highest_precision() -> Iterator[None]:
-    """float32 matmuls in full precision (TF32 off on CUDA, for matmul and cuDNN); restores the
-    caller's settings on exit so the trainer's own precision choice is left alone."""
-    matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
-    cudnn_tf32 = torch.backends.cudnn.allow_tf32
-    precision = torch.get_float32_matmul_precision()
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    """float32 matmuls in full IEEE precision (TF32 off on CUDA, no reduced-precision CPU
+    kernels) for the duration of a check; the caller's settings are restored on exit.
+
+    PyTorch has two APIs for this (the legacy `allow_tf32` / `set_float32_matmul_precision` and
+    the newer `fp32_precision` attributes) and raises when a process mixes them, so this touches
+    nothing when the precision is already full, and otherwise speaks the API the process already
+    uses. cuDNN's flag is left alone: no cuDNN kernel runs in a check, and setting it could break
+    a trainer that reads it through the other API."""
+    restore: list[tuple[object, str, object]] = []
+    matmul = torch.backends.cuda.matmul
+    try:
+        legacy = (matmul.allow_tf32, torch.get_float32_matmul_precision())
+    except RuntimeError:  # the process set precision through the new API: use it
+        legacy = None
+    if legacy is not None and legacy != (False, "highest"):
+        restore.append((matmul, "allow_tf32", legacy[0]))
+        restore.append((torch, "float32_matmul_precision", legacy[1]))
+        matmul.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+    elif legacy is None:
+        for backend in (matmul, getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)):
+            old = getattr(backend, "fp32_precision", None)
+            if old not in (None, "ieee", "none"):
+                restore.append((backend, "fp32_precision", old))
+                backend.fp32_precision = "ieee"
     try:
         yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32 = matmul_tf32
-        torch.backends.cudnn.allow_tf32 = cudnn_tf32
-        torch.set_float32_matmul_precision(precision)
+        for obj, attr, old in reversed(restore):
+            if attr == "float32_matmul_precision":
+                torch.set_float32_matmul_precision(old)
+            else:
+                setattr(obj, attr, old)
 
 
 def power_step(

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import torch
 from deltawatch.client.sketch import (
     convergence,
-    highest_precision,
     orth,
     power_step,
     principal_angles_degrees,
@@ -120,13 +121,41 @@ def test_sim_k() -> None:
     assert math.isclose(sim_k(Va, Va[:, :2], 4), 0.5, rel_tol=1e-9)  # a missing column counts 0
 
 
-def test_highest_precision_turns_tf32_off_and_restores_it() -> None:
-    before = torch.backends.cuda.matmul.allow_tf32
+PRECISION_PROBE = """
+import torch
+from deltawatch.client.sketch import highest_precision
+API = {api!r}
+if API == "legacy":
     torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        with highest_precision():
-            assert not torch.backends.cuda.matmul.allow_tf32
-            assert not torch.backends.cudnn.allow_tf32
-        assert torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
+    torch.set_float32_matmul_precision("high")
+elif API == "new":
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+with highest_precision():
+    if API == "new":
+        assert torch.backends.cuda.matmul.fp32_precision == "ieee"
+    else:
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert torch.get_float32_matmul_precision() == "highest"
+if API == "legacy":
+    assert torch.backends.cuda.matmul.allow_tf32
+    assert torch.get_float32_matmul_precision() == "high"
+elif API == "new":
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+else:  # nothing was touched: the trainer may still pick either API afterwards
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    assert torch.backends.cuda.matmul.fp32_precision == "tf32"
+print("ok")
+"""
+
+
+def test_highest_precision_turns_tf32_off_and_restores_it_under_either_api() -> None:
+    """TF32 off during a check, the trainer's setting back afterwards, whichever of PyTorch's two
+    precision APIs the trainer used (mixing them raises, so each case is a fresh process)."""
+    for api in ("legacy", "new", "untouched"):
+        done = subprocess.run(
+            [sys.executable, "-c", PRECISION_PROBE.format(api=api)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and done.stdout.strip() == "ok", (api, done.stderr[-2000:])
