@@ -182,6 +182,16 @@ class IngestService(pb_grpc.IngestServicer):
                         )
                     )
                     continue
+                except Exception as exc:
+                    # A report the engine cannot digest is refused alone: ending the stream would
+                    # make the client resend it forever, blocking everything behind it.
+                    log.exception("ingest of %s %d failed", msg.kind, msg.id)
+                    self._count_error("internal")
+                    text = f"{msg.kind} {msg.id}: the sidecar failed on it ({exc!r})"
+                    out.put_nowait(
+                        pb.ServerMessage(error=pb.Error(id=msg.id, code="INTERNAL", message=text))
+                    )
+                    continue
                 with self.stats.lock:
                     self.stats.last_lag_seconds = time.monotonic() - received
                 out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id])))
