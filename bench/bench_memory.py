@@ -217,7 +217,7 @@ def main() -> None:
         ("peak during attach (measured)", attach_peak - base),
         ("peak during a check (measured, max)", max(check_peaks)),
         ("held after checks (measured)", after_checks - base),
-        ("  of which queued reports", queued),
+        ("queued reports (host memory)", queued),
     ]
     if device == "cuda":
         rows.append(("host RSS gained at attach", host_attach - host_base))
