@@ -20,8 +20,12 @@ from deltawatch.sidecar.demo import model as demo_model
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=demo_model.WEIGHTS_DIR)
+    parser.add_argument(
+        "--teacher-only", action="store_true", help="keep an existing anchor, train the teacher"
+    )
     args = parser.parse_args(argv)
-    anchor.make_weights(args.out, log=lambda line: print(line, file=sys.stderr))
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    anchor.make_weights(args.out, log=log, teacher_only=args.teacher_only)
     return 0
 
 

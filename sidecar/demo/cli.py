@@ -67,6 +67,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="directory with anchor.safetensors and teacher.safetensors [the shipped ones]",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads for training (tiny matmuls: 1 is fastest, and fair to a shared box) [1]",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -165,6 +171,17 @@ def monitored_run(
 
 def run(args: argparse.Namespace) -> int:
     """The demo: sidecar up, regimes, table, JSON; 0 on success."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, args.threads))
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import torch
     from deltawatch.sidecar.demo import model as demo_model

@@ -69,7 +69,7 @@ def training_step(
         seqs = demo_model.generate(teacher, prompts, sample_gen)
         reward = float(task.exact_match(seqs[:, task.PROMPT_LEN :], pairs).mean())
         loss = losses.sft_loss(demo_model.token_logprobs(student, seqs))
-        return loss, StepStats(float(loss), reward)
+        return loss, StepStats(float(loss.detach()), reward)
     seqs = demo_model.generate(student, prompts, sample_gen)
     rewards = task.exact_match(seqs[:, task.PROMPT_LEN :], pairs)
     logp = demo_model.token_logprobs(student, seqs)
@@ -83,7 +83,7 @@ def training_step(
         loss = losses.grpo_loss(logp, logp_old, adv)
     else:
         raise ValueError(f"unknown regime {regime!r}; expected one of {', '.join(REGIMES)}")
-    return loss, StepStats(float(loss), float(rewards.mean()))
+    return loss, StepStats(float(loss.detach()), float(rewards.mean()))
 
 
 def post_train(
