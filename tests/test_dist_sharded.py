@@ -5,7 +5,8 @@ through a Monitor; one `torchrun --standalone --nproc-per-node 2` (gloo, CPU) fe
 trajectory through FSDP2 `fully_shard` (Shard(0), uneven and empty blocks, a fused QKV split
 across ranks), tensor parallel `RowwiseParallel` (Shard(1), uneven columns) and DDP (replicated),
 then tries FSDP1; a 4-rank torchrun does the same on a 2 x 2 (dp, tp) mesh: FSDP2 over
-colwise/rowwise tensor parallel (`_StridedShard` rows, and row+column blocks). Every key read back over the sidecar's HTTP API must equal the single-process
+colwise/rowwise tensor parallel (`_StridedShard` rows, and row+column blocks), and HSDP (2 replicas
+of 2 shards: `(Replicate(), Shard(0))`). Every key read back over the sidecar's HTTP API must equal the single-process
 value within 1e-4 relative; no collective issued during a check may move O(m·n) elements; both
 ranks must issue the same sequence of collectives; DDP issues none; FSDP1 is refused.
 """
@@ -28,7 +29,8 @@ import sidecar_process as serve  # noqa: E402
 SCRIPT = ROOT / "tests" / "dist" / "run_toy.py"
 MODES = ("fsdp2", "tp", "ddp")  # torchrun, 2 ranks
 MESH_2D = "fsdp2_tp"  # torchrun, 4 ranks: a 2 x 2 (dp, tp) mesh
-WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, "fsdp1": 2, MESH_2D: 4}
+HSDP = "hsdp"  # torchrun, 4 ranks: 2 replicas x 2 shards
+WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, "fsdp1": 2, MESH_2D: 4, HSDP: 4}
 DOWN = "fsdp2_down"  # fsdp2 with rank 1's sidecar down
 R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
 STEPS = 5
@@ -58,7 +60,7 @@ def runs(sidecar, tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    for nproc, modes in ((2, (*MODES, DOWN, "fsdp1")), (4, (MESH_2D,))):
+    for nproc, modes in ((2, (*MODES, DOWN, "fsdp1")), (4, (MESH_2D, HSDP))):
         job = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             + ["--nproc-per-node", str(nproc), str(SCRIPT), "--modes", ",".join(modes), *common],
@@ -85,7 +87,7 @@ def _history(base: str, run: str, matrix: str) -> list[dict]:
 
 
 def test_every_rank_delivered_every_report(runs):
-    for mode in ("single", *MODES, MESH_2D):
+    for mode in ("single", *MODES, MESH_2D, HSDP):
         for k in range(WORLD[mode]):
             r = runs[f"{mode}-rank{k}"]
             assert r["acknowledged"] is True, r
@@ -93,7 +95,7 @@ def test_every_rank_delivered_every_report(runs):
             assert r["stats"]["dropped_reports"] == 0
 
 
-@pytest.mark.parametrize("mode", (*MODES, MESH_2D))
+@pytest.mark.parametrize("mode", (*MODES, MESH_2D, HSDP))
 def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     _, base = sidecar
     single = _get(base, "/runs/toy-single")
@@ -124,7 +126,7 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     assert compared > 7 * STEPS * 10
 
 
-@pytest.mark.parametrize("mode", ("fsdp2", "tp", MESH_2D))
+@pytest.mark.parametrize("mode", ("fsdp2", "tp", MESH_2D, HSDP))
 def test_no_collective_moves_a_matrix(runs, mode):
     """Every collective of a check is O((m+n)·r): P (m×r), G (n×r), C (r×r), counts, norms."""
     ranks = [runs[f"{mode}-rank{k}"] for k in range(WORLD[mode])]
@@ -140,7 +142,7 @@ def test_no_collective_moves_a_matrix(runs, mode):
     # columns; gloo itself fails a collective whose sizes differ inside one group)
     for r in ranks[1:]:
         assert [name for name, _ in r["calls"]] == [name for name, _ in r0["calls"]]
-        if mode != MESH_2D:
+        if mode in ("fsdp2", "tp"):
             assert r["calls"] == r0["calls"]
 
 

@@ -4,7 +4,7 @@
     python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist/run_toy.py \
         --modes fsdp2,tp,ddp,fsdp1 --endpoint HOST:PORT --run-prefix P --out DIR
     python -m torch.distributed.run --standalone --nproc-per-node 4 tests/dist/run_toy.py \
-        --modes fsdp2_tp ...    # a 2 x 2 (dp, tp) mesh
+        --modes fsdp2_tp,hsdp ...    # 2 x 2 meshes: (dp, tp) and (replicate, shard)
 
 Each mode is its own run, named P-<mode>. Each rank writes DIR/<mode>-rank<k>.json: the element
 count of every torch.distributed collective issued during checks (through a counting wrapper
@@ -86,6 +86,16 @@ def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
         for block in toy.model.layers:
             fully_shard(block, mesh=mesh["dp"])
         fully_shard(toy, mesh=mesh["dp"])
+        return toy, toy
+    if mode == "hsdp":  # 2 replicas x 2 shards: (Replicate(), Shard(0)) on a 2-D mesh
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = init_device_mesh(
+            "cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard")
+        )
+        for block in toy.model.layers:
+            fully_shard(block, mesh=mesh)
+        fully_shard(toy, mesh=mesh)
         return toy, toy
     if mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
