@@ -16,7 +16,6 @@ from __future__ import annotations
 import pytest
 import torch
 from deltawatch.client.lock import is_snapshot_check
-from deltawatch.client.sketch import sim_k
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry
 from deltawatch.sidecar.reference import exact_anchor, exact_keys, right_vectors, view_of
@@ -113,9 +112,11 @@ def test_native_view_fp32_opd() -> None:
 
 
 def test_sft_never_locks_over_50_checks() -> None:
-    W0 = pretrained_like(256, 512, seed=0)
+    """50 checks of the SFT-like random walk (128×256, to keep the suite short): no lock, and the
+    reason is visible: the horizon alignment of a random walk stays far below the 0.9 threshold."""
+    W0 = pretrained_like(128, 256, seed=0)
     tracker = MatrixTracker.attach(NAME, W0)
-    geometry = MatrixGeometry((256, 512), rank=K)
+    geometry = MatrixGeometry((128, 256), rank=K)
     geometry.baseline(tracker.baseline())
     alignments = []
     for step, W in trajectory("sft", W0, 50):
@@ -123,6 +124,5 @@ def test_sft_never_locks_over_50_checks() -> None:
         keys = geometry.ingest(check)
         assert check.lock_step is None and not check.locked_now and not keys["locked"]
         alignments.append(keys["horizon_alignment"])
-    # the reason it never locks: the horizon alignment of a random walk stays far below 0.9
-    assert max(a for a in alignments if a is not None) < 0.9
-    assert sim_k(torch.eye(4), torch.eye(4)) == 1.0
+    measured = [a for a in alignments if a is not None]
+    assert len(measured) >= 40 and max(measured) < 0.9
