@@ -5,7 +5,8 @@ SGD; the callback creates the Monitor when training begins and checks after ever
 optimizer step. The sidecar must hold 14 matrices (q/k/v/o, gate/up/down per layer) under the
 Hugging Face names with the right layer and module, checks at steps 2 and 4 (the Trainer's
 global steps), and the exact statistics must equal the float64 reference computed from the
-weights before and after training.
+weights before and after training. The same under torchrun with 2 ranks, where the Trainer wraps
+the model in DDP and the two ranks' Monitors split the matrices between them.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import sidecar_process  # noqa: E402
 
 transformers = pytest.importorskip("transformers")  # the "hf" extra
 
-pytestmark = pytest.mark.timeout(240)
+pytestmark = pytest.mark.timeout(300)
 
 MODULES = {
     "self_attn.q_proj",
@@ -102,6 +103,13 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
             for m in detail["matrices"]
         }
 
+    WT = {n: p.detach() for n, p in model.named_parameters() if p.dim() == 2}
+    check_arrivals(detail, histories, W0, WT)
+
+
+def check_arrivals(detail: dict, histories: dict, W0: dict, WT: dict) -> None:
+    """14 matrices under HF names, layers and modules; checks at steps 2 and 4; the last check's
+    exact statistics equal float64 from the weights before and after training."""
     rows = detail["matrices"]
     assert len(rows) == 14
     assert detail["last_step"] == 4
@@ -111,9 +119,6 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
     for m in rows:
         assert m["matrix"] == f"model.layers.{m['layer']}.{m['module']}.weight"
         assert [p["step"] for p in histories[m["matrix"]]] == [2, 4]
-
-    # exact statistics of the last check against float64 from the weights before and after
-    WT = {n: p.detach() for n, p in model.named_parameters() if p.dim() == 2}
     for m in rows:
         name = m["matrix"]
         w0, wt = W0[name].to(torch.bfloat16), WT[name].to(torch.bfloat16)
@@ -124,3 +129,41 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
         assert last["frobenius_norm"] == pytest.approx(dw.norm().item(), rel=1e-6)
         assert last["bf16_visible_ratio"] == pytest.approx(visible, abs=1e-12)
         assert visible > 0.2  # SGD at this rate moves many weights visibly
+
+
+def test_trainer_under_torchrun_ddp_spreads_the_matrices(tmp_path):
+    """torchrun, 2 ranks: the Trainer wraps the model in DDP (accelerate, gloo); each rank's
+    Monitor computes and sends half of the matrices; together they deliver all 14."""
+    import json
+    import subprocess
+
+    from safetensors.torch import load_file
+
+    out = tmp_path / "ranks"
+    with sidecar_process.sidecar(tmp_path) as (endpoint, base):
+        job = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc-per-node", "2", str(Path(__file__).parent / "dist" / "run_hf.py")]
+            + ["--endpoint", endpoint, "--run-name", "hf-ddp", "--out", str(out)],
+            env=sidecar_process.quiet_env(),
+            capture_output=True,
+            text=True,
+            timeout=200,
+        )
+        assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
+        detail = sidecar_process.get_json(base, "/runs/hf-ddp")
+        histories = {
+            m["matrix"]: sidecar_process.get_json(
+                base, f"/runs/hf-ddp/history?matrix={m['matrix']}"
+            )["points"]
+            for m in detail["matrices"]
+        }
+    ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
+    names = [e["matrix"] for e in ranks[0]["manifest"]]
+    for k, r in enumerate(ranks):
+        assert r["wrapped"] == "DistributedDataParallel" and r["global_step"] == 4
+        assert r["computed"] == names[k::2]
+        assert r["stats"]["errors"] == {} and r["stats"]["unacknowledged"] == 0
+    check_arrivals(
+        detail, histories, load_file(out / "w0.safetensors"), load_file(out / "wt.safetensors")
+    )

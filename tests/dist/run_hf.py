@@ -1,0 +1,109 @@
+"""A transformers Trainer under torchrun (DDP through accelerate, gloo, CPU) with the callback.
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 tests/dist/run_hf.py \
+        --endpoint HOST:PORT --run-name NAME --out DIR
+
+Each rank writes DIR/rank<k>.json: the matrices its Monitor computed, the manifest, the class the
+Trainer wrapped the model in, and the Monitor's counters; rank 0 also writes the 2-D weights
+before and after training (w0.safetensors, wt.safetensors) for the float64 reference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import faulthandler
+import json
+import os
+
+import torch
+from deltawatch.client.hf import DeltawatchCallback
+from safetensors.torch import save_file
+from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
+
+
+class Tokens(torch.utils.data.Dataset):
+    def __init__(self, n: int, length: int, vocab: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.ids = torch.randint(0, vocab, (n, length), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Probe(DeltawatchCallback):
+    """The callback, keeping what its Monitor saw before closing it."""
+
+    seen: dict = {}
+
+    def on_train_end(self, args, state, control, **kwargs):
+        m = self.monitor
+        if m is not None:
+            Probe.seen = {
+                "computed": [x.name for x in m.matrices if x.tracker is not None],
+                "manifest": m.manifest,
+                "rank": m.rank,
+                "world_size": m.world_size,
+            }
+        control = super().on_train_end(args, state, control, **kwargs)
+        Probe.seen["stats"] = m.stats() if m is not None else None
+        return control
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--run-name", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    faulthandler.dump_traceback_later(150, exit=True)
+    torch.manual_seed(0)
+    config = Qwen3Config(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=64,
+    )
+    model = Qwen3ForCausalLM(config)
+    W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
+    args = TrainingArguments(
+        output_dir=os.path.join(a.out, "trainer"),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        ddp_backend="gloo",
+        seed=0,
+    )
+    callback = Probe(run=a.run_name, endpoint=a.endpoint, every=2, rank=4, oversample=4)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=Tokens(16, 16, 128), callbacks=[callback]
+    )
+    trainer.train()
+    out = dict(Probe.seen)
+    out["wrapped"] = type(trainer.model_wrapped).__name__
+    out["global_step"] = trainer.state.global_step
+    os.makedirs(a.out, exist_ok=True)
+    if out["rank"] == 0:  # the weights before and after, for the float64 reference
+        WT = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.dim() == 2}
+        save_file(W0, os.path.join(a.out, "w0.safetensors"))
+        save_file(WT, os.path.join(a.out, "wt.safetensors"))
+    with open(os.path.join(a.out, f"rank{out['rank']}.json"), "w") as f:
+        json.dump(out, f, default=str)
+
+
+if __name__ == "__main__":
+    main()
