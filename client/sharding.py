@@ -98,7 +98,10 @@ def check_supported(model: nn.Module) -> None:
 
     Called by `Monitor` at construction, before any anchor is copied.
     """
-    from torch.distributed.fsdp import FlatParameter, FullyShardedDataParallel
+    if dist.is_available():
+        from torch.distributed.fsdp import FlatParameter, FullyShardedDataParallel
+    else:  # a torch build without torch.distributed has neither
+        FlatParameter = FullyShardedDataParallel = ()  # noqa: N806
 
     for name, module in model.named_modules():
         if isinstance(module, FullyShardedDataParallel):
@@ -129,6 +132,9 @@ def check_supported(model: nn.Module) -> None:
 
 
 def is_dtensor(param: torch.Tensor) -> bool:
+    """Whether `param` is a DTensor (FSDP2, tensor parallel)."""
+    if not dist.is_available():
+        return False
     from torch.distributed.tensor import DTensor
 
     return isinstance(param, DTensor)
