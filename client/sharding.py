@@ -21,8 +21,8 @@ Supported layouts (PyTorch `[out, in]` weights):
 Refused at construction, with the fix in the message (never wrong numbers): FSDP1
 (``FullyShardedDataParallel``: its ``FlatParameter`` or, with ``use_orig_params=True``, flattened
 1-D views make a weight's local piece meaningless as a matrix block), DeepSpeed ZeRO-3 (partitioned
-flat parameters, ``ds_tensor``), ``Partial`` placements, and columns split over several mesh
-dimensions.
+flat parameters, ``ds_tensor``), ``Partial`` placements, columns split over several mesh
+dimensions, and ``_StridedShard`` layouts other than FSDP2 over tensor parallel.
 """
 
 from __future__ import annotations
