@@ -66,8 +66,12 @@ class LockState:
         patience: int = DEFAULT_PATIENCE,
         min_energy: float = DEFAULT_MIN_ENERGY,
         at_step: int | None = None,
+        max_rank: int | None = None,
     ) -> None:
         self.k = k
+        # Sim_K's denominator: K, or min(m, n) for a matrix too small to have K directions (V_K
+        # is still padded to K columns, with zeros)
+        self.k_sim = k if max_rank is None else max(1, min(k, max_rank))
         self.threshold = threshold
         self.patience = patience
         self.min_energy = min_energy
@@ -99,7 +103,7 @@ class LockState:
             pos = horizon_position([s for _, s, _ in self.snapshots], step)
             if pos is not None:
                 _, horizon_step, V_h = self.snapshots[pos]
-                alignment = sim_k(V_K, V_h, self.k)
+                alignment = sim_k(V_K, V_h, self.k_sim)
                 del self.snapshots[:pos]  # older ones can never be the horizon again
             if is_snapshot_check(index):
                 self.snapshots.append((index, step, V_K))

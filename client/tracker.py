@@ -120,6 +120,7 @@ class MatrixTracker:
             patience=lock_patience,
             min_energy=lock_min_energy,
             at_step=lock_at_step,
+            max_rank=min(shape),
         )
 
     @classmethod

@@ -54,7 +54,7 @@ class MatrixGeometry:
         self.tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         self.cutoff = cutoff
         self.device = torch.device(device)
-        self.lock = LockState(rank)
+        self.lock = LockState(rank, max_rank=min(self.shape))
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
         self.lock_step: int | None = None
@@ -99,7 +99,8 @@ class MatrixGeometry:
         keys["lock_step"] = check.lock_step
         if keys["locked"]:
             if self.v_ref is not None and V_K is not None and converged:
-                keys["subspace_alignment"] = sim_k(pad_columns(V_K, K), self.v_ref, K)
+                k_sim = self.lock.k_sim
+                keys["subspace_alignment"] = sim_k(pad_columns(V_K, K), self.v_ref, k_sim)
             if check.channel_energy_sq is not None and frob_sq > 0:
                 keys["channel_energy_ratio"] = float(check.channel_energy_sq) / frob_sq
         numel = check.numel

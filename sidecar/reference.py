@@ -121,10 +121,11 @@ def exact_keys(
         keys["spectral_norm"] = s1
         keys["stable_rank"] = frob_sq / (s1 * s1)
         keys["topk_energy_ratio"] = float(S[:rank].square().sum()) / frob_sq
+        k_sim = min(rank, *D.shape)  # a matrix with fewer than K directions: Sim over them
         if horizon_V is not None:
-            keys["horizon_alignment"] = sim_k(V_K, horizon_V, rank)
+            keys["horizon_alignment"] = sim_k(V_K, horizon_V, k_sim)
         if v_ref is not None:
-            keys["subspace_alignment"] = sim_k(V_K, v_ref, rank)
+            keys["subspace_alignment"] = sim_k(V_K, v_ref, k_sim)
             keys["channel_energy_ratio"] = float((D @ v_ref.double()).square().sum()) / frob_sq
     else:
         keys["spectral_norm"] = 0.0

@@ -81,3 +81,13 @@ def test_state_dict_round_trip_continues_identically() -> None:
         assert (oa.horizon_step, oa.locked_now) == (ob.horizon_step, ob.locked_now)
         assert abs(oa.horizon_alignment - ob.horizon_alignment) < 1e-12
     assert a.lock_step == b.lock_step
+
+
+def test_a_matrix_with_fewer_than_k_directions_can_lock() -> None:
+    """min(m, n) < K: Sim is taken over the min(m, n) directions there are (V_K padded with zero
+    columns), so an update that keeps its subspace reads 1, not min(m, n)/K."""
+    lock = LockState(K, max_rank=2)
+    V = basis(0)[:, :2]
+    observed = [lock.observe(step, V, 1.0) for step in range(1, 5)]
+    assert abs(observed[1].horizon_alignment - 1.0) < 1e-6
+    assert lock.lock_step == 4 and lock.v_ref.shape == (N, K)
