@@ -31,10 +31,10 @@ REGIMES = ("opd", "sft", "rlvr")
 class Settings:
     """One post-training run's knobs (the demo's defaults)."""
 
-    steps: int = 120
+    steps: int = 200
     batch: int = 64  # sequences per optimizer step
     group: int = 8  # GRPO group size G (batch / G prompts per step)
-    lr: float = 3e-5
+    lr: float = 1e-5
     weight_decay: float = 0.01
     seed: int = 0
 
