@@ -16,6 +16,7 @@ Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exac
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -202,7 +203,10 @@ class MatrixTracker:
         update = None
         V_K = energy = None
         converged = False
-        if frobenius_sq > 0:
+        # a non-finite weight (a diverged step) is reported as it is (the sidecar refuses it with a
+        # clear error) without touching the bases, so the tracker recovers with the weights
+        finite = math.isfinite(frobenius_sq)
+        if frobenius_sq > 0 and finite:
             update, theta, Z, self.V, G = self._iterate(D, self.V, self.rank)
             V_K = ritz_vectors(G, Z, self.rank).float()
             energy = float(theta[: self.rank].sum()) / frobenius_sq
@@ -210,7 +214,7 @@ class MatrixTracker:
         obs = self.lock.observe(step, V_K, energy, converged)
         channel = self._channel_energy(D) if self.lock.locked else None
 
-        if update is None:  # W_t == W0 in this view: its sketch is W0's
+        if update is None:  # W_t == W0 in this view (or not finite): W0's sketch
             weight = self.baseline()
         else:
             A = self._weight_view(W, D)

@@ -153,3 +153,20 @@ def test_mismatched_anchor_settings_are_refused() -> None:
         MatrixTracker(NAME, (48, 64), anchor=tracker.anchor, view="native")
     with pytest.raises(ValueError, match="local shape"):
         tracker.check(torch.zeros(64, 48), 1)
+
+
+def test_a_non_finite_weight_leaves_the_tracker_intact() -> None:
+    """A diverged step (NaN in W_t) is reported as non-finite (the sidecar refuses it) and
+    touches neither basis, so the next finite check goes on as if it had not happened."""
+    W0 = pretrained_like(96, 160, seed=16)
+    a, b = MatrixTracker.attach(NAME, W0), MatrixTracker.attach(NAME, W0)
+    steps = list(trajectory("sft", W0, 3))
+    for step, W in steps[:2]:
+        a.check(W, step)
+        b.check(W, step)
+    broken = steps[2][1].clone()
+    broken[3, 5] = float("nan")
+    check = a.check(broken, 3)
+    assert check.update is None and check.frobenius_sq != check.frobenius_sq  # NaN
+    assert torch.equal(a.V, b.V) and torch.equal(a.V_w, b.V_w)
+    assert torch.equal(a.check(steps[2][1], 4).update.G, b.check(steps[2][1], 4).update.G)
