@@ -176,6 +176,14 @@ def sidecars(tmp_path):
             s.proc.wait(10)
 
 
+def wait_for(condition, what, timeout: float = 90.0) -> None:
+    """Poll `condition` (a generous bound: 2 shared cores); fail saying what did not happen."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what()}"
+        time.sleep(0.05)
+
+
 def rel(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
@@ -230,10 +238,10 @@ def test_kill9_and_restart_lose_no_acknowledged_report(sidecars):
     for t in range(1, 7):
         set_weights(model, W0, directions, t, g)
         mon.step(t)
-    deadline = time.monotonic() + 30
-    while len([a for a in mon._transport.acked_log if a[0] == "report"]) < 8:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(
+        lambda: len([a for a in mon._transport.acked_log if a[0] == "report"]) >= 8,
+        lambda: f"8 acknowledged reports: {mon.stats()}",
+    )
     side.kill9()
     acked_before = [a for a in list(mon._transport.acked_log) if a[0] == "report"]
     for t in range(7, 10):  # the sidecar is down: checks queue up, the trainer does not wait
@@ -508,10 +516,10 @@ def test_alerts_reach_on_alert_of_their_run_only(in_process):
     model_b, _ = make_toy(11)
     mon_a = Monitor(model_a, run="toy-alert-a", endpoint=endpoint, on_alert=got_a.append)
     mon_b = Monitor(model_b, run="toy-alert-b", endpoint=endpoint, on_alert=got_b.append)
-    deadline = time.monotonic() + 30
-    while mon_a.stats()["acknowledged"] < 4 or mon_b.stats()["acknowledged"] < 4:  # baselines
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(
+        lambda: mon_a.stats()["acknowledged"] >= 4 and mon_b.stats()["acknowledged"] >= 4,
+        lambda: f"baselines acknowledged: {mon_a.stats()}, {mon_b.stats()}",
+    )
     item = {
         "id": "SubspaceDrift/toy-alert-a/1", "rule": "SubspaceDrift", "run": "toy-alert-a",
         "matrix": None, "state": "firing", "severity": "warning",
@@ -519,9 +527,7 @@ def test_alerts_reach_on_alert_of_their_run_only(in_process):
         "summary": "3 of 4 matrices left their locked channel",
     }  # fmt: skip
     in_process.ingest.publish_alert("toy-alert-a", item)  # from another thread, as the engine does
-    while not got_a:
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_for(lambda: got_a, lambda: f"the alert on_alert: {mon_a.stats()}")
     assert got_a == [item] and got_b == []
     assert mon_a.close(10) and mon_b.close(10)
 
