@@ -529,7 +529,8 @@ def test_alerts_reach_on_alert_of_their_run_only(in_process):
     in_process.ingest.publish_alert("toy-alert-a", item)  # from another thread, as the engine does
     wait_for(lambda: got_a, lambda: f"the alert on_alert: {mon_a.stats()}")
     assert got_a == [item] and got_b == []
-    assert mon_a.close(10) and mon_b.close(10)
+    assert mon_a.close(60), mon_a.stats()
+    assert mon_b.close(60), mon_b.stats()
 
     with grpc.insecure_channel(endpoint) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
