@@ -57,8 +57,8 @@ class MonitorConfig:
     resume_step: int | None = None  # the step a restarted trainer resumes from
     connect_timeout: float = 20.0  # seconds for one connection attempt (never on the trainer)
     close_timeout: float = 10.0  # default bounded wait of close()
-    _include_rx: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
-    _exclude_rx: tuple[re.Pattern, ...] = field(default=(), repr=False, compare=False)
+    _include_rx: tuple[re.Pattern, ...] = field(default=(), init=False, repr=False, compare=False)
+    _exclude_rx: tuple[re.Pattern, ...] = field(default=(), init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         validate(self)
@@ -101,6 +101,18 @@ class MonitorConfig:
                 value = [str(v) for v in value]
             out[f.name] = value
         return out
+
+
+def check_keywords(kwargs: Mapping[str, Any]) -> None:
+    """Unknown Monitor keywords raise TypeError naming the closest known one."""
+    import difflib
+
+    known = [f.name for f in fields(MonitorConfig) if f.init]
+    for key in kwargs:
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
+            raise TypeError(f"Monitor got an unknown keyword {key!r}{hint}")
 
 
 def _search(patterns: tuple[re.Pattern, ...], name: str) -> bool:

@@ -29,7 +29,7 @@ import torch
 
 from . import fused as fused_mod
 from . import naming, sharding
-from .config import MonitorConfig
+from .config import MonitorConfig, check_keywords
 from .transport import ErrorLog, Transport
 
 log = logging.getLogger("deltawatch.client")
@@ -71,6 +71,7 @@ class Monitor:
     """Watches the geometry of the weight update of `model`'s selected matrices."""
 
     def __init__(self, model: torch.nn.Module, run: str, **kwargs: Any) -> None:
+        check_keywords(kwargs)
         self.config = MonitorConfig(run=run, **kwargs)
         c = self.config
         sharding.check_supported(model)

@@ -148,6 +148,13 @@ def test_monitor_config_says_the_fix(kwargs, fragment):
     assert fragment in str(err.value)
 
 
+def test_unknown_monitor_keyword_names_the_closest():
+    from deltawatch.client.config import check_keywords
+
+    with pytest.raises(TypeError, match="unknown keyword 'evry'; did you mean 'every'"):
+        check_keywords({"evry": 10})
+
+
 def test_monitor_config_selection():
     c = MonitorConfig(run="r", include=[r"q_proj"], exclude=r"layers\.1\.")
     assert c.selects("model.layers.0.self_attn.q_proj.weight") is True
