@@ -192,7 +192,7 @@ class MatrixTracker:
             visible = Wr.to(torch.bfloat16).view(torch.int16) != W0.to(torch.bfloat16).view(
                 torch.int16
             )
-            stats[0] += D[rows].double().square().sum()
+            stats[0] += torch.sum(D[rows] * D[rows], dtype=torch.float64)
             stats[1] += visible.sum()
             stats[2] += (visible & a.low_mask(W0)).sum()
             stats[3] += (visible & a.principal_rows(rows)).sum()
