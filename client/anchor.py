@@ -121,13 +121,14 @@ class Anchor:
         self.local_shape = tuple(W0_local.shape)
         self.numel = self.shape[0] * self.shape[1]
         self.dtype = view_dtype(view, W0_local.dtype)
-        W0 = W0_local.detach().to(self.dtype).clone()
+        W0 = W0_local.detach().to(self.dtype).contiguous()  # on the parameter's device
         if placement == "host" and W0.device.type != "cpu":
-            W0 = W0.cpu().pin_memory()
-        self.W0 = W0.contiguous()
+            self.W0 = W0.cpu().pin_memory()
+        else:
+            self.W0 = W0.clone() if W0.data_ptr() == W0_local.data_ptr() else W0
         with highest_precision():
-            self.a = low_magnitude_threshold(self.W0, alpha, spec, numel=self.numel)
-            A = W0_local.detach().to(self.dtype).float()
+            self.a = low_magnitude_threshold(W0, alpha, spec, numel=self.numel)
+            A = W0.float()
             gram = self._gram(A) if min(self.shape) <= EXACT_LIMIT else None
             self._principal_mask(A, gram)
             self.V0 = self._weight_basis(A, gram)

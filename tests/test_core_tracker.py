@@ -170,3 +170,13 @@ def test_a_non_finite_weight_leaves_the_tracker_intact() -> None:
     assert check.update is None and check.frobenius_sq != check.frobenius_sq  # NaN
     assert torch.equal(a.V, b.V) and torch.equal(a.V_w, b.V_w)
     assert torch.equal(a.check(steps[2][1], 4).update.G, b.check(steps[2][1], 4).update.G)
+
+
+def test_the_anchor_is_a_copy_not_the_live_parameter() -> None:
+    """Training updates the parameter in place: the anchor must not move with it."""
+    for dtype, view in ((torch.float32, "native"), (torch.bfloat16, "bf16")):
+        param = pretrained_like(48, 64, seed=17, dtype=dtype)
+        tracker = MatrixTracker.attach(NAME, param, placement="device", view=view)
+        param.add_(1.0)
+        check = tracker.check(param, 1)
+        assert check.frobenius_sq == pytest.approx(48 * 64, rel=1e-3), (dtype, view)
