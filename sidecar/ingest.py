@@ -89,7 +89,8 @@ class IngestService(pb_grpc.IngestServicer):
             max_workers=1, thread_name_prefix="deltawatch-engine"
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._subscribers: dict[str, set[asyncio.Queue]] = {}  # run -> its streams' queues
+        self._streams: set[asyncio.Queue] = set()  # every open stream's queue
         self._closing = False
 
     # -- alerts: any thread -> every stream of the run ---------------------------------------
@@ -117,9 +118,8 @@ class IngestService(pb_grpc.IngestServicer):
     def close(self) -> None:
         """End every open stream (shutdown)."""
         self._closing = True
-        for queues in self._subscribers.values():
-            for q in list(queues):
-                q.put_nowait(None)
+        for q in list(self._streams):
+            q.put_nowait(None)
 
     # -- the stream --------------------------------------------------------------------------
 
@@ -127,7 +127,10 @@ class IngestService(pb_grpc.IngestServicer):
         self, request_iterator: AsyncIterator[pb.ClientMessage], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ServerMessage]:
         self._loop = asyncio.get_running_loop()
+        if self._closing:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
         out: asyncio.Queue = asyncio.Queue()
+        self._streams.add(out)
         state = _StreamState()
         reader = asyncio.create_task(self._read(request_iterator, state, out))
         with self.stats.lock:
@@ -142,6 +145,7 @@ class IngestService(pb_grpc.IngestServicer):
                 yield item
         finally:
             reader.cancel()
+            self._streams.discard(out)
             if state.run is not None:
                 self._subscribers.get(state.run, set()).discard(out)
             with self.stats.lock:
