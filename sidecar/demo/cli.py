@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,10 +97,17 @@ def _load_models(weights: Path | None):
 
     folder = weights or demo_model.WEIGHTS_DIR
     files = (folder / demo_model.ANCHOR_FILE, folder / demo_model.TEACHER_FILE)
+    if not all(f.exists() for f in files) and weights is None:
+        cache = Path.home() / ".cache" / "deltawatch" / "demo-weights"
+        if all((cache / f.name).exists() for f in files):
+            folder, files = cache, tuple(cache / f.name for f in files)
     if not all(f.exists() for f in files):
         if weights is not None:
             raise SystemExit(f"--weights {weights}: needs {files[0].name} and {files[1].name}")
-        _say(f"no demo weights in {folder}: training the anchor and teacher (a few minutes)")
+        if not os.access(folder.parent, os.W_OK):
+            folder = cache  # an installed package's folder may be read-only
+            files = tuple(cache / f.name for f in files)
+        _say(f"no demo weights shipped: training the anchor and teacher into {folder} (minutes)")
         anchor.make_weights(folder, log=_say)
     return lambda: demo_model.load(files[0]), demo_model.load(files[1])
 
