@@ -316,6 +316,10 @@ class Monitor:
 
     # -- introspection -----------------------------------------------------------------------------
 
+    def unacknowledged(self) -> int:
+        """Reports and baselines not yet acknowledged by the sidecar."""
+        return self._transport.unacknowledged()
+
     def stats(self) -> dict[str, Any]:
         """Counters for dashboards and tests: queue, acks, drops, errors by kind."""
         t = self._transport

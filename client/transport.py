@@ -119,6 +119,8 @@ class Transport:
             maxlen=100_000
         )
         self.refused_total = 0
+        self._baselines_acked: dict[str, _Item] = {}  # matrix -> its acknowledged baseline
+        self.baselines_resent = 0
         self.connections = 0
         self.lock_references: dict[str, tuple[int, object]] = {}
         self.connected = False
@@ -272,6 +274,8 @@ class Transport:
                     progressed = True
                     self.connected = True
                     self._acked(msg.ack.ids, session)
+                    if msg.ack.resend_baselines:
+                        self._resend_baselines()
                 elif kind == "error":
                     self._refused(msg.error)
                 elif kind == "lock_reference":
@@ -307,6 +311,22 @@ class Transport:
                     self._bytes -= item.nbytes
                     self.acked_total += 1
                     self.acked_log.append(_describe(item))
+                    if item.kind == "baseline":
+                        self._baselines_acked[item.payload[0]] = item
+            self._cv.notify_all()
+
+    def _resend_baselines(self) -> None:
+        """The sidecar created the run with this hello (its store was lost): the baselines an
+        earlier sidecar acknowledged go again, first (new ids, same content)."""
+        with self._cv:
+            again = []
+            for old in self._baselines_acked.values():
+                again.append(_Item(self._next_id, "baseline", old.payload, old.nbytes))
+                self._next_id += 1
+                self._bytes += old.nbytes
+            self._baselines_acked.clear()
+            self._pending.extendleft(reversed(again))
+            self.baselines_resent += len(again)
             self._cv.notify_all()
 
     def _refused(self, err: pb.Error) -> None:

@@ -260,7 +260,8 @@ class IngestService(pb_grpc.IngestServicer):
         self._subscribers.setdefault(hello.run, set()).add(out)
         for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):
             out.put_nowait(wire.encode_lock_reference(hello.run, matrix, lock_step, v_ref))
-        out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id])))
+        created = bool(getattr(result, "created", False))
+        out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id], resend_baselines=created)))
 
     def _declared(self, state: _StreamState, body) -> None:
         """Check a report's declared tensor shapes against the manifest before any chunk is

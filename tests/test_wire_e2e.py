@@ -535,3 +535,34 @@ def test_alerts_reach_on_alert_of_their_run_only(in_process):
     with grpc.insecure_channel(endpoint) as channel:
         services = ProtoReflectionDescriptorDatabase(channel).get_services()
     assert "deltawatch.v1.Ingest" in services and "grpc.health.v1.Health" in services
+
+
+def test_a_sidecar_that_lost_its_store_gets_the_baselines_again(sidecars, tmp_path):
+    """kill -9, then a sidecar on an empty data dir at the same port: the hello recreates the run
+    and the client resends the baselines, so rotation and spectral shift come back."""
+    side = sidecars()
+    model, W0 = make_toy(12)
+    g = torch.Generator().manual_seed(13)
+    directions = {n: opd_direction(p.shape, g) for n, p in model.named_parameters()}
+    mon = Monitor(model, run="toy-lost", endpoint=side.endpoint, every=1)
+    for t in range(1, 3):
+        set_weights(model, W0, directions, t, g)
+        mon.step(t)
+    wait_for(lambda: mon.unacknowledged() == 0, lambda: f"everything acknowledged: {mon.stats()}")
+    side.kill9()
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    side2 = SidecarProcess(fresh, grpc_port=side.grpc_port)
+    try:
+        wait_for(lambda: mon._transport.baselines_resent == 4, lambda: f"resend: {mon.stats()}")
+        for t in range(3, 5):
+            set_weights(model, W0, directions, t, g)
+            mon.step(t)
+        assert mon.close(timeout=60) is True
+        for m in mon.matrices:
+            point = side2.history("toy-lost", m.name)[4]
+            assert point["rotation_mean_degrees"] is not None, point
+            assert point["spectral_shift_topk"] is not None, point
+    finally:
+        side2.proc.kill()
+        side2.proc.wait(10)

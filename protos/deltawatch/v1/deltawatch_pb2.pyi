@@ -163,10 +163,12 @@ class ClientMessage(_message.Message):
     def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., report: _Optional[_Union[MatrixReport, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("ids",)
+    __slots__ = ("ids", "resend_baselines")
     IDS_FIELD_NUMBER: _ClassVar[int]
+    RESEND_BASELINES_FIELD_NUMBER: _ClassVar[int]
     ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
+    resend_baselines: bool
+    def __init__(self, ids: _Optional[_Iterable[int]] = ..., resend_baselines: _Optional[bool] = ...) -> None: ...
 
 class LockReference(_message.Message):
     __slots__ = ("run", "matrix", "lock_step", "v_ref")
