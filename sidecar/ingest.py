@@ -92,6 +92,8 @@ class IngestService(pb_grpc.IngestServicer):
         self._subscribers: dict[str, set[asyncio.Queue]] = {}  # run -> its streams' queues
         self._streams: set[asyncio.Queue] = set()  # every open stream's queue
         self._closing = False
+        self._created_runs: set[str] = set()  # runs this process created (new, or store lost)
+        self._hellos_seen: set[tuple[str, int, int]] = set()  # (run, incarnation, rank)
 
     # -- alerts: any thread -> every stream of the run ---------------------------------------
 
@@ -260,8 +262,14 @@ class IngestService(pb_grpc.IngestServicer):
         self._subscribers.setdefault(hello.run, set()).add(out)
         for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):
             out.put_nowait(wire.encode_lock_reference(hello.run, matrix, lock_step, v_ref))
-        created = bool(getattr(result, "created", False))
-        out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id], resend_baselines=created)))
+        # Baselines are asked for again from every rank's first hello to this process once the
+        # run was (re)created here: a new run (nothing to resend yet) or a lost store.
+        if getattr(result, "created", False):
+            self._created_runs.add(hello.run)
+        key = (hello.run, int(hello.incarnation), int(hello.rank))
+        resend = hello.run in self._created_runs and key not in self._hellos_seen
+        self._hellos_seen.add(key)
+        out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id], resend_baselines=resend)))
 
     def _declared(self, state: _StreamState, body) -> None:
         """Check a report's declared tensor shapes against the manifest before any chunk is

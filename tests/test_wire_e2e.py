@@ -259,6 +259,7 @@ def test_kill9_and_restart_lose_no_acknowledged_report(sidecars):
     detail = side2.get("/api/v1/runs/toy-kill")
     assert all(r["locked"] and r["lock_step"] == 3 for r in detail["matrices"])
     assert mon.stats()["connections"] >= 2
+    assert mon._transport.baselines_resent == 0  # the store kept them
     assert side2.stop() == 0  # SIGTERM: a graceful exit
 
 
