@@ -73,6 +73,7 @@ class _StreamState:
     manifest: dict[str, dict] = field(default_factory=dict)
     r_max: int = MAX_COLUMNS
     rank_k: int = 16
+    said_goodbye: bool = False
 
 
 def _abort(code: str, message: str) -> StreamAbort:
@@ -94,6 +95,9 @@ class IngestService(pb_grpc.IngestServicer):
         self._closing = False
         self._created_runs: set[str] = set()  # runs this process created (new, or store lost)
         self._hellos_seen: set[tuple[str, int, int]] = set()  # (run, incarnation, rank)
+        # Called with the run name when the last open stream of a run ended with a Goodbye (the
+        # trainer closed its Monitors): the alert engine stops watching it for RunStalled.
+        self.run_finished_listeners: list[Callable[[str], object]] = []
 
     # -- alerts: any thread -> every stream of the run ---------------------------------------
 
@@ -116,6 +120,13 @@ class IngestService(pb_grpc.IngestServicer):
     def _fan_out(self, run: str, frame: pb.ServerMessage) -> None:
         for queue in list(self._subscribers.get(run, ())):
             queue.put_nowait(frame)
+
+    def _run_finished(self, run: str) -> None:
+        for listener in self.run_finished_listeners:
+            try:
+                listener(run)
+            except Exception:
+                log.exception("run-finished listener failed for run %r", run)
 
     def close(self) -> None:
         """End every open stream (shutdown)."""
@@ -150,6 +161,8 @@ class IngestService(pb_grpc.IngestServicer):
             self._streams.discard(out)
             if state.run is not None:
                 self._subscribers.get(state.run, set()).discard(out)
+                if state.said_goodbye and not self._subscribers.get(state.run):
+                    self._run_finished(state.run)
             with self.stats.lock:
                 self.stats.streams_open -= 1
 
@@ -165,6 +178,7 @@ class IngestService(pb_grpc.IngestServicer):
                 if msg is None:
                     continue
                 if msg.kind == "goodbye":
+                    state.said_goodbye = True
                     break
                 if msg.kind == "hello":
                     await self._hello(msg, state, out)

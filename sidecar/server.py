@@ -77,6 +77,7 @@ class Sidecar:
         )
         self.engine.subscribe(self.alert_engine.observe)
         self.ingest = IngestService(self.engine)
+        self.ingest.run_finished_listeners.append(self.alert_engine.finish_run)
         self.alerts = AlertService(
             self.alert_engine, webhook_url=config.alert_webhook, publish=self.ingest.publish_alert
         )

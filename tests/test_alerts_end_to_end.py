@@ -298,3 +298,45 @@ def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_a_run_whose_trainer_said_goodbye_is_finished_not_stalled(tmp_path, one_thread):
+    """Monitor.close() sends a Goodbye; once the run's last stream ends with it, the alert engine
+    stops watching the run, so a finished run never raises RunStalled (the same short timer as
+    above would fire within ~2 s otherwise)."""
+    config = tmp_path / "alerts.json"
+    config.write_text(
+        json.dumps(
+            {
+                "run_stalled": {
+                    "min_seconds": 1.0,
+                    "grace_seconds": 0.5,
+                    "evaluate_every_seconds": 0.2,
+                }
+            }
+        )
+    )
+    proc, ports = start_sidecar(tmp_path / "data", "--alert-config", str(config))
+    api = f"http://127.0.0.1:{ports['http_port']}"
+    try:
+        g = torch.Generator().manual_seed(4)
+        model = TinyModel(g)
+        mon = Monitor(model, run="e2e-done", endpoint=f"127.0.0.1:{ports['grpc_port']}", every=1)
+        for s in (1, 2, 3):
+            with torch.no_grad():
+                for block in model.model.layers:
+                    block.mlp.up_proj.weight.add_(LR * torch.randn(M, N, generator=g))
+            mon.step(s)
+        assert mon.close(timeout=DEADLINE)
+        time.sleep(5.0)  # several stall windows of the configured timer
+        rules = {
+            a["rule"] for a in get_json(f"{api}/api/v1/alerts")["alerts"] if a["run"] == "e2e-done"
+        }
+        assert "RunStalled" not in rules
+        assert get_json(f"{api}/api/v1/runs/e2e-done")["last_step"] == 3
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
