@@ -1,0 +1,624 @@
+"""Hook-overhead benchmark: the amortised cost of `deltawatch.client.Monitor` on a training loop,
+as a ratio against the SAME loop without the monitor, measured in the same process.
+
+The toy: a transformers Qwen3 (`Qwen3Config`, random init, nothing downloaded; hidden 512, 2
+blocks, 14 monitored matrices by default), AdamW, `batch × seq` tokens per step (1024 by
+default), fp32 on the CPU with `--threads` torch threads (default 2, set explicitly).
+
+Interleaving: each configuration runs `--rounds` rounds; a round is one block of `block` steps
+without the monitor and one block of `block` steps with it (order alternating ABBA between
+rounds), so machine noise hits both alike. In a block with the monitor, `mon.step(k)` is called
+after every optimizer step with the monitor's own count k of the steps it saw (as `attach` would
+count them), so a block of `every` steps holds exactly one check. Per round, the with/without
+ratio of the block totals (wall and CPU time); the table gives the medians over rounds.
+
+Rows: every=10 with a real sidecar (`deltawatch serve --threads 1` subprocess, ephemeral ports,
+ready file), every=1 (every step a check), every=10 with the sidecar absent (the endpoint is a
+closed port: the client pays the sketch only; connecting happens on the sender thread), and
+every=100, derived from the every=10 row's check time (a measured every=100 row needs 100-step
+blocks: `--rounds-100 N`).
+
+Overhead columns:
+  block ratio  = median over rounds of (Σ step time with monitor) / (Σ step time without) − 1
+  amortised    = (median hook time on non-check steps·(every−1) + median check time)
+                 / (every · median step time without monitor)
+  CPU          = the same block ratio on this process's CPU time (all threads: training,
+                 the sender thread, gRPC); the sidecar's own CPU (another process) is reported
+                 per check beside it.
+
+The check split (instrumented by wrapping the tracker's functions on the every=10 row; each
+wrapper costs ~1 µs): power steps, Rayleigh–Ritz + eigh (rayleigh_ritz, the convergence
+indicator's eigvalsh, ritz_vectors), orth (QR), forming ΔW + exact statistics + masks (the rest
+of the pass over ΔW, with the two mask reads split out), the W_t view, lock, channel energy,
+copies to the wire format, queueing (`submit_report`). Monitor construction (attach) time is
+timed per monitor.
+
+    .venv/bin/python bench/bench_hook.py                   # the default table (< ~5 min, 2 cores)
+    .venv/bin/python bench/bench_hook.py --hidden 1024 --intermediate 3072
+    .venv/bin/python bench/bench_hook.py --rounds 1 --block 2 --hidden 64 --intermediate 128 \
+        --seq 16 --batch 1 --vocab 128 --rounds-1 1 --rounds-absent 1   # the smoke test's size
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import os
+import pstats
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections import defaultdict
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+# -- the sidecar --------------------------------------------------------------------------------
+
+
+class Sidecar:
+    """`python -m deltawatch.sidecar.cli serve --threads 1` on loopback ports picked by the OS."""
+
+    def __init__(self, data_dir: Path, threads: int = 1) -> None:
+        self.ready = data_dir / "ready.json"
+        self.proc = subprocess.Popen(
+            [
+                sys.executable, "-m", "deltawatch.sidecar.cli", "serve",
+                "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0",
+                "--data-dir", str(data_dir), "--device", "cpu", "--threads", str(threads),
+                "--ready-file", str(self.ready), "--log-level", "warning",
+            ],
+            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        while not self.ready.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError("the sidecar exited during start-up")
+            if time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError("the sidecar did not become ready in 120 s")
+            time.sleep(0.05)
+        ports = json.loads(self.ready.read_text())
+        self.http_port = ports["http_port"]
+        self.endpoint = f"127.0.0.1:{ports['grpc_port']}"
+
+    def cpu_seconds(self) -> float:
+        """The sidecar process's user + system CPU time (/proc/PID/stat)."""
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / CLK_TCK
+        except (OSError, IndexError, ValueError):
+            return float("nan")
+
+    def get(self, path: str, **query) -> dict:
+        url = f"http://127.0.0.1:{self.http_port}{path}"
+        if query:
+            url += "?" + urllib.parse.urlencode(query)
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return json.loads(r.read())
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def closed_port() -> str:
+    """An endpoint nobody listens on (a port the OS gave us, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+# -- the toy trainer ----------------------------------------------------------------------------
+
+
+class Trainer:
+    """A random-init Qwen3 (transformers) with AdamW, one batch of random tokens per step."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        from transformers import Qwen3Config, Qwen3ForCausalLM
+
+        torch.manual_seed(args.seed)
+        heads = max(1, args.hidden // args.head_dim)
+        cfg = Qwen3Config(
+            vocab_size=args.vocab,
+            hidden_size=args.hidden,
+            intermediate_size=args.intermediate,
+            num_hidden_layers=args.layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 2),
+            head_dim=args.head_dim,
+            max_position_embeddings=max(args.seq, 64),
+            tie_word_embeddings=True,
+        )
+        self.model = Qwen3ForCausalLM(cfg)
+        self.model.train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=args.lr)
+        self.gen = torch.Generator().manual_seed(args.seed + 1)
+        self.shape = (args.batch, args.seq)
+        self.vocab = args.vocab
+        self.steps = 0
+
+    def step(self) -> None:
+        x = torch.randint(0, self.vocab, self.shape, generator=self.gen)
+        loss = self.model(input_ids=x, labels=x).loss
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.steps += 1
+
+
+# -- the check split ------------------------------------------------------------------------------
+
+SPLIT = (
+    "power steps",
+    "Rayleigh-Ritz + eigh",
+    "orth (QR)",
+    "dW + exact stats",
+    "masks (low, principal)",
+    "W_t view",
+    "lock",
+    "channel energy",
+    "to wire (copies)",
+    "queueing",
+)
+
+
+class Split:
+    """Inclusive wall time per category, by wrapping the client's functions (nested time is
+    subtracted from the enclosing category, so categories add up to the check)."""
+
+    def __init__(self) -> None:
+        self.totals: dict[str, float] = defaultdict(float)
+        self.stack: list[list[float]] = []
+
+    def wrap(self, fn, category: str):
+        def timed(*a, **kw):
+            self.stack.append([0.0])
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                dt = time.perf_counter() - t0
+                inner = self.stack.pop()[0]
+                self.totals[category] += dt - inner
+                if self.stack:
+                    self.stack[-1][0] += dt
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out = dict(self.totals)
+        self.totals.clear()
+        return out
+
+
+@contextmanager
+def instrumented(split: Split, monitor):
+    """Wrap the tracker's and anchor's functions and this monitor's queue for the duration."""
+    from deltawatch.client import anchor as anchor_mod
+    from deltawatch.client import lock as lock_mod
+    from deltawatch.client import tracker as tracker_mod
+
+    saved: list[tuple[object, str, object]] = []
+
+    def patch(obj, name, category):
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, split.wrap(getattr(obj, name), category))
+
+    patch(tracker_mod, "power_step", "power steps")
+    patch(tracker_mod, "rayleigh_ritz", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "convergence", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "ritz_vectors", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "orth", "orth (QR)")
+    patch(tracker_mod, "_to_wire", "to wire (copies)")
+    patch(tracker_mod.MatrixTracker, "_check", "dW + exact stats")
+    patch(tracker_mod.MatrixTracker, "_weight_view", "W_t view")
+    patch(tracker_mod.MatrixTracker, "_channel_energy", "channel energy")
+    patch(anchor_mod.Anchor, "low_mask", "masks (low, principal)")
+    patch(anchor_mod.Anchor, "principal_rows", "masks (low, principal)")
+    patch(lock_mod.LockState, "observe", "lock")
+    patch(monitor._transport, "submit_report", "queueing")
+    try:
+        yield
+    finally:
+        for obj, name, old in reversed(saved):
+            if isinstance(obj, type) or obj is tracker_mod:
+                setattr(obj, name, old)
+            else:  # an instance attribute shadowing the class's method
+                delattr(obj, name)
+
+
+# -- one configuration -------------------------------------------------------------------------
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+def run_config(
+    trainer: Trainer,
+    *,
+    label: str,
+    every: int,
+    endpoint: str,
+    rounds: int,
+    block: int,
+    sidecar: Sidecar | None,
+    split: Split | None,
+    exact_matrix: str | None,
+    profile_last: bool = False,
+) -> dict:
+    """Interleaved rounds of `block` steps without and with a Monitor(every=every)."""
+    from deltawatch.client import Monitor
+
+    run = "bench-" + label.replace(" ", "-")
+    t0, c0 = time.perf_counter(), time.process_time()
+    mon = Monitor(trainer.model, run=run, endpoint=endpoint, every=every, close_timeout=60.0)
+    attach_wall, attach_cpu = time.perf_counter() - t0, time.process_time() - c0
+
+    params = dict(trainer.model.named_parameters())
+    exact_w0 = None
+    if exact_matrix is not None:  # the exact float64 reference of one matrix's ‖ΔW‖_F
+        exact_w0 = params[exact_matrix].detach().to(torch.bfloat16).double().clone()
+    exact_fro: dict[int, float] = {}
+
+    off_wall, off_cpu, on_wall, on_cpu = [], [], [], []  # per step
+    hook_noop, check_wall, check_cpu, splits = [], [], [], []
+    ratio_wall, ratio_cpu = [], []
+    count = 0  # the steps the monitor saw
+    side0 = sidecar.cpu_seconds() if sidecar else float("nan")
+    profile_text = None
+
+    def block_of(with_monitor: bool) -> tuple[float, float]:
+        nonlocal count, profile_text
+        bw = bc = 0.0
+        for _ in range(block):
+            w0, p0 = time.perf_counter(), time.process_time()
+            trainer.step()
+            if with_monitor:
+                count += 1
+                is_check = count % every == 0
+                h0, hc0 = time.perf_counter(), time.process_time()
+                profiler = None
+                if is_check and profile_last and len(check_wall) == rounds * block // every - 1:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                if is_check and split is not None:
+                    with instrumented(split, mon):
+                        mon.step(count)
+                    splits.append(split.take())
+                else:
+                    mon.step(count)
+                if profiler is not None:
+                    profiler.disable()
+                    s = io.StringIO()
+                    pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(14)
+                    profile_text = s.getvalue()
+                hw, hc = time.perf_counter() - h0, time.process_time() - hc0
+                if is_check:
+                    check_wall.append(hw)
+                    check_cpu.append(hc)
+                    if exact_w0 is not None:
+                        W = params[exact_matrix].detach().to(torch.bfloat16).double()
+                        exact_fro[count] = float(torch.linalg.norm(W - exact_w0))
+                else:
+                    hook_noop.append(hw)
+            dw, dc = time.perf_counter() - w0, time.process_time() - p0
+            (on_wall if with_monitor else off_wall).append(dw)
+            (on_cpu if with_monitor else off_cpu).append(dc)
+            bw += dw
+            bc += dc
+        return bw, bc
+
+    for i in range(rounds):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        res = {flag: block_of(flag) for flag in order}
+        ratio_wall.append(res[True][0] / res[False][0])
+        ratio_cpu.append(res[True][1] / res[False][1])
+
+    c1 = time.perf_counter()
+    flushed = mon.close(timeout=60.0 if sidecar else 0.5)
+    close_wall = time.perf_counter() - c1
+    stats = mon.stats()
+    side_cpu = (sidecar.cpu_seconds() - side0) if sidecar else float("nan")
+
+    delivered = None
+    if sidecar is not None and exact_matrix is not None and exact_fro:
+        hist = sidecar.get(f"/api/v1/runs/{run}/history", matrix=exact_matrix)["points"]
+        got = {p["step"]: p["frobenius_norm"] for p in hist}
+        errs = [
+            abs(got[s] - v) / v if v > 0 else abs(got[s] or 0.0)
+            for s, v in exact_fro.items()
+            if s in got and got[s] is not None
+        ]
+        delivered = {
+            "checks": len(exact_fro),
+            "in_store": sum(s in got for s in exact_fro),
+            "max_rel_err_frobenius": max(errs) if errs else None,
+            "exact_frobenius": exact_fro,
+            "stored_frobenius": {s: got.get(s) for s in exact_fro},
+        }
+
+    step_off = median(off_wall)
+    noop = median(hook_noop) if hook_noop else 0.0
+    chk = median(check_wall)
+    amortised = (noop * (every - 1) + chk) / (every * step_off)
+    split_med = {k: median([s.get(k, 0.0) for s in splits]) for k in SPLIT} if splits else None
+    return {
+        "label": label,
+        "every": every,
+        "sidecar": sidecar is not None,
+        "rounds": rounds,
+        "block": block,
+        "matrices": len(mon.matrices),
+        "attach_wall_s": attach_wall,
+        "attach_cpu_s": attach_cpu,
+        "step_off_s": step_off,
+        "step_on_s": median(on_wall),
+        "step_off_cpu_s": median(off_cpu),
+        "step_on_cpu_s": median(on_cpu),
+        "hook_noop_s": noop,
+        "check_s": chk,
+        "check_cpu_s": median(check_cpu),
+        "checks": len(check_wall),
+        "overhead_block": median(ratio_wall) - 1,
+        "overhead_block_cpu": median(ratio_cpu) - 1,
+        "overhead_amortised": amortised,
+        "ratios_wall": ratio_wall,
+        "sidecar_cpu_per_check_s": side_cpu / max(len(check_wall), 1),
+        "close_s": close_wall,
+        "flushed": flushed,
+        "client_stats": stats,
+        "split": split_med,
+        "delivered": delivered,
+        "profile": profile_text,
+    }
+
+
+def derived_row(base: dict, every: int) -> dict:
+    """every=N from a measured row's check and hook times (no blocks of N steps run)."""
+    row = {k: base[k] for k in ("step_off_s", "hook_noop_s", "check_s", "matrices", "sidecar")}
+    row.update(label=f"e{every} (derived)", every=every, derived=True)
+    row["overhead_amortised"] = (row["hook_noop_s"] * (every - 1) + row["check_s"]) / (
+        every * row["step_off_s"]
+    )
+    return row
+
+
+# -- output ---------------------------------------------------------------------------------------
+
+
+def pct(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}%"
+
+
+def ms(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{1000 * x:.1f}"
+
+
+def print_tables(result: dict) -> None:
+    s = result["settings"]
+    print(
+        f"\nQwen3 toy: hidden {s['hidden']}, {s['layers']} blocks, MLP {s['intermediate']}, "
+        f"vocab {s['vocab']}, {s['batch']}x{s['seq']} = {s['batch'] * s['seq']} tokens/step, "
+        f"AdamW fp32, torch threads {s['threads']} (set explicitly), "
+        f"{result['rows'][0]['matrices']} monitored matrices ({s['params_monitored']:,} params)"
+    )
+    print(f"machine: {result['machine']}")
+    print(
+        "\n| config | every | rounds×block | step w/o ms | step with ms | check ms | check CPU ms "
+        "| hook no-op µs | overhead (blocks) | overhead (CPU) | amortised | sidecar CPU/check ms |"
+    )
+    print("|" + "---|" * 12)
+    for r in result["rows"]:
+        if r.get("derived"):
+            print(
+                f"| {r['label']} | {r['every']} | — | {ms(r['step_off_s'])} | — | "
+                f"{ms(r['check_s'])} | — | {1e6 * r['hook_noop_s']:.1f} | — | — | "
+                f"{pct(r['overhead_amortised'])} | — |"
+            )
+            continue
+        print(
+            f"| {r['label']} | {r['every']} | {r['rounds']}×{r['block']} | {ms(r['step_off_s'])} | "
+            f"{ms(r['step_on_s'])} | {ms(r['check_s'])} | {ms(r['check_cpu_s'])} | "
+            f"{1e6 * r['hook_noop_s']:.1f} | {pct(r['overhead_block'])} | "
+            f"{pct(r['overhead_block_cpu'])} | {pct(r['overhead_amortised'])} | "
+            f"{ms(r['sidecar_cpu_per_check_s'])} |"
+        )
+    print("\nMonitor construction (attach):")
+    for r in result["rows"]:
+        if not r.get("derived"):
+            print(
+                f"  {r['label']}: {ms(r['attach_wall_s'])} ms wall, {ms(r['attach_cpu_s'])} ms "
+                f"CPU; close {ms(r['close_s'])} ms (all acknowledged: {r['flushed']}); "
+                f"client {r['client_stats']['acknowledged']} acked, "
+                f"{r['client_stats']['dropped_reports']} dropped, "
+                f"errors {r['client_stats']['errors']}"
+            )
+    for r in result["rows"]:
+        if r.get("split"):
+            total = sum(r["split"].values())
+            print(f"\nCheck split on the training thread ({r['label']}, median per check, ms):")
+            print("| part | ms | share |\n|---|---|---|")
+            for k in SPLIT:
+                v = r["split"][k]
+                print(f"| {k} | {ms(v)} | {100 * v / total if total else 0:.1f}% |")
+            print(f"| sum | {ms(total)} | |")
+    for r in result["rows"]:
+        d = r.get("delivered")
+        if d:
+            err = d["max_rel_err_frobenius"]
+            print(
+                f"\n{r['label']}: {d['in_store']}/{d['checks']} checks of "
+                f"{result['exact_matrix']} in the sidecar's store; frobenius_norm vs the exact "
+                f"float64 ‖bf16(W_t) − bf16(W0)‖_F: max rel. error "
+                f"{'—' if err is None else f'{err:.2e}'}"
+            )
+    for name, text in result.get("micro", {}).items():
+        print(f"\n{name}: {text}")
+    for r in result["rows"]:
+        if r.get("profile"):
+            print(f"\ncProfile of one check ({r['label']}), top by own time:")
+            lines = [ln for ln in r["profile"].splitlines() if ln.strip()]
+            print("\n".join(lines[-16:]))
+
+
+def eigh_threads_micro(threads: int, r: int = 32, repeats: int = 200) -> str:
+    """The r×r float64 Rayleigh–Ritz of one power step, with 1 thread and with `threads`."""
+    from deltawatch.client.sketch import convergence, rayleigh_ritz
+
+    g = torch.Generator().manual_seed(0)
+    G = torch.randn(512, r, generator=g)
+    C = G.T @ G
+    out = []
+    for t in sorted({1, threads}):
+        torch.set_num_threads(t)
+        rayleigh_ritz(G, C)
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            theta, _ = rayleigh_ritz(G, C)
+            convergence(theta, C, 16)
+        out.append(f"{t} thread(s) {1e6 * (time.perf_counter() - t0) / repeats:.0f} µs")
+    torch.set_num_threads(threads)
+    return "rayleigh_ritz + convergence on a 512×32 G: " + ", ".join(out)
+
+
+# -- main -----------------------------------------------------------------------------------------
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2, help="torch threads of the trainer")
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--intermediate", type=int, default=1536)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--head-dim", type=int, default=64)
+    p.add_argument("--vocab", type=int, default=2048)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--every", type=int, default=10, help="the main row's every")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the every=10 row")
+    p.add_argument("--block", type=int, default=None, help="steps per block (default: every)")
+    p.add_argument("--rounds-1", type=int, default=2, help="rounds of the every=1 row (0: skip)")
+    p.add_argument("--block-1", type=int, default=3)
+    p.add_argument("--rounds-absent", type=int, default=2, help="rounds without a sidecar")
+    p.add_argument("--rounds-100", type=int, default=0, help="measure every=100 (100-step blocks)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the first row")
+    p.add_argument("--no-split", action="store_true", help="skip the instrumented split")
+    p.add_argument("--no-profile", action="store_true", help="skip cProfile of one check")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", type=Path, default=None)
+    return p.parse_args(argv)
+
+
+def machine() -> str:
+    try:
+        cpu = next(
+            ln.split(":", 1)[1].strip()
+            for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            if ln.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        cpu = "unknown CPU"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return f"{cpu}, {os.cpu_count()} cores visible, load average {load:.1f} at start, torch {torch.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    torch.set_num_threads(args.threads)
+    block = args.block or args.every
+    result: dict = {"settings": vars(args) | {"json": None}, "machine": machine(), "rows": []}
+    trainer = Trainer(args)
+    for _ in range(args.warmup):
+        trainer.step()
+    names = [n for n, p in trainer.model.named_parameters() if ".layers." in n and p.dim() == 2]
+    result["exact_matrix"] = names[0]
+    result["settings"]["params_monitored"] = sum(
+        p.numel() for n, p in trainer.model.named_parameters() if n in set(names)
+    )
+    split = None if args.no_split else Split()
+    with tempfile.TemporaryDirectory(prefix="deltawatch-bench-hook-") as tmp:
+        sidecar = Sidecar(Path(tmp))
+        try:
+            main_row = run_config(
+                trainer, label=f"e{args.every} sidecar", every=args.every,
+                endpoint=sidecar.endpoint, rounds=args.rounds, block=block, sidecar=sidecar,
+                split=split, exact_matrix=names[0],
+            )  # fmt: skip
+            result["rows"].append(main_row)
+            if args.rounds_1:
+                result["rows"].append(
+                    run_config(
+                        trainer,
+                        label="e1 sidecar",
+                        every=1,
+                        endpoint=sidecar.endpoint,
+                        rounds=args.rounds_1,
+                        block=args.block_1,
+                        sidecar=sidecar,
+                        split=None,
+                        exact_matrix=names[0],
+                        profile_last=not args.no_profile,
+                    )  # fmt: skip
+                )
+            if args.rounds_100:
+                result["rows"].append(
+                    run_config(
+                        trainer,
+                        label="e100 sidecar",
+                        every=100,
+                        endpoint=sidecar.endpoint,
+                        rounds=args.rounds_100,
+                        block=100,
+                        sidecar=sidecar,
+                        split=None,
+                        exact_matrix=None,
+                    )  # fmt: skip
+                )
+            else:
+                result["rows"].append(derived_row(main_row, 100))
+        finally:
+            sidecar.close()
+        if args.rounds_absent:
+            result["rows"].append(
+                run_config(
+                    trainer,
+                    label=f"e{args.every} no sidecar",
+                    every=args.every,
+                    endpoint=closed_port(),
+                    rounds=args.rounds_absent,
+                    block=block,
+                    sidecar=None,
+                    split=None,
+                    exact_matrix=None,
+                )  # fmt: skip
+            )
+    result["micro"] = {"eigh threads": eigh_threads_micro(args.threads)}
+    print_tables(result)
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
