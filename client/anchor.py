@@ -15,7 +15,7 @@ Thresholds: a (low-magnitude) and b (principal) are exact order statistics (clie
 [W0]_R, the rank-R truncation (R = mask_rank): when min(m, n) ≤ EXACT_LIMIT it is exact — the
 top-R eigenvectors of the float64 Gram matrix of the smaller side (at attach only; sharded, that
 Gram is assembled with O((m+n)·min(m, n)) collectives) — else the subspace iteration of
-client/sketch.py (float32, R + p columns) run until its indicator is ≤ ATTACH_TOLERANCE.
+client/sketch.py (float32, R + 16 columns) run until its indicator is ≤ MASK_TOLERANCE.
 """
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ from .sketch import convergence, highest_precision, orth, power_step, rayleigh_r
 EXACT_LIMIT = (
     1024  # min(m, n) at or below which [W0]_R and W0's basis come from an exact eigensolve
 )
-ATTACH_TOLERANCE = 1e-5  # indicator target of the attach-time subspace iterations
+ATTACH_TOLERANCE = 1e-5  # indicator target of the attach-time iteration for W0's basis
+MASK_TOLERANCE = 1e-7  # for [W0]_R: Ritz vectors converge more slowly than Ritz values
 ATTACH_MAX_STEPS = 50
 MASK_OVERSAMPLE = 16
 CHUNK_ELEMENTS = 1 << 22
@@ -64,16 +65,21 @@ def chunk_rows(n_cols: int) -> int:
 
 
 def _subspace_iteration(
-    A: torch.Tensor, r: int, k: int, seed: int, spec: ShardSpec | None
+    A: torch.Tensor,
+    r: int,
+    k: int,
+    seed: int,
+    spec: ShardSpec | None,
+    tolerance: float = ATTACH_TOLERANCE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Power steps from a seeded basis until convergence(k) ≤ ATTACH_TOLERANCE. Returns the last
-    (V, G, C): G, C are the sketch of the basis V."""
+    """Power steps from a seeded basis until convergence(k) ≤ tolerance (at most
+    ATTACH_MAX_STEPS). Returns the last (V, G, C): G, C are the sketch of the basis V."""
     n = A.shape[1] if spec is None else spec.shape[1]
     V = gaussian_basis(n, r, seed, A.device)
     for _ in range(ATTACH_MAX_STEPS):
         _, G, C = power_step(A, V, spec)
         theta, _ = rayleigh_ritz(G, C)
-        if convergence(theta, C, k) <= ATTACH_TOLERANCE:
+        if convergence(theta, C, k) <= tolerance:
             break
         V = orth(G)
     return V, G, C
@@ -228,7 +234,7 @@ class Anchor:
                 return E_R[rows], P @ E_R, torch.float64
             return P @ E_R, E_R[cols], torch.float64  # [W0]_R = W0 V_R V_Rᵀ
         seed = stable_seed(self.seed, self.name + "#mask")
-        _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec)
+        _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec, MASK_TOLERANCE)
         theta, Z = rayleigh_ritz(G, C)
         V_R = ritz_vectors(G, Z, R).float()
         L = A @ V_R[cols]
