@@ -81,3 +81,18 @@ def test_pack_bits_matches_numpy_and_unpacks_any_range() -> None:
             count = n - start
             assert torch.equal(unpack_bits(packed, start, count), mask[start:])
             assert torch.equal(unpack_bits(packed, start, count // 2), mask[start:][: count // 2])
+
+
+def test_iterative_principal_mask_agrees_with_the_exact_one(monkeypatch) -> None:
+    """Above EXACT_LIMIT [W0]_R comes from the subspace iteration; lowered here so a small
+    matrix takes that route: b and the mask agree with the exact SVD's (docs/geometry.md)."""
+    import deltawatch.client.anchor as anchor_module
+
+    monkeypatch.setattr(anchor_module, "EXACT_LIMIT", 64)
+    W0 = pretrained_like(160, 256, seed=18)
+    anchor = Anchor(W0, mask_rank=32)
+    ref = exact_thresholds(W0.to(torch.bfloat16), 0.5, 32)
+    assert abs(float(anchor.b) - ref["b"]) <= 1e-4 * ref["b"]
+    mismatch = (anchor.principal_rows(slice(0, 160)) != ref["principal"]).float().mean()
+    assert float(mismatch) <= 1e-3
+    assert float(anchor.a) == ref["a"]  # a is always exact
