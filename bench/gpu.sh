@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # One prepared benchmark run for a lent GPU machine (H100/H200): the sketch benchmark at Qwen3-8B
-# matrix sizes and, when present, the sidecar ingest benchmark, on CUDA. Budget: under 6 minutes
+# matrix sizes (anchor in host memory, the default, then in device memory) and, when present, the
+# sidecar ingest benchmark, on CUDA. Budget: under 6 minutes
 # on an H100 (each python is wrapped in `timeout`; a failure or timeout is logged and the script
 # goes on). Nothing is installed: the checkout is put on the path as the `deltawatch` package
 # through symlinks in a temporary directory.
 #
 #   OUT=/some/dir bash bench/gpu.sh            # on the GPU machine ($OUT is set there)
 #   DEVICE=cpu SHAPES=64x96 SKETCH_ARGS="--checks 3 --report-at 3 --repeats 1" \
-#     SIDECAR_ARGS="--layers 1 --checks 2" OUT=/tmp/out bash bench/gpu.sh   # the CPU path
+#     SIDECAR_ARGS="--layers 1 --checks 2" DEVICE_ANCHOR_ARGS="--shapes 64x96 --checks 3 \
+#     --report-at 3 --repeats 1" OUT=/tmp/out bash bench/gpu.sh               # the CPU path
 #
-# Files written to $OUT (at most 5): gpu.log (this script's trace and the tables), nvidia-smi.txt,
-# bench_sketch_<device>.json, bench_sketch_<device>.log, bench_sidecar_<device>.log.
+# Files written to $OUT (at most 7): gpu.log (this script's trace and the tables), nvidia-smi.txt,
+# bench_sketch_<device>.json, bench_sketch_<device>.log, bench_sidecar_<device>.log,
+# bench_sketch_<device>_device_anchor.json and .log (the anchor kept in device memory).
 # Render a saved JSON again with: python bench/bench_sketch.py --table-from FILE.json
 set -u
 set -x
@@ -22,8 +25,11 @@ DEVICE=${DEVICE:-cuda}
 SHAPES=${SHAPES:-4096x4096,1024x4096,12288x4096,4096x12288}
 SKETCH_ARGS=${SKETCH_ARGS:---repeats 3 --full-svd-at 10}
 SIDECAR_ARGS=${SIDECAR_ARGS:---layers 8 --checks 3}
-SKETCH_TIMEOUT=${SKETCH_TIMEOUT:-230}
-SIDECAR_TIMEOUT=${SIDECAR_TIMEOUT:-100}
+SKETCH_TIMEOUT=${SKETCH_TIMEOUT:-180}
+SIDECAR_TIMEOUT=${SIDECAR_TIMEOUT:-90}
+# 3. the same benchmark with the anchor in device memory (no host streaming, masks on the device)
+DEVICE_ANCHOR_ARGS=${DEVICE_ANCHOR_ARGS:---shapes 4096x4096,4096x12288 --repeats 3 --full-svd-at 10}
+DEVICE_ANCHOR_TIMEOUT=${DEVICE_ANCHOR_TIMEOUT:-60}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/gpu.log") 2>&1
 
@@ -92,6 +98,15 @@ if [ -f bench/bench_sidecar.py ]; then
 else
     echo "gpu.sh: bench/bench_sidecar.py is not in this checkout; skipped"
 fi
+
+# 3. the anchor on the device: what the whole check costs without the host round trips
+# shellcheck disable=SC2086
+timeout "$DEVICE_ANCHOR_TIMEOUT" "$PY" bench/bench_sketch.py --device "$DEVICE" --anchor device \
+    $DEVICE_ANCHOR_ARGS --json "$OUT/bench_sketch_${DEVICE}_device_anchor.json" \
+    > "$OUT/bench_sketch_${DEVICE}_device_anchor.log" 2>&1
+rc=$?
+[ "$rc" -eq 0 ] || echo "gpu.sh: bench_sketch.py --anchor device exited with $rc; going on"
+grep -v '^  ' "$OUT/bench_sketch_${DEVICE}_device_anchor.log" || true
 
 rm -rf "$PKG"
 date -u
