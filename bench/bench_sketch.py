@@ -387,6 +387,33 @@ def run_kind(
     return {"checks": checks, "at": at, "summary": summary}
 
 
+def profile_step(args: argparse.Namespace, m: int, n: int, device: torch.device) -> None:
+    """Where one power step's time goes: torch.profiler over 5 replayed steps (after 3 warm-up
+    steps) on an SFT-like ΔW, the top ops by self time on the device (CUDA) or the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    K, r = args.rank, args.rank + args.oversample
+    W0 = pretrained_like(m, n, seed=args.seed, device=device)
+    W = next(trajectory("sft", W0, steps=1, seed=args.seed + 2))
+    D = delta_view(W, W0.to(torch.bfloat16))
+    V = orth(torch.randn(n, r, device=device))
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    with highest_precision():
+        replay_sketch(D, V, 3, K)
+        sync(device)
+        with profile(activities=activities) as prof:
+            replay_sketch(D, V, 5, K)
+            sync(device)
+    keys = ["self_cpu_time_total"]
+    if device.type == "cuda":  # kernel time, then host time (launches, synchronisations)
+        keys.insert(0, "self_cuda_time_total")
+    for key in keys:
+        print(f"== one power step at {m}x{n} on {device} (5 steps profiled), by {key} ==")
+        print(prof.key_averages().table(sort_by=key, row_limit=15, max_name_column_width=40))
+
+
 # -- report -------------------------------------------------------------------------------------
 
 
@@ -694,6 +721,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--table-from", type=Path, default=None, help="print the table of a saved --json and exit"
     )
+    p.add_argument(
+        "--profile-step",
+        action="store_true",
+        help="only profile one power step (torch.profiler) at each shape and print the top ops",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -737,6 +769,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.profile_step:
+        for m, n in args.shapes:
+            profile_step(args, m, n, device)
+        return 0
     settings = {
         k: v for k, v in vars(args).items() if k not in ("shapes", "json", "table_from")
     } | {"shapes": [list(s) for s in args.shapes]}

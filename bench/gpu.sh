@@ -25,7 +25,7 @@ DEVICE=${DEVICE:-cuda}
 SHAPES=${SHAPES:-4096x4096,1024x4096,12288x4096,4096x12288}
 SKETCH_ARGS=${SKETCH_ARGS:---repeats 3 --full-svd-at 10}
 SIDECAR_ARGS=${SIDECAR_ARGS:---layers 8 --checks 3}
-SKETCH_TIMEOUT=${SKETCH_TIMEOUT:-180}
+SKETCH_TIMEOUT=${SKETCH_TIMEOUT:-150}
 SIDECAR_TIMEOUT=${SIDECAR_TIMEOUT:-90}
 # 3. the same benchmark with the anchor in device memory (no host streaming, masks on the device)
 DEVICE_ANCHOR_ARGS=${DEVICE_ANCHOR_ARGS:---shapes 4096x4096,4096x12288 --repeats 3 --full-svd-at 10}
@@ -107,6 +107,10 @@ timeout "$DEVICE_ANCHOR_TIMEOUT" "$PY" bench/bench_sketch.py --device "$DEVICE" 
 rc=$?
 [ "$rc" -eq 0 ] || echo "gpu.sh: bench_sketch.py --anchor device exited with $rc; going on"
 grep -v '^  ' "$OUT/bench_sketch_${DEVICE}_device_anchor.log" || true
+
+# 4. where one power step's time goes on the device (printed into gpu.log only)
+timeout 45 "$PY" bench/bench_sketch.py --device "$DEVICE" --profile-step \
+    --shapes "${PROFILE_SHAPES:-4096x4096}" || echo "gpu.sh: the power-step profile failed; going on"
 
 rm -rf "$PKG"
 date -u
