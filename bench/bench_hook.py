@@ -13,13 +13,18 @@ count them), so a block of `every` steps holds exactly one check. Per round, the
 ratio of the block totals (wall and CPU time); the table gives the medians over rounds.
 
 Rows: every=10 with a real sidecar (`deltawatch serve --threads 1` subprocess, ephemeral ports,
-ready file), every=1 (every step a check), every=10 with the sidecar absent (the endpoint is a
-closed port: the client pays the sketch only; connecting happens on the sender thread), and
-every=100, derived from the every=10 row's check time (a measured every=100 row needs 100-step
-blocks: `--rounds-100 N`).
+ready file), every=10 again with each check run at 1 torch thread (`torch.set_num_threads(1)`
+around `mon.step` on check steps: the trainer-side workaround for small float64 eigensolves under
+thread oversubscription, measured), every=1 (every step a check), every=10 with the sidecar
+absent (the endpoint is a closed port: the client pays the sketch only; connecting happens on the
+sender thread), and every=100, derived from the every=10 row's check time (a measured every=100
+row needs 100-step blocks: `--rounds-100 N`).
 
 Overhead columns:
   block ratio  = median over rounds of (Σ step time with monitor) / (Σ step time without) − 1
+  direct       = median over rounds of (Σ time inside mon.step in the block with the monitor)
+                 / (Σ step time of the block without): the hook's own cost, less exposed to
+                 noise in the training steps, blind to indirect costs (the sender thread)
   amortised    = (median hook time on non-check steps·(every−1) + median check time)
                  / (every · median step time without monitor)
   CPU          = the same block ratio on this process's CPU time (all threads: training,
@@ -48,6 +53,7 @@ import json
 import math
 import os
 import pstats
+import re
 import socket
 import statistics
 import subprocess
@@ -265,11 +271,12 @@ def run_config(
     split: Split | None,
     exact_matrix: str | None,
     profile_last: bool = False,
+    check_threads: int | None = None,
 ) -> dict:
     """Interleaved rounds of `block` steps without and with a Monitor(every=every)."""
     from deltawatch.client import Monitor
 
-    run = "bench-" + label.replace(" ", "-")
+    run = "bench-" + re.sub(r"[^A-Za-z0-9._-]+", "-", label)
     t0, c0 = time.perf_counter(), time.process_time()
     mon = Monitor(trainer.model, run=run, endpoint=endpoint, every=every, close_timeout=60.0)
     attach_wall, attach_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -282,15 +289,16 @@ def run_config(
 
     off_wall, off_cpu, on_wall, on_cpu = [], [], [], []  # per step
     hook_noop, check_wall, check_cpu, splits = [], [], [], []
-    ratio_wall, ratio_cpu = [], []
+    ratio_wall, ratio_cpu, ratio_direct = [], [], []
     count = 0  # the steps the monitor saw
     side0 = sidecar.cpu_seconds() if sidecar else float("nan")
     profile_text = None
 
-    def block_of(with_monitor: bool) -> tuple[float, float]:
+    def block_of(with_monitor: bool) -> tuple[float, float, float]:
         nonlocal count, profile_text
-        bw = bc = 0.0
+        bw = bc = bh = 0.0
         for _ in range(block):
+            checked = False
             w0, p0 = time.perf_counter(), time.process_time()
             trainer.step()
             if with_monitor:
@@ -301,38 +309,46 @@ def run_config(
                 if is_check and profile_last and len(check_wall) == rounds * block // every - 1:
                     profiler = cProfile.Profile()
                     profiler.enable()
+                threads = torch.get_num_threads()
+                if is_check and check_threads:  # the trainer-side workaround, measured
+                    torch.set_num_threads(check_threads)
                 if is_check and split is not None:
                     with instrumented(split, mon):
                         mon.step(count)
                     splits.append(split.take())
                 else:
                     mon.step(count)
+                if is_check and check_threads:
+                    torch.set_num_threads(threads)
                 if profiler is not None:
                     profiler.disable()
                     s = io.StringIO()
                     pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(14)
                     profile_text = s.getvalue()
                 hw, hc = time.perf_counter() - h0, time.process_time() - hc0
+                bh += hw
+                checked = is_check
                 if is_check:
                     check_wall.append(hw)
                     check_cpu.append(hc)
-                    if exact_w0 is not None:
-                        W = params[exact_matrix].detach().to(torch.bfloat16).double()
-                        exact_fro[count] = float(torch.linalg.norm(W - exact_w0))
                 else:
                     hook_noop.append(hw)
             dw, dc = time.perf_counter() - w0, time.process_time() - p0
+            if checked and exact_w0 is not None:  # outside the timed region
+                W = params[exact_matrix].detach().to(torch.bfloat16).double()
+                exact_fro[count] = float(torch.linalg.norm(W - exact_w0))
             (on_wall if with_monitor else off_wall).append(dw)
             (on_cpu if with_monitor else off_cpu).append(dc)
             bw += dw
             bc += dc
-        return bw, bc
+        return bw, bc, bh
 
     for i in range(rounds):
         order = (False, True) if i % 2 == 0 else (True, False)
         res = {flag: block_of(flag) for flag in order}
         ratio_wall.append(res[True][0] / res[False][0])
         ratio_cpu.append(res[True][1] / res[False][1])
+        ratio_direct.append(res[True][2] / res[False][0])
 
     c1 = time.perf_counter()
     flushed = mon.close(timeout=60.0 if sidecar else 0.5)
@@ -381,6 +397,8 @@ def run_config(
         "checks": len(check_wall),
         "overhead_block": median(ratio_wall) - 1,
         "overhead_block_cpu": median(ratio_cpu) - 1,
+        "overhead_direct": median(ratio_direct),
+        "check_threads": check_threads,
         "overhead_amortised": amortised,
         "ratios_wall": ratio_wall,
         "sidecar_cpu_per_check_s": side_cpu / max(len(check_wall), 1),
@@ -425,14 +443,15 @@ def print_tables(result: dict) -> None:
     print(f"machine: {result['machine']}")
     print(
         "\n| config | every | rounds×block | step w/o ms | step with ms | check ms | check CPU ms "
-        "| hook no-op µs | overhead (blocks) | overhead (CPU) | amortised | sidecar CPU/check ms |"
+        "| hook no-op µs | overhead (blocks) | overhead (CPU) | direct | amortised "
+        "| sidecar CPU/check ms |"
     )
-    print("|" + "---|" * 12)
+    print("|" + "---|" * 13)
     for r in result["rows"]:
         if r.get("derived"):
             print(
                 f"| {r['label']} | {r['every']} | — | {ms(r['step_off_s'])} | — | "
-                f"{ms(r['check_s'])} | — | {1e6 * r['hook_noop_s']:.1f} | — | — | "
+                f"{ms(r['check_s'])} | — | {1e6 * r['hook_noop_s']:.1f} | — | — | — | "
                 f"{pct(r['overhead_amortised'])} | — |"
             )
             continue
@@ -440,7 +459,8 @@ def print_tables(result: dict) -> None:
             f"| {r['label']} | {r['every']} | {r['rounds']}×{r['block']} | {ms(r['step_off_s'])} | "
             f"{ms(r['step_on_s'])} | {ms(r['check_s'])} | {ms(r['check_cpu_s'])} | "
             f"{1e6 * r['hook_noop_s']:.1f} | {pct(r['overhead_block'])} | "
-            f"{pct(r['overhead_block_cpu'])} | {pct(r['overhead_amortised'])} | "
+            f"{pct(r['overhead_block_cpu'])} | {pct(r['overhead_direct'])} | "
+            f"{pct(r['overhead_amortised'])} | "
             f"{ms(r['sidecar_cpu_per_check_s'])} |"
         )
     print("\nMonitor construction (attach):")
@@ -518,9 +538,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--every", type=int, default=10, help="the main row's every")
     p.add_argument("--rounds", type=int, default=3, help="rounds of the every=10 row")
     p.add_argument("--block", type=int, default=None, help="steps per block (default: every)")
+    p.add_argument(
+        "--rounds-1t", type=int, default=2,
+        help="rounds of the every=10 row whose checks run at 1 torch thread (0: skip)",
+    )  # fmt: skip
     p.add_argument("--rounds-1", type=int, default=2, help="rounds of the every=1 row (0: skip)")
-    p.add_argument("--block-1", type=int, default=3)
-    p.add_argument("--rounds-absent", type=int, default=2, help="rounds without a sidecar")
+    p.add_argument("--block-1", type=int, default=2)
+    p.add_argument("--rounds-absent", type=int, default=1, help="rounds without a sidecar")
     p.add_argument("--rounds-100", type=int, default=0, help="measure every=100 (100-step blocks)")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the first row")
     p.add_argument("--no-split", action="store_true", help="skip the instrumented split")
@@ -566,6 +590,21 @@ def main(argv: list[str] | None = None) -> int:
                 split=split, exact_matrix=names[0],
             )  # fmt: skip
             result["rows"].append(main_row)
+            if args.rounds_1t and args.threads > 1:
+                result["rows"].append(
+                    run_config(
+                        trainer,
+                        label=f"e{args.every} sidecar check@1t",
+                        every=args.every,
+                        endpoint=sidecar.endpoint,
+                        rounds=args.rounds_1t,
+                        block=block,
+                        sidecar=sidecar,
+                        split=Split() if split else None,
+                        exact_matrix=None,
+                        check_threads=1,
+                    )  # fmt: skip
+                )
             if args.rounds_1:
                 result["rows"].append(
                     run_config(
