@@ -56,6 +56,19 @@ class _Matrix:
         return self.placement.owner_rank == sharding.world()[0]
 
 
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DistributedDataParallel and torch.compile wrappers, so the monitored
+    names (and the start bases seeded from them) match a single-process, uncompiled run:
+    `model.layers.0...`, not `module.model.layers.0...` or `_orig_mod.model.layers.0...`."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def _placement(param: torch.Tensor, index: int, rows: tuple[int, int] | None):
     """Where matrix `index` lives on this rank (client/sharding.py): its local block, ShardSpec,
     owner rank and whether this rank computes it. The single seam between Monitor and sharding."""
@@ -75,6 +88,7 @@ class Monitor:
         self.config = MonitorConfig(run=run, **kwargs)
         c = self.config
         sharding.check_supported(model)
+        model = unwrap(model)
         self.errors = ErrorLog()
         self.rank, self.world_size = sharding.world()
         self.matrices = self._select(model)
