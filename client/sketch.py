@@ -15,7 +15,7 @@ generalized eigenproblem GᵀG z = θ C z: for u = P z, uᵀAAᵀu / uᵀu = z�
 convergence indicator needs no extra matmul (Halko, Martinsson, Tropp 2011, Alg. 4.4 with the
 Rayleigh–Ritz of Saad, "Numerical Methods for Large Eigenvalue Problems", §4.3).
 
-All r×r work is done in float64 (it is O(n·r²), negligible); products with A are float32 with
+All r×r work is done in float64 on the host (it is O(r³), negligible); products with A are float32 with
 TF32 off (`highest_precision`), since TF32's 10-bit mantissa drowns a small ΔW.
 """
 
@@ -115,31 +115,36 @@ def rayleigh_ritz(
     """Rayleigh–Ritz on span(P): solve GᵀG z = θ C z, θ descending.
 
     C may be singular: with C = U diag(d) Uᵀ, keep d_i > cutoff·d_max, whiten with
-    W = U_k diag(d_k^{-1/2}), solve (G W)ᵀ(G W) y = θ y and return Z = W y (so ZᵀCZ = I).
-    σ_i ≈ √θ_i; right singular vectors: `ritz_vectors(G, Z, k)`. float64, O(n·r²).
-    Returns (theta (k',), Z (r, k')) with k' ≤ r the number of kept directions.
+    W = U_k diag(d_k^{-1/2}), solve Wᵀ(GᵀG)W y = θ y and return Z = W y (so ZᵀCZ = I).
+    σ_i ≈ √θ_i; right singular vectors: `ritz_vectors(G, Z, k)`. float64.
+
+    Only the r×r Gram matrix GᵀG (2·n·r² flops) is formed where G lives; the eigen-work is
+    r×r and runs on the host: on a GPU a 32×32 eigendecomposition costs milliseconds of
+    launches and synchronisations, on the CPU microseconds. Returns host tensors (theta (k',),
+    Z (r, k')) with k' ≤ r the number of kept directions.
     """
     G64 = G.double()
-    C64 = C.double()
-    C64 = (C64 + C64.T) / 2
-    d, U = torch.linalg.eigh(C64)
+    GtG = _symmetric((G64.T @ G64).cpu())
+    d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
     d_max = d[-1] if d.numel() else torch.zeros((), dtype=d.dtype)
     if d.numel() == 0 or not d_max > 0:
-        return d.new_zeros(0), C64.new_zeros((C64.shape[0], 0))
+        return d.new_zeros(0), d.new_zeros((d.shape[0], 0))
     keep = d > cutoff * d_max
     W = U[:, keep] / torch.sqrt(d[keep])
-    GW = G64 @ W
-    M = GW.T @ GW
-    M = (M + M.T) / 2
-    theta, Y = torch.linalg.eigh(M)
+    theta, Y = torch.linalg.eigh(_symmetric(W.T @ GtG @ W))
     theta = theta.flip(0).clamp_min(0)
     Y = Y.flip(1)
     return theta, W @ Y
 
 
+def _symmetric(M: torch.Tensor) -> torch.Tensor:
+    return (M + M.T) / 2
+
+
 def ritz_vectors(G: torch.Tensor, Z: torch.Tensor, k: int) -> torch.Tensor:
-    """The top-k right Ritz vectors: normalised columns of G·z_i (float64, n×min(k, k'))."""
-    Vk = G.double() @ Z[:, :k]
+    """The top-k right Ritz vectors: normalised columns of G·z_i (float64, n×min(k, k'), on G's
+    device)."""
+    Vk = G.double() @ Z[:, :k].to(G.device)
     norms = torch.linalg.vector_norm(Vk, dim=0)
     return Vk / torch.where(norms > 0, norms, torch.ones_like(norms))
 
@@ -156,7 +161,7 @@ def convergence(theta: torch.Tensor, C: torch.Tensor, k: int) -> float:
     sP = singular_values(theta)
     if sP.numel() == 0 or not sP[0] > 0:
         return 0.0
-    lam = torch.linalg.eigvalsh((C.double() + C.double().T) / 2).flip(0)
+    lam = torch.linalg.eigvalsh(_symmetric(C.double().cpu())).flip(0)
     sV = singular_values(lam)
     j = min(k, sP.numel(), sV.numel())
     return float(torch.max(torch.abs(sP[:j] - sV[:j])) / sP[0])

@@ -187,12 +187,13 @@ class MatrixTracker:
         D = torch.empty(a.local_shape, dtype=torch.float32, device=self.device)
         stats = torch.zeros(4, dtype=torch.float64, device=self.device)
         for rows, W0 in a.row_chunks():
-            Wr = W[rows]
-            D[rows] = Wr.to(a.dtype).float() - W0.float()
-            visible = Wr.to(torch.bfloat16).view(torch.int16) != W0.to(torch.bfloat16).view(
-                torch.int16
-            )
-            stats[0] += torch.sum(D[rows] * D[rows], dtype=torch.float64)
+            Wv = W[rows].to(a.dtype)  # view(W_t): a bf16 copy in the default view
+            Dr = D[rows]
+            Dr.copy_(Wv).sub_(W0)  # ΔW = f32(view(W_t)) − f32(view(W0)), no temporaries
+            Wb = Wv if a.dtype == torch.bfloat16 else W[rows].to(torch.bfloat16)
+            W0b = W0 if W0.dtype == torch.bfloat16 else W0.to(torch.bfloat16)
+            visible = Wb.view(torch.int16) != W0b.view(torch.int16)
+            stats[0] += torch.linalg.vector_norm(Dr).double().square()
             stats[1] += visible.sum()
             stats[2] += (visible & a.low_mask(W0)).sum()
             stats[3] += (visible & a.principal_rows(rows)).sum()
