@@ -193,6 +193,7 @@ class Split:
 
     def __init__(self) -> None:
         self.totals: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, int] = defaultdict(int)
         self.stack: list[list[float]] = []
 
     def wrap(self, fn, category: str):
@@ -205,6 +206,7 @@ class Split:
                 dt = time.perf_counter() - t0
                 inner = self.stack.pop()[0]
                 self.totals[category] += dt - inner
+                self.calls[category] += 1
                 if self.stack:
                     self.stack[-1][0] += dt
 
@@ -212,7 +214,9 @@ class Split:
 
     def take(self) -> dict[str, float]:
         out = dict(self.totals)
+        out["power_step_calls"] = self.calls["power steps"]
         self.totals.clear()
+        self.calls.clear()
         return out
 
 
@@ -378,6 +382,7 @@ def run_config(
     chk = median(check_wall)
     amortised = (noop * (every - 1) + chk) / (every * step_off)
     split_med = {k: median([s.get(k, 0.0) for s in splits]) for k in SPLIT} if splits else None
+    power_steps = [s["power_step_calls"] for s in splits]
     return {
         "label": label,
         "every": every,
@@ -406,6 +411,7 @@ def run_config(
         "flushed": flushed,
         "client_stats": stats,
         "split": split_med,
+        "power_steps_per_check": power_steps,
         "delivered": delivered,
         "profile": profile_text,
     }
@@ -482,6 +488,10 @@ def print_tables(result: dict) -> None:
                 v = r["split"][k]
                 print(f"| {k} | {ms(v)} | {100 * v / total if total else 0:.1f}% |")
             print(f"| sum | {ms(total)} | |")
+            print(
+                f"power steps per check (ΔW and W_t trackers, {r['matrices']} matrices): "
+                f"{r['power_steps_per_check']}"
+            )
     for r in result["rows"]:
         d = r.get("delivered")
         if d:
@@ -539,7 +549,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=3, help="rounds of the every=10 row")
     p.add_argument("--block", type=int, default=None, help="steps per block (default: every)")
     p.add_argument(
-        "--rounds-1t", type=int, default=2,
+        "--rounds-1t", type=int, default=0,
         help="rounds of the every=10 row whose checks run at 1 torch thread (0: skip)",
     )  # fmt: skip
     p.add_argument("--rounds-1", type=int, default=2, help="rounds of the every=1 row (0: skip)")
