@@ -511,6 +511,87 @@ def print_tables(result: dict) -> None:
             print("\n".join(lines[-16:]))
 
 
+def _ms_per_call(f, repeats: int) -> float:
+    f()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        f()
+    return 1000 * (time.perf_counter() - t0) / repeats
+
+
+def dominates_micro(shapes: list[tuple[int, int]], repeats: int = 5) -> dict[str, str]:
+    """What a check is made of, in isolation, on synthetic weights of the monitored shapes: whole
+    checks of settled trackers, the exact-statistics pass (as MatrixTracker._check runs it), the
+    two masks it rebuilds, and the parts of one power step at each distinct n."""
+    from deltawatch.client.sketch import convergence, orth, power_step, rayleigh_ritz, ritz_vectors
+    from deltawatch.client.tracker import MatrixTracker
+
+    g = torch.Generator().manual_seed(0)
+    trackers, weights = [], []
+    for i, (m, n) in enumerate(shapes):
+        W0 = torch.randn(m, n, generator=g) * 0.02
+        trackers.append(MatrixTracker.attach(f"model.layers.{i}.w", W0))
+        weights.append(W0 + 1e-3 * torch.randn(m, n, generator=g))
+    for tr, W in zip(trackers, weights, strict=True):
+        tr.check(W, 1)
+        tr.check(W, 2)
+    states = [tr.state_dict() for tr in trackers]
+
+    def checks() -> None:
+        for tr, W, sd in zip(trackers, weights, states, strict=True):
+            tr.load_state_dict(sd)
+            tr.check(W, 3)
+
+    def exact_pass() -> None:  # the loop of MatrixTracker._check at commit cabd531
+        for tr, W in zip(trackers, weights, strict=True):
+            a = tr.anchor
+            D = torch.empty(a.local_shape)
+            st = torch.zeros(4, dtype=torch.float64)
+            for rows, W0 in a.row_chunks():
+                Wv = W[rows].to(a.dtype)
+                Dr = D[rows]
+                Dr.copy_(Wv).sub_(W0)
+                vis = Wv.view(torch.int16) != W0.view(torch.int16)
+                st[0] += torch.linalg.vector_norm(Dr).double().square()
+                st[1] += vis.sum()
+                st[2] += (vis & a.low_mask(W0)).sum()
+                st[3] += (vis & a.principal_rows(rows)).sum()
+
+    def masks() -> None:
+        for tr in trackers:
+            for rows, W0 in tr.anchor.row_chunks():
+                tr.anchor.low_mask(W0)
+                tr.anchor.principal_rows(rows)
+
+    out = {
+        "settled checks": f"{len(shapes)} checks of settled trackers (1 power step each): "
+        f"{_ms_per_call(checks, repeats):.1f} ms",
+        "exact pass": f"the exact-statistics pass over ΔW: {_ms_per_call(exact_pass, repeats):.1f}"
+        f" ms, of which rebuilding the two masks {_ms_per_call(masks, repeats):.1f} ms",
+    }
+    with torch.no_grad():
+        for m, n in sorted(set(shapes), key=lambda s: s[1]):
+            if f"n={n}" in out or min(m, n) <= 32:
+                continue
+            A = torch.randn(m, n, generator=g)
+            V = orth(torch.randn(n, 32, generator=g))
+            _, G, C = power_step(A, V)
+            theta, Z = rayleigh_ritz(G, C)
+            C64 = C.double()
+            parts = {
+                "power_step": lambda A=A, V=V: power_step(A, V),
+                "rayleigh_ritz": lambda G=G, C=C: rayleigh_ritz(G, C),
+                "convergence": lambda t=theta, C=C: convergence(t, C, 16),
+                "(its eigvalsh)": lambda C64=C64: torch.linalg.eigvalsh(C64),
+                "orth": lambda G=G: orth(G),
+                "ritz_vectors": lambda G=G, Z=Z: ritz_vectors(G, Z, 16),
+            }
+            out[f"n={n}"] = f"one power step at {m}×{n}, ms: " + ", ".join(
+                f"{k} {_ms_per_call(f, 10 * repeats):.3f}" for k, f in parts.items()
+            )
+    return out
+
+
 def eigh_threads_micro(threads: int, r: int = 32, repeats: int = 200) -> str:
     """The r×r float64 Rayleigh–Ritz of one power step, with 1 thread and with `threads`."""
     from deltawatch.client.sketch import convergence, rayleigh_ritz
@@ -559,6 +640,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the first row")
     p.add_argument("--no-split", action="store_true", help="skip the instrumented split")
     p.add_argument("--no-profile", action="store_true", help="skip cProfile of one check")
+    p.add_argument("--no-micro", action="store_true", help="skip the isolated check parts")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -663,6 +745,9 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
             )
     result["micro"] = {"eigh threads": eigh_threads_micro(args.threads)}
+    if not args.no_micro:
+        shapes = [tuple(p.shape) for n, p in trainer.model.named_parameters() if n in set(names)]
+        result["micro"].update(dominates_micro(shapes))
     print_tables(result)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1, default=str))

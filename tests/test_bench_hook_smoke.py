@@ -61,6 +61,7 @@ def test_bench_hook_runs_and_its_reports_are_exact(tmp_path: Path, capsys) -> No
     assert not {"check", "step", "baseline"} & set(absent["client_stats"]["errors"])
     # the split adds up to no more than the checks it was taken from
     assert sum(main_row["split"].values()) > 0
+    assert {"eigh threads", "settled checks", "exact pass"} <= set(result["micro"])
     derived = rows["e100 (derived)"]
     expected = (99 * main_row["hook_noop_s"] + main_row["check_s"]) / (100 * main_row["step_off_s"])
     assert derived["overhead_amortised"] == pytest.approx(expected, rel=1e-12)
