@@ -193,7 +193,7 @@ class MatrixTracker:
             Wb = Wv if a.dtype == torch.bfloat16 else W[rows].to(torch.bfloat16)
             W0b = W0 if W0.dtype == torch.bfloat16 else W0.to(torch.bfloat16)
             visible = Wb.view(torch.int16) != W0b.view(torch.int16)
-            stats[0] += torch.linalg.vector_norm(Dr).double().square()
+            stats[0] += torch.linalg.vector_norm(Dr, dtype=torch.float64).square()
             stats[1] += visible.sum()
             stats[2] += (visible & a.low_mask(W0)).sum()
             stats[3] += (visible & a.principal_rows(rows)).sum()

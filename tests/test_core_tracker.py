@@ -180,3 +180,16 @@ def test_the_anchor_is_a_copy_not_the_live_parameter() -> None:
         param.add_(1.0)
         check = tracker.check(param, 1)
         assert check.frobenius_sq == pytest.approx(48 * 64, rel=1e-3), (dtype, view)
+
+
+def test_frobenius_norm_is_accumulated_in_float64():
+    """‖ΔW‖_F² is summed in float64 (MatrixCheck.frobenius_sq): on a dense 1024×2048 update a
+    float32 reduction would be off by ~1e-5 relative; float64 is exact to rounding."""
+    g = torch.Generator().manual_seed(11)
+    W0 = torch.randn(1024, 2048, generator=g) * 0.02
+    tracker = MatrixTracker.attach("model.layers.0.mlp.up_proj.weight", W0.clone())
+    W = W0 + 1e-3 * torch.randn(1024, 2048, generator=g)
+    check = tracker.check(W, 1)
+    D = W.to(torch.bfloat16).double() - W0.to(torch.bfloat16).double()
+    exact = float((D * D).sum())
+    assert abs(check.frobenius_sq - exact) <= 1e-10 * exact
