@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from deltawatch.sidecar.cli import build_parser, serve_config
-from deltawatch.sidecar.demo.sidecar_process import Sidecar
+from deltawatch.sidecar.process import SidecarProcess
 
 README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
 
@@ -47,7 +47,7 @@ class TinyLM(torch.nn.Module):
 
 def test_the_trainer_snippet_reports_to_a_real_sidecar():
     (snippet,) = [b for b in code_blocks("python") if "Monitor(" in b]
-    with Sidecar() as sidecar:
+    with SidecarProcess() as sidecar:
         g = torch.Generator().manual_seed(1)
         model = TinyLM()
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)

@@ -195,7 +195,7 @@ def _run(args: argparse.Namespace) -> int:
     from deltawatch.sidecar.demo import model as demo_model
     from deltawatch.sidecar.demo import report, task
     from deltawatch.sidecar.demo.regimes import Settings
-    from deltawatch.sidecar.demo.sidecar_process import Sidecar
+    from deltawatch.sidecar.process import SidecarProcess
 
     names = parse_regimes(args.regimes)
     if args.steps < 1 or args.every < 1 or args.batch < 8 or args.batch % 8:
@@ -211,7 +211,7 @@ def _run(args: argparse.Namespace) -> int:
         f"({len(held_out)} held-out prompts)"
     )
     progress = not args.no_progress
-    sidecar = Sidecar(args.data_dir).start()
+    sidecar = SidecarProcess(args.data_dir, log_name="demo-sidecar.log").start()
     try:
         _say(f"sidecar: gRPC {sidecar.endpoint}, data {sidecar.data_dir}")
         _say(f"  metrics  {sidecar.http_url}/metrics")
