@@ -17,7 +17,7 @@ from deltawatch.sidecar.errors import ValidationError
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.reference import exact_counts
 from deltawatch.sidecar.store import Store
-from test_engine_support import SyntheticRun, assert_matches_reference
+from support import SyntheticRun, assert_matches_reference
 
 STEPS = 6
 

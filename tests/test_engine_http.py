@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import collections
 import json
-import socket
-import subprocess
 import threading
-import time
 import urllib.parse
 import urllib.request
 
@@ -26,10 +23,9 @@ from deltawatch.sidecar.metrics import (
 )
 from deltawatch.sidecar.store import Store
 from prometheus_client.parser import text_string_to_metric_families
-from test_engine_support import ServerThread, SyntheticRun, assert_matches_reference
+from support import PrometheusServer, ServerThread, SyntheticRun, assert_matches_reference
 
 STEPS = 5
-PROMETHEUS = "/usr/bin/prometheus"
 
 
 @pytest.fixture(scope="module")
@@ -260,59 +256,15 @@ def test_engine_metrics_detail_layer_and_run(served):
         EngineCollector(engine, detail="module")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _prom_query(port: int, query: str) -> list[dict]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": query})
-    with urllib.request.urlopen(url, timeout=10) as resp:
-        body = json.loads(resp.read())
-    assert body["status"] == "success"
-    return body["data"]["result"]
-
-
 def test_engine_real_prometheus_scrapes_every_matrix(served, tmp_path):
     """/usr/bin/prometheus on its own loopback port scrapes the sidecar every second; after two
     scrapes a PromQL query per binding returns every matrix's series with the exact value."""
     http, run, engine = served["http"], served["run"], served["engine"]
-    port = _free_port()
-    config = tmp_path / "prometheus.yml"
-    config.write_text(
-        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
-        "scrape_configs:\n  - job_name: deltawatch\n    static_configs:\n"
-        f"      - targets: ['127.0.0.1:{http.port}']\n"
-    )
-    proc = subprocess.Popen(
-        [
-            PROMETHEUS,
-            f"--config.file={config}",
-            f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-            f"--web.listen-address=127.0.0.1:{port}",
-            "--log.level=warn",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 90
-        scrapes = 0
-        while time.monotonic() < deadline:
-            try:
-                result = _prom_query(port, 'count_over_time(up{job="deltawatch"}[5m])')
-                scrapes = int(float(result[0]["value"][1])) if result else 0
-                up = _prom_query(port, 'up{job="deltawatch"}')
-                if scrapes >= 2 and up and up[0]["value"][1] == "1":
-                    break
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        assert scrapes >= 2, proc.stderr.read1().decode() if proc.poll() is not None else scrapes
+    with PrometheusServer(tmp_path, [f"127.0.0.1:{http.port}"]) as prometheus:
+        prometheus.wait_for_scrapes(2, up=True)
         rows = {r.matrix: r for r in engine.latest() if r.run == run.run}
         for b in BINDINGS:
-            result = _prom_query(port, f'{b.metric}{{run="{run.run}"}}')
+            result = prometheus.query(f'{b.metric}{{run="{run.run}"}}')
             got = {}
             for item in result:
                 labels = item["metric"]
@@ -334,10 +286,7 @@ def test_engine_real_prometheus_scrapes_every_matrix(served, tmp_path):
             }
             assert got == want, b.metric
             assert set(got) == set(run.shapes), b.metric  # every matrix, every key (all locked)
-        (item,) = _prom_query(
-            port, f'{run_metric("deltawatch_bf16_visible_ratio")}{{run="{run.run}"}}'
+        (item,) = prometheus.query(
+            f'{run_metric("deltawatch_bf16_visible_ratio")}{{run="{run.run}"}}'
         )
         assert float(item["value"][1]) == aggregate_rows(rows.values())["bf16_visible_ratio"]
-    finally:
-        proc.terminate()
-        proc.wait(30)

@@ -1,6 +1,10 @@
-"""Shared pieces of the engine tests (no tests here): a synthetic monitored run whose reports are
-real `MatrixCheck`s from the core's `MatrixTracker`, and a real aiohttp server on a loopback port
-in a background thread.
+"""Shared pieces of the tests (no tests here).
+
+The sidecar process and the Prometheus server are the product's own
+(`deltawatch.sidecar.process`): `SidecarProcess`, `PrometheusServer`. Here: `wait_for` and
+`get_json`; a synthetic monitored run whose reports are real `MatrixCheck`s from the core's
+`MatrixTracker`; a real aiohttp server on a loopback port in a background thread; the engine's
+comparison against the exact float64 reference.
 
 The synthetic run, per matrix (m×n, float32): W0 = U·diag(σ)·Vᵀ with a pretrained-like decaying
 spectrum σ_i = 10^(−2·i/min(m,n)) · 0.5; OPD-like update W_t = W0 + s·t·A·B / K + ε·√t·N_t with a
@@ -13,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from aiohttp import web
@@ -24,7 +31,54 @@ from deltawatch.client.naming import parse_name
 from deltawatch.client.tracker import MatrixCheck, MatrixTracker, Sketch
 from deltawatch.sidecar.engine import ManifestEntry
 from deltawatch.sidecar.keys import MATRIX_KEYS
+from deltawatch.sidecar.process import PrometheusServer, SidecarProcess, free_port
 from deltawatch.sidecar.reference import exact_counts, exact_keys
+
+__all__ = ["PrometheusServer", "SidecarProcess", "free_port", "get_json", "wait_for"]
+
+
+def wait_for(
+    predicate: Callable[[], Any],
+    what: str | Callable[[], str],
+    timeout: float = 90.0,
+    proc: Any = None,
+) -> None:
+    """Poll `predicate` every 50 ms until it is true; a predicate that raises OSError or
+    AssertionError (not listening, not ready) counts as false. Fails saying `what` (or `what()`,
+    for a message built at the end) after `timeout` s, or at once when `proc` (a Popen or a
+    SidecarProcess) has exited. A generous bound on waiting on 2 shared cores, never a timing
+    assertion."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            if predicate():
+                return
+        except (OSError, AssertionError) as e:
+            last = e
+        popen = getattr(proc, "proc", proc)
+        if popen is not None and popen.poll() is not None:
+            log = proc.log_tail() if hasattr(proc, "log_tail") else ""
+            raise AssertionError(f"{_say(what)}: the process exited with {popen.returncode}\n{log}")
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"gave up waiting for {_say(what)}" + (f" ({last!r})" if last else "")
+            )
+        time.sleep(0.05)
+
+
+def _say(what: str | Callable[[], str]) -> str:
+    return what if isinstance(what, str) else what()
+
+
+def get_json(url: str, timeout: float = 30.0) -> Any:
+    """GET `url` as JSON; an HTTP error fails with the server's answer."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        raise AssertionError(f"{url}: HTTP {e.code}: {e.read().decode()}") from None
+
 
 SHAPES: dict[str, tuple[int, int]] = {
     "model.layers.0.self_attn.q_proj.weight": (96, 64),
