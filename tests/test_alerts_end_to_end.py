@@ -7,13 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,6 +17,7 @@ import torch
 from aiohttp import web
 from deltawatch.client import Monitor
 from prometheus_client.parser import text_string_to_metric_families
+from support import SidecarProcess, get_json, wait_for
 
 M, N = 64, 128
 LAYERS = 2
@@ -92,54 +89,6 @@ class WebhookReceiver:
         self.thread.join(30)
 
 
-def start_sidecar(data_dir: Path, *extra: str) -> tuple[subprocess.Popen, dict[str, int]]:
-    ready = data_dir / "ready.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deltawatch.sidecar.cli",
-            "serve",
-            "--grpc-address",
-            "127.0.0.1:0",
-            "--http-address",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(data_dir),
-            "--device",
-            "cpu",
-            "--ready-file",
-            str(ready),
-            *extra,
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    deadline = time.monotonic() + DEADLINE
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"sidecar did not start:\n{proc.stdout.read()}")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())
-
-
-def wait_for(predicate, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.05)
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
 @pytest.fixture
 def one_thread():
     before = torch.get_num_threads()
@@ -150,8 +99,8 @@ def one_thread():
 
 def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, one_thread):
     receiver = WebhookReceiver()
-    proc, ports = start_sidecar(tmp_path, "--alert-webhook", receiver.url)
-    api = f"http://127.0.0.1:{ports['http_port']}"
+    side = SidecarProcess(tmp_path, "--alert-webhook", receiver.url).start()
+    api = side.http_url
     received: list[dict[str, Any]] = []
     try:
         g = torch.Generator().manual_seed(0)
@@ -162,7 +111,7 @@ def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, on
         mon = Monitor(
             model,
             run="e2e-drift",
-            endpoint=f"127.0.0.1:{ports['grpc_port']}",
+            endpoint=side.endpoint,
             every=1,
             on_alert=received.append,
         )
@@ -173,12 +122,15 @@ def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, on
                     p.add_(LR * direction + 3e-6 * torch.randn(M, N, generator=g))
                 mon.step(step)
         wait_for(
-            lambda: any(a["rule"] == "SubspaceDrift" for a in received), "SubspaceDrift in on_alert"
+            lambda: any(a["rule"] == "SubspaceDrift" for a in received),
+            "SubspaceDrift in on_alert",
+            timeout=DEADLINE,
         )
         assert mon.close(timeout=DEADLINE)
         wait_for(
             lambda: any(b["groupLabels"]["alertname"] == "SubspaceDrift" for b in receiver.bodies),
             "SubspaceDrift at the webhook",
+            timeout=DEADLINE,
         )
 
         # 1. the HTTP API: the run-level roll-up and one alert per matrix, all firing
@@ -231,11 +183,7 @@ def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, on
         assert firing[("e2e-drift", "SubspaceDrift")] == 2.0  # both matrices
         assert firing[("e2e-drift", "RunStalled")] == 0.0
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        side.stop(30)
         receiver.close()
 
 
@@ -254,8 +202,8 @@ def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path
             }
         )
     )
-    proc, ports = start_sidecar(tmp_path / "data", "--alert-config", str(config))
-    api = f"http://127.0.0.1:{ports['http_port']}"
+    side = SidecarProcess(tmp_path / "data", "--alert-config", str(config)).start()
+    api = side.http_url
     received: list[dict[str, Any]] = []
     try:
         g = torch.Generator().manual_seed(3)
@@ -263,7 +211,7 @@ def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path
         mon = Monitor(
             model,
             run="e2e-stall",
-            endpoint=f"127.0.0.1:{ports['grpc_port']}",
+            endpoint=side.endpoint,
             every=1,
             on_alert=received.append,
         )
@@ -280,7 +228,7 @@ def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path
         def stalled(state: str) -> list[dict[str, Any]]:
             return [a for a in received if a["rule"] == "RunStalled" and a["state"] == state]
 
-        wait_for(lambda: stalled("firing"), "RunStalled firing in on_alert")
+        wait_for(lambda: stalled("firing"), "RunStalled firing in on_alert", timeout=DEADLINE)
         (fired,) = stalled("firing")
         assert fired["run"] == "e2e-stall" and fired["matrix"] is None
         assert fired["severity"] == "critical" and fired["value"] > 1.5
@@ -288,16 +236,12 @@ def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path
         assert fired["id"] in {a["id"] for a in api_items if a["state"] == "firing"}
 
         step(4)  # the trainer reports again
-        wait_for(lambda: stalled("resolved"), "RunStalled resolved in on_alert")
+        wait_for(lambda: stalled("resolved"), "RunStalled resolved in on_alert", timeout=DEADLINE)
         (resolved,) = stalled("resolved")
         assert resolved["id"] == fired["id"] and resolved["ended_at"] is not None
         assert mon.close(timeout=DEADLINE)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        side.stop(30)
 
 
 def test_a_run_whose_trainer_said_goodbye_is_finished_not_stalled(tmp_path, one_thread):
@@ -316,12 +260,12 @@ def test_a_run_whose_trainer_said_goodbye_is_finished_not_stalled(tmp_path, one_
             }
         )
     )
-    proc, ports = start_sidecar(tmp_path / "data", "--alert-config", str(config))
-    api = f"http://127.0.0.1:{ports['http_port']}"
+    side = SidecarProcess(tmp_path / "data", "--alert-config", str(config)).start()
+    api = side.http_url
     try:
         g = torch.Generator().manual_seed(4)
         model = TinyModel(g)
-        mon = Monitor(model, run="e2e-done", endpoint=f"127.0.0.1:{ports['grpc_port']}", every=1)
+        mon = Monitor(model, run="e2e-done", endpoint=side.endpoint, every=1)
         for s in (1, 2, 3):
             with torch.no_grad():
                 for block in model.model.layers:
@@ -335,8 +279,4 @@ def test_a_run_whose_trainer_said_goodbye_is_finished_not_stalled(tmp_path, one_
         assert "RunStalled" not in rules
         assert get_json(f"{api}/api/v1/runs/e2e-done")["last_step"] == 3
     finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        side.stop(30)
