@@ -288,7 +288,7 @@ class PrometheusServer:
             try:
                 if predicate():
                     return
-            except (OSError, ValueError, KeyError, IndexError):  # not up, or no data yet
+            except (OSError, ValueError, KeyError, IndexError, AssertionError):  # not up yet
                 pass
             if self.proc.poll() is not None:
                 raise RuntimeError(

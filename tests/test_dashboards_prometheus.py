@@ -8,11 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.parse
@@ -23,9 +19,9 @@ from typing import Any
 import pytest
 import torch
 from deltawatch.client import Monitor
+from support import PrometheusServer, SidecarProcess, get_json
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMETHEUS = "/usr/bin/prometheus"
 M, N = 64, 128
 LAYERS = 2
 DEADLINE = 60.0  # a bound on waiting for a process or a scrape; never a timing assertion
@@ -53,79 +49,15 @@ def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
     return U @ torch.diag(torch.linspace(1.0, 0.5, k)) @ V.T
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def get_json(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url}: HTTP {e.code}: {e.read().decode()}") from None
-
-
-def wait_for(predicate, what: str, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + DEADLINE
-    while True:
-        try:
-            if predicate():
-                return
-        except (OSError, AssertionError):  # not listening or not ready yet (503)
-            pass
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"{what}: the process exited:\n{proc.stdout.read()}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.1)
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(30)
-
-
 @pytest.fixture(scope="module")
 def live(tmp_path_factory) -> Any:
     """A sidecar fed by a monitored OPD-like run (it locks), scraped twice by Prometheus."""
     tmp = tmp_path_factory.mktemp("live")
-    ready = tmp / "ready.json"
-    sidecar = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "deltawatch.sidecar.cli",
-            "serve",
-            "--grpc-address",
-            "127.0.0.1:0",
-            "--http-address",
-            "127.0.0.1:0",
-            "--data-dir",
-            str(tmp / "data"),
-            "--device",
-            "cpu",
-            "--ready-file",
-            str(ready),
-        ],
-        env=dict(os.environ, OMP_NUM_THREADS="1"),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    sidecar = SidecarProcess(tmp / "data").start()
     prometheus = None
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        wait_for(ready.exists, "the sidecar's ready file", sidecar)
-        ports = json.loads(ready.read_text())
-        http = f"127.0.0.1:{ports['http_port']}"
-
         g = torch.Generator().manual_seed(1)
         model = torch.nn.Module()
         model.model = torch.nn.Module()
@@ -135,7 +67,7 @@ def live(tmp_path_factory) -> Any:
             for p in params:
                 p.copy_(pretrained_like(g))
         directions = [channel(g) for _ in params]
-        mon = Monitor(model, run="dash-opd", endpoint=f"127.0.0.1:{ports['grpc_port']}", every=2)
+        mon = Monitor(model, run="dash-opd", endpoint=sidecar.endpoint, every=2)
         with torch.no_grad():
             for step in range(1, 41):
                 for p, d in zip(params, directions, strict=True):
@@ -143,45 +75,19 @@ def live(tmp_path_factory) -> Any:
                 mon.step(step)
         assert mon.close(timeout=DEADLINE)
 
-        prom_port = free_port()
-        config = tmp / "prometheus.yml"
-        config.write_text(
-            json.dumps(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "rule_files": [str(ROOT / "prometheus" / "deltawatch-rules.yml")],
-                    "scrape_configs": [
-                        {"job_name": "deltawatch", "static_configs": [{"targets": [http]}]}
-                    ],
-                }
-            )
-        )
-        prometheus = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{prom_port}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        api = f"http://127.0.0.1:{prom_port}/api/v1"
-
-        def scraped_twice() -> bool:
-            q = urllib.parse.quote('count_over_time(deltawatch_run_last_step{run="dash-opd"}[1m])')
-            result = get_json(f"{api}/query?query={q}")["data"]["result"]
-            return bool(result) and float(result[0]["value"][1]) >= 3  # two, plus a margin
-
-        wait_for(scraped_twice, "two scrapes of the sidecar", prometheus)
-        yield {"api": api, "sidecar": f"http://{http}", "tmp": tmp}
+        prometheus = PrometheusServer(
+            tmp,
+            [f"127.0.0.1:{sidecar.http_port}"],
+            rule_files=[ROOT / "prometheus" / "deltawatch-rules.yml"],
+        ).start(timeout=DEADLINE)
+        # two scrapes, plus a margin
+        prometheus.wait_for_scrapes(3, selector='deltawatch_run_last_step{run="dash-opd"}')
+        yield {"api": prometheus.api, "sidecar": sidecar.http_url, "tmp": tmp}
     finally:
         torch.set_num_threads(threads)
         if prometheus is not None:
-            stop(prometheus)
-        stop(sidecar)
+            prometheus.stop()
+        sidecar.stop()
 
 
 def dashboards() -> list[dict[str, Any]]:
