@@ -9,22 +9,16 @@ channel, entries ~1e-3 per step) + faint dense noise.
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 import urllib.parse
 import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
 from deltawatch.client import Monitor
 from deltawatch.sidecar.reference import exact_counts, exact_keys
+from support import SidecarProcess, free_port, wait_for
 
 SHAPES = {"q": (96, 128), "o": (128, 96)}
 
@@ -86,62 +80,6 @@ def set_weights(model: Toy, W0: dict, directions: dict, t: int, g: torch.Generat
 # A real sidecar process
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class SidecarProcess:
-    """`python -m deltawatch.sidecar.cli serve` on loopback; ports read from the ready file."""
-
-    def __init__(self, data_dir: Path, grpc_port: int = 0, http_port: int = 0):
-        self.data_dir = data_dir
-        self.ready = data_dir / f"ready-{time.monotonic_ns()}.json"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "deltawatch.sidecar.cli", "serve",
-                "--grpc-address", f"127.0.0.1:{grpc_port}",
-                "--http-address", f"127.0.0.1:{http_port}",
-                "--data-dir", str(data_dir), "--device", "cpu",
-                "--ready-file", str(self.ready), "--log-level", "warning",
-            ],
-            # Two cores shared by the trainer and the sidecar: one compute thread for the
-            # sidecar, so OpenMP threads do not spin against the trainer's.
-            env={**os.environ, "OMP_NUM_THREADS": "1", "DELTAWATCH_THREADS": "1"},
-        )  # fmt: skip
-        deadline = time.monotonic() + 60
-        while not self.ready.exists():
-            assert self.proc.poll() is None, "the sidecar exited during start-up"
-            assert time.monotonic() < deadline, "the sidecar did not become ready in 60 s"
-            time.sleep(0.05)
-        ports = json.loads(self.ready.read_text())
-        self.grpc_port, self.http_port = ports["grpc_port"], ports["http_port"]
-        self.endpoint = f"127.0.0.1:{self.grpc_port}"
-
-    def get(self, path: str, **query) -> dict:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        with urllib.request.urlopen(url, timeout=10) as r:
-            return json.loads(r.read())
-
-    def history(self, run: str, matrix: str) -> dict[int, dict]:
-        return {
-            p["step"]: p for p in self.get(f"/api/v1/runs/{run}/history", matrix=matrix)["points"]
-        }
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            return self.proc.wait(30)
-        return self.proc.returncode
-
-
 @pytest.fixture(autouse=True, scope="module")
 def one_compute_thread():
     """Two cores shared by the trainer (this process) and the sidecar: one compute thread each,
@@ -155,7 +93,7 @@ def one_compute_thread():
 @pytest.fixture(scope="module")
 def shared(tmp_path_factory):
     """One sidecar for the tests that need nothing special (distinct run names)."""
-    s = SidecarProcess(tmp_path_factory.mktemp("shared"))
+    s = SidecarProcess(tmp_path_factory.mktemp("shared")).start()
     yield s
     assert s.stop() == 0  # SIGTERM: a graceful exit
 
@@ -165,23 +103,13 @@ def sidecars(tmp_path):
     started: list[SidecarProcess] = []
 
     def start(**kwargs) -> SidecarProcess:
-        s = SidecarProcess(tmp_path, **kwargs)
+        s = SidecarProcess(tmp_path, **kwargs).start()
         started.append(s)
         return s
 
     yield start
     for s in started:
-        if s.proc.poll() is None:
-            s.proc.kill()
-            s.proc.wait(10)
-
-
-def wait_for(condition, what, timeout: float = 90.0) -> None:
-    """Poll `condition` (a generous bound: 2 shared cores); fail saying what did not happen."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what()}"
-        time.sleep(0.05)
+        s.kill()
 
 
 def rel(a: float, b: float) -> float:
@@ -242,7 +170,7 @@ def test_kill9_and_restart_lose_no_acknowledged_report(sidecars):
         lambda: len([a for a in mon._transport.acked_log if a[0] == "report"]) >= 8,
         lambda: f"8 acknowledged reports: {mon.stats()}",
     )
-    side.kill9()
+    side.kill()
     acked_before = [a for a in list(mon._transport.acked_log) if a[0] == "report"]
     for t in range(7, 10):  # the sidecar is down: checks queue up, the trainer does not wait
         set_weights(model, W0, directions, t, g)
@@ -550,10 +478,10 @@ def test_a_sidecar_that_lost_its_store_gets_the_baselines_again(sidecars, tmp_pa
         set_weights(model, W0, directions, t, g)
         mon.step(t)
     wait_for(lambda: mon.unacknowledged() == 0, lambda: f"everything acknowledged: {mon.stats()}")
-    side.kill9()
+    side.kill()
     fresh = tmp_path / "fresh"
     fresh.mkdir()
-    side2 = SidecarProcess(fresh, grpc_port=side.grpc_port)
+    side2 = SidecarProcess(fresh, grpc_port=side.grpc_port).start()
     try:
         wait_for(lambda: mon._transport.baselines_resent == 4, lambda: f"resend: {mon.stats()}")
         for t in range(3, 5):
@@ -565,5 +493,4 @@ def test_a_sidecar_that_lost_its_store_gets_the_baselines_again(sidecars, tmp_pa
             assert point["rotation_mean_degrees"] is not None, point
             assert point["spectral_shift_topk"] is not None, point
     finally:
-        side2.proc.kill()
-        side2.proc.wait(10)
+        side2.kill()
