@@ -56,17 +56,15 @@ import pstats
 import re
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from deltawatch.sidecar.process import SidecarProcess
 
 CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -74,55 +72,13 @@ CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # -- the sidecar --------------------------------------------------------------------------------
 
 
-class Sidecar:
-    """`python -m deltawatch.sidecar.cli serve --threads 1` on loopback ports picked by the OS."""
-
-    def __init__(self, data_dir: Path, threads: int = 1) -> None:
-        self.ready = data_dir / "ready.json"
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, "-m", "deltawatch.sidecar.cli", "serve",
-                "--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0",
-                "--data-dir", str(data_dir), "--device", "cpu", "--threads", str(threads),
-                "--ready-file", str(self.ready), "--log-level", "warning",
-            ],
-            env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-        )  # fmt: skip
-        deadline = time.monotonic() + 120
-        while not self.ready.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError("the sidecar exited during start-up")
-            if time.monotonic() > deadline:
-                self.close()
-                raise RuntimeError("the sidecar did not become ready in 120 s")
-            time.sleep(0.05)
-        ports = json.loads(self.ready.read_text())
-        self.http_port = ports["http_port"]
-        self.endpoint = f"127.0.0.1:{ports['grpc_port']}"
-
-    def cpu_seconds(self) -> float:
-        """The sidecar process's user + system CPU time (/proc/PID/stat)."""
-        try:
-            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / CLK_TCK
-        except (OSError, IndexError, ValueError):
-            return float("nan")
-
-    def get(self, path: str, **query) -> dict:
-        url = f"http://127.0.0.1:{self.http_port}{path}"
-        if query:
-            url += "?" + urllib.parse.urlencode(query)
-        with urllib.request.urlopen(url, timeout=30) as r:
-            return json.loads(r.read())
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+def cpu_seconds(pid: int) -> float:
+    """A process's user + system CPU time (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    except (OSError, IndexError, ValueError):
+        return float("nan")
 
 
 def closed_port() -> str:
@@ -271,7 +227,7 @@ def run_config(
     endpoint: str,
     rounds: int,
     block: int,
-    sidecar: Sidecar | None,
+    sidecar: SidecarProcess | None,
     split: Split | None,
     exact_matrix: str | None,
     profile_last: bool = False,
@@ -295,7 +251,7 @@ def run_config(
     hook_noop, check_wall, check_cpu, splits = [], [], [], []
     ratio_wall, ratio_cpu, ratio_direct = [], [], []
     count = 0  # the steps the monitor saw
-    side0 = sidecar.cpu_seconds() if sidecar else float("nan")
+    side0 = cpu_seconds(sidecar.pid) if sidecar else float("nan")
     profile_text = None
 
     def block_of(with_monitor: bool) -> tuple[float, float, float]:
@@ -358,7 +314,7 @@ def run_config(
     flushed = mon.close(timeout=60.0 if sidecar else 0.5)
     close_wall = time.perf_counter() - c1
     stats = mon.stats()
-    side_cpu = (sidecar.cpu_seconds() - side0) if sidecar else float("nan")
+    side_cpu = (cpu_seconds(sidecar.pid) - side0) if sidecar else float("nan")
 
     delivered = None
     if sidecar is not None and exact_matrix is not None and exact_fro:
@@ -674,7 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     split = None if args.no_split else Split()
     with tempfile.TemporaryDirectory(prefix="deltawatch-bench-hook-") as tmp:
-        sidecar = Sidecar(Path(tmp))
+        sidecar = SidecarProcess(Path(tmp)).start()  # --threads 1, OMP_NUM_THREADS=1
         try:
             main_row = run_config(
                 trainer, label=f"e{args.every} sidecar", every=args.every,
@@ -729,7 +685,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 result["rows"].append(derived_row(main_row, 100))
         finally:
-            sidecar.close()
+            sidecar.stop()
         if args.rounds_absent:
             result["rows"].append(
                 run_config(
