@@ -1,15 +1,16 @@
-"""A real `deltawatch serve` process on ephemeral loopback ports, for the dist and hf tests."""
+"""The dist and hf tests' sidecar: `deltawatch.sidecar.process.SidecarProcess` seen as
+(gRPC endpoint, HTTP base URL), and the environment of their torchrun children."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+from deltawatch.sidecar.process import SidecarProcess
+from support import get_json as _get_json
 
 
 def quiet_env() -> dict[str, str]:
@@ -22,39 +23,12 @@ def quiet_env() -> dict[str, str]:
 
 @contextlib.contextmanager
 def sidecar(directory: Path) -> Iterator[tuple[str, str]]:
-    """Run a sidecar with its data in `directory`; yields (gRPC endpoint, HTTP base URL)."""
-    ready = directory / "ready.json"
-    with open(directory / "serve.log", "w") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "deltawatch.sidecar.cli", "serve"]
-            + ["--grpc-address", "127.0.0.1:0", "--http-address", "127.0.0.1:0"]
-            + ["--data-dir", str(directory / "data"), "--ready-file", str(ready)]
-            + ["--device", "cpu"],
-            env=quiet_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            for _ in range(600):
-                if ready.exists() and ready.read_text().strip().endswith("}"):
-                    break
-                if proc.poll() is not None:
-                    raise RuntimeError((directory / "serve.log").read_text())
-                time.sleep(0.1)
-            ports = json.loads(ready.read_text())
-            yield f"127.0.0.1:{ports['grpc_port']}", f"http://127.0.0.1:{ports['http_port']}"
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    """Run a sidecar with its data (and its log, sidecar.log) in `directory`/data; yields
+    (gRPC endpoint, HTTP base URL)."""
+    with SidecarProcess(directory / "data") as side:
+        yield side.endpoint, side.http_url
 
 
-def get_json(base: str, path: str) -> dict:
+def get_json(base: str, path: str) -> Any:
     """GET base + /api/v1 + path as JSON."""
-    import urllib.request
-
-    with urllib.request.urlopen(base + "/api/v1" + path, timeout=30) as r:
-        return json.load(r)
+    return _get_json(base + "/api/v1" + path)
