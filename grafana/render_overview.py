@@ -20,47 +20,22 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.parse
-import urllib.request
 from html import escape
 from pathlib import Path
 from typing import Any
+
+from deltawatch.sidecar.process import PrometheusServer, SidecarProcess
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUN = "opd-demo"
 M, N, LAYERS, STEPS, MOVE_AT = 64, 128, 4, 90, 50
 COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8ab8ff"]
-
-
-def get_json(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=30) as r:
-        return json.loads(r.read())
-
-
-def wait(predicate, what: str, seconds: float = 60.0) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            if predicate():
-                return
-        except OSError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"gave up waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def monitored_run(grpc_port: int) -> None:
@@ -110,9 +85,11 @@ def monitored_run(grpc_port: int) -> None:
     mon.close(timeout=60)
 
 
-def query_range(api: str, expr: str, start: float, end: float) -> list[dict[str, Any]]:
-    q = urllib.parse.urlencode({"query": expr, "start": start, "end": end, "step": 1})
-    return get_json(f"{api}/query_range?{q}")["data"]["result"]
+def query_range(
+    prometheus: PrometheusServer, expr: str, start: float, end: float
+) -> list[dict[str, Any]]:
+    body = prometheus.get("/query_range", query=expr, start=str(start), end=str(end), step="1")
+    return body["data"]["result"]
 
 
 def substitute(expr: str) -> str:
@@ -128,7 +105,9 @@ def legend(fmt: str, labels: dict[str, str]) -> str:
     return "" if out == "__auto" else out
 
 
-def collect(api: str, start: float, end: float) -> dict[str, list[tuple[str, list]]]:
+def collect(
+    prometheus: PrometheusServer, start: float, end: float
+) -> dict[str, list[tuple[str, list]]]:
     """Panel title -> [(legend, [(t, value), ...])] for the overview's panels."""
     d = json.loads((HERE / "deltawatch-overview.json").read_text())
     out: dict[str, list[tuple[str, list]]] = {}
@@ -137,7 +116,7 @@ def collect(api: str, start: float, end: float) -> dict[str, list[tuple[str, lis
             continue
         series = []
         for t in p["targets"]:
-            for s in query_range(api, substitute(t["expr"]), start, end):
+            for s in query_range(prometheus, substitute(t["expr"]), start, end):
                 pts = [(float(a), float(b)) for a, b in s["values"]]
                 series.append((legend(t["legendFormat"], s["metric"]), pts))
         out[p["title"]] = series
@@ -378,68 +357,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--png", action="store_true", help="also screenshot it with chromium")
     args = ap.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="deltawatch-render-"))
-    procs: list[subprocess.Popen] = []
+    sidecar = prometheus = None
     try:
-        ready = tmp / "ready.json"
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "deltawatch.sidecar.cli",
-                    "serve",
-                    "--grpc-address",
-                    "127.0.0.1:0",
-                    "--http-address",
-                    "127.0.0.1:0",
-                    "--data-dir",
-                    str(tmp / "data"),
-                    "--device",
-                    "cpu",
-                    "--ready-file",
-                    str(ready),
-                ],
-                env=dict(os.environ, OMP_NUM_THREADS="1"),
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        wait(ready.exists, "the sidecar")
-        ports = json.loads(ready.read_text())
-        prom = free_port()
-        (tmp / "prometheus.yml").write_text(
-            json.dumps(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [
-                        {
-                            "job_name": "deltawatch",
-                            "static_configs": [{"targets": [f"127.0.0.1:{ports['http_port']}"]}],
-                        }
-                    ],
-                }
-            )
-        )
-        procs.append(
-            subprocess.Popen(
-                [
-                    "/usr/bin/prometheus",
-                    f"--config.file={tmp / 'prometheus.yml'}",
-                    f"--storage.tsdb.path={tmp / 'tsdb'}",
-                    f"--web.listen-address=127.0.0.1:{prom}",
-                    "--log.level=warn",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-        api = f"http://127.0.0.1:{prom}/api/v1"
-        wait(lambda: get_json(f"{api}/query?query=up")["data"]["result"], "Prometheus")
+        sidecar = SidecarProcess(tmp / "data").start()
+        prometheus = PrometheusServer(tmp, [f"127.0.0.1:{sidecar.http_port}"]).start()
+        prometheus.wait_for_scrapes(1, timeout=60)
         t0 = time.time()
-        monitored_run(ports["grpc_port"])
+        monitored_run(sidecar.grpc_port)
         time.sleep(3)  # two more scrapes after the last check
         t1 = time.time()
-        data = collect(api, t0, t1)
+        data = collect(prometheus, t0, t1)
         svg = render(data, t0, t1)
         Path(args.out).write_text(svg, encoding="utf-8")
         print(f"wrote {args.out}")
@@ -466,12 +393,10 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 print(f"wrote {png}")
     finally:
-        for p in reversed(procs):
-            p.terminate()
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        if prometheus is not None:
+            prometheus.stop()
+        if sidecar is not None:
+            sidecar.stop()
         shutil.rmtree(tmp, ignore_errors=True)
     return 0
 
