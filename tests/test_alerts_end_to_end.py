@@ -10,6 +10,7 @@ import json
 import threading
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -187,9 +188,9 @@ def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, on
         receiver.close()
 
 
-def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path, one_thread):
-    """The real server's timer with an --alert-config file: a trainer that stops reporting (its
-    stream still open) gets RunStalled in on_alert and the API; its next report resolves it."""
+def short_stall_sidecar(tmp_path: Path) -> SidecarProcess:
+    """A sidecar whose --alert-config makes RunStalled fire after ~1.5 s without a report
+    (min 1 s + grace 0.5 s, evaluated every 0.2 s)."""
     config = tmp_path / "alerts.json"
     config.write_text(
         json.dumps(
@@ -202,7 +203,13 @@ def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path
             }
         )
     )
-    side = SidecarProcess(tmp_path / "data", "--alert-config", str(config)).start()
+    return SidecarProcess(tmp_path / "data", "--alert-config", str(config)).start()
+
+
+def test_run_stalled_fires_on_the_timer_and_resolves_on_the_next_report(tmp_path, one_thread):
+    """The real server's timer with an --alert-config file: a trainer that stops reporting (its
+    stream still open) gets RunStalled in on_alert and the API; its next report resolves it."""
+    side = short_stall_sidecar(tmp_path)
     api = side.http_url
     received: list[dict[str, Any]] = []
     try:
@@ -248,19 +255,7 @@ def test_a_run_whose_trainer_said_goodbye_is_finished_not_stalled(tmp_path, one_
     """Monitor.close() sends a Goodbye; once the run's last stream ends with it, the alert engine
     stops watching the run, so a finished run never raises RunStalled (the same short timer as
     above would fire within ~2 s otherwise)."""
-    config = tmp_path / "alerts.json"
-    config.write_text(
-        json.dumps(
-            {
-                "run_stalled": {
-                    "min_seconds": 1.0,
-                    "grace_seconds": 0.5,
-                    "evaluate_every_seconds": 0.2,
-                }
-            }
-        )
-    )
-    side = SidecarProcess(tmp_path / "data", "--alert-config", str(config)).start()
+    side = short_stall_sidecar(tmp_path)
     api = side.http_url
     try:
         g = torch.Generator().manual_seed(4)
