@@ -64,6 +64,7 @@ class SidecarProcess:
     process's without any DELTAWATCH_* variable (the flags say everything), with
     OMP_NUM_THREADS = `threads`, then `env` on top. `args` are extra `serve` flags. `grpc_port` /
     `http_port` 0: the OS picks; give the old `grpc_port` to come back where a client reconnects.
+    `log_level` None: serve's own default level.
     """
 
     def __init__(
@@ -74,7 +75,7 @@ class SidecarProcess:
         env: Mapping[str, str] | None = None,
         grpc_port: int = 0,
         http_port: int = 0,
-        log_level: str = "warning",
+        log_level: str | None = "warning",
         log_name: str = "sidecar.log",
         start_timeout: float = 120.0,
     ) -> None:
@@ -92,6 +93,7 @@ class SidecarProcess:
         self.grpc_port, self.http_port = grpc_port, http_port
 
     def command(self, ready: Path) -> list[str]:
+        """The `serve` command line, writing its ports to `ready`."""
         return [
             sys.executable,
             "-m",
@@ -103,7 +105,7 @@ class SidecarProcess:
             f"--ready-file={ready}",
             "--device=cpu",
             f"--threads={self.threads}",
-            f"--log-level={self.log_level}",
+            *([f"--log-level={self.log_level}"] if self.log_level else []),
             *self.args,
         ]
 
