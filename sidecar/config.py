@@ -64,6 +64,13 @@ class ServeConfig:
                     f"--{name.replace('_', '-')} {path!r}: file does not exist; give an "
                     f"existing file"
                 )
+        if self.token_file:
+            from deltawatch.client.credentials import read_token
+
+            try:  # an empty or malformed token fails here, before anything listens
+                read_token(self.token_file)
+            except ValueError as exc:
+                raise ValueError(f"--token-file: {exc}") from None
         if self.alert_webhook and not re.match(r"https?://", self.alert_webhook):
             raise ValueError(
                 f"--alert-webhook {self.alert_webhook!r} must be an http:// or https:// URL"

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -180,6 +182,22 @@ def test_serve_flags_and_environment(tmp_path):
         serve_config(args, {"DELTAWATCH_TLS_CERT": __file__})
     with pytest.raises(ValueError, match="must be host:port"):
         serve_config(args, {"DELTAWATCH_HTTP_ADDRESS": "9400"})
+    empty = tmp_path / "token"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="--token-file: .* is empty: write the token into it"):
+        serve_config(args, {"DELTAWATCH_TOKEN_FILE": str(empty)})
+
+
+def test_serve_refuses_an_empty_token_file_with_a_message_not_a_traceback(tmp_path):
+    (tmp_path / "token").write_text("")
+    proc = subprocess.run(
+        [sys.executable, "-m", "deltawatch.sidecar.cli", "serve", "--data-dir", str(tmp_path),
+         "--token-file", str(tmp_path / "token")],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "--token-file" in proc.stderr and "is empty" in proc.stderr
+    assert "Traceback" not in proc.stderr
 
 
 def test_frame_budget_counts_serialized_bytes(wide_check):
