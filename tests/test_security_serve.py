@@ -9,12 +9,8 @@ the bf16 view) equals the float64 reference computed here.
 from __future__ import annotations
 
 import json
-import os
-import signal
 import ssl
 import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -28,6 +24,7 @@ from deltawatch.client import Monitor
 from deltawatch.client.credentials import channel
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from support import SidecarProcess
 from test_security_grpc_http import TOKEN, Pki, make_pki
 
 
@@ -38,41 +35,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @contextmanager
 def serve(tmp_path: Path, *flags: str) -> Iterator[dict]:
-    """`deltawatch serve` on ephemeral loopback ports; yields {"grpc_port", "http_port", "log"}."""
-    tmp_path.mkdir(parents=True, exist_ok=True)
-    ready = tmp_path / "ready.json"
-    log_path = tmp_path / "serve.log"
-    cmd = [
-        sys.executable,
-        "-m",
-        "deltawatch.sidecar.cli",
-        "serve",
-        "--grpc-address=127.0.0.1:0",
-        "--http-address=127.0.0.1:0",
-        f"--data-dir={tmp_path / 'data'}",
-        "--device=cpu",
-        f"--ready-file={ready}",
-        "--grace-seconds=1",
-        *flags,
-    ]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("DELTAWATCH_")}
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 120  # start-up wait (imports torch), not a speed assertion
-        while not ready.exists():
-            assert process.poll() is None, log_path.read_text()
-            assert time.monotonic() < deadline, "deltawatch serve did not start"
-            time.sleep(0.05)
-        ports = json.loads(ready.read_text())
-        yield {**ports, "log": log_path}
-    finally:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    """`deltawatch serve` on ephemeral loopback ports (at serve's own log level, so the log holds
+    everything it says); yields {"grpc_port", "http_port", "log"}."""
+    side = SidecarProcess(tmp_path / "data", "--grace-seconds=1", *flags, log_level=None)
+    with side:
+        yield {"grpc_port": side.grpc_port, "http_port": side.http_port, "log": side.log_path}
 
 
 class Block(torch.nn.Module):
@@ -254,17 +221,9 @@ def test_serve_refuses_incomplete_tls_and_empty_token(tmp_path: Path, pki: Pki) 
         ((f"--tls-client-ca={pki.ca}",), "needs --tls-cert"),
         ((f"--token-file={empty}", f"--data-dir={tmp_path / 'd'}"), "empty"),
     ]:
+        command = SidecarProcess(tmp_path / "data", *flags).command(tmp_path / "ready.json")
         result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "deltawatch.sidecar.cli",
-                "serve",
-                "--grpc-address=127.0.0.1:0",
-                "--http-address=127.0.0.1:0",
-                f"--data-dir={tmp_path / 'data'}",
-                *flags,
-            ],
+            command,
             capture_output=True,
             text=True,
             timeout=120,
