@@ -9,41 +9,20 @@ then scrapes a real sidecar that a real Monitor fed: the target is up and the ex
 
 from __future__ import annotations
 
-import json
-import socket
-import subprocess
-import time
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
+from support import PrometheusServer
 from test_deploy_chart import MTLS_VALUES, by_kind, render
 from test_security_grpc_http import TOKEN, Pki, make_pki
 from test_security_serve import monitor, serve, train_one_check
 
-PROMETHEUS = "/usr/bin/prometheus"
 SERVICE_DNS = "deltawatch.ml.svc"  # what the chart's ServiceMonitor checks the certificate for
 
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
     return make_pki(tmp_path_factory.mktemp("pki"), dns_names=(SERVICE_DNS,))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def query(port: int, promql: str) -> list[dict]:
-    url = f"http://127.0.0.1:{port}/api/v1/query?" + urllib.parse.urlencode({"query": promql})
-    with urllib.request.urlopen(url, timeout=10) as response:
-        body = json.loads(response.read())
-    assert body["status"] == "success"
-    return body["data"]["result"]
 
 
 def scrape_config(endpoint: dict, job: str, target: str, ca: Path, token_file: Path | None):
@@ -101,56 +80,25 @@ def test_prometheus_scrapes_the_sidecar_as_the_service_monitor_says(
         assert mon.close(timeout=60) is True, mon.stats()
 
         target = f"127.0.0.1:{ports['http_port']}"
-        config = tmp_path / "prometheus.yml"
-        config.write_text(
-            yaml.safe_dump(
-                {
-                    "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-                    "scrape_configs": [
-                        scrape_config(endpoint, "deltawatch", target, pki.ca, token_file),
-                        scrape_config(endpoint, "no-token", target, pki.ca, None),
-                    ],
-                }
-            )
-        )
-        port = free_port()
-        prometheus = subprocess.Popen(
-            [
-                PROMETHEUS,
-                f"--config.file={config}",
-                f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            deadline = time.monotonic() + 90  # start-up and two scrapes, not a speed assertion
-            scrapes = {}
-            while time.monotonic() < deadline:
-                try:
-                    counts = query(port, "count_over_time(up[5m])")
-                    scrapes = {r["metric"]["job"]: int(r["value"][1]) for r in counts}
-                except (OSError, ValueError):
-                    pass
-                if scrapes.get("deltawatch", 0) >= 2 and scrapes.get("no-token", 0) >= 2:
-                    break
-                assert prometheus.poll() is None, prometheus.stderr.read().decode()
-                time.sleep(0.5)
+        configs = [
+            scrape_config(endpoint, "deltawatch", target, pki.ca, token_file),
+            scrape_config(endpoint, "no-token", target, pki.ca, None),
+        ]
+        with PrometheusServer(tmp_path, scrape_configs=configs) as prometheus:
+            prometheus.wait_for_scrapes(2)  # start-up and two scrapes, not a speed assertion
+            scrapes = {
+                r["metric"]["job"]: int(r["value"][1])
+                for r in prometheus.query("count_over_time(up[5m])")
+            }
             assert scrapes.get("deltawatch", 0) >= 2 and scrapes.get("no-token", 0) >= 2, scrapes
-            up = {r["metric"]["job"]: r["value"][1] for r in query(port, "up")}
+            up = {r["metric"]["job"]: r["value"][1] for r in prometheus.query("up")}
             assert up == {"deltawatch": "1", "no-token": "0"}
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/targets", timeout=10) as r:
-                targets = json.loads(r.read())["data"]["activeTargets"]
+            targets = prometheus.get("/targets")["data"]["activeTargets"]
             errors = {t["labels"]["job"]: t["lastError"] for t in targets}
             assert errors["deltawatch"] == "" and "401" in errors["no-token"], errors
-            series = query(port, 'deltawatch_update_frobenius_norm{run="scraped"}')
+            series = prometheus.query('deltawatch_update_frobenius_norm{run="scraped"}')
             got = {s["metric"]["matrix"]: float(s["value"][1]) for s in series}
             assert got.keys() == reference.keys()
             for name, value in reference.items():
                 assert got[name] == pytest.approx(value, rel=1e-6), name
             assert all(s["metric"]["job"] == "deltawatch" for s in series)
-        finally:
-            prometheus.terminate()
-            prometheus.wait(30)
