@@ -30,6 +30,7 @@ from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 log = logging.getLogger("deltawatch.client")
 
 BACKOFF_INITIAL_S = 0.1
+GOODBYE_WAIT_S = 1.0  # close(): how long the sidecar gets to end the stream after the Goodbye
 BACKOFF_MAX_S = 5.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -201,8 +202,12 @@ class Transport:
         self._stop.set()
         with self._cv:
             self._cv.notify_all()
+        # The request stream now yields the Goodbye and half-closes; the sidecar ends the stream
+        # once it has read it. Give that a moment before cancelling, or the cancel races the
+        # Goodbye and the sidecar sees a dropped connection instead of a finished run.
+        self._thread.join(timeout=GOODBYE_WAIT_S)
         call = self._session_call
-        if call is not None:
+        if call is not None and self._thread.is_alive():
             call.cancel()
         self._thread.join(timeout=max(0.5, deadline - time.monotonic()) + 2.0)
         return flushed
