@@ -51,20 +51,11 @@ class Tokens(torch.utils.data.Dataset):
 
 def test_trainer_checks_arrive_under_hf_names(tmp_path):
     from deltawatch.client.hf import DeltawatchCallback
-    from transformers import Qwen3Config, Qwen3ForCausalLM, Trainer, TrainingArguments
+    from run_hf import tiny_qwen3
+    from transformers import Trainer, TrainingArguments
 
     torch.manual_seed(0)
-    config = Qwen3Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=64,
-    )
-    model = Qwen3ForCausalLM(config)
+    model = tiny_qwen3()
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     args = TrainingArguments(
         output_dir=str(tmp_path / "out"),
@@ -89,7 +80,7 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
         trainer = Trainer(
             model=model,
             args=args,
-            train_dataset=Tokens(16, 16, config.vocab_size),
+            train_dataset=Tokens(16, 16, model.config.vocab_size),
             callbacks=[callback],
         )
         trainer.train()

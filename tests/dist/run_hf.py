@@ -52,14 +52,9 @@ class Probe(DeltawatchCallback):
         return control
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--run-name", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    faulthandler.dump_traceback_later(150, exit=True)
-    torch.manual_seed(0)
+def tiny_qwen3() -> Qwen3ForCausalLM:
+    """The tiny randomly initialised Qwen3 the transformers tests train (2 blocks, hidden 64, no
+    download); seed torch first for identical weights."""
     config = Qwen3Config(
         vocab_size=128,
         hidden_size=64,
@@ -70,7 +65,18 @@ def main() -> None:
         head_dim=16,
         max_position_embeddings=64,
     )
-    model = Qwen3ForCausalLM(config)
+    return Qwen3ForCausalLM(config)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--endpoint", required=True)
+    ap.add_argument("--run-name", required=True)
+    ap.add_argument("--out", required=True)
+    a = ap.parse_args()
+    faulthandler.dump_traceback_later(150, exit=True)
+    torch.manual_seed(0)
+    model = tiny_qwen3()
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
     args = TrainingArguments(
         output_dir=os.path.join(a.out, "trainer"),
