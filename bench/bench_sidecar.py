@@ -34,8 +34,8 @@ import zlib
 
 import psutil
 import torch
-from deltawatch.client.tracker import MatrixCheck, Sketch
-from deltawatch.sidecar.engine import Engine, ManifestEntry
+from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
+from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.geometry import MatrixGeometry
 from deltawatch.sidecar.store import Store
 

@@ -50,6 +50,7 @@ from typing import NamedTuple
 
 import torch
 from deltawatch.client.anchor import Anchor
+from deltawatch.client.records import MatrixCheck
 from deltawatch.client.sketch import (
     convergence,
     highest_precision,
@@ -57,7 +58,7 @@ from deltawatch.client.sketch import (
     power_step,
     rayleigh_ritz,
 )
-from deltawatch.client.tracker import MatrixCheck, MatrixTracker
+from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -17,13 +17,13 @@ Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exac
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from .anchor import Anchor, gaussian_basis, stable_seed
 from .collectives import ShardSpec, all_reduce_sum, reduce_over_matrix
 from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockState
+from .records import MatrixCheck, Sketch
 from .sketch import (
     DEFAULT_TOLERANCE,
     convergence,
@@ -33,33 +33,6 @@ from .sketch import (
     rayleigh_ritz,
     ritz_vectors,
 )
-
-
-@dataclass(frozen=True)
-class Sketch:  # one tracked subspace iteration's output
-    G: torch.Tensor  # (n, r) float32: AᵀA·V for the tracked matrix A (ΔW or W_t)
-    C: torch.Tensor  # (r, r) float32: PᵀP = Vᵀ G, P = A·V
-    convergence: float  # indicator after the last power step (0.0 on the exact path)
-    power_steps: int
-    exact: bool  # min(m, n) <= r: Rayleigh–Ritz on span(P) is exact
-
-
-@dataclass(frozen=True)
-class MatrixCheck:
-    matrix: str
-    step: int
-    shape: tuple[int, int]  # global (m, n)
-    numel: int
-    frobenius_sq: float  # ‖ΔW‖_F², accumulated in float64, reduced over shards
-    visible_count: int  # #{bf16(W_t) != bf16(W0)} bitwise
-    visible_low_count: int  # |M_vis ∩ M_low|
-    visible_principal_count: int  # |M_vis ∩ M_princ|
-    channel_energy_sq: float | None  # ‖ΔW·V_ref‖_F² once locked, else None
-    update: Sketch | None  # ΔW tracker; None when ΔW == 0 (‖ΔW‖_F == 0)
-    weight: Sketch  # W_t tracker (rotation, spectral shift)
-    lock_step: int | None  # the client's lock decision (identical on every rank)
-    locked_now: bool  # True on the check that locked
-    v_ref: torch.Tensor | None  # (n, K) float32, sent on the check that locked (locked_now)
 
 
 def _to_wire(G: torch.Tensor, C: torch.Tensor, conv: float, steps: int, exact: bool) -> Sketch:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
+from .records import MatrixCheck, Sketch
+
 MAX_CHUNK_BYTES = 1 << 20  # 1 MiB: the largest piece of a tensor in one frame
 MAX_TENSOR_BYTES = 1 << 30  # 1 GiB: a declared tensor larger than this is refused
 MAX_FRAME_BYTES = 4 << 20  # the sidecar's receive limit for one frame (inline data + scalars)
@@ -363,8 +365,6 @@ def _finite(field: str, t: torch.Tensor) -> None:
 
 def sketch_from(msg: Assembled, prefix: str, body: pb.Sketch):
     """The tracker `Sketch` of a decoded message (prefix "update" or "weight")."""
-    from deltawatch.client.tracker import Sketch
-
     for name in ("G", "C"):
         _finite(f"{prefix}.{name}", msg.tensors[f"{prefix}.{name}"])
     if not math.isfinite(body.convergence):
@@ -383,8 +383,6 @@ def sketch_from(msg: Assembled, prefix: str, body: pb.Sketch):
 
 def check_from(msg: Assembled):
     """A decoded MatrixReport -> the tracker's `MatrixCheck` (validated for finiteness)."""
-    from deltawatch.client.tracker import MatrixCheck
-
     r: pb.MatrixReport = msg.body
     if len(r.shape) != 2 or any(s <= 0 for s in r.shape):
         raise WireError(

@@ -35,6 +35,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import torch
+from deltawatch.client.records import ManifestEntry
 
 from .errors import ValidationError, invalid, precondition
 from .geometry import MatrixGeometry
@@ -70,20 +71,6 @@ POOLED_KEYS: dict[str, tuple[str, str]] = {
 AGGREGATE_KEYS: tuple[str, ...] = (*MATRIX_KEYS, "locked_ratio")
 
 Listener = Callable[[str, str, int, dict[str, Any]], None]
-
-
-@dataclass(frozen=True)
-class ManifestEntry:
-    """One monitored matrix as a hello declares it."""
-
-    matrix: str
-    shape: tuple[int, int]
-    numel: int
-    dtype: str
-    layer: int | None
-    module: str
-    shard_layout: str
-    owner_rank: int
 
 
 @dataclass(frozen=True)

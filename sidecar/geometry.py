@@ -15,6 +15,7 @@ import math
 
 import torch
 from deltawatch.client.lock import LockState, pad_columns
+from deltawatch.client.records import MatrixCheck, Sketch
 from deltawatch.client.sketch import (
     DEFAULT_CUTOFF,
     DEFAULT_TOLERANCE,
@@ -24,7 +25,6 @@ from deltawatch.client.sketch import (
     sim_k,
     singular_values,
 )
-from deltawatch.client.tracker import MatrixCheck, Sketch
 
 from .keys import MATRIX_KEYS
 

@@ -31,6 +31,7 @@ from typing import Any
 import grpc
 from deltawatch.client import wire
 from deltawatch.client.config import RUN_NAME
+from deltawatch.client.records import ManifestEntry
 from deltawatch.sidecar.errors import ValidationError
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
@@ -257,7 +258,6 @@ class IngestService(pb_grpc.IngestServicer):
                 f"expected one hello per stream",
             )
         manifest, config = validate_hello(hello)
-        from deltawatch.sidecar.engine import ManifestEntry
 
         entries = [ManifestEntry(**e) for e in manifest]
         resume = int(hello.resume_step) if hello.HasField("resume_step") else None

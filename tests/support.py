@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from aiohttp import web
 from deltawatch.client.naming import parse_name
-from deltawatch.client.tracker import MatrixCheck, MatrixTracker, Sketch
-from deltawatch.sidecar.engine import ManifestEntry
+from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
+from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.process import PrometheusServer, SidecarProcess, free_port
 from deltawatch.sidecar.reference import exact_counts, exact_keys

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 import torch
-from deltawatch.client.tracker import MatrixCheck, MatrixTracker
+from deltawatch.client.records import MatrixCheck
+from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from test_core_trajectories import pretrained_like, trajectory

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from deltawatch.client.tracker import MatrixCheck, MatrixTracker, Sketch
+from deltawatch.client.records import MatrixCheck, Sketch
+from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry, ritz_pairs
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.reference import exact_keys

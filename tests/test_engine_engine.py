@@ -12,7 +12,8 @@ import statistics
 
 import pytest
 import torch
-from deltawatch.sidecar.engine import Engine, ManifestEntry, aggregate_rows
+from deltawatch.client.records import ManifestEntry
+from deltawatch.sidecar.engine import Engine, aggregate_rows
 from deltawatch.sidecar.errors import ValidationError
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.reference import exact_counts

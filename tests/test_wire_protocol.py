@@ -11,7 +11,8 @@ import pytest
 import torch
 from deltawatch.client import wire
 from deltawatch.client.config import MonitorConfig
-from deltawatch.client.tracker import MatrixCheck, MatrixTracker
+from deltawatch.client.records import MatrixCheck
+from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.cli import build_parser, serve_config
 from deltawatch.v1 import deltawatch_pb2 as pb
 

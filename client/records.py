@@ -1,0 +1,51 @@
+"""The records that cross the wire: what a check produces (`Sketch`, `MatrixCheck`) and what a
+hello declares (`ManifestEntry`). Plain frozen dataclasses with no behaviour, shared by the client's
+compute modules, the wire codec and the sidecar, so neither side imports the other's machinery.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Sketch:  # one tracked subspace iteration's output
+    G: torch.Tensor  # (n, r) float32: AᵀA·V for the tracked matrix A (ΔW or W_t)
+    C: torch.Tensor  # (r, r) float32: PᵀP = Vᵀ G, P = A·V
+    convergence: float  # indicator after the last power step (0.0 on the exact path)
+    power_steps: int
+    exact: bool  # min(m, n) <= r: Rayleigh–Ritz on span(P) is exact
+
+
+@dataclass(frozen=True)
+class MatrixCheck:
+    matrix: str
+    step: int
+    shape: tuple[int, int]  # global (m, n)
+    numel: int
+    frobenius_sq: float  # ‖ΔW‖_F², accumulated in float64, reduced over shards
+    visible_count: int  # #{bf16(W_t) != bf16(W0)} bitwise
+    visible_low_count: int  # |M_vis ∩ M_low|
+    visible_principal_count: int  # |M_vis ∩ M_princ|
+    channel_energy_sq: float | None  # ‖ΔW·V_ref‖_F² once locked, else None
+    update: Sketch | None  # ΔW tracker; None when ΔW == 0 (‖ΔW‖_F == 0)
+    weight: Sketch  # W_t tracker (rotation, spectral shift)
+    lock_step: int | None  # the client's lock decision (identical on every rank)
+    locked_now: bool  # True on the check that locked
+    v_ref: torch.Tensor | None  # (n, K) float32, sent on the check that locked (locked_now)
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One monitored matrix as a hello declares it."""
+
+    matrix: str
+    shape: tuple[int, int]
+    numel: int
+    dtype: str
+    layer: int | None
+    module: str
+    shard_layout: str
+    owner_rank: int
