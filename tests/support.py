@@ -1,7 +1,7 @@
 """Shared pieces of the tests (no tests here).
 
-The sidecar process and the Prometheus server are the product's own
-(`deltawatch.sidecar.process`): `SidecarProcess`, `PrometheusServer`. Here: `wait_for` and
+The sidecar process is the product's own (`deltawatch.sidecar.process.SidecarProcess`); the
+Prometheus server is the tests' (`servers.PrometheusServer`). Here: `wait_for` and
 `get_json`; a synthetic monitored run whose reports are real `MatrixCheck`s from the core's
 `MatrixTracker`; a real aiohttp server on a loopback port in a background thread; the engine's
 comparison against the exact float64 reference.
@@ -31,8 +31,9 @@ from deltawatch.client.naming import parse_name
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.keys import MATRIX_KEYS
-from deltawatch.sidecar.process import PrometheusServer, SidecarProcess, free_port
+from deltawatch.sidecar.process import SidecarProcess, free_port
 from deltawatch.sidecar.reference import exact_counts, exact_keys
+from servers import PrometheusServer
 
 __all__ = ["PrometheusServer", "SidecarProcess", "free_port", "get_json", "wait_for"]
 
