@@ -51,6 +51,7 @@ from typing import NamedTuple
 import torch
 from deltawatch.client.anchor import Anchor
 from deltawatch.client.records import MatrixCheck
+from deltawatch.client.settings import AnchorSettings, SketchSettings
 from deltawatch.client.sketch import (
     convergence,
     highest_precision,
@@ -222,20 +223,19 @@ def run_shape(args: argparse.Namespace, m: int, n: int, device: torch.device) ->
     reps = repeats_for(numel, device, args.repeats)
     full_svd = args.skip_full_svd_above is None or numel <= args.skip_full_svd_above
     W0 = pretrained_like(m, n, seed=args.seed, device=device)
-    settings = dict(
-        view=args.view, alpha=0.5, mask_rank=64, rank=K, oversample=args.oversample, seed=0
+    settings = AnchorSettings(view=args.view, location=args.anchor)
+    sketch = SketchSettings(
+        channel_rank=K, oversample=args.oversample, max_power_steps=args.max_power_steps
     )
     attach, anchor = timed(
-        lambda: Anchor(W0, placement=args.anchor, name=f"bench.{m}x{n}", **settings), device
+        lambda: Anchor(W0, settings=settings, sketch=sketch, name=f"bench.{m}x{n}"), device
     )
     W0_view = W0.to(anchor.dtype)
     t_attach = attach.wall
     log(f"{m}x{n}: anchor built in {t_attach:.2f} s ({reps} repeats)")
 
     def tracker(name: str) -> MatrixTracker:
-        return MatrixTracker(
-            name, (m, n), anchor=anchor, max_power_steps=args.max_power_steps, **settings
-        )
+        return MatrixTracker(name, anchor)
 
     # warm-ups at this size: a throwaway tracker check, the products, the full SVD
     Wt = W0 + 1e-3 * torch.ones_like(W0)

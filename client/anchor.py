@@ -3,7 +3,7 @@ top-(k+p) Ritz basis for the W_t tracker.
 
 Views (DESIGN §2): "bf16" keeps bf16(W0) and takes the masks on it (the visible update is
 f32(bf16(W_t)) − f32(bf16(W0))); "native" keeps W0 in the parameter's own dtype.
-Placement: "device" keeps the copy beside the parameter; "host" keeps it in CPU memory (pinned
+Location: "device" keeps the copy beside the parameter; "host" keeps it in CPU memory (pinned
 when the parameter is on CUDA) and streams it to the device in row chunks at check time.
 
 Memory per parameter (local shard): the copy (2 bytes in the bf16 view; the dtype's size in the
@@ -27,6 +27,7 @@ import torch
 
 from .collectives import ShardSpec, all_reduce_sum, gather_cols
 from .masks import kth_largest_abs, low_magnitude_threshold, mask_count, pack_bits, unpack_bits
+from .settings import AnchorSettings, SketchSettings
 from .sketch import convergence, highest_precision, orth, power_step, rayleigh_ritz, ritz_vectors
 
 EXACT_LIMIT = (
@@ -37,8 +38,6 @@ MASK_TOLERANCE = 1e-7  # for [W0]_R: Ritz vectors converge more slowly than Ritz
 ATTACH_MAX_STEPS = 50
 MASK_OVERSAMPLE = 16
 CHUNK_ELEMENTS = 1 << 22
-VIEWS = ("bf16", "native")
-PLACEMENTS = ("host", "device")
 
 
 def stable_seed(seed: int, name: str) -> int:
@@ -93,20 +92,11 @@ class Anchor:
         W0_local: torch.Tensor,
         *,
         shape: tuple[int, int] | None = None,
-        view: str = "bf16",
-        placement: str = "host",
-        alpha: float = 0.5,
-        mask_rank: int = 64,
-        rank: int = 16,
-        oversample: int = 16,
         spec: ShardSpec | None = None,
-        seed: int = 0,
+        settings: AnchorSettings = AnchorSettings(),
+        sketch: SketchSettings = SketchSettings(),
         name: str = "",
     ) -> None:
-        if view not in VIEWS:
-            raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
-        if placement not in PLACEMENTS:
-            raise ValueError(f"anchor placement must be one of {PLACEMENTS}, got {placement!r}")
         if W0_local.ndim != 2:
             raise ValueError(f"{name}: the anchor needs a 2-D weight, got shape {W0_local.shape}")
         self.shape = tuple(shape) if shape is not None else tuple(W0_local.shape)
@@ -115,25 +105,20 @@ class Anchor:
         if spec is None and tuple(W0_local.shape) != self.shape:
             raise ValueError(f"{name}: local shape {tuple(W0_local.shape)} != {self.shape}")
         self.name = name
-        self.view = view
-        self.placement = placement
-        self.alpha = alpha
-        self.mask_rank = mask_rank
-        self.rank = rank
-        self.oversample = oversample
+        self.settings = settings
+        self.sketch = sketch
         self.spec = spec
-        self.seed = seed
         self.device = W0_local.device
         self.local_shape = tuple(W0_local.shape)
         self.numel = self.shape[0] * self.shape[1]
-        self.dtype = view_dtype(view, W0_local.dtype)
+        self.dtype = view_dtype(settings.view, W0_local.dtype)
         W0 = W0_local.detach().to(self.dtype).contiguous()  # on the parameter's device
-        if placement == "host" and W0.device.type != "cpu":
+        if settings.location == "host" and W0.device.type != "cpu":
             self.W0 = W0.cpu().pin_memory()
         else:
             self.W0 = W0.clone() if W0.data_ptr() == W0_local.data_ptr() else W0
         with highest_precision():
-            self.a = low_magnitude_threshold(W0, alpha, spec, numel=self.numel)
+            self.a = low_magnitude_threshold(W0, settings.alpha, spec, numel=self.numel)
             A = W0.float()
             gram = self._gram(A) if min(self.shape) <= EXACT_LIMIT else None
             self._principal_mask(A, gram)
@@ -141,9 +126,11 @@ class Anchor:
             del gram
             _, G, C = power_step(A, self.V0, spec)
             theta, _ = rayleigh_ritz(G, C)
-            self.exact = min(self.shape) <= rank + oversample
+            self.exact = min(self.shape) <= sketch.r
             self.baseline_G, self.baseline_C = G, C
-            self.baseline_convergence = 0.0 if self.exact else convergence(theta, C, rank)
+            self.baseline_convergence = (
+                0.0 if self.exact else convergence(theta, C, sketch.channel_rank)
+            )
 
     # -- access at check time -------------------------------------------------------------
 
@@ -180,7 +167,7 @@ class Anchor:
 
     def _principal_mask(self, A: torch.Tensor, gram: tuple | None) -> None:
         """b and the packed M_princ from [W0]_R = L·Rtᵀ (local block), computed chunk-wise."""
-        if self.mask_rank >= min(self.shape):  # [W0]_R = W0 exactly (ties kept as ties)
+        if self.settings.mask_rank >= min(self.shape):  # [W0]_R = W0 exactly (ties kept as ties)
             step, dtype = chunk_rows(A.shape[1]), A.dtype
 
             def chunks() -> Iterator[torch.Tensor]:
@@ -195,7 +182,7 @@ class Anchor:
                 for r0 in range(0, L.shape[0], step):
                     yield L[r0 : r0 + step] @ Rt.T
 
-        k = mask_count(self.alpha, self.numel)
+        k = mask_count(self.settings.alpha, self.numel)
         self.b = kth_largest_abs(chunks, k, self.numel, self.spec, dtype=dtype)
         packed = [pack_bits(c.abs() >= self.b.to(c.device)) for c in chunks()]
         mask = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
@@ -223,7 +210,7 @@ class Anchor:
     ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype]:
         """(L, Rt, dtype) with [W0]_R (local block) = L·Rtᵀ; float64 on the exact route."""
         m, n = self.shape
-        R = min(self.mask_rank, m, n)
+        R = min(self.settings.mask_rank, m, n)
         spec = self.spec
         rows = slice(None) if spec is None else spec.rows
         cols = slice(None) if spec is None else spec.cols
@@ -233,7 +220,7 @@ class Anchor:
             if transposed:  # [W0]_R = U_R U_Rᵀ W0, (U_Rᵀ W0)[:, cols]ᵀ = P U_R
                 return E_R[rows], P @ E_R, torch.float64
             return P @ E_R, E_R[cols], torch.float64  # [W0]_R = W0 V_R V_Rᵀ
-        seed = stable_seed(self.seed, self.name + "#mask")
+        seed = stable_seed(self.sketch.seed, self.name + "#mask")
         _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec, MASK_TOLERANCE)
         theta, Z = rayleigh_ritz(G, C)
         V_R = ritz_vectors(G, Z, R).float()
@@ -246,12 +233,12 @@ class Anchor:
         """W0's top-(k+p) right singular basis (n, r) for the W_t tracker (float32, device); on the
         exact path (min(m, n) ≤ r) the tracker's fixed basis."""
         m, n = self.shape
-        r = self.rank + self.oversample
+        r = self.sketch.r
         spec = self.spec
         if n <= r:  # exact path: V = I_n, padded with zero columns to r
             return torch.eye(n, r, device=A.device)
         if m <= r:  # exact path: one power step from any full-rank V spans R^m
-            return gaussian_basis(n, r, stable_seed(self.seed, self.name), A.device)
+            return gaussian_basis(n, r, stable_seed(self.sketch.seed, self.name), A.device)
         if gram is not None:
             transposed, P, lam, E = gram
             if not transposed:
@@ -261,6 +248,6 @@ class Anchor:
             V_local = (P @ E[:, :r]) / scale
             V = V_local if spec is None else gather_cols(V_local, spec)
             return orth(V).float()
-        seed = stable_seed(self.seed, self.name + "#weight")
-        V, _, _ = _subspace_iteration(A, r, self.rank, seed, spec)
+        seed = stable_seed(self.sketch.seed, self.name + "#weight")
+        V, _, _ = _subspace_iteration(A, r, self.sketch.channel_rank, seed, spec)
         return V

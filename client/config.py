@@ -1,7 +1,11 @@
 """MonitorConfig: every keyword of `Monitor(...)` (DESIGN §4), validated once at construction.
 
-A bad value raises `ValueError` (or `TypeError` for a wrong type) with the fix in the message; after
-construction nothing in the hook raises into the trainer.
+The keywords are flat (`Monitor(model, run=..., channel_rank=16, view="bf16", lock_patience=3)`);
+`MonitorConfig.from_keywords` maps each onto its typed section (client/settings.py:
+`AnchorSettings`, `SketchSettings`, `LockSettings`, and `TransportSettings` here), which the
+compute modules and the transport take whole. A bad value raises `ValueError` (or `TypeError` for a
+wrong type) with the fix in the message; after construction nothing in the hook raises into the
+trainer.
 """
 
 from __future__ import annotations
@@ -10,53 +14,76 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
+
+from .credentials import check_tls
+from .settings import AnchorSettings, LockSettings, SketchSettings, positive_int
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024  # 256 MiB of unsent reports, then drop the oldest
-VIEWS = ("bf16", "native")
-ANCHORS = ("host", "device")
-TLS_KEYS = ("ca", "cert", "key", "server_name")
 
 Selector = str | Sequence[str] | Callable[[str], bool] | None
 
 
 @dataclass(frozen=True)
-class MonitorConfig:
-    """The Monitor's configuration. Field names are the keyword arguments of `Monitor`."""
+class TransportSettings:
+    """Where and how reports travel (client/transport.py, client/credentials.py)."""
 
-    run: str
     endpoint: str = DEFAULT_ENDPOINT
-    every: int = 10
-    rank: int = 16  # K, the channel rank
-    oversample: int = 16  # p; the trackers keep r = K + p columns
-    max_power_steps: int = 4
-    include: Selector = None  # regexes searched in parameter names, or name -> bool
-    exclude: Selector = None
-    view: str = "bf16"
-    anchor: str = "host"
-    anchor_checkpoint: str | None = None  # a safetensors file or a directory of them
-    lock_at_step: int | None = None
-    lock_threshold: float = 0.9
-    lock_patience: int = 3
-    lock_min_energy: float = 0.5
-    alpha: float = 0.5
-    mask_rank: int = 64
-    fused: Mapping[str, Any] | None = None
-    on_alert: Callable[[dict], None] | None = None
-    enforce_channel: bool = False
     token: str | None = None
     token_file: str | None = None
     tls: Mapping[str, str] | None = None  # {"ca", "cert", "key": paths; "server_name"}
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
-    seed: int = 0
-    # Resume and transport (documented in docs/wire.md)
-    incarnation: int | None = None  # None: chosen at construction (ms clock, agreed over ranks)
-    resume_step: int | None = None  # the step a restarted trainer resumes from
     connect_timeout: float = 20.0  # seconds for one connection attempt (never on the trainer)
     close_timeout: float = 10.0  # default bounded wait of close()
+
+    def __post_init__(self) -> None:
+        _validate_transport(self)
+
+
+# Monitor keyword -> (section, field) for the keywords that live in a section.
+SECTION_KEYWORDS: dict[str, tuple[str, str]] = {
+    "channel_rank": ("sketch", "channel_rank"),
+    "oversample": ("sketch", "oversample"),
+    "max_power_steps": ("sketch", "max_power_steps"),
+    "seed": ("sketch", "seed"),
+    "view": ("anchor", "view"),
+    "anchor": ("anchor", "location"),
+    "alpha": ("anchor", "alpha"),
+    "mask_rank": ("anchor", "mask_rank"),
+    "lock_threshold": ("lock", "threshold"),
+    "lock_patience": ("lock", "patience"),
+    "lock_min_energy": ("lock", "min_energy"),
+    "lock_at_step": ("lock", "at_step"),
+    **{f.name: ("transport", f.name) for f in fields(TransportSettings)},
+}
+# Keywords that changed name, with the one to use instead.
+RENAMED_KEYWORDS: dict[str, str] = {
+    "rank": "channel_rank (K; `rank` now means only the process rank)",
+}
+
+
+@dataclass(frozen=True)
+class MonitorConfig:
+    """The Monitor's configuration: the run-level settings plus one typed section per concern."""
+
+    run: str
+    every: int = 10
+    include: Selector = None  # regexes searched in parameter names, or name -> bool
+    exclude: Selector = None
+    fused: Mapping[str, Any] | None = None
+    anchor_checkpoint: str | None = None  # a safetensors file or a directory of them
+    on_alert: Callable[[dict], None] | None = None
+    enforce_channel: bool = False
+    # Resume (documented in docs/wire.md)
+    incarnation: int | None = None  # None: chosen at construction (ms clock, agreed over ranks)
+    resume_step: int | None = None  # the step a restarted trainer resumes from
+    anchor: AnchorSettings = field(default_factory=AnchorSettings)
+    sketch: SketchSettings = field(default_factory=SketchSettings)
+    lock: LockSettings = field(default_factory=LockSettings)
+    transport: TransportSettings = field(default_factory=TransportSettings)
     _include_rx: tuple[re.Pattern, ...] = field(default=(), init=False, repr=False, compare=False)
     _exclude_rx: tuple[re.Pattern, ...] = field(default=(), init=False, repr=False, compare=False)
 
@@ -65,10 +92,22 @@ class MonitorConfig:
         object.__setattr__(self, "_include_rx", _compile("include", self.include))
         object.__setattr__(self, "_exclude_rx", _compile("exclude", self.exclude))
 
-    @property
-    def r(self) -> int:
-        """Columns of each tracker's basis: r = K + p."""
-        return self.rank + self.oversample
+    @classmethod
+    def from_keywords(cls, run: str, **kwargs: Any) -> MonitorConfig:
+        """The configuration of `Monitor(model, run, **kwargs)`: unknown or renamed keywords
+        raise TypeError naming the right one; each section validates its own values."""
+        check_keywords(kwargs)
+        sections: dict[str, dict[str, Any]] = {}
+        top: dict[str, Any] = {}
+        for key, value in kwargs.items():
+            if key in SECTION_KEYWORDS:
+                section, name = SECTION_KEYWORDS[key]
+                sections.setdefault(section, {})[name] = value
+            else:
+                top[key] = value
+        defaults = cls(run=run)
+        built = {s: replace(getattr(defaults, s), **v) for s, v in sections.items()}
+        return cls(run=run, **top, **built)
 
     def selects(self, name: str) -> bool | None:
         """The user's verdict on a parameter name: True/False when include/exclude decide, None
@@ -85,21 +124,30 @@ class MonitorConfig:
                 return False
         return ok
 
+    def keywords(self) -> dict[str, Any]:
+        """The settings as `Monitor` keywords (the inverse of `from_keywords`)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.init}
+        for section in ("anchor", "sketch", "lock", "transport"):
+            del out[section]
+        for key, (section, name) in SECTION_KEYWORDS.items():
+            out[key] = getattr(getattr(self, section), name)
+        return out
+
     def to_json_dict(self) -> dict[str, Any]:
-        """The settings the sidecar may need (sent in the Hello); secrets and callables left out."""
-        skip = {"on_alert", "token", "token_file", "tls", "_include_rx", "_exclude_rx"}
+        """The settings the sidecar may need (sent in the Hello), as Monitor keywords; secrets
+        and callables left out."""
+        skip = {"on_alert", "token", "token_file", "tls"}
         out: dict[str, Any] = {}
-        for f in fields(self):
-            if f.name in skip:
+        for key, value in self.keywords().items():
+            if key in skip:
                 continue
-            value = getattr(self, f.name)
             if callable(value):
                 value = getattr(value, "__name__", "callable")
             elif isinstance(value, Mapping):
                 value = {str(k): str(v) for k, v in value.items()}
             elif isinstance(value, (list, tuple)):
                 value = [str(v) for v in value]
-            out[f.name] = value
+            out[key] = value
         return out
 
 
@@ -107,12 +155,18 @@ def check_keywords(kwargs: Mapping[str, Any]) -> None:
     """Unknown Monitor keywords raise TypeError naming the closest known one."""
     import difflib
 
-    known = [f.name for f in fields(MonitorConfig) if f.init]
+    known = [f.name for f in fields(MonitorConfig) if f.init and f.name not in _SECTIONS]
+    known += list(SECTION_KEYWORDS)
     for key in kwargs:
+        if key in RENAMED_KEYWORDS:
+            raise TypeError(f"Monitor keyword {key!r} is now {RENAMED_KEYWORDS[key]}")
         if key not in known:
             close = difflib.get_close_matches(key, known, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(known)}"
             raise TypeError(f"Monitor got an unknown keyword {key!r}{hint}")
+
+
+_SECTIONS = ("anchor", "sketch", "lock", "transport")
 
 
 def _search(patterns: tuple[re.Pattern, ...], name: str) -> bool:
@@ -140,21 +194,6 @@ def _compile(what: str, selector: Selector) -> tuple[re.Pattern, ...]:
     return tuple(out)
 
 
-def _positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value <= 0:
-        raise ValueError(f"{name} must be > 0, got {value}; e.g. {name}=1")
-
-
-def _ratio(name: str, value: Any, *, open_low: bool = True) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise TypeError(f"{name} must be a finite number, got {value!r}")
-    low_ok = value > 0 if open_low else value >= 0
-    if not (low_ok and value <= 1):
-        raise ValueError(f"{name} must be in (0, 1], got {value}; the default is 0.5 or 0.9")
-
-
 def _check_file(what: str, path: Any) -> None:
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"{what} must be a file path (str), got {type(path).__name__}")
@@ -163,43 +202,27 @@ def _check_file(what: str, path: Any) -> None:
 
 
 def validate(c: MonitorConfig) -> None:
-    """Raise with the fix in the message when a setting cannot work."""
+    """Raise with the fix in the message when a run-level setting cannot work (each section
+    validates its own fields)."""
     if not isinstance(c.run, str) or not RUN_NAME.fullmatch(c.run):
         raise ValueError(
             f"run {c.run!r} must match [A-Za-z0-9._-]{{1,128}}; e.g. run='qwen3-opd-1' "
             f"(letters, digits, '.', '_', '-' only)"
         )
-    if not isinstance(c.endpoint, str) or not re.fullmatch(r".+:\d{1,5}", c.endpoint):
-        raise ValueError(
-            f"endpoint {c.endpoint!r} must be host:port, e.g. endpoint='127.0.0.1:50051'"
-        )
-    for name in ("every", "rank", "oversample", "max_power_steps", "lock_patience", "mask_rank"):
-        _positive_int(name, getattr(c, name))
-    _positive_int("max_queue_bytes", c.max_queue_bytes)
-    if c.max_queue_bytes < 1024 * 1024:
-        raise ValueError(
-            f"max_queue_bytes={c.max_queue_bytes} is below 1 MiB, too small to hold one report; "
-            f"use at least {1024 * 1024} (the default is {DEFAULT_MAX_QUEUE_BYTES})"
-        )
-    if c.rank + c.oversample > 4096:
-        raise ValueError(
-            f"rank + oversample = {c.rank + c.oversample} is unreasonably large (the sketch "
-            f"keeps that many columns per matrix); the defaults are rank=16, oversample=16"
-        )
-    if c.view not in VIEWS:
-        raise ValueError(f"view={c.view!r} is not one of {VIEWS}; use view='bf16' (the default)")
-    if c.anchor not in ANCHORS:
-        raise ValueError(f"anchor={c.anchor!r} is not one of {ANCHORS}; use anchor='host'")
+    positive_int("every", c.every)
+    for name, kind in (
+        ("anchor", AnchorSettings),
+        ("sketch", SketchSettings),
+        ("lock", LockSettings),
+        ("transport", TransportSettings),
+    ):
+        if not isinstance(getattr(c, name), kind):
+            raise TypeError(f"MonitorConfig.{name} must be a {kind.__name__}")
     if c.anchor_checkpoint is not None and not os.path.exists(c.anchor_checkpoint):
         raise ValueError(
             f"anchor_checkpoint {os.fspath(c.anchor_checkpoint)!r} does not exist; give a "
             f".safetensors file or a directory of them"
         )
-    if c.lock_at_step is not None:
-        _positive_int("lock_at_step", c.lock_at_step)
-    _ratio("lock_threshold", c.lock_threshold)
-    _ratio("lock_min_energy", c.lock_min_energy, open_low=False)
-    _ratio("alpha", c.alpha)
     if c.on_alert is not None and not callable(c.on_alert):
         raise TypeError(f"on_alert must be a callable taking an alert dict, got {c.on_alert!r}")
     for name in ("include", "exclude"):
@@ -213,6 +236,25 @@ def validate(c: MonitorConfig) -> None:
         raise TypeError(f"fused must be a mapping (see docs/distributed.md), got {c.fused!r}")
     if not isinstance(c.enforce_channel, bool):
         raise TypeError(f"enforce_channel must be True or False, got {c.enforce_channel!r}")
+    if c.incarnation is not None:
+        positive_int("incarnation", c.incarnation)
+    if c.resume_step is not None and (
+        isinstance(c.resume_step, bool) or not isinstance(c.resume_step, int) or c.resume_step < 0
+    ):
+        raise ValueError(f"resume_step must be an int >= 0, got {c.resume_step!r}")
+
+
+def _validate_transport(c: TransportSettings) -> None:
+    if not isinstance(c.endpoint, str) or not re.fullmatch(r".+:\d{1,5}", c.endpoint):
+        raise ValueError(
+            f"endpoint {c.endpoint!r} must be host:port, e.g. endpoint='127.0.0.1:50051'"
+        )
+    positive_int("max_queue_bytes", c.max_queue_bytes)
+    if c.max_queue_bytes < 1024 * 1024:
+        raise ValueError(
+            f"max_queue_bytes={c.max_queue_bytes} is below 1 MiB, too small to hold one report; "
+            f"use at least {1024 * 1024} (the default is {DEFAULT_MAX_QUEUE_BYTES})"
+        )
     if c.token is not None and c.token_file is not None:
         raise ValueError("give token or token_file, not both")
     if c.token is not None and (not isinstance(c.token, str) or not c.token.strip()):
@@ -220,25 +262,8 @@ def validate(c: MonitorConfig) -> None:
     if c.token_file is not None:
         _check_file("token_file", c.token_file)
     if c.tls is not None:
-        if not isinstance(c.tls, Mapping):
-            raise TypeError("tls must be a mapping like {'ca': 'ca.pem', 'cert': ..., 'key': ...}")
-        unknown = set(c.tls) - set(TLS_KEYS)
-        if unknown:
-            raise ValueError(f"tls has unknown keys {sorted(unknown)}; allowed: {list(TLS_KEYS)}")
-        if ("cert" in c.tls) != ("key" in c.tls):
-            raise ValueError("tls: give 'cert' and 'key' together (mTLS), or neither")
-        for key, path in c.tls.items():
-            if key != "server_name":
-                _check_file(f"tls[{key!r}]", path)
-    if c.incarnation is not None:
-        _positive_int("incarnation", c.incarnation)
-    if c.resume_step is not None and (
-        isinstance(c.resume_step, bool) or not isinstance(c.resume_step, int) or c.resume_step < 0
-    ):
-        raise ValueError(f"resume_step must be an int >= 0, got {c.resume_step!r}")
+        check_tls(c.tls)
     for name in ("connect_timeout", "close_timeout"):
         value = getattr(c, name)
         if not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
-    if not isinstance(c.seed, int) or isinstance(c.seed, bool):
-        raise TypeError(f"seed must be an int, got {c.seed!r}")

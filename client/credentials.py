@@ -31,7 +31,7 @@ __all__ = ["channel", "read_token", "is_loopback_host", "split_host_port"]
 log = logging.getLogger(__name__)
 
 StrPath = str | os.PathLike[str]
-_TLS_KEYS = frozenset({"ca", "cert", "key", "server_name"})
+TLS_KEYS = ("ca", "cert", "key", "server_name")
 
 
 def read_token(path: StrPath) -> str:
@@ -100,24 +100,28 @@ def _read_bytes(path: StrPath | None, what: str) -> bytes | None:
         raise ValueError(f"tls[{what!r}]: file {os.fspath(path)!r} does not exist") from None
 
 
+def check_tls(tls: Any) -> None:
+    """The ``tls`` mapping names only known keys, pairs 'cert' with 'key', and its paths exist."""
+    if not isinstance(tls, Mapping):
+        raise TypeError(
+            "tls must be a mapping of paths {'ca': ..., 'cert': ..., 'key': ...}, "
+            f"got {type(tls).__name__}"
+        )
+    unknown = set(tls) - set(TLS_KEYS)
+    if unknown:
+        raise ValueError(f"tls has unknown keys {sorted(unknown)}; allowed: {list(TLS_KEYS)}")
+    if ("cert" in tls) != ("key" in tls):
+        raise ValueError("tls: give 'cert' and 'key' together (mTLS), or neither")
+    for key, path in tls.items():
+        if key != "server_name" and not os.path.isfile(path):
+            raise ValueError(f"tls[{key!r}]: file {os.fspath(path)!r} does not exist")
+
+
 def _tls_options(tls: Mapping[str, Any] | bool) -> tuple[grpc.ChannelCredentials, list]:
     """TLS channel credentials and the channel options they need, from the ``tls`` mapping."""
     if tls is True:
         return grpc.ssl_channel_credentials(), []
-    if not isinstance(tls, Mapping):
-        raise TypeError(
-            "tls must be a mapping of paths {'ca': ..., 'cert': ..., 'key': ...} or True, "
-            f"got {type(tls).__name__}"
-        )
-    unknown = set(tls) - _TLS_KEYS
-    if unknown:
-        raise ValueError(
-            f"tls has unknown keys {sorted(unknown)}; expected some of {sorted(_TLS_KEYS)}"
-        )
-    if ("cert" in tls) != ("key" in tls):
-        raise ValueError(
-            "tls: mutual TLS needs both 'cert' and 'key' (the client certificate and its key)"
-        )
+    check_tls(tls)
     creds = grpc.ssl_channel_credentials(
         root_certificates=_read_bytes(tls.get("ca"), "ca"),
         private_key=_read_bytes(tls.get("key"), "key"),

@@ -1,5 +1,6 @@
-"""The horizon lock rule of DESIGN §2 (pure and deterministic; the client decides the lock with it
-and the sidecar runs the same code for `horizon_alignment`).
+"""The horizon lock rule of DESIGN §2 (pure and deterministic): `Horizon` keeps the snapshots and
+gives Sim_K(t, h(t)) (the client's lock and the sidecar's `horizon_alignment` both use it);
+`LockState` applies the rule on top (the client decides the lock; the sidecar only reads it).
 
 Consecutive checks are no test of locking (a cumulative sum always changes little relative to its
 size), so the test is the *horizon*: Sim_K between V_K now and V_K at the kept check whose step is
@@ -19,11 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .settings import LockSettings
 from .sketch import sim_k
-
-DEFAULT_THRESHOLD = 0.9
-DEFAULT_PATIENCE = 3
-DEFAULT_MIN_ENERGY = 0.5
 
 
 def is_snapshot_check(index: int) -> bool:
@@ -55,30 +53,77 @@ class LockObservation:
     locked_now: bool
 
 
-class LockState:
-    """Log-spaced V_K snapshots, the streak and the lock reference of one matrix."""
+class Horizon:
+    """Log-spaced V_K snapshots of one matrix and Sim_K against the horizon h(t) (the client's
+    lock rule and the sidecar's `horizon_alignment` both read it)."""
 
-    def __init__(
-        self,
-        k: int,
-        *,
-        threshold: float = DEFAULT_THRESHOLD,
-        patience: int = DEFAULT_PATIENCE,
-        min_energy: float = DEFAULT_MIN_ENERGY,
-        at_step: int | None = None,
-        max_rank: int | None = None,
-    ) -> None:
+    def __init__(self, k: int, *, max_rank: int | None = None) -> None:
         self.k = k
         # Sim_K's denominator: K, or min(m, n) for a matrix too small to have K directions (V_K
         # is still padded to K columns, with zeros)
         self.k_sim = k if max_rank is None else max(1, min(k, max_rank))
-        self.threshold = threshold
-        self.patience = patience
-        self.min_energy = min_energy
-        self.at_step = at_step
         self.checks = 0
-        self.streak = 0
         self.snapshots: list[tuple[int, int, torch.Tensor]] = []  # (check index, step, V_K)
+
+    def observe(self, step: int, V_K: torch.Tensor | None) -> tuple[float | None, int | None]:
+        """Record one check (V_K None when ΔW = 0): (Sim_K(t, h(t)), h(t)'s step), or
+        (None, None) without V_K or without a kept check."""
+        self.checks += 1
+        if V_K is None:
+            return None, None
+        V_K = pad_columns(V_K, self.k)
+        alignment = horizon_step = None
+        pos = horizon_position([s for _, s, _ in self.snapshots], step)
+        if pos is not None:
+            _, horizon_step, V_h = self.snapshots[pos]
+            alignment = sim_k(V_K, V_h, self.k_sim)
+            del self.snapshots[:pos]  # older ones can never be the horizon again
+        if is_snapshot_check(self.checks):
+            self.snapshots.append((self.checks, step, V_K))
+        return alignment, horizon_step
+
+    def state_dict(self) -> dict:
+        """Plain tensors and ints (no pickle needed to store it)."""
+        n = self.snapshots[0][2].shape[0] if self.snapshots else 0
+        return {
+            "k": self.k,
+            "checks": self.checks,
+            "snapshot_index": torch.tensor([i for i, _, _ in self.snapshots], dtype=torch.int64),
+            "snapshot_step": torch.tensor([s for _, s, _ in self.snapshots], dtype=torch.int64),
+            "snapshot_V": (
+                torch.stack([V.detach().float().cpu() for _, _, V in self.snapshots])
+                if self.snapshots
+                else torch.zeros((0, n, self.k))
+            ),
+        }
+
+    def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
+        self.k = int(state["k"])
+        self.checks = int(state["checks"])
+        self.snapshots = [
+            (int(i), int(s), V.to(device))
+            for i, s, V in zip(
+                state["snapshot_index"].tolist(),
+                state["snapshot_step"].tolist(),
+                state["snapshot_V"],
+                strict=True,
+            )
+        ]
+
+
+class LockState:
+    """The lock rule of one matrix on its horizon: the streak and the lock reference."""
+
+    def __init__(
+        self,
+        k: int,
+        settings: LockSettings = LockSettings(),
+        *,
+        max_rank: int | None = None,
+    ) -> None:
+        self.horizon = Horizon(k, max_rank=max_rank)
+        self.settings = settings
+        self.streak = 0
         self.lock_step: int | None = None
         self.v_ref: torch.Tensor | None = None
 
@@ -94,74 +139,42 @@ class LockState:
         converged: bool = True,
     ) -> LockObservation:
         """Record one check (V_K None when ΔW = 0) and apply the lock rule."""
-        self.checks += 1
-        index = self.checks
-        alignment = None
-        horizon_step = None
-        if V_K is not None:
-            V_K = pad_columns(V_K, self.k)
-            pos = horizon_position([s for _, s, _ in self.snapshots], step)
-            if pos is not None:
-                _, horizon_step, V_h = self.snapshots[pos]
-                alignment = sim_k(V_K, V_h, self.k_sim)
-                del self.snapshots[:pos]  # older ones can never be the horizon again
-            if is_snapshot_check(index):
-                self.snapshots.append((index, step, V_K))
+        alignment, horizon_step = self.horizon.observe(step, V_K)
+        rule = self.settings
         passing = (
             alignment is not None
             and converged
             and energy is not None
-            and alignment >= self.threshold
-            and energy >= self.min_energy
+            and alignment >= rule.threshold
+            and energy >= rule.min_energy
         )
         self.streak = self.streak + 1 if passing else 0
         locked_now = False
         if not self.locked and V_K is not None:
-            by_step = self.at_step is not None and step >= self.at_step
-            if self.streak >= self.patience or by_step:
+            by_step = rule.at_step is not None and step >= rule.at_step
+            if self.streak >= rule.patience or by_step:
                 self.lock_step = step
-                self.v_ref = V_K
+                self.v_ref = pad_columns(V_K, self.horizon.k)
                 locked_now = True
         return LockObservation(alignment, horizon_step, locked_now)
 
     def restore(self, lock_step: int, v_ref: torch.Tensor) -> None:
         """Adopt a lock reference (e.g. sent back by the sidecar after a trainer restart)."""
         self.lock_step = int(lock_step)
-        self.v_ref = pad_columns(v_ref, self.k)
+        self.v_ref = pad_columns(v_ref, self.horizon.k)
 
     def state_dict(self) -> dict:
         """Plain tensors and ints (no pickle needed to store it)."""
-        n = self.snapshots[0][2].shape[0] if self.snapshots else 0
-        state = {
-            "k": self.k,
-            "checks": self.checks,
-            "streak": self.streak,
-            "lock_step": -1 if self.lock_step is None else self.lock_step,
-            "snapshot_index": torch.tensor([i for i, _, _ in self.snapshots], dtype=torch.int64),
-            "snapshot_step": torch.tensor([s for _, s, _ in self.snapshots], dtype=torch.int64),
-            "snapshot_V": (
-                torch.stack([V.detach().float().cpu() for _, _, V in self.snapshots])
-                if self.snapshots
-                else torch.zeros((0, n, self.k))
-            ),
-        }
+        state = self.horizon.state_dict()
+        state["streak"] = self.streak
+        state["lock_step"] = -1 if self.lock_step is None else self.lock_step
         if self.v_ref is not None:
             state["v_ref"] = self.v_ref.detach().float().cpu()
         return state
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
-        self.k = int(state["k"])
-        self.checks = int(state["checks"])
+        self.horizon.load_state_dict(state, device)
         self.streak = int(state["streak"])
         lock_step = int(state["lock_step"])
         self.lock_step = None if lock_step < 0 else lock_step
         self.v_ref = state["v_ref"].to(device) if "v_ref" in state else None
-        self.snapshots = [
-            (int(i), int(s), V.to(device))
-            for i, s, V in zip(
-                state["snapshot_index"].tolist(),
-                state["snapshot_step"].tolist(),
-                state["snapshot_V"],
-                strict=True,
-            )
-        ]

@@ -29,7 +29,7 @@ import torch
 
 from . import fused as fused_mod
 from . import naming, sharding
-from .config import MonitorConfig, check_keywords
+from .config import MonitorConfig
 from .transport import ErrorLog, Transport
 
 log = logging.getLogger("deltawatch.client")
@@ -84,8 +84,7 @@ class Monitor:
     """Watches the geometry of the weight update of `model`'s selected matrices."""
 
     def __init__(self, model: torch.nn.Module, run: str, **kwargs: Any) -> None:
-        check_keywords(kwargs)
-        self.config = MonitorConfig(run=run, **kwargs)
+        self.config = MonitorConfig.from_keywords(run, **kwargs)
         c = self.config
         sharding.check_supported(model)
         model = unwrap(model)
@@ -121,8 +120,8 @@ class Monitor:
             incarnation=self.incarnation,
             hello=self._hello_frames,
             channel_factory=self._new_channel,
-            max_queue_bytes=c.max_queue_bytes,
-            connect_timeout=c.connect_timeout,
+            max_queue_bytes=c.transport.max_queue_bytes,
+            connect_timeout=c.transport.connect_timeout,
             on_alert=c.on_alert,
             errors=self.errors,
         )
@@ -188,19 +187,10 @@ class Monitor:
             m.name,
             W0,
             shape=m.placement.shape,
-            placement=c.anchor,
-            rank=c.rank,
-            oversample=c.oversample,
-            max_power_steps=c.max_power_steps,
-            view=c.view,
-            alpha=c.alpha,
-            mask_rank=c.mask_rank,
-            seed=c.seed,
             spec=m.placement.spec,
-            lock_threshold=c.lock_threshold,
-            lock_patience=c.lock_patience,
-            lock_min_energy=c.lock_min_energy,
-            lock_at_step=c.lock_at_step,
+            anchor=c.anchor,
+            sketch=c.sketch,
+            lock=c.lock,
         )
 
     def _hello_frames(self, msg_id: int) -> list:
@@ -219,17 +209,12 @@ class Monitor:
         )
 
     def _new_channel(self):
+        from .credentials import channel
         from .transport import CHANNEL_OPTIONS
 
-        c = self.config
-        try:
-            from .credentials import channel
-        except ImportError:  # pragma: no cover - credentials.py ships with the client
-            import grpc
-
-            return grpc.insecure_channel(c.endpoint, options=CHANNEL_OPTIONS)
+        t = self.config.transport
         return channel(
-            c.endpoint, tls=c.tls, token=c.token, token_file=c.token_file, options=CHANNEL_OPTIONS
+            t.endpoint, tls=t.tls, token=t.token, token_file=t.token_file, options=CHANNEL_OPTIONS
         )
 
     # -- the trainer's calls ---------------------------------------------------------------------
@@ -295,7 +280,8 @@ class Monitor:
         for h in self._hooks:
             h.remove()
         try:
-            return self._transport.close(self.config.close_timeout if timeout is None else timeout)
+            bound = self.config.transport.close_timeout if timeout is None else timeout
+            return self._transport.close(bound)
         except Exception as exc:
             self.errors("close", "close failed: %s", repr(exc))
             return False
@@ -351,7 +337,7 @@ class Monitor:
 def _close_at_exit(ref: weakref.ref) -> None:
     mon = ref()
     if mon is not None and not mon._closed:
-        mon.close(timeout=min(2.0, mon.config.close_timeout))
+        mon.close(timeout=min(2.0, mon.config.transport.close_timeout))
 
 
 def _agree_incarnation() -> int:

@@ -22,8 +22,9 @@ import torch
 
 from .anchor import Anchor, gaussian_basis, stable_seed
 from .collectives import ShardSpec, all_reduce_sum, reduce_over_matrix
-from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockState
+from .lock import LockState
 from .records import MatrixCheck, Sketch
+from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
     DEFAULT_TOLERANCE,
     convergence,
@@ -45,57 +46,29 @@ class MatrixTracker:
     def __init__(
         self,
         name: str,
-        shape: tuple[int, int],
-        *,
         anchor: Anchor,
-        rank: int = 16,
-        oversample: int = 16,
-        max_power_steps: int = 4,
-        view: str = "bf16",
-        alpha: float = 0.5,
-        mask_rank: int = 64,
-        seed: int = 0,
-        spec: ShardSpec | None = None,
+        *,
+        lock: LockSettings = LockSettings(),
         tolerance: float = DEFAULT_TOLERANCE,
-        lock_threshold: float = DEFAULT_THRESHOLD,
-        lock_patience: int = DEFAULT_PATIENCE,
-        lock_min_energy: float = DEFAULT_MIN_ENERGY,
-        lock_at_step: int | None = None,
     ) -> None:
-        shape = (int(shape[0]), int(shape[1]))
-        given = (anchor.shape, anchor.view, anchor.alpha, anchor.mask_rank, anchor.rank)
-        wanted = (shape, view, alpha, mask_rank, rank)
-        if given != wanted or anchor.oversample != oversample:
-            raise ValueError(
-                f"{name}: the anchor was built for (shape, view, alpha, mask_rank, rank) = "
-                f"{given}, the tracker asks for {wanted}; build both with the same settings"
-            )
-        if max_power_steps < 1:
-            raise ValueError(f"{name}: max_power_steps must be >= 1, got {max_power_steps}")
+        sketch = anchor.sketch
         self.name = name
-        self.shape = shape
+        self.shape = anchor.shape
         self.anchor = anchor
-        self.rank = rank
-        self.r = rank + oversample
-        self.max_power_steps = max_power_steps
-        self.view = view
-        self.spec = spec
+        self.k = sketch.channel_rank  # K: the reported directions
+        self.r = sketch.r
+        self.max_power_steps = sketch.max_power_steps
+        self.spec = anchor.spec
         self.tolerance = tolerance
         self.device = anchor.device
-        self.exact = min(shape) <= self.r
+        self.exact = min(self.shape) <= self.r
         if self.exact:
             self.V = anchor.V0.clone()
         else:
-            self.V = gaussian_basis(shape[1], self.r, stable_seed(seed, name), self.device)
+            seed = stable_seed(sketch.seed, name)
+            self.V = gaussian_basis(self.shape[1], self.r, seed, self.device)
         self.V_w = anchor.V0.clone()
-        self.lock = LockState(
-            rank,
-            threshold=lock_threshold,
-            patience=lock_patience,
-            min_energy=lock_min_energy,
-            at_step=lock_at_step,
-            max_rank=min(shape),
-        )
+        self.lock = LockState(self.k, lock, max_rank=min(self.shape))
 
     @classmethod
     def attach(
@@ -104,25 +77,15 @@ class MatrixTracker:
         W0_local: torch.Tensor,
         *,
         shape: tuple[int, int] | None = None,
-        placement: str = "host",
-        **kwargs,
+        spec: ShardSpec | None = None,
+        anchor: AnchorSettings = AnchorSettings(),
+        sketch: SketchSettings = SketchSettings(),
+        lock: LockSettings = LockSettings(),
     ) -> MatrixTracker:
-        """Build the anchor from the current weight and the tracker on it."""
-        shape = tuple(shape) if shape is not None else tuple(W0_local.shape)
-        anchor = Anchor(
-            W0_local,
-            shape=shape,
-            view=kwargs.get("view", "bf16"),
-            placement=placement,
-            alpha=kwargs.get("alpha", 0.5),
-            mask_rank=kwargs.get("mask_rank", 64),
-            rank=kwargs.get("rank", 16),
-            oversample=kwargs.get("oversample", 16),
-            spec=kwargs.get("spec"),
-            seed=kwargs.get("seed", 0),
-            name=name,
-        )
-        return cls(name, shape, anchor=anchor, **kwargs)
+        """Build the anchor from the current weight (this rank's block of a `shape` matrix laid
+        out by `spec`) and the tracker on it."""
+        built = Anchor(W0_local, shape=shape, spec=spec, settings=anchor, sketch=sketch, name=name)
+        return cls(name, built, lock=lock)
 
     # -- public ---------------------------------------------------------------------------
 
@@ -181,9 +144,9 @@ class MatrixTracker:
         # clear error) without touching the bases, so the tracker recovers with the weights
         finite = math.isfinite(frobenius_sq)
         if frobenius_sq > 0 and finite:
-            update, theta, Z, self.V, G = self._iterate(D, self.V, self.rank)
-            V_K = ritz_vectors(G, Z, self.rank).float()
-            energy = float(theta[: self.rank].sum()) / frobenius_sq
+            update, theta, Z, self.V, G = self._iterate(D, self.V, self.k)
+            V_K = ritz_vectors(G, Z, self.k).float()
+            energy = float(theta[: self.k].sum()) / frobenius_sq
             converged = update.convergence <= self.tolerance
         obs = self.lock.observe(step, V_K, energy, converged)
         channel = self._channel_energy(D) if self.lock.locked else None
@@ -192,7 +155,7 @@ class MatrixTracker:
             weight = self.baseline()
         else:
             A = self._weight_view(W, D)
-            weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.rank)
+            weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.k)
         return MatrixCheck(
             matrix=self.name,
             step=step,

@@ -175,8 +175,8 @@ def aggregate_rows(rows: Iterable[MatrixRow]) -> dict[str, Any]:
 
 
 def run_rank(config: Mapping[str, Any], default: int) -> int:
-    """K of a run: the client's `rank` from its hello config, else the engine's default."""
-    k = config.get("rank", default)
+    """K of a run: the client's `channel_rank` from its hello config, else the engine's default."""
+    k = config.get("channel_rank", default)
     return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else default
 
 
@@ -315,7 +315,7 @@ class Engine:
                 k_old, k_new = run_rank(old.config, self.rank), run_rank(config, self.rank)
                 if k_old != k_new:
                     raise precondition(
-                        f"run {run}: hello.config.rank is {k_new}, but the run was started with "
+                        f"run {run}: hello.config.channel_rank is {k_new}, but the run was started with "
                         f"rank {k_old}; K must stay the same within a run (use a new run name)"
                     )
                 for e in entries:
@@ -405,7 +405,7 @@ class Engine:
             dropped = {s for s in archived if s >= drop_from}
             removed += [f"{ARCHIVE}{s}" for s in sorted(dropped)]
             archived -= dropped
-        for _, step, V in mat.geometry.lock.snapshots:
+        for _, step, V in mat.geometry.horizon.snapshots:
             if step not in archived:
                 changed[f"{ARCHIVE}{step}"] = V.detach().to("cpu")
                 archived.add(step)
@@ -838,28 +838,19 @@ def rewind_geometry(
     """A matrix's geometry as it was after its last visible check before `resume_step`.
 
     visible: the matrix's visible history (HistoryRow, ascending steps, all before the resume
-    step); archive: step -> V_K of every log-spaced snapshot ever taken. The lock state gets back
-    its check count (= the visible checks), the snapshots taken before the resume step (the next
-    check prunes those that can no longer be its horizon, as an uninterrupted run would have) and
-    the streak recomputed from the stored keys; a lock taken at or after the resume step is
-    undone. W0's baseline is kept (the resumed trainer uses the same anchor)."""
-    lock = geometry.lock
+    step); archive: step -> V_K of every log-spaced snapshot ever taken. The horizon gets back
+    its check count (= the visible checks) and the snapshots taken before the resume step (the
+    next check prunes those that can no longer be its horizon, as an uninterrupted run would
+    have); a lock taken at or after the resume step is undone. W0's baseline is kept (the resumed trainer uses the same anchor)."""
+    horizon = geometry.horizon
     rows = [h for h in visible if h.step < resume_step]
     position = {h.step: i + 1 for i, h in enumerate(rows)}
-    lock.checks = len(rows)
-    lock.snapshots = [
+    horizon.checks = len(rows)
+    horizon.snapshots = [
         (position[step], step, V.to(geometry.device))
         for step, V in sorted(archive.items())
         if step < resume_step and step in position
     ]
-    streak = 0
-    for h in rows:
-        a, e = h.keys.get("horizon_alignment"), h.keys.get("topk_energy_ratio")
-        ok = a is not None and e is not None and a >= lock.threshold and e >= lock.min_energy
-        streak = streak + 1 if ok else 0
-    lock.streak = streak
-    if lock.lock_step is not None and lock.lock_step >= resume_step:
-        lock.lock_step, lock.v_ref = None, None
     last_lock = rows[-1].keys.get("lock_step") if rows else None
     if last_lock is None or last_lock >= resume_step:
         geometry.lock_step, geometry.v_ref = None, None

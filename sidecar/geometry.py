@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 
 import torch
-from deltawatch.client.lock import LockState, pad_columns
+from deltawatch.client.lock import Horizon, pad_columns
 from deltawatch.client.records import MatrixCheck, Sketch
 from deltawatch.client.sketch import (
     DEFAULT_CUTOFF,
@@ -36,7 +36,8 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
 
 
 class MatrixGeometry:
-    """One matrix's engine state: W0's baseline Ritz pairs, the V_K snapshots, the lock."""
+    """One matrix's engine state: W0's baseline Ritz pairs, the V_K snapshots (the horizon) and
+    the lock the client decided."""
 
     def __init__(
         self,
@@ -54,7 +55,7 @@ class MatrixGeometry:
         self.tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         self.cutoff = cutoff
         self.device = torch.device(device)
-        self.lock = LockState(rank, max_rank=min(self.shape))
+        self.horizon = Horizon(rank, max_rank=min(self.shape))
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
         self.lock_step: int | None = None
@@ -78,20 +79,19 @@ class MatrixGeometry:
         self.last_horizon_step = None
         if check.update is None:
             keys["spectral_norm"] = 0.0
-            self.lock.observe(check.step, None, None, False)
+            self.horizon.observe(check.step, None)
         else:
             sigma, V_K, theta = ritz_pairs(self._on_device(check.update), K, self.cutoff)
             converged = check.update.convergence <= self.tolerance
             energy = float(theta[:K].sum()) / frob_sq if frob_sq > 0 else None
-            obs = self.lock.observe(check.step, V_K.float(), energy, converged)
-            self.last_horizon_step = obs.horizon_step
+            alignment, self.last_horizon_step = self.horizon.observe(check.step, V_K.float())
             keys["convergence"] = float(check.update.convergence)
             if converged and sigma.numel() and sigma[0] > 0:
                 s1 = float(sigma[0])
                 keys["spectral_norm"] = s1
                 keys["stable_rank"] = frob_sq / (s1 * s1)
                 keys["topk_energy_ratio"] = energy
-                keys["horizon_alignment"] = obs.horizon_alignment
+                keys["horizon_alignment"] = alignment
         if check.locked_now and check.v_ref is not None:
             self.v_ref = check.v_ref.to(self.device, torch.float64)
         self.lock_step = check.lock_step
@@ -99,7 +99,7 @@ class MatrixGeometry:
         keys["lock_step"] = check.lock_step
         if keys["locked"]:
             if self.v_ref is not None and V_K is not None and converged:
-                k_sim = self.lock.k_sim
+                k_sim = self.horizon.k_sim
                 keys["subspace_alignment"] = sim_k(pad_columns(V_K, K), self.v_ref, k_sim)
             if check.channel_energy_sq is not None and frob_sq > 0:
                 keys["channel_energy_ratio"] = float(check.channel_energy_sq) / frob_sq
@@ -144,7 +144,8 @@ class MatrixGeometry:
 
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
         """(tensors, JSON-able dict): everything needed to resume after a restart."""
-        lock = self.lock.state_dict()
+        # stored under "lock." (the name the store has always used for the horizon's snapshots)
+        lock = self.horizon.state_dict()
         tensors = {f"lock.{k}": v for k, v in lock.items() if isinstance(v, torch.Tensor)}
         meta = {
             "shape": list(self.shape),
@@ -175,7 +176,7 @@ class MatrixGeometry:
         )
         lock = dict(meta["lock"])
         lock.update({k[len("lock.") :]: v for k, v in tensors.items() if k.startswith("lock.")})
-        g.lock.load_state_dict(lock, g.device)
+        g.horizon.load_state_dict(lock, g.device)
         g.lock_step = meta["lock_step"]
         for name in ("base_sigma", "base_V", "v_ref"):
             if name in tensors:

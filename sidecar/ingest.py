@@ -270,7 +270,7 @@ class IngestService(pb_grpc.IngestServicer):
         state.run = hello.run
         state.incarnation = int(hello.incarnation)
         state.manifest = {e["matrix"]: e for e in manifest}
-        k = int(config.get("rank", 16))
+        k = int(config.get("channel_rank", 16))
         state.rank_k = k
         state.r_max = min(MAX_COLUMNS, k + int(config.get("oversample", 16)))
         self._subscribers.setdefault(hello.run, set()).add(out)
@@ -314,7 +314,7 @@ class IngestService(pb_grpc.IngestServicer):
                 raise wire.WireError(
                     "INVALID_ARGUMENT",
                     f"matrix {body.matrix[:200]}: {fname} declared with shape {shape}, expected "
-                    f"{expected} (manifest and the hello's rank + oversample)",
+                    f"{expected} (manifest and the hello's channel_rank + oversample)",
                 )
 
     def _check_identity(self, what: str, body, state: _StreamState) -> dict:
@@ -428,7 +428,7 @@ def validate_hello(hello: pb.Hello) -> tuple[list[dict], dict]:
         raise _abort("INVALID_ARGUMENT", f"hello.config_json: not JSON ({exc})") from None
     if not isinstance(config, dict):
         raise _abort("INVALID_ARGUMENT", "hello.config_json: expected a JSON object")
-    for key in ("rank", "oversample"):
+    for key in ("channel_rank", "oversample"):
         value = config.get(key, 16)
         if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COLUMNS:
             raise _abort(

@@ -29,6 +29,7 @@ import torch
 from aiohttp import web
 from deltawatch.client.naming import parse_name
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
+from deltawatch.client.settings import LockSettings, SketchSettings
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.process import SidecarProcess, free_port
@@ -132,9 +133,8 @@ class SyntheticRun:
             name: MatrixTracker.attach(
                 name,
                 W0.clone(),
-                rank=self.rank,
-                oversample=self.oversample,
-                lock_at_step=self.lock_at_step,
+                sketch=SketchSettings(channel_rank=self.rank, oversample=self.oversample),
+                lock=LockSettings(at_step=self.lock_at_step),
             )
             for name, W0 in self.W0.items()
         }
@@ -159,7 +159,7 @@ class SyntheticRun:
         return out
 
     def config(self) -> dict:
-        return {"rank": self.rank, "oversample": self.oversample, "view": "bf16"}
+        return {"channel_rank": self.rank, "oversample": self.oversample, "view": "bf16"}
 
     def start(self, engine, incarnation: int = 1, resume_step: int | None = None):
         """hello + baselines, as the ingest would call them."""

@@ -16,6 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deltawatch.client.lock import is_snapshot_check
+from deltawatch.client.settings import AnchorSettings
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry
 from deltawatch.sidecar.reference import exact_anchor, exact_keys, right_vectors, view_of
@@ -33,7 +34,7 @@ def rel(estimate: float | None, exact: float) -> float:
 def run(kind: str, shape: tuple[int, int], dtype: torch.dtype, checks: int, view: str = "bf16"):
     """Yield (step, W_t, check, keys, reference keys at the same horizon and V_ref)."""
     W0 = pretrained_like(*shape, seed=0, dtype=dtype)
-    tracker = MatrixTracker.attach(NAME, W0, view=view)
+    tracker = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(view=view))
     geometry = MatrixGeometry(shape, rank=K)
     geometry.baseline(tracker.baseline())
     anchor = exact_anchor(W0, view=view)

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from deltawatch.client.settings import AnchorSettings
 from deltawatch.client.tracker import MatrixTracker  # noqa: E402
 from deltawatch.sidecar.geometry import MatrixGeometry  # noqa: E402
 from test_core_trajectories import pretrained_like, trajectory  # noqa: E402
@@ -32,7 +33,8 @@ def check_device(device: str) -> None:
         W0 = pretrained_like(96, 160, seed=15, dtype=dtype)
         cpu = MatrixTracker.attach(NAME, W0)
         here = {
-            p: MatrixTracker.attach(NAME, W0.to(device), placement=p) for p in ("host", "device")
+            p: MatrixTracker.attach(NAME, W0.to(device), anchor=AnchorSettings(location=p))
+            for p in ("host", "device")
         }
         if device == "cuda":
             assert (

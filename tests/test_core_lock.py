@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from deltawatch.client.lock import LockState, horizon_position, is_snapshot_check
+from deltawatch.client.settings import LockSettings
 
 N, K = 40, 4
 
@@ -26,13 +27,13 @@ def test_only_the_snapshots_still_needed_are_kept() -> None:
     V = basis(0)
     for step in range(1, 101):
         lock.observe(step, V, 1.0)
-    steps = [s for _, s, _ in lock.snapshots]
+    steps = [s for _, s, _ in lock.horizon.snapshots]
     assert steps == [64]  # at step 100 the horizon is 64: older ones can never be again
-    assert len(lock.snapshots) <= 3
+    assert len(lock.horizon.snapshots) <= 3
 
 
 def test_locks_after_patience_checks_and_takes_v_ref_then() -> None:
-    lock = LockState(K, threshold=0.9, patience=3, min_energy=0.5)
+    lock = LockState(K, LockSettings(threshold=0.9, patience=3, min_energy=0.5))
     V = basis(0)
     observed = [lock.observe(step, V, 0.8) for step in range(1, 8)]
     # check 1 has no horizon; checks 2, 3, 4 pass -> locks at check 4
@@ -65,7 +66,7 @@ def test_a_moving_subspace_never_locks_and_lock_at_step_forces_it() -> None:
         obs = lock.observe(step, basis(step), 1.0)
         assert obs.horizon_alignment is None or obs.horizon_alignment < 0.9
     assert not lock.locked
-    forced = LockState(K, at_step=30)
+    forced = LockState(K, LockSettings(at_step=30))
     for step in range(1, 40):
         forced.observe(step, basis(step), 1.0)
     assert forced.lock_step == 30 and torch.equal(forced.v_ref, basis(30))

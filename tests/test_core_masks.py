@@ -14,6 +14,7 @@ from deltawatch.client.masks import (
     pack_bits,
     unpack_bits,
 )
+from deltawatch.client.settings import AnchorSettings
 from deltawatch.sidecar.reference import exact_thresholds
 from test_core_trajectories import pretrained_like
 
@@ -59,7 +60,7 @@ def test_anchor_masks_follow_the_tie_rule() -> None:
     W0 = (pretrained_like(96, 160, seed=3) * 200).round() / 200  # few distinct values
     for alpha in (0.5, 0.3):
         for mask_rank in (8, 64, 200):
-            anchor = Anchor(W0, alpha=alpha, mask_rank=mask_rank)
+            anchor = Anchor(W0, settings=AnchorSettings(alpha=alpha, mask_rank=mask_rank))
             ref = exact_thresholds(W0.to(torch.bfloat16), alpha, mask_rank)
             assert float(anchor.a) == ref["a"]
             assert float(anchor.b) == pytest.approx(ref["b"], rel=1e-12)
@@ -90,7 +91,7 @@ def test_iterative_principal_mask_agrees_with_the_exact_one(monkeypatch) -> None
 
     monkeypatch.setattr(anchor_module, "EXACT_LIMIT", 64)
     W0 = pretrained_like(160, 256, seed=18)
-    anchor = Anchor(W0, mask_rank=32)
+    anchor = Anchor(W0, settings=AnchorSettings(mask_rank=32))
     ref = exact_thresholds(W0.to(torch.bfloat16), 0.5, 32)
     assert abs(float(anchor.b) - ref["b"]) <= 1e-4 * ref["b"]
     mismatch = (anchor.principal_rows(slice(0, 160)) != ref["principal"]).float().mean()

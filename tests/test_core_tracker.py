@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from deltawatch.client.records import MatrixCheck, Sketch
+from deltawatch.client.settings import AnchorSettings, SketchSettings
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry, ritz_pairs
 from deltawatch.sidecar.keys import MATRIX_KEYS
@@ -78,9 +79,9 @@ def test_small_matrices_take_the_exact_path(shape: tuple[int, int]) -> None:
 
 def test_every_rank_draws_the_same_start_and_checks_are_deterministic() -> None:
     W0 = pretrained_like(96, 160, seed=7)
-    a = MatrixTracker.attach(NAME, W0, seed=3)
-    b = MatrixTracker.attach(NAME, W0.clone(), seed=3)
-    c = MatrixTracker.attach(NAME + ".other", W0, seed=3)
+    a = MatrixTracker.attach(NAME, W0, sketch=SketchSettings(seed=3))
+    b = MatrixTracker.attach(NAME, W0.clone(), sketch=SketchSettings(seed=3))
+    c = MatrixTracker.attach(NAME + ".other", W0, sketch=SketchSettings(seed=3))
     assert torch.equal(a.V, b.V) and not torch.equal(a.V, c.V)
     for step, W in trajectory("opd", W0, 3):
         ca, cb = a.check(W, step), b.check(W, step)
@@ -89,8 +90,8 @@ def test_every_rank_draws_the_same_start_and_checks_are_deterministic() -> None:
 
 def test_host_and_device_placement_agree() -> None:
     W0 = pretrained_like(96, 160, seed=8)
-    host = MatrixTracker.attach(NAME, W0, placement="host")
-    device = MatrixTracker.attach(NAME, W0, placement="device")
+    host = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(location="host"))
+    device = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(location="device"))
     for step, W in trajectory("rlvr", W0, 2):
         ch, cd = host.check(W, step), device.check(W, step)
         assert ch.frobenius_sq == cd.frobenius_sq and ch.visible_count == cd.visible_count
@@ -99,13 +100,13 @@ def test_host_and_device_placement_agree() -> None:
 
 def test_bf16_parameters_and_the_native_view() -> None:
     W0 = pretrained_like(96, 160, seed=9, dtype=torch.bfloat16)
-    native = MatrixTracker.attach(NAME, W0, view="native")
+    native = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(view="native"))
     bf16 = MatrixTracker.attach(NAME, W0)
     assert native.anchor.W0.dtype == torch.bfloat16 == bf16.anchor.W0.dtype
     for step, W in trajectory("sft", W0, 2):
         cn, cb = native.check(W, step), bf16.check(W, step)
         assert cn.frobenius_sq == cb.frobenius_sq  # a bf16 parameter: the views coincide
-    fp32 = MatrixTracker.attach(NAME, W0.float(), view="native")
+    fp32 = MatrixTracker.attach(NAME, W0.float(), anchor=AnchorSettings(view="native"))
     assert fp32.anchor.W0.dtype == torch.float32
     W = W0.float() * (1 + 1e-6)  # W0 is on the bf16 grid: invisible in bf16, not natively
     check = fp32.check(W, 1)
@@ -147,11 +148,15 @@ def test_lock_reference_is_sent_once_and_can_be_restored() -> None:
     assert sigma.numel() == 16
 
 
-def test_mismatched_anchor_settings_are_refused() -> None:
+def test_the_tracker_takes_its_settings_from_its_anchor() -> None:
     W0 = pretrained_like(48, 64, seed=12)
-    tracker = MatrixTracker.attach(NAME, W0)
-    with pytest.raises(ValueError, match="same settings"):
-        MatrixTracker(NAME, (48, 64), anchor=tracker.anchor, view="native")
+    sketch = SketchSettings(channel_rank=8, oversample=4)
+    tracker = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(view="native"), sketch=sketch)
+    again = MatrixTracker(NAME, tracker.anchor)  # settings travel once: with the anchor
+    assert (again.k, again.r, again.shape) == (8, 12, (48, 64))
+    assert again.anchor.settings.view == "native" and again.V.shape == (64, 12)
+    with pytest.raises(ValueError, match="channel_rank must be > 0"):
+        SketchSettings(channel_rank=0)
     with pytest.raises(ValueError, match="local shape"):
         tracker.check(torch.zeros(64, 48), 1)
 
@@ -177,7 +182,9 @@ def test_the_anchor_is_a_copy_not_the_live_parameter() -> None:
     """Training updates the parameter in place: the anchor must not move with it."""
     for dtype, view in ((torch.float32, "native"), (torch.bfloat16, "bf16")):
         param = pretrained_like(48, 64, seed=17, dtype=dtype)
-        tracker = MatrixTracker.attach(NAME, param, placement="device", view=view)
+        tracker = MatrixTracker.attach(
+            NAME, param, anchor=AnchorSettings(location="device", view=view)
+        )
         param.add_(1.0)
         check = tracker.check(param, 1)
         assert check.frobenius_sq == pytest.approx(48 * 64, rel=1e-3), (dtype, view)

@@ -35,7 +35,7 @@ def test_demo_writes_every_regime_and_key(tmp_path, capsys):
         assert agg["frobenius_norm"] > 0  # six steps of AdamW moved the weights
         assert 0.0 < agg["bf16_visible_ratio"] <= 1.0
     b = result["bottleneck"]
-    assert b["rank"] == 16 and b["lock_at_step"] == 2
+    assert b["channel_rank"] == 16 and b["lock_at_step"] == 2
     assert set(b["regimes"]) == {"opd", "sft"}
     for regime, entry in b["regimes"].items():
         assert entry["accuracy_free"] == result["regimes"][regime]["accuracy"]

@@ -229,7 +229,7 @@ def test_engine_validation_errors_change_nothing(toy, tmp_path):
         (run.run, 1, [], run.config(), "INVALID_ARGUMENT"),
         (run.run, 1, run.manifest() * 2, run.config(), "INVALID_ARGUMENT"),
         (run.run, 0, run.manifest(), run.config(), "FAILED_PRECONDITION"),
-        (run.run, 1, run.manifest(), {**run.config(), "rank": 4}, "FAILED_PRECONDITION"),
+        (run.run, 1, run.manifest(), {**run.config(), "channel_rank": 4}, "FAILED_PRECONDITION"),
         (
             run.run,
             1,

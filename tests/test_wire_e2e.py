@@ -278,14 +278,14 @@ def _frames_for_hostile_tests():
     g = torch.Generator().manual_seed(11)
     name = "model.layers.0.mlp.up_proj.weight"
     W0 = pretrained_like(40, 48, g)
-    tracker = MatrixTracker.attach(name, W0, rank=16)
+    tracker = MatrixTracker.attach(name, W0)
     checks = [tracker.check(W0 + t * 1e-3 * torch.randn(40, 48, generator=g), t) for t in (1, 2)]
     manifest = [{"matrix": name, "shape": [40, 48], "numel": 1920, "dtype": "float32",
                  "layer": 0, "module": "mlp.up_proj"}]  # fmt: skip
 
     def hello(msg_id=1, run="hostile-ok", **over):
         entries = [dict(manifest[0], **over)]
-        config = {"rank": 16, "oversample": 16}
+        config = {"channel_rank": 16, "oversample": 16}
         return wire.encode_hello(
             msg_id, run=run, incarnation=1, resume_step=None, client_version="test",
             config=config, manifest=entries,

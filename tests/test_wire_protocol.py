@@ -22,7 +22,7 @@ def wide_check() -> MatrixCheck:
     """A real check of a 48 x 9000 matrix: its G (9000 x 32 float32) needs two 1 MiB chunks."""
     g = torch.Generator().manual_seed(0)
     W0 = torch.randn(48, 9000, generator=g) * 0.02
-    tracker = MatrixTracker.attach("model.layers.0.mlp.down_proj.weight", W0, rank=16)
+    tracker = MatrixTracker.attach("model.layers.0.mlp.down_proj.weight", W0)
     Wt = W0 + 1e-3 * torch.randn(48, 16, generator=g) @ torch.randn(16, 9000, generator=g)
     check = tracker.check(Wt, 7)
     # A locked check carries v_ref too: give it one so every field travels.
@@ -131,7 +131,8 @@ def test_alert_round_trip():
         ({"run": "bad name!"}, "[A-Za-z0-9._-]{1,128}"),
         ({"run": "x" * 129}, "[A-Za-z0-9._-]{1,128}"),
         ({"every": 0}, "every must be > 0"),
-        ({"rank": -1}, "rank must be > 0"),
+        ({"channel_rank": -1}, "channel_rank must be > 0"),
+        ({"rank": 16}, "is now channel_rank"),
         ({"view": "fp8"}, "view='bf16'"),
         ({"anchor": "disk"}, "anchor='host'"),
         ({"include": "("}, "not a valid regular expression"),
@@ -147,7 +148,7 @@ def test_alert_round_trip():
 def test_monitor_config_says_the_fix(kwargs, fragment):
     kwargs = {"run": "ok-run", **kwargs}
     with pytest.raises((ValueError, TypeError)) as err:
-        MonitorConfig(**kwargs)
+        MonitorConfig.from_keywords(**kwargs)
     assert fragment in str(err.value)
 
 

@@ -294,7 +294,7 @@ def run_bottleneck(
         held = monitored_run(
             regime, f"demo-{regime}-bottleneck", load_anchor, teacher, train_pairs, held_out,
             settings, sidecar, every=args.every, progress=progress,
-            monitor_kwargs={"enforce_channel": True, "lock_at_step": lock_at, "rank": rank},
+            monitor_kwargs={"enforce_channel": True, "lock_at_step": lock_at, "channel_rank": rank},
         )  # fmt: skip
         entries[regime] = {
             "accuracy_free": free["accuracy"],
@@ -304,4 +304,4 @@ def run_bottleneck(
             "projected_gradients": held["projected_gradients"],
             "run": f"demo-{regime}-bottleneck",
         }
-    return {"rank": rank, "lock_at_step": lock_at, "regimes": entries}
+    return {"channel_rank": rank, "lock_at_step": lock_at, "regimes": entries}
