@@ -68,7 +68,8 @@ POOLED_KEYS: dict[str, tuple[str, str]] = {
     "low_magnitude_overlap": ("visible_low_count", "visible_count"),
     "principal_overlap": ("visible_principal_count", "visible_count"),
 }
-AGGREGATE_KEYS: tuple[str, ...] = (*MATRIX_KEYS, "locked_ratio")
+# A run has a share of locked matrices (`locked_ratio`), not a `locked` flag.
+AGGREGATE_KEYS: tuple[str, ...] = (*(k for k in MATRIX_KEYS if k != "locked"), "locked_ratio")
 
 Listener = Callable[[str, str, int, dict[str, Any]], None]
 
@@ -166,7 +167,6 @@ def aggregate_rows(rows: Iterable[MatrixRow]) -> dict[str, Any]:
         out[key] = n / d if d else None
     locked = [r for r in rows if r.keys.get("locked")]
     out["locked_ratio"] = len(locked) / len(rows) if rows else None
-    out["locked"] = out["locked_ratio"]
     lock_steps = [r.keys["lock_step"] for r in locked if r.keys.get("lock_step") is not None]
     out["lock_step"] = statistics.median(lock_steps) if lock_steps else None
     conv = [float(r.keys["convergence"]) for r in rows if r.keys.get("convergence") is not None]
