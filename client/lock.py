@@ -15,6 +15,7 @@ check, ΔW = 0, a check whose estimate did not converge) breaks the streak.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,13 @@ class LockState:
                 self.v_ref = V_K
                 locked_now = True
         return LockObservation(alignment, horizon_step, locked_now)
+
+    def copy(self) -> LockState:
+        """An independent copy to observe a check on before it is kept (the snapshot list is
+        copied; its V_K tensors are never modified in place, so they are shared)."""
+        other = copy.copy(self)
+        other.snapshots = list(self.snapshots)
+        return other
 
     def restore(self, lock_step: int, v_ref: torch.Tensor) -> None:
         """Adopt a lock reference (e.g. sent back by the sidecar after a trainer restart)."""
