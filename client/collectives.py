@@ -235,10 +235,12 @@ class CheckSession(Reductions):
         """True when no rank of the matrix failed: one all-reduce of this rank's failure flag over
         the matrix's groups (none for an unsplit matrix). Sets `failed_ranks`."""
         groups = () if self.spec is None else self.spec.groups
-        flag = torch.tensor([float(self.failure is not None)], device=self.device)
-        for group in groups:
-            all_reduce_sum(flag, group)
-        self.failed_ranks = int(round(float(flag[0])))
+        self.failed_ranks = int(self.failure is not None)
+        if groups:
+            flag = torch.tensor([float(self.failed_ranks)], device=self.device)
+            for group in groups:
+                all_reduce_sum(flag, group)
+            self.failed_ranks = int(round(float(flag[0])))
         return self.failed_ranks == 0
 
 

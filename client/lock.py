@@ -11,6 +11,9 @@ A matrix locks at the first check where, on `patience` consecutive checks,
 horizon_alignment ≥ `threshold` and topk_energy_ratio ≥ `min_energy`; or at the first check with
 step ≥ `at_step` (when given). V_ref := V_K at that check. A check without a horizon (the first
 check, ΔW = 0, a check whose estimate did not converge) breaks the streak.
+
+A check observes on a `copy()`, which the tracker keeps only when every rank kept the check, so a
+check dropped after a failure leaves the lock state as it was, on every rank.
 """
 
 from __future__ import annotations

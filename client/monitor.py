@@ -8,7 +8,8 @@ Construction selects the matrices (client/naming.py, `include`/`exclude`, `fused
 client/sharding.py where each lives (`_placement`: the one place that knows about ranks), copies
 the anchors, builds one `MatrixTracker` per matrix, and starts the background sender. A bad
 configuration raises here, with the fix in the message. After construction nothing raises into the
-trainer: failures are logged once per kind and counted (`Monitor.errors`).
+trainer: failures are logged once per kind and counted (`Monitor.errors`); a check that fails on
+any rank of a sharded matrix is dropped on all of them (`Monitor.checks_dropped`).
 
 On the training thread, a check only runs the trackers (sketch math, plus collectives when
 sharded) and appends the resulting `MatrixCheck`s to the sender's queue; serialisation and all
