@@ -30,32 +30,40 @@ is all-reduced over the column group before g_local ← Q · V_ref[cols]ᵀ. O(m
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 
-from .collectives import ShardSpec, all_reduce_sum
+from .collectives import PLAIN, CheckSession, FaultPlan, Reductions, ShardSpec
+from .transport import ErrorLog
 
 
 def project_gradient(
-    grad: torch.Tensor, v_ref: torch.Tensor, spec: ShardSpec | None = None
-) -> torch.Tensor:
+    grad: torch.Tensor | None,
+    v_ref: torch.Tensor,
+    spec: ShardSpec | None = None,
+    reductions: Reductions = PLAIN,
+    dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
     """g · V_ref · V_refᵀ for the local block g of an (m, n) gradient and the full (n, K) V_ref.
 
     With `spec` whose columns are split, Q = g · V_ref[cols] is summed over `spec.col_group` before
     multiplying by V_ref[cols]ᵀ, so every rank's block of the result equals the block of the
     unsharded projection. Computed in float32 (float64 when g is float64) and returned in g's dtype.
-    Cost 4·m·n·K flops.
+    Cost 4·m·n·K flops. Through a `CheckSession` (`reductions`), g is None after a local failure
+    (Q's shape is then declared from `spec`, its gradient dtype from `dtype`) and so is the result.
     """
-    compute = torch.float64 if grad.dtype == torch.float64 else torch.float32
-    V = v_ref.to(device=grad.device, dtype=compute)
-    if spec is not None:
-        V = V[spec.cols]
-    Q = grad.to(compute) @ V  # (m_local, K)
-    if spec is not None:
-        all_reduce_sum(Q, spec.col_group)
-    return (Q @ V.T).to(grad.dtype)
+    dtype = grad.dtype if grad is not None else dtype
+    compute = torch.float64 if dtype == torch.float64 else torch.float32
+    cols = slice(None) if spec is None else spec.cols
+    m_local = grad.shape[0] if spec is None else spec.local_shape[0]
+    group = None if spec is None else spec.col_group
+    V = reductions.local(lambda: v_ref[cols].to(grad.device, compute))
+    Q = reductions.all_reduce(  # (m_local, K)
+        lambda: grad.to(compute) @ V, (m_local, v_ref.shape[1]), (group,), compute
+    )
+    return reductions.local(lambda: (Q @ V.T).to(grad.dtype))
 
 
 class ChannelProjection:
@@ -68,11 +76,20 @@ class ChannelProjection:
     only what it tracks, so use it with sharded or single-process models, or track every matrix.
     """
 
-    def __init__(self, matrices: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        matrices: Mapping[str, Any],
+        errors: Callable[..., None] | None = None,
+        faults: FaultPlan | None = None,
+    ) -> None:
         self.matrices = {k: m for k, m in matrices.items() if getattr(m, "tracker", None)}
         self._handles: list[Any] = []
         self._v_cache: dict[str, tuple[int, torch.Tensor]] = {}
         self.projected_total = 0  # matrix gradients projected so far
+        self.dropped_total = 0  # projections left out on every rank after a failure
+        self.rounds = 0  # optimizer step pre-hook calls (the fault seam's step)
+        self.errors = errors or ErrorLog()
+        self.faults = faults
 
     def _parts_by_param(self) -> dict[int, tuple[torch.Tensor, list[Any]]]:
         by_param: dict[int, tuple[torch.Tensor, list[Any]]] = {}
@@ -97,6 +114,7 @@ class ChannelProjection:
         groups = list(self._parts_by_param().values())
 
         def pre_hook(opt: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+            self.rounds += 1
             for param, parts in groups:
                 self._project_parts(param, parts)
 
@@ -117,14 +135,37 @@ class ChannelProjection:
         if param.grad is None:
             return
         for m in parts:
-            v_ref = m.tracker.v_ref
-            if v_ref is None:
-                continue
-            g = _local_grad(param, m.rows)
-            if g.numel() == 0 and m.placement.spec is None:
-                continue
-            g.copy_(project_gradient(g, self._device_v(m.name, v_ref, g.device), m.placement.spec))
+            if m.tracker.v_ref is not None:
+                self._project(param, m)
+
+    def _project(self, param: torch.Tensor, m: Any) -> None:
+        """Project one matrix's gradient, fault-isolated like a check (client/collectives.py
+        `CheckSession`): the projection is computed aside, the ranks holding the matrix agree, and
+        it is written only when none failed; otherwise every rank leaves the gradient as it is
+        (counted in `dropped_total`, logged once per kind). Never raises."""
+        spec, device = m.placement.spec, param.device
+        s = CheckSession(spec, device, step=self.rounds, faults=self.faults)
+        g = s.local(lambda: _local_grad(param, m.rows))
+        if g is not None and g.numel() == 0 and spec is None:
+            return
+        s.seam("project")
+        v = s.local(lambda: self._device_v(m.name, m.tracker.v_ref, device))
+        projected = project_gradient(g, m.tracker.v_ref if v is None else v, spec, s, param.dtype)
+        if s.agree() and s.local(lambda: g.copy_(projected)) is not None:
             self.projected_total += 1
+            return
+        self.dropped_total += 1
+        if s.failure is not None:
+            kind = f"projection_failed_{type(s.failure).__name__}"
+            self.errors(kind, "projecting the gradient of %s failed here: %r", m.name, s.failure)
+        self.errors(
+            "projection_dropped",
+            "left the gradient of %s unprojected at optimizer step %d on every rank holding it "
+            "(%d failed)",
+            m.name,
+            self.rounds,
+            s.failed_ranks,
+        )
 
     def _device_v(self, name: str, v_ref: torch.Tensor, device: torch.device) -> torch.Tensor:
         """V_ref on the gradient's device, copied once per lock."""

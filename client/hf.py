@@ -38,7 +38,7 @@ class DeltawatchCallback(TrainerCallback):
     """
 
     def __init__(self, run: str, **monitor_kwargs: Any) -> None:
-        MonitorConfig(run=run, **monitor_kwargs)  # raises with the fix in the message
+        MonitorConfig.from_keywords(run, **monitor_kwargs)  # raises with the fix in the message
         self.run = run
         self.monitor_kwargs = dict(monitor_kwargs)
         self.monitor: Any = None  # the Monitor, once training has begun

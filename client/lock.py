@@ -12,10 +12,14 @@ A matrix locks at the first check where, on `patience` consecutive checks,
 horizon_alignment ≥ `threshold` and topk_energy_ratio ≥ `min_energy`; or at the first check with
 step ≥ `at_step` (when given). V_ref := V_K at that check. A check without a horizon (the first
 check, ΔW = 0, a check whose estimate did not converge) breaks the streak.
+
+A check observes on a `copy()`, which the tracker keeps only when every rank kept the check, so a
+check dropped after a failure leaves the lock state as it was, on every rank.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -157,6 +161,14 @@ class LockState:
                 self.v_ref = pad_columns(V_K, self.horizon.k)
                 locked_now = True
         return LockObservation(alignment, horizon_step, locked_now)
+
+    def copy(self) -> LockState:
+        """An independent copy to observe a check on before it is kept (the snapshot list is
+        copied; its V_K tensors are never modified in place, so they are shared)."""
+        other = copy.copy(self)
+        other.horizon = copy.copy(self.horizon)
+        other.horizon.snapshots = list(self.horizon.snapshots)
+        return other
 
     def restore(self, lock_step: int, v_ref: torch.Tensor) -> None:
         """Adopt a lock reference (e.g. sent back by the sidecar after a trainer restart)."""

@@ -8,7 +8,8 @@ Construction selects the matrices (client/naming.py, `include`/`exclude`, `fused
 client/sharding.py where each lives (`_placement`: the one place that knows about ranks), copies
 the anchors, builds one `MatrixTracker` per matrix, and starts the background sender. A bad
 configuration raises here, with the fix in the message. After construction nothing raises into the
-trainer: failures are logged once per kind and counted (`Monitor.errors`).
+trainer: failures are logged once per kind and counted (`Monitor.errors`); a check that fails on
+any rank of a sharded matrix is dropped on all of them (`Monitor.checks_dropped`).
 
 On the training thread, a check only runs the trackers (sketch math, plus collectives when
 sharded) and appends the resulting `MatrixCheck`s to the sender's queue; serialisation and all
@@ -29,6 +30,7 @@ import torch
 
 from . import fused as fused_mod
 from . import naming, sharding
+from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
 from .transport import ErrorLog, Transport
 
@@ -89,6 +91,8 @@ class Monitor:
         sharding.check_supported(model)
         model = unwrap(model)
         self.errors = ErrorLog()
+        self._faults = FaultPlan.from_env()  # the test seam; None unless DELTAWATCH_FAULT is set
+        self.checks_dropped = 0  # matrix checks dropped on every rank after a failure
         self.rank, self.world_size = sharding.world()
         self.matrices = self._select(model)
         self.incarnation = c.incarnation or _agree_incarnation()
@@ -240,14 +244,38 @@ class Monitor:
                 return
             self._last_check = step
             self._apply_lock_references()
-            for m in self.matrices:
-                if m.tracker is None:
-                    continue
-                check = self._guard("check", lambda m=m: m.tracker.check(_local(m), step))
-                if check is not None and m.owned:
-                    self._transport.submit_report(check)
+            computed = [m for m in self.matrices if m.tracker is not None]
+            for m in computed:
+                self._check_matrix(m, step, last=m is computed[-1])
         except Exception as exc:  # never into the trainer
             self.errors("step", "step failed: %s", repr(exc))
+
+    def _check_matrix(self, m: _Matrix, step: int, last: bool) -> None:
+        """One matrix's check, fault-isolated across the ranks holding it (client/collectives.py
+        `CheckSession`): when any of them fails, every one drops the check (counted, logged once
+        per kind; the owner counts its report as dropped); a kept check is queued by its owner."""
+        s = CheckSession(
+            m.placement.spec, m.tracker.device, step=step, faults=self._faults, last=last
+        )
+        check = m.tracker.check(s.local(lambda: _local(m)), step, s)
+        if check is not None:
+            if m.owned:
+                self._guard("submit", lambda: self._transport.submit_report(check))
+            return
+        self.checks_dropped += 1
+        if s.failure is not None:
+            kind = f"check_failed_{type(s.failure).__name__}"
+            self.errors(kind, "the check of %s at step %d failed here: %r", m.name, step, s.failure)
+        self.errors(
+            "check_dropped",
+            "dropped the check of %s at step %d on every rank holding it (%d failed; bases and "
+            "lock unchanged, nothing sent)",
+            m.name,
+            step,
+            s.failed_ranks,
+        )
+        if m.owned:
+            self._transport.count_unsent()
 
     def _guard(self, kind: str, fn):
         try:
@@ -329,6 +357,8 @@ class Monitor:
             "acknowledged": t.acked_total,
             "dropped_reports": t.dropped_total,
             "refused": t.refused_total,
+            "checks_dropped": self.checks_dropped,
+            "projections_dropped": getattr(self._channel, "dropped_total", 0),
             "connections": t.connections,
             "errors": dict(self.errors.counts),
         }
@@ -361,7 +391,7 @@ def _install_channel_projection(monitor: Monitor, model: torch.nn.Module):
     from .channel import ChannelProjection
 
     trackers = {m.name: m for m in monitor.matrices if m.tracker is not None}
-    projection = ChannelProjection(trackers)
+    projection = ChannelProjection(trackers, errors=monitor.errors, faults=monitor._faults)
     projection.install(model)
     return projection
 

@@ -68,6 +68,7 @@ class Placement:
     layout: str  # one of LAYOUTS (the manifest's shard_layout)
     owner_rank: int  # the global rank that sends this matrix's reports
     computes_here: bool  # False only for a replicated matrix another rank owns
+    replica_groups: tuple = ()  # groups over which the block is replicated (HSDP)
 
     @property
     def sharded(self) -> bool:
@@ -86,6 +87,7 @@ class Placement:
             col_length=self.local_shape[1],
             row_group=self.row_group,
             col_group=self.col_group,
+            replica_groups=self.replica_groups,
         )
 
 
@@ -180,8 +182,10 @@ def describe_layout(param: torch.Tensor) -> dict:
     m, n = (int(s) for s in param.shape)
     split: dict[int, list[int]] = {0: [], 1: []}  # tensor dim -> mesh dims, outer to inner
     strided: dict[int, int] = {}  # mesh dim -> split factor of a _StridedShard
+    replicated: list[int] = []  # mesh dims holding copies (HSDP's replicate dimension)
     for mesh_dim, pl in enumerate(placements):
         if isinstance(pl, Replicate):
+            replicated.append(mesh_dim)
             continue
         if isinstance(pl, Partial) or not hasattr(pl, "dim"):
             raise UnsupportedShardingError(
@@ -222,6 +226,7 @@ def describe_layout(param: torch.Tensor) -> dict:
         "cols": cols,
         "row_group": _group_over(mesh, split[0]),
         "col_group": _group_over(mesh, split[1]),
+        "replica_groups": tuple(mesh.get_group(d) for d in replicated),
         "layout": layout,
     }
 
@@ -350,6 +355,7 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
         layout=d["layout"],
         owner_rank=owner,
         computes_here=True,
+        replica_groups=d["replica_groups"],
     )
 
 

@@ -27,7 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
-from .collectives import ShardSpec, all_reduce_sum, gather_cols
+from .collectives import PLAIN, Reductions, ShardSpec, all_reduce_sum, gather_cols
 
 # A check stops its power steps when the indicator is at or below this (and estimates are null
 # above it). Chosen so the accuracy bounds of docs/geometry.md hold on the synthetic trajectories.
@@ -75,7 +75,10 @@ def highest_precision() -> Iterator[None]:
 
 
 def power_step(
-    A: torch.Tensor, V: torch.Tensor, spec: ShardSpec | None = None
+    A: torch.Tensor | None,
+    V: torch.Tensor,
+    spec: ShardSpec | None = None,
+    reductions: Reductions = PLAIN,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One power step: P = A·V, G = Aᵀ·P, C = PᵀP. Cost 4·m·n·r flops (local block).
 
@@ -84,19 +87,20 @@ def power_step(
     column group; G_local = A_localᵀ·P summed over the row group, then assembled over the column
     group; C = PᵀP summed over the row group. Every collective is O((m+n)·r). Returns P for the
     local rows, and the full G (n, r) and C (r, r) on every rank.
+
+    `reductions` runs the contributions of the local block A (P's and G's): plainly, or through
+    a check's fault-isolated `CheckSession`, where A is None after a local failure (the rank then
+    contributes zeros of the shapes declared from `spec`). What follows a reduction (assembling G,
+    C = PᵀP) is computed on every rank alike.
     """
-    if spec is None:
-        P = A @ V
-        G = A.T @ P
-        C = P.T @ P
-        return P, G, C
-    P = A @ V[spec.cols]
-    all_reduce_sum(P, spec.col_group)
-    G = A.T @ P
-    all_reduce_sum(G, spec.row_group)
+    spec = spec if spec is not None else ShardSpec.whole(tuple(A.shape))
+    (m_local, n_local), r, dtype = spec.local_shape, V.shape[1], V.dtype
+    rows, cols = (spec.row_group,), (spec.col_group,)
+    P = reductions.all_reduce(lambda: A @ V[spec.cols], (m_local, r), cols, dtype)
+    reductions.seam("power_step")
+    G = reductions.all_reduce(lambda: A.T @ P, (n_local, r), rows, dtype)
     G = gather_cols(G, spec)
-    C = P.T @ P
-    all_reduce_sum(C, spec.row_group)
+    C = all_reduce_sum(P.T @ P, spec.row_group)
     return P, G, C
 
 

@@ -21,7 +21,7 @@ import math
 import torch
 
 from .anchor import Anchor, gaussian_basis, stable_seed
-from .collectives import ShardSpec, all_reduce_sum, reduce_over_matrix
+from .collectives import CheckSession, ShardSpec, all_reduce_sum
 from .lock import LockState
 from .records import MatrixCheck, Sketch
 from .settings import AnchorSettings, LockSettings, SketchSettings
@@ -108,15 +108,94 @@ class MatrixTracker:
         return _to_wire(a.baseline_G, a.baseline_C, a.baseline_convergence, 1, a.exact)
 
     @torch.no_grad()
-    def check(self, W_t_local: torch.Tensor, step: int) -> MatrixCheck:
-        """One check of the current weight (the local shard) at training step `step`."""
+    def check(
+        self, W_t_local: torch.Tensor | None, step: int, session: CheckSession | None = None
+    ) -> MatrixCheck | None:
+        """One check of the current weight (the local shard) at training step `step`.
+
+        With a `session` (the Monitor's path, fault-isolated across ranks): nothing raises; every
+        collective of the check is issued even after a local failure (W_t_local may then be
+        None), and the result is None when any rank of the matrix failed. Without one, a failure
+        raises, after the same collectives. Either way the tracker's bases and lock state change
+        only when the check is kept."""
+        s = session or CheckSession(self.spec, self.device, step=int(step))
         with highest_precision():
-            return self._check(W_t_local.detach(), int(step))
+            try:
+                check, state = self._check(W_t_local, int(step), s)
+            except Exception as exc:  # decided from reduced data: the same on every rank
+                s.failure = s.failure or exc
+                check = state = None
+        if not s.agree():
+            if session is None:
+                raise s.failure or RuntimeError(f"{self.name}: another rank failed the check")
+            return None
+        self.V, self.V_w, self.lock = state
+        return check
 
     # -- the check ------------------------------------------------------------------------
 
-    def _check(self, W: torch.Tensor, step: int) -> MatrixCheck:
+    def _check(
+        self, W: torch.Tensor | None, step: int, s: CheckSession
+    ) -> tuple[MatrixCheck | None, tuple[torch.Tensor, torch.Tensor, LockState]]:
+        """The check through session `s`: local work in `s.local` / `s.all_reduce`, every branch
+        decided from reduced tensors (stats, G, C), so a failed rank takes the others' path.
+        Returns the check (None on a failed rank) and the new (V, V_w, lock), not yet applied."""
+        layout = self.spec or ShardSpec.whole(self.shape)
+        groups = (layout.row_group, layout.col_group)
+        s.seam("start")
+        local = s.local(lambda: self._delta(W))  # (W on the device, ΔW, statistics)
+        stats = s.all_reduce(lambda: local[2], (4,), groups, torch.float64)
+        s.seam("after_stats")
+        frobenius_sq = float(stats[0])
+        counts = [int(round(float(c))) for c in stats[1:]]
+        W, D = local[:2] if local is not None else (None, None)
+
+        V, V_w, lock = self.V, self.V_w, self.lock.copy()
+        update = V_K = energy = None
+        converged = False
+        # a non-finite weight (a diverged step) is reported as it is (the sidecar refuses it with a
+        # clear error) without touching the bases, so the tracker recovers with the weights
+        moved = frobenius_sq > 0 and math.isfinite(frobenius_sq)
+        if moved:
+            update, theta, Z, V, G, indicator = self._iterate(D, V, layout, s)
+            V_K = ritz_vectors(G, Z, self.k).float()
+            energy = float(theta[: self.k].sum()) / frobenius_sq
+            converged = indicator <= self.tolerance
+        obs = lock.observe(step, V_K, energy, converged)
+        channel = self._channel_energy(D, lock.v_ref, layout, s) if lock.locked else None
+
+        if not moved:  # W_t == W0 in this view (or not finite): W0's sketch
+            weight = s.local(self.baseline)
+        else:
+            A = s.local(lambda: self._weight_view(W, D))
+            weight, _, _, V_w, _, _ = self._iterate(A, V_w, layout, s)
+        s.seam("end")
+        check = s.local(
+            lambda: MatrixCheck(
+                matrix=self.name,
+                step=step,
+                shape=self.shape,
+                numel=self.shape[0] * self.shape[1],
+                frobenius_sq=frobenius_sq,
+                visible_count=counts[0],
+                visible_low_count=counts[1],
+                visible_principal_count=counts[2],
+                channel_energy_sq=channel,
+                update=update,
+                weight=weight,
+                lock_step=lock.lock_step,
+                locked_now=obs.locked_now,
+                v_ref=lock.v_ref.float().cpu() if obs.locked_now else None,
+            )
+        )
+        return check, (V, V_w, lock)
+
+    def _delta(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ΔW = view(W_t) − view(W0) (float32, local block) formed chunk by chunk, and in the
+        same pass the local statistics [‖ΔW‖_F², visible, visible ∩ M_low, visible ∩ M_princ]
+        (float64). Returns (W on the device, ΔW, statistics)."""
         a = self.anchor
+        W = W.detach()
         if tuple(W.shape) != a.local_shape:
             raise ValueError(f"{self.name}: local shape {tuple(W.shape)} != {a.local_shape}")
         W = W.to(self.device)
@@ -133,79 +212,41 @@ class MatrixTracker:
             stats[1] += visible.sum()
             stats[2] += (visible & a.low_mask(W0)).sum()
             stats[3] += (visible & a.principal_rows(rows)).sum()
-        reduce_over_matrix(stats, self.spec)
-        frobenius_sq = float(stats[0])
-        counts = [int(round(float(c))) for c in stats[1:]]
-
-        update = None
-        V_K = energy = None
-        converged = False
-        # a non-finite weight (a diverged step) is reported as it is (the sidecar refuses it with a
-        # clear error) without touching the bases, so the tracker recovers with the weights
-        finite = math.isfinite(frobenius_sq)
-        if frobenius_sq > 0 and finite:
-            update, theta, Z, self.V, G = self._iterate(D, self.V, self.k)
-            V_K = ritz_vectors(G, Z, self.k).float()
-            energy = float(theta[: self.k].sum()) / frobenius_sq
-            converged = update.convergence <= self.tolerance
-        obs = self.lock.observe(step, V_K, energy, converged)
-        channel = self._channel_energy(D) if self.lock.locked else None
-
-        if update is None:  # W_t == W0 in this view (or not finite): W0's sketch
-            weight = self.baseline()
-        else:
-            A = self._weight_view(W, D)
-            weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.k)
-        return MatrixCheck(
-            matrix=self.name,
-            step=step,
-            shape=self.shape,
-            numel=self.shape[0] * self.shape[1],
-            frobenius_sq=frobenius_sq,
-            visible_count=counts[0],
-            visible_low_count=counts[1],
-            visible_principal_count=counts[2],
-            channel_energy_sq=channel,
-            update=update,
-            weight=weight,
-            lock_step=self.lock.lock_step,
-            locked_now=obs.locked_now,
-            v_ref=self.lock.v_ref.float().cpu() if obs.locked_now else None,
-        )
+        return W, D, stats
 
     def _iterate(
-        self, A: torch.Tensor, V: torch.Tensor, k: int
-    ) -> tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Power steps from V until convergence(k) ≤ tolerance (or the budget); returns the sketch
-        of the last step (on the CPU), its Ritz pairs, the next basis orth(G) and G on the
-        device."""
-        if self.exact:
-            _, G, C = power_step(A, V, self.spec)
-            theta, Z = rayleigh_ritz(G, C)
-            return _to_wire(G, C, 0.0, 1, True), theta, Z, V, G
-        steps = 0
-        while steps < self.max_power_steps:
+        self, A: torch.Tensor | None, V: torch.Tensor, layout: ShardSpec, s: CheckSession
+    ) -> tuple[Sketch | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
+        """Power steps from V until convergence(K) ≤ tolerance (or the budget); returns the sketch
+        of the last step (on the CPU; None on a failed rank), its Ritz pairs, the next basis
+        orth(G), G on the device, and the indicator."""
+        steps, indicator = 0, 0.0
+        while steps < (1 if self.exact else self.max_power_steps):
             steps += 1
-            _, G, C = power_step(A, V, self.spec)
+            _, G, C = power_step(A, V, layout, s)
             theta, Z = rayleigh_ritz(G, C)
-            indicator = convergence(theta, C, k)
+            if self.exact:
+                break
+            indicator = convergence(theta, C, self.k)
             V = orth(G)
             if indicator <= self.tolerance:
                 break
-        return _to_wire(G, C, indicator, steps, False), theta, Z, V, G
+        sketch = s.local(lambda: _to_wire(G, C, indicator, steps, self.exact))
+        return sketch, theta, Z, V, G, indicator
 
-    def _channel_energy(self, D: torch.Tensor) -> float:
+    def _channel_energy(
+        self, D: torch.Tensor | None, v_ref: torch.Tensor, layout: ShardSpec, s: CheckSession
+    ) -> float:
         """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
         the local rows summed over the row group. O(m·K) collectives."""
-        v_ref = self.lock.v_ref.to(self.device, torch.float32)
-        cols = slice(None) if self.spec is None else self.spec.cols
-        Q = D @ v_ref[cols]
-        if self.spec is not None:
-            all_reduce_sum(Q, self.spec.col_group)
+        shape = (layout.local_shape[0], v_ref.shape[1])
+        Q = s.all_reduce(
+            lambda: D @ v_ref.to(self.device, torch.float32)[layout.cols],
+            shape,
+            (layout.col_group,),
+        )
         energy = Q.double().square().sum().reshape(1)
-        if self.spec is not None:
-            all_reduce_sum(energy, self.spec.row_group)
-        return float(energy[0])
+        return float(all_reduce_sum(energy, layout.row_group)[0])
 
     def _weight_view(self, W: torch.Tensor, D: torch.Tensor) -> torch.Tensor:
         """view(W_t) as float32 on the device, reusing ΔW's buffer unless W is already it."""

@@ -142,6 +142,13 @@ class Transport:
             tensors += [check.update.G, check.update.C]
         self._submit("report", check, payload_nbytes(*tensors))
 
+    def count_unsent(self) -> None:
+        """Count a report that was never queued (its check was dropped on every rank after a
+        failure): like a queue drop, the count travels with the next report."""
+        with self._cv:
+            self.dropped_total += 1
+            self._dropped_unreported += 1
+
     def _submit(self, kind: str, payload, nbytes: int) -> None:
         with self._cv:
             if self._closing:

@@ -75,7 +75,7 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
     )
     with sidecar_process.sidecar(tmp_path) as (endpoint, base):
         callback = DeltawatchCallback(
-            run="hf-qwen3", endpoint=endpoint, every=2, rank=4, oversample=4
+            run="hf-qwen3", endpoint=endpoint, every=2, channel_rank=4, oversample=4
         )
         trainer = Trainer(
             model=model,

@@ -94,7 +94,7 @@ def main() -> None:
         ddp_backend="gloo",
         seed=0,
     )
-    callback = Probe(run=a.run_name, endpoint=a.endpoint, every=2, rank=4, oversample=4)
+    callback = Probe(run=a.run_name, endpoint=a.endpoint, every=2, channel_rank=4, oversample=4)
     trainer = Trainer(
         model=model, args=args, train_dataset=Tokens(16, 16, 128), callbacks=[callback]
     )

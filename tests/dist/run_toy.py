@@ -34,7 +34,9 @@ from deltawatch.client import sharding  # noqa: E402
 from deltawatch.client.monitor import Monitor  # noqa: E402
 from toy import FUSED, CollectiveCounter, Toy, initial_weights, weights_at  # noqa: E402
 
-MONITOR = dict(every=1, rank=4, oversample=4, max_power_steps=4, lock_at_step=3, fused=FUSED)
+MONITOR = dict(
+    every=1, channel_rank=4, oversample=4, max_power_steps=4, lock_at_step=3, fused=FUSED
+)
 
 
 def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
