@@ -29,6 +29,7 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from deltawatch.sidecar.alerts.rules import ChannelLeakRule, SubspaceDriftRule
 from deltawatch.sidecar.process import PrometheusServer, SidecarProcess
 
 HERE = Path(__file__).resolve().parent
@@ -307,9 +308,16 @@ def render(data: dict[str, list], t0: float, t1: float) -> str:
             "percentunit",
             0,
             1,
-            0.7,
+            SubspaceDriftRule().threshold,
         ),
-        ("Channel energy", data["Channel energy"], "percentunit", 0, 1, 0.4),
+        (
+            "Channel energy",
+            data["Channel energy"],
+            "percentunit",
+            0,
+            1,
+            ChannelLeakRule().threshold,
+        ),
         (
             "bf16-visible weights (run and spread)",
             [s for s in data["bf16-visible weights"] if s[0] in ("run", "p10", "p90")],

@@ -4,7 +4,9 @@ The sidecar process and the Prometheus server are the product's own
 (`deltawatch.sidecar.process`): `SidecarProcess`, `PrometheusServer`. Here: `wait_for` and
 `get_json`; a synthetic monitored run whose reports are real `MatrixCheck`s from the core's
 `MatrixTracker`; a real aiohttp server on a loopback port in a background thread; the engine's
-comparison against the exact float64 reference.
+comparison against the exact float64 reference; a tiny torch model and rank-16 channels for runs
+that drift (`TinyModel`, `channel`), a webhook receiver (`WebhookReceiver`) and a real
+Alertmanager (`AlertmanagerServer`).
 
 The synthetic run, per matrix (m×n, float32): W0 = U·diag(σ)·Vᵀ with a pretrained-like decaying
 spectrum σ_i = 10^(−2·i/min(m,n)) · 0.5; OPD-like update W_t = W0 + s·t·A·B / K + ε·√t·N_t with a
@@ -16,6 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
+import subprocess
 import threading
 import time
 import urllib.error
@@ -23,6 +27,7 @@ import urllib.request
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -168,6 +173,74 @@ class SyntheticRun:
         return result
 
 
+TINY_M, TINY_N = 64, 128
+TINY_LAYERS = 2
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj = torch.nn.Linear(TINY_N, TINY_M, bias=False)
+
+
+class TinyModel(torch.nn.Module):
+    """model.layers.{i}.mlp.up_proj.weight, [TINY_M, TINY_N], with a pretrained-like spectrum."""
+
+    def __init__(self, g: torch.Generator) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(Block() for _ in range(TINY_LAYERS))
+        with torch.no_grad():
+            for block in self.model.layers:
+                U, _ = torch.linalg.qr(torch.randn(TINY_M, TINY_M, generator=g))
+                V, _ = torch.linalg.qr(torch.randn(TINY_N, TINY_N, generator=g))
+                s = torch.arange(1, TINY_M + 1, dtype=torch.float32) ** -0.7
+                block.mlp.up_proj.weight.copy_((U * s) @ V[:, :TINY_M].T)
+
+
+def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(TINY_M, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(TINY_N, k, generator=g))
+    return U @ torch.diag(torch.linspace(1.0, 0.5, k)) @ V.T
+
+
+class WebhookReceiver:
+    """A real aiohttp server on its own thread and loop, recording POSTed JSON bodies."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def handle(request: web.Request) -> web.Response:
+            self.bodies.append(await request.json())
+            return web.Response(text="ok")
+
+        async def start() -> None:
+            app = web.Application()
+            app.router.add_post("/alertmanager", handle)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+            self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/alertmanager"
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
+
+
 class ServerThread:
     """A real aiohttp server for an app factory on 127.0.0.1:<ephemeral>, in its own loop/thread."""
 
@@ -243,3 +316,107 @@ def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: di
         assert got["locked"] is True and got["lock_step"] == lock_steps[name]
         assert set(got) == {"matrix", "layer", "module", "shape", "step", *MATRIX_KEYS}
         assert got["shape"] == [m, n]
+
+
+ALERTMANAGER = shutil.which("prometheus-alertmanager") or "/usr/bin/prometheus-alertmanager"
+
+
+class AlertmanagerServer:
+    """/usr/bin/prometheus-alertmanager (Debian package `prometheus-alertmanager`) on a loopback
+    port, clustering off, its configuration and storage under `directory`; a context manager.
+
+    One route: every alert, grouped by `group_by`, to the webhook receiver `receiver_url` with
+    `send_resolved`, after `group_wait` and every `group_interval` (short, so a test is quick).
+    `restart(fresh=True)` comes back on the same port with an empty storage: an Alertmanager that
+    lost everything.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        receiver_url: str,
+        *,
+        group_by: tuple[str, ...] = ("alertname", "run"),
+        group_wait: str = "200ms",
+        group_interval: str = "1s",
+    ) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.config = {
+            "route": {
+                "receiver": "test",
+                "group_by": list(group_by),
+                "group_wait": group_wait,
+                "group_interval": group_interval,
+                "repeat_interval": "1h",
+            },
+            "receivers": [
+                {"name": "test", "webhook_configs": [{"url": receiver_url, "send_resolved": True}]}
+            ],
+        }
+        self.config_path = self.directory / "alertmanager.yml"
+        self.log_path = self.directory / "alertmanager.log"
+        self.port = free_port()
+        self.starts = 0
+        self.proc: subprocess.Popen | None = None
+        self._log: Any = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> AlertmanagerServer:
+        self.config_path.write_text(json.dumps(self.config, indent=1))  # JSON is YAML
+        self.starts += 1
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [
+                ALERTMANAGER,
+                f"--config.file={self.config_path}",
+                f"--storage.path={self.directory / f'data-{self.starts}'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+                "--cluster.listen-address=",
+                "--log.level=warn",
+            ],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        wait_for(self._ready, "Alertmanager to be ready", timeout, proc=self.proc)
+        return self
+
+    def _ready(self) -> bool:
+        with urllib.request.urlopen(self.url + "/-/ready", timeout=10) as resp:
+            return resp.status == 200
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """GET /api/v2/alerts: what Alertmanager holds now."""
+        return get_json(self.url + "/api/v2/alerts")
+
+    def restart(self, timeout: float = 60.0) -> AlertmanagerServer:
+        """Stop, then start on the same port with a new, empty storage directory."""
+        self.stop()
+        return self.start(timeout)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(30)
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def log_tail(self) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-20:])
+        except OSError:
+            return ""
+
+    def __enter__(self) -> AlertmanagerServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
