@@ -44,8 +44,8 @@ RESEND_SECONDS = 1.0
 
 class DriftingRun:
     """A Monitor on TinyModel whose channel is `first` up to step 16, then `3 · second` (the
-    update leaves its locked channel); `back()` undoes the second channel step by step and goes on
-    along the first, so Sim_K(t, ref) recovers and the drift resolves."""
+    update leaves its locked channel); `back()` undoes the second channel in a few steps and goes
+    on along the first, so Sim_K(t, ref) recovers and the drift resolves."""
 
     def __init__(self, run: str, endpoint: str, seed: int) -> None:
         self.g = torch.Generator().manual_seed(seed)
@@ -69,10 +69,10 @@ class DriftingRun:
             self._advance(self.first if s <= 16 else [3.0 * b for b in self.second])
 
     def back(self) -> None:
-        """14 steps undoing the second channel, then 8 along the first."""
-        for _ in range(14):
-            self._advance([-3.0 * b for b in self.second])
-        for _ in range(8):
+        """7 steps undoing the second channel, then 6 along the first."""
+        for _ in range(7):
+            self._advance([-6.0 * b for b in self.second])
+        for _ in range(6):
             self._advance(self.first)
 
 
@@ -81,6 +81,16 @@ def notifications(receiver: WebhookReceiver, alertname: str, status: str) -> lis
         b
         for b in receiver.bodies
         if b["groupLabels"].get("alertname") == alertname and b["status"] == status
+    ]
+
+
+def all_drifted(receiver: WebhookReceiver, status: str, after: int = 0) -> list[dict[str, Any]]:
+    """The `status` SubspaceDrift notifications after the first `after` that carry every matrix
+    (Alertmanager sends a group as soon as its first alert arrives, then again as it grows)."""
+    return [
+        b
+        for b in notifications(receiver, "SubspaceDrift", status)[after:]
+        if {a["labels"]["matrix"] for a in b["alerts"]} == NAMES
     ]
 
 
@@ -112,12 +122,12 @@ def test_a_drift_reaches_alertmanager_survives_restarts_and_resolves(tmp_path, o
         run = DriftingRun("am-drift", side.endpoint, seed=0)
         run.drift()
         wait_for(
-            lambda: notifications(receiver, "SubspaceDrift", "firing"),
-            "SubspaceDrift routed to Alertmanager's receiver",
+            lambda: all_drifted(receiver, "firing"),
+            "SubspaceDrift of every matrix routed to Alertmanager's receiver",
             timeout=DEADLINE,
             proc=side,
         )
-        body = notifications(receiver, "SubspaceDrift", "firing")[0]
+        body = all_drifted(receiver, "firing")[0]
         assert body["groupLabels"] == {"alertname": "SubspaceDrift", "run": "am-drift"}
         by_matrix = {a["labels"]["matrix"]: a for a in body["alerts"]}
         assert set(by_matrix) == NAMES  # per matrix; Alertmanager folded them into one group
@@ -147,7 +157,7 @@ def test_a_drift_reaches_alertmanager_survives_restarts_and_resolves(tmp_path, o
         am.restart()
         before = len(notifications(receiver, "SubspaceDrift", "firing"))
         wait_for(
-            lambda: len(notifications(receiver, "SubspaceDrift", "firing")) > before,
+            lambda: all_drifted(receiver, "firing", before),
             "SubspaceDrift again after an empty Alertmanager restart",
             timeout=DEADLINE,
         )
@@ -158,25 +168,23 @@ def test_a_drift_reaches_alertmanager_survives_restarts_and_resolves(tmp_path, o
         before = len(notifications(receiver, "SubspaceDrift", "firing"))
         side.restart()
         wait_for(
-            lambda: len(notifications(receiver, "SubspaceDrift", "firing")) > before,
+            lambda: all_drifted(receiver, "firing", before),
             "SubspaceDrift again after a sidecar restart",
             timeout=DEADLINE,
             proc=side,
         )
-        again = notifications(receiver, "SubspaceDrift", "firing")[-1]
-        assert {a["labels"]["matrix"] for a in again["alerts"]} == NAMES
+        again = all_drifted(receiver, "firing", before)[0]
         assert {a["generatorURL"] for a in again["alerts"]} == {f"{side.http_url}/runs/am-drift"}
 
         # the channel moves back: the engine resolves, Alertmanager tells its receiver
         run.back()
         wait_for(
-            lambda: notifications(receiver, "SubspaceDrift", "resolved"),
+            lambda: all_drifted(receiver, "resolved"),
             "SubspaceDrift resolved at Alertmanager's receiver",
             timeout=DEADLINE,
             proc=side,
         )
-        resolved = notifications(receiver, "SubspaceDrift", "resolved")[-1]
-        assert {a["labels"]["matrix"] for a in resolved["alerts"]} == NAMES
+        resolved = all_drifted(receiver, "resolved")[0]
         assert {a["status"] for a in resolved["alerts"]} == {"resolved"}
         api = [a for a in side.get("/api/v1/alerts")["alerts"] if a["rule"] == "SubspaceDrift"]
         assert {a["state"] for a in api} == {"resolved"}

@@ -100,8 +100,9 @@ class AlertmanagerSender:
     """Keeps Alertmanager's view of the sidecar's alerts current (see the module docstring).
 
     ``submit(run, rule, items)`` (thread-safe, returns at once) says which alerts of the (run, rule)
-    group exist now: firing items are kept and re-posted every ``resend_every_seconds``; a
-    resolved item, or one that was firing and is no longer listed, is posted once as resolved.
+    group exist now: firing items are kept and re-posted every ``resend_every_seconds``; one that
+    was firing and is not any more is posted once as resolved, with the engine's ``ended_at``
+    when ``items`` lists it as resolved, else now.
     """
 
     def __init__(
@@ -148,13 +149,13 @@ class AlertmanagerSender:
         now = rfc3339(self._clock())
         before = self._firing.pop(group, {})
         firing = {fingerprint(alert_labels(i)): i for i in items if i["state"] == "firing"}
+        resolved = {fingerprint(alert_labels(i)): i for i in items if i["state"] == "resolved"}
         body = [self._postable(i) for i in firing.values()]
-        body += [
-            self._postable(i, ends_at=i["ended_at"] or now)
-            for i in items
-            if i["state"] == "resolved" and fingerprint(alert_labels(i)) not in firing
-        ]
-        body += [self._postable(i, ends_at=now) for fp, i in before.items() if fp not in firing]
+        for fp, old in before.items():  # was firing, is not now: resolved when the engine says
+            if fp not in firing:
+                item = resolved.get(fp, old)
+                ended = item["ended_at"] if fp in resolved else None
+                body.append(self._postable(item, ends_at=ended or now))
         if firing:
             self._firing[group] = firing
         self._put(group, body)

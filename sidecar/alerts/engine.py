@@ -271,13 +271,16 @@ class AlertEngine:
                 if r == run and ru == rule and m is not None and s.state == "firing"
             )
 
-    def firing_items(self, run: str, rule: str) -> list[AlertItem]:
-        """The per-matrix alerts of ``run`` firing ``rule``, by matrix."""
+    def matrix_items(self, run: str, rule: str) -> list[AlertItem]:
+        """The per-matrix alerts of (``run``, ``rule``) that are firing or resolved, by matrix."""
         severity = self.config.rule(rule).severity
         with self._lock:
-            return [
-                self._states[(run, rule, m)].item(severity) for m in self.firing_matrices(run, rule)
+            states = [
+                s
+                for (r, ru, m), s in self._states.items()
+                if r == run and ru == rule and m is not None and s.state != "inactive"
             ]
+            return [s.item(severity) for s in sorted(states, key=lambda s: s.matrix)]
 
     def _matrix_count(self, run: str) -> int:
         n = self._run_matrices(run) if self._run_matrices else None
@@ -491,14 +494,14 @@ class AlertService:
 
     def _to_alertmanager(self, rollup: AlertItem) -> None:
         """The (run, rule) group's alerts for Alertmanager: RunStalled is the run-level alert
-        itself; a check rule's are its firing matrices while the roll-up fires, none after."""
+        itself; a check rule's are its matrices' alerts, none firing once the roll-up is not."""
         run, rule = rollup["run"], rollup["rule"]
         if rule not in CHECK_RULES:
             items = [rollup]
-        elif rollup["state"] == "firing":
-            items = self.engine.firing_items(run, rule)
         else:
-            items = []
+            items = self.engine.matrix_items(run, rule)
+            if rollup["state"] != "firing":
+                items = [i for i in items if i["state"] == "resolved"]
         self.alertmanager.submit(run, rule, items)  # type: ignore[union-attr]
 
     def _publish_on_loop(self, item: AlertItem) -> None:
