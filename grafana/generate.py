@@ -25,10 +25,14 @@ from typing import Any
 
 from deltawatch.sidecar import keys as K
 from deltawatch.sidecar import metrics as M
+from deltawatch.sidecar.alerts.rules import ChannelLeakRule, SubspaceDriftRule
 
 HERE = Path(__file__).resolve().parent
 SCHEMA_VERSION = 39
 DS = {"type": "prometheus", "uid": "${datasource}"}
+# Where the alerts fire by default (their thresholds, from the alert engine).
+DRIFT = SubspaceDriftRule().threshold
+LEAK = ChannelLeakRule().threshold
 
 
 # ------------------------------------------------------------------------------------------
@@ -509,7 +513,7 @@ def overview() -> dict[str, Any]:
             "Subspace and horizon alignment",
             "Sim_K(t, ref) against the locked reference and "
             "Sim_K(t, h(t)) against the subspace at half the steps so far (run means, and the worst "
-            "selected matrix). The drift alert fires below 0.7.",
+            f"selected matrix). The drift alert fires below {DRIFT}.",
             targets(
                 (f"{run_metric('subspace_alignment')}{{{RUN}}}", "subspace (mean)"),
                 (f"min({matrix_metric('subspace_alignment')}{{{SEL}}})", "subspace (worst matrix)"),
@@ -519,7 +523,7 @@ def overview() -> dict[str, Any]:
             unit="percentunit",
             min_=0,
             max_=1,
-            threshold_line=(0.7, "red"),
+            threshold_line=(DRIFT, "red"),
         ),
         12,
         8,
@@ -540,7 +544,7 @@ def overview() -> dict[str, Any]:
             unit="percentunit",
             min_=0,
             max_=1,
-            threshold_line=(0.4, "red"),
+            threshold_line=(LEAK, "red"),
         ),
         12,
         8,
@@ -789,11 +793,11 @@ def matrices() -> dict[str, Any]:
     L.add(
         stat(
             "Worst subspace alignment",
-            "Lowest Sim_K(t, ref) among the selected matrices (the drift alert fires below 0.7).",
+            f"Lowest Sim_K(t, ref) among the selected matrices (the drift alert fires below {DRIFT}).",
             targets((f"min({matrix_metric('subspace_alignment')}{{{SEL}}})", "worst")),
             unit="percentunit",
             decimals=1,
-            steps=((None, "red"), (0.7, "yellow"), (0.9, "green")),
+            steps=((None, "red"), (DRIFT, "yellow"), (0.9, "green")),
         ),
         6,
         4,

@@ -136,9 +136,8 @@ def render(data: dict[str, list], t0: float, t1: float, out: Path) -> list[Path]
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from deltawatch.sidecar.alerts import AlertConfig
+    from deltawatch.sidecar.alerts.rules import ChannelLeakRule, SubspaceDriftRule
 
-    defaults = AlertConfig()
     plt.style.use("dark_background")
     fig = plt.figure(figsize=(12, 10.1), dpi=100, facecolor="#111217")
     grid = fig.add_gridspec(5, 4, height_ratios=[0.45, 1, 1, 1, 1], hspace=0.55, wspace=0.3)
@@ -172,8 +171,8 @@ def render(data: dict[str, list], t0: float, t1: float, out: Path) -> list[Path]
 
     panels = (
         ("Stable-rank band", ("p10", "median", "p90", "run mean"), None, None),
-        ("Subspace and horizon alignment", None, (0, 1), defaults.subspace_drift.threshold),
-        ("Channel energy", None, (0, 1), defaults.channel_leak.threshold),
+        ("Subspace and horizon alignment", None, (0, 1), SubspaceDriftRule().threshold),
+        ("Channel energy", None, (0, 1), ChannelLeakRule().threshold),
         ("bf16-visible weights", ("run", "p10", "p90"), (0, 1), None),
         ("Alerts firing", None, None, None),
         ("Overlaps of the visible update", None, (0, 1), None),

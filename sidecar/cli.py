@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import sys
 from dataclasses import fields
 
@@ -24,6 +25,9 @@ _HELP = {
     "data_dir": "directory of the SQLite store (created when missing)",
     "device": "where the geometry runs: auto (cuda when available), cpu, cuda",
     "alert_webhook": "POST Alertmanager webhook payloads (version 4) to this URL",
+    "alertmanager_url": "post alerts to this Alertmanager's /api/v2/alerts (repeatable)",
+    "external_url": "the sidecar's address as people reach it, for Alertmanager's links "
+    "(default: http(s)://<http address>)",
     "alert_config": "JSON or YAML file with alert rule settings (docs/alerts.md)",
     "token_file": "require 'authorization: Bearer <token>' (the file's content) on gRPC and HTTP",
     "tls_cert": "PEM certificate chain of the server (TLS for gRPC and HTTP)",
@@ -50,6 +54,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(
                 flag, action="store_const", const=True, default=None, help=help_text
             )
+        elif f.type == "tuple[str, ...]":
+            parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, choices=_CHOICES.get(f.name), help=help_text)
 
@@ -66,6 +72,9 @@ def serve_config(args: argparse.Namespace, environ: dict[str, str] | None = None
                 continue
         if f.type in ("bool", bool):
             values[f.name] = raw is True or str(raw).lower() in _TRUE
+        elif f.type == "tuple[str, ...]":  # repeated flags, or one variable listing them
+            items = raw if isinstance(raw, list) else re.split(r"[,\s]+", raw)
+            values[f.name] = tuple(i for i in items if i)
         elif f.type in ("int", int):
             try:
                 values[f.name] = int(raw)

@@ -24,6 +24,8 @@ class ServeConfig:
     data_dir: str = "./deltawatch-data"
     device: str = "auto"
     alert_webhook: str | None = None
+    alertmanager_url: tuple[str, ...] = ()  # repeatable flag; env: URLs separated by commas/spaces
+    external_url: str | None = None  # how people reach the HTTP address (Alertmanager links)
     alert_config: str | None = None
     token_file: str | None = None
     tls_cert: str | None = None
@@ -74,6 +76,17 @@ class ServeConfig:
         if self.alert_webhook and not re.match(r"https?://", self.alert_webhook):
             raise ValueError(
                 f"--alert-webhook {self.alert_webhook!r} must be an http:// or https:// URL"
+            )
+        for url in self.alertmanager_url:
+            if not re.match(r"https?://[^/\s]", url):
+                raise ValueError(
+                    f"--alertmanager-url {url!r} must be an http:// or https:// URL of an "
+                    f"Alertmanager, e.g. http://alertmanager:9093"
+                )
+        if self.external_url and not re.match(r"https?://[^/\s]", self.external_url):
+            raise ValueError(
+                f"--external-url {self.external_url!r} must be an http:// or https:// URL, e.g. "
+                f"http://deltawatch.example:9400"
             )
         if self.rank <= 0:
             raise ValueError(f"--rank must be > 0, got {self.rank}")

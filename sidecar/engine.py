@@ -31,12 +31,12 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
 import torch
 from deltawatch.client.records import ManifestEntry
 
+from .alerts.state import rfc3339
 from .errors import ValidationError, invalid, precondition
 from .geometry import MatrixGeometry
 from .keys import MATRIX_KEYS
@@ -123,14 +123,6 @@ class _Run:
     matrices: dict[str, _Matrix]
     rows: dict[str, MatrixRow]
     dropped: int = 0
-
-
-def rfc3339(t: float | None) -> str | None:
-    """Unix seconds -> RFC 3339 UTC with milliseconds ("2026-11-26T15:00:00.000Z")."""
-    if t is None:
-        return None
-    d = datetime.fromtimestamp(t, tz=timezone.utc)
-    return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,7 +1,7 @@
 """One event loop: the grpc.aio ingest server and the aiohttp HTTP app, graceful on SIGTERM.
 
     store -> engine (linear algebra on the ingest's worker thread)
-          -> alert engine (listener on the engine) -> webhook / gRPC streams
+          -> alert engine (listener on the engine) -> webhook / Alertmanager / gRPC streams
     IngestService (gRPC, with health and reflection)   make_app (HTTP: API, /metrics, probes)
 
 `Sidecar(config)` builds the parts; `await sidecar.start()` binds both ports (port 0 picks a free
@@ -18,18 +18,15 @@ import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 
 import grpc
 from aiohttp import web
 from deltawatch.client.wire import MAX_FRAME_BYTES
 from deltawatch.sidecar import auth
-from deltawatch.sidecar.alerts import (
-    AlertEngine,
-    AlertService,
-    StoreAlertState,
-    load_alert_config,
-)
+from deltawatch.sidecar.alerts.config import load_alert_config
+from deltawatch.sidecar.alerts.engine import AlertEngine, AlertService, StoreAlertState
 from deltawatch.sidecar.config import ServeConfig
 from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.http_api import make_app
@@ -79,7 +76,11 @@ class Sidecar:
         self.ingest = IngestService(self.engine)
         self.ingest.run_finished_listeners.append(self.alert_engine.finish_run)
         self.alerts = AlertService(
-            self.alert_engine, webhook_url=config.alert_webhook, publish=self.ingest.publish_alert
+            self.alert_engine,
+            webhook_url=config.alert_webhook,
+            publish=self.ingest.publish_alert,
+            alertmanager_urls=config.alertmanager_url,
+            external_url=lambda: self.external_url,
         )
         self.registry, self.service_metrics = make_registry(
             self.engine,
@@ -93,6 +94,21 @@ class Sidecar:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._serving = False
+
+    @property
+    def external_url(self) -> str:
+        """``--external-url``, else http(s)://<HTTP host>:<bound port> (a wildcard host becomes
+        this machine's name): where Alertmanager's links to a run's page point."""
+        c = self.config
+        if c.external_url:
+            return c.external_url.rstrip("/")
+        host, port = _split(c.http_address)
+        if host in ("", "0.0.0.0", "::"):
+            host = socket.getfqdn()
+        elif ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if c.tls_cert else "http"
+        return f"{scheme}://{host}:{self.http_port or port}"
 
     async def start(self) -> None:
         c = self.config
@@ -113,9 +129,6 @@ class Sidecar:
             self.grpc_port = server.add_secure_port(c.grpc_address, credentials)
         if not self.grpc_port:
             raise OSError(f"could not bind the gRPC address {c.grpc_address}")
-        await server.start()
-        self.grpc_server = server
-        await self.alerts.start()
 
         app = make_app(
             self.engine,
@@ -130,6 +143,10 @@ class Sidecar:
         site = web.TCPSite(self.runner, host, port, ssl_context=auth.http_ssl_context(c))
         await site.start()
         self.http_port = int(self.runner.addresses[0][1])
+        # Alerts start once the HTTP port (their links' address) is known, before any report.
+        await self.alerts.start()
+        await server.start()
+        self.grpc_server = server
 
         for name in ("", INGEST_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)

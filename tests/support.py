@@ -4,7 +4,9 @@ The sidecar process is the product's own (`deltawatch.sidecar.process.SidecarPro
 Prometheus server is the tests' (`servers.PrometheusServer`). Here: `wait_for` and
 `get_json`; a synthetic monitored run whose reports are real `MatrixCheck`s from the core's
 `MatrixTracker`; a real aiohttp server on a loopback port in a background thread; the engine's
-comparison against the exact float64 reference.
+comparison against the exact float64 reference; a tiny torch model and rank-16 channels for runs
+that drift (`TinyModel`, `channel`), a webhook receiver (`WebhookReceiver`) and a real
+Alertmanager (`AlertmanagerServer`).
 
 The synthetic run, per matrix (m×n, float32): W0 = U·diag(σ)·Vᵀ with a pretrained-like decaying
 spectrum σ_i = 10^(−2·i/min(m,n)) · 0.5; OPD-like update W_t = W0 + s·t·A·B / K + ε·√t·N_t with a
@@ -17,11 +19,9 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,52 +34,16 @@ from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.process import SidecarProcess, free_port
 from deltawatch.sidecar.reference import exact_counts, exact_keys
-from servers import PrometheusServer
+from servers import AlertmanagerServer, PrometheusServer, get_json, wait_for
 
-__all__ = ["PrometheusServer", "SidecarProcess", "free_port", "get_json", "wait_for"]
-
-
-def wait_for(
-    predicate: Callable[[], Any],
-    what: str | Callable[[], str],
-    timeout: float = 90.0,
-    proc: Any = None,
-) -> None:
-    """Poll `predicate` every 50 ms until it is true; a predicate that raises OSError or
-    AssertionError (not listening, not ready) counts as false. Fails saying `what` (or `what()`,
-    for a message built at the end) after `timeout` s, or at once when `proc` (a Popen or a
-    SidecarProcess) has exited. A generous bound on waiting on 2 shared cores, never a timing
-    assertion."""
-    deadline = time.monotonic() + timeout
-    last: BaseException | None = None
-    while True:
-        try:
-            if predicate():
-                return
-        except (OSError, AssertionError) as e:
-            last = e
-        popen = getattr(proc, "proc", proc)
-        if popen is not None and popen.poll() is not None:
-            log = proc.log_tail() if hasattr(proc, "log_tail") else ""
-            raise AssertionError(f"{_say(what)}: the process exited with {popen.returncode}\n{log}")
-        if time.monotonic() > deadline:
-            raise AssertionError(
-                f"gave up waiting for {_say(what)}" + (f" ({last!r})" if last else "")
-            )
-        time.sleep(0.05)
-
-
-def _say(what: str | Callable[[], str]) -> str:
-    return what if isinstance(what, str) else what()
-
-
-def get_json(url: str, timeout: float = 30.0) -> Any:
-    """GET `url` as JSON; an HTTP error fails with the server's answer."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        raise AssertionError(f"{url}: HTTP {e.code}: {e.read().decode()}") from None
+__all__ = [
+    "AlertmanagerServer",
+    "PrometheusServer",
+    "SidecarProcess",
+    "free_port",
+    "get_json",
+    "wait_for",
+]
 
 
 SHAPES: dict[str, tuple[int, int]] = {
@@ -167,6 +131,74 @@ class SyntheticRun:
         for name, sketch in self.baselines().items():
             engine.baseline(self.run, incarnation, name, sketch)
         return result
+
+
+TINY_M, TINY_N = 64, 128
+TINY_LAYERS = 2
+
+
+class Block(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj = torch.nn.Linear(TINY_N, TINY_M, bias=False)
+
+
+class TinyModel(torch.nn.Module):
+    """model.layers.{i}.mlp.up_proj.weight, [TINY_M, TINY_N], with a pretrained-like spectrum."""
+
+    def __init__(self, g: torch.Generator) -> None:
+        super().__init__()
+        self.model = torch.nn.Module()
+        self.model.layers = torch.nn.ModuleList(Block() for _ in range(TINY_LAYERS))
+        with torch.no_grad():
+            for block in self.model.layers:
+                U, _ = torch.linalg.qr(torch.randn(TINY_M, TINY_M, generator=g))
+                V, _ = torch.linalg.qr(torch.randn(TINY_N, TINY_N, generator=g))
+                s = torch.arange(1, TINY_M + 1, dtype=torch.float32) ** -0.7
+                block.mlp.up_proj.weight.copy_((U * s) @ V[:, :TINY_M].T)
+
+
+def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
+    U, _ = torch.linalg.qr(torch.randn(TINY_M, k, generator=g))
+    V, _ = torch.linalg.qr(torch.randn(TINY_N, k, generator=g))
+    return U @ torch.diag(torch.linspace(1.0, 0.5, k)) @ V.T
+
+
+class WebhookReceiver:
+    """A real aiohttp server on its own thread and loop, recording POSTed JSON bodies."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        self.loop = asyncio.new_event_loop()
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self.ready.wait(30)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def handle(request: web.Request) -> web.Response:
+            self.bodies.append(await request.json())
+            return web.Response(text="ok")
+
+        async def start() -> None:
+            app = web.Application()
+            app.router.add_post("/alertmanager", handle)
+            self.runner = web.AppRunner(app)
+            await self.runner.setup()
+            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
+            self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/alertmanager"
+            self.ready.set()
+
+        self.loop.run_until_complete(start())
+        self.loop.run_forever()
+
+    def close(self) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(30)
 
 
 class ServerThread:

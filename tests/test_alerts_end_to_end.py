@@ -5,97 +5,35 @@ port) and in the trainer's `Monitor(on_alert=...)` callback."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
-from aiohttp import web
 from deltawatch.client import Monitor
 from prometheus_client.parser import text_string_to_metric_families
-from support import SidecarProcess, get_json, wait_for
+from support import (
+    TINY_LAYERS as LAYERS,
+)
+from support import (
+    TINY_M as M,
+)
+from support import (
+    TINY_N as N,
+)
+from support import (
+    SidecarProcess,
+    TinyModel,
+    WebhookReceiver,
+    channel,
+    get_json,
+    wait_for,
+)
 
-M, N = 64, 128
-LAYERS = 2
 LR = 3e-4
 DEADLINE = 60.0  # generous bound on waiting for a delivery; never a timing assertion
-
-
-class Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.mlp = torch.nn.Module()
-        self.mlp.up_proj = torch.nn.Linear(N, M, bias=False)
-
-
-class TinyModel(torch.nn.Module):
-    """model.layers.{i}.mlp.up_proj.weight, [64, 128], with a pretrained-like spectrum."""
-
-    def __init__(self, g: torch.Generator) -> None:
-        super().__init__()
-        self.model = torch.nn.Module()
-        self.model.layers = torch.nn.ModuleList(Block() for _ in range(LAYERS))
-        with torch.no_grad():
-            for block in self.model.layers:
-                U, _ = torch.linalg.qr(torch.randn(M, M, generator=g))
-                V, _ = torch.linalg.qr(torch.randn(N, N, generator=g))
-                s = torch.arange(1, M + 1, dtype=torch.float32) ** -0.7
-                block.mlp.up_proj.weight.copy_((U * s) @ V[:, :M].T)
-
-
-def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
-    U, _ = torch.linalg.qr(torch.randn(M, k, generator=g))
-    V, _ = torch.linalg.qr(torch.randn(N, k, generator=g))
-    return U @ torch.diag(torch.linspace(1.0, 0.5, k)) @ V.T
-
-
-class WebhookReceiver:
-    """A real aiohttp server on its own thread and loop, recording POSTed JSON bodies."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, Any]] = []
-        self.loop = asyncio.new_event_loop()
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert self.ready.wait(30)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def handle(request: web.Request) -> web.Response:
-            self.bodies.append(await request.json())
-            return web.Response(text="ok")
-
-        async def start() -> None:
-            app = web.Application()
-            app.router.add_post("/alertmanager", handle)
-            self.runner = web.AppRunner(app)
-            await self.runner.setup()
-            await web.TCPSite(self.runner, "127.0.0.1", 0).start()
-            self.url = f"http://127.0.0.1:{self.runner.addresses[0][1]}/alertmanager"
-            self.ready.set()
-
-        self.loop.run_until_complete(start())
-        self.loop.run_forever()
-
-    def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(30)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_subspace_drift_reaches_the_api_the_webhook_and_the_trainer(tmp_path, one_thread):

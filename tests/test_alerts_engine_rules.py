@@ -19,7 +19,8 @@ import torch
 from deltawatch.client.naming import parse_name
 from deltawatch.client.records import ManifestEntry
 from deltawatch.client.tracker import MatrixTracker
-from deltawatch.sidecar.alerts import AlertConfig, AlertEngine, StoreAlertState
+from deltawatch.sidecar.alerts.config import AlertConfig
+from deltawatch.sidecar.alerts.engine import AlertEngine, StoreAlertState
 from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.reference import exact_keys
 from deltawatch.sidecar.store import Store

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 from deltawatch.sidecar import keys
-from deltawatch.sidecar.alerts import RULES, AlertConfig
+from deltawatch.sidecar.alerts.config import AlertConfig
+from deltawatch.sidecar.alerts.rules import RULES
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES_FILE = ROOT / "prometheus" / "deltawatch-rules.yml"

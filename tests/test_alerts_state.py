@@ -8,15 +8,14 @@ import sqlite3
 from typing import Any
 
 import pytest
-from deltawatch.sidecar.alerts import (
+from deltawatch.sidecar.alerts.config import (
     AlertConfig,
-    AlertEngine,
-    StoreAlertState,
     alert_config_from_mapping,
     load_alert_config,
-    stall_threshold_seconds,
     with_overrides,
 )
+from deltawatch.sidecar.alerts.engine import AlertEngine, StoreAlertState
+from deltawatch.sidecar.alerts.rules import stall_threshold_seconds
 from deltawatch.sidecar.store import Store
 
 T0 = 1_764_169_200.0

@@ -8,16 +8,9 @@ import json
 from typing import Any
 
 from aiohttp import web
-from deltawatch.sidecar.alerts import (
-    ZERO_TIME,
-    AlertConfig,
-    AlertEngine,
-    AlertService,
-    alert_id,
-    fingerprint,
-    rfc3339,
-    with_overrides,
-)
+from deltawatch.sidecar.alerts.config import AlertConfig, with_overrides
+from deltawatch.sidecar.alerts.engine import AlertEngine, AlertService
+from deltawatch.sidecar.alerts.state import ZERO_TIME, alert_id, fingerprint, rfc3339
 
 T0 = 1_764_169_200.0  # 2025-11-26T15:00:00Z
 RUN = "qwen3-opd-1"
@@ -289,7 +282,7 @@ def test_payload_survives_json_round_trip():
     engine.add_sink(lambda item, matrices: items.append((item, matrices)))
     for step in (10, 20):
         engine.observe(RUN, Q, step, drifted(0.2))
-    from deltawatch.sidecar.alerts import webhook_payload
+    from deltawatch.sidecar.alerts.delivery import webhook_payload
 
     ((item, matrices),) = items
     payload = webhook_payload(item, config, matrices)

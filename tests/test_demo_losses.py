@@ -89,3 +89,20 @@ def test_grpo_loss_clips_only_the_profitable_side():
     loss.backward()
     assert logp.grad[0, 0] == 0.0
     assert abs(float(logp.grad[1, 0]) - (3.0 * 1.5 / 2)) < 1e-14
+
+
+def test_rule_teacher_puts_its_confidence_on_the_target_and_spreads_the_rest():
+    """opd-drift's rule teacher: log c on the target token, log((1 − c) / (V − 1)) elsewhere; the
+    target is the sum's digits reversed (07 + 12 = 019 -> 910)."""
+    from deltawatch.sidecar.demo import task
+
+    pairs = torch.tensor([[7, 12], [99, 99]])
+    target = task.reversed_answer_ids(pairs)
+    assert [task.decode(t) for t in target] == ["910", "891"]
+    tokens = torch.tensor([[9, 1, 0], [1, 9, 8]])
+    logp = losses.target_logprobs(tokens, target, 0.9)
+    other = math.log(0.1 / (task.VOCAB_SIZE - 1))
+    expected = [[math.log(0.9)] * 3, [other, math.log(0.9), other]]
+    assert torch.allclose(logp.double(), torch.tensor(expected, dtype=torch.float64), atol=1e-6)
+    # a distribution: the target's share plus the others' is 1
+    assert abs(0.9 + (task.VOCAB_SIZE - 1) * math.exp(other) - 1.0) < 1e-12

@@ -18,6 +18,7 @@ def test_demo_writes_every_regime_and_key(tmp_path, capsys):
             "--steps", "6",
             "--every", "2",
             "--batch", "16",
+            "--drift-step", "4",
             "--bottleneck",
             "--json", str(out),
             "--data-dir", str(tmp_path / "data"),
@@ -26,7 +27,7 @@ def test_demo_writes_every_regime_and_key(tmp_path, capsys):
     )  # fmt: skip
     assert rc == 0
     result = json.loads(out.read_text())
-    assert set(result["regimes"]) == {"opd", "sft", "rlvr"}
+    assert set(result["regimes"]) == {"opd", "sft", "rlvr", "opd-drift"}
     for regime, entry in result["regimes"].items():
         agg = entry["aggregate"]
         assert set(AGGREGATE_KEYS) <= set(agg), (regime, set(AGGREGATE_KEYS) - set(agg))
@@ -34,6 +35,8 @@ def test_demo_writes_every_regime_and_key(tmp_path, capsys):
         assert entry["lock_step"] == agg["lock_step"]
         assert agg["frobenius_norm"] > 0  # six steps of AdamW moved the weights
         assert 0.0 < agg["bf16_visible_ratio"] <= 1.0
+        for alert in entry["alerts"]:  # what the trainer received, if anything fired
+            assert set(alert) == {"rule", "matrix", "step", "state"}
     b = result["bottleneck"]
     assert b["channel_rank"] == 16 and b["lock_at_step"] == 2
     assert set(b["regimes"]) == {"opd", "sft"}
@@ -45,5 +48,7 @@ def test_demo_writes_every_regime_and_key(tmp_path, capsys):
         assert entry["projected_gradients"] == 4 * 21
         assert 0.0 <= entry["channel_energy_ratio"] <= 1.0
     table = capsys.readouterr().out
+    assert "deltawatch page: http://127.0.0.1:" in table
+    assert "| regime | alert | state | step (trainer) |" in table
     for word in ("bf16_visible_ratio", "rotation_max_degrees", "accuracy", "accuracy bottleneck"):
         assert word in table

@@ -36,6 +36,12 @@ CORE_KINDS = {
 }
 SIDECAR_VALUES = yaml.safe_load((DEPLOY / "values-sidecar.yaml").read_text())
 MTLS_VALUES = yaml.safe_load((DEPLOY / "values-central-mtls.yaml").read_text())
+ALERTMANAGER_VALUES = {
+    "serve": {
+        "alertmanagerUrls": ["http://am-0.monitoring:9093", "http://am-1.monitoring:9093"],
+        "externalUrl": "https://deltawatch.example",
+    }
+}
 
 
 def render(values: dict | None = None, *, name: str = "dw", namespace: str = "ml") -> list[dict]:
@@ -139,6 +145,7 @@ def test_values_schema_refuses_bad_values() -> None:
             ({"serviceMonitor": {"interval": "thirty seconds"}}, "interval"),
             ({"persistance": {"enabled": False}}, "persistance"),
             ({"auth": {"token": {"value": "two words"}}}, "value"),
+            ({"serve": {"alertmanagerUrls": ["am:9093"]}}, "alertmanagerUrls"),
         ]:
             with pytest.raises(helm.HelmValuesError, match=words):
                 chart.validate_schema(chart.merge_values(bad))
@@ -387,7 +394,7 @@ def test_cert_manager_certificate_names_what_clients_and_prometheus_dial() -> No
 def test_alert_config_values_reach_the_alert_engine(tmp_path: Path) -> None:
     """serve.alertConfig becomes a Secret (the webhook headers may hold credentials) mounted as
     --alert-config, and the sidecar's own loader reads it back with the values given."""
-    from deltawatch.sidecar.alerts import load_alert_config
+    from deltawatch.sidecar.alerts.config import load_alert_config
 
     settings = {
         "subspace_drift": {"threshold": 0.6},
@@ -420,6 +427,25 @@ def test_alert_config_values_reach_the_alert_engine(tmp_path: Path) -> None:
 
 
 # --- sidecar mode -------------------------------------------------------------------------------
+
+
+def test_alertmanager_values_become_serve_flags() -> None:
+    """serve.alertmanagerUrls (one --alertmanager-url each) and serve.externalUrl reach
+    ServeConfig; none by default."""
+    from deltawatch.sidecar import cli
+
+    args = container(render(ALERTMANAGER_VALUES))["args"]
+    assert [a for a in args if a.startswith(("--alertmanager-url", "--external-url"))] == [
+        "--alertmanager-url=http://am-0.monitoring:9093",
+        "--alertmanager-url=http://am-1.monitoring:9093",
+        "--external-url=https://deltawatch.example",
+    ]
+    namespace = cli.build_parser(with_demo=False).parse_args(["serve", *args])
+    namespace.token_file = None
+    config = cli.serve_config(namespace, environ={})
+    assert config.alertmanager_url == ("http://am-0.monitoring:9093", "http://am-1.monitoring:9093")
+    assert config.external_url == "https://deltawatch.example"
+    assert not [a for a in container(render())["args"] if "alertmanager" in a]
 
 
 def test_sidecar_mode_renders_only_the_shared_objects() -> None:
@@ -531,6 +557,7 @@ def test_rendered_and_example_flags_are_real_serve_flags() -> None:
         container(
             render({"serve": {"alertWebhook": "http://am:9093/hook", "alertConfig": {"a": 1}}})
         )["args"],
+        container(render(ALERTMANAGER_VALUES))["args"],
         job["spec"]["template"]["spec"]["initContainers"][0]["args"],
     ]
     for args in arg_lists:

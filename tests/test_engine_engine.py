@@ -90,7 +90,7 @@ def test_engine_aggregate_follows_design_rules(toy, fed):
     assert agg["principal_overlap"] == sum(c["visible_principal"] for c in counts) / visible
     assert agg["locked_ratio"] == 1.0
     assert agg["lock_step"] == statistics.median(m["lock_step"] for m in mats)
-    assert set(agg) == {*MATRIX_KEYS, "locked_ratio"}
+    assert set(agg) == {*(k for k in MATRIX_KEYS if k != "locked"), "locked_ratio"}
     assert aggregate_rows([])["stable_rank"] is None and aggregate_rows([])["locked_ratio"] is None
 
 

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REGIME_NAMES = ("opd", "sft", "rlvr")
+REGIME_NAMES = ("opd", "sft", "rlvr", "opd-drift")
 BOTTLENECK_REGIMES = ("opd", "sft")
 
 
@@ -33,7 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--regimes",
         default=",".join(REGIME_NAMES),
-        help="comma-separated subset of opd,sft,rlvr [default: all three]",
+        help="comma-separated subset of opd,sft,rlvr,opd-drift [default: all four]",
     )
     parser.add_argument(
         "--steps", type=int, default=d.steps, help=f"optimizer steps per run [{d.steps}]"
@@ -41,6 +41,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--every", type=int, default=5, help="a deltawatch check every N steps [5]")
     parser.add_argument(
         "--batch", type=int, default=d.batch, help=f"sequences per step [{d.batch}]"
+    )
+    parser.add_argument(
+        "--drift-step",
+        type=int,
+        default=d.drift_step,
+        help=f"opd-drift: the first step of the changed objective [{d.drift_step}]",
+    )
+    parser.add_argument(
+        "--drift-lr",
+        type=float,
+        default=d.drift_lr,
+        help=f"opd-drift: its AdamW learning rate (the whole run) [{d.drift_lr}]",
+    )
+    parser.add_argument(
+        "--alert-webhook",
+        default=None,
+        help="also POST the sidecar's alerts to this URL (the --alert-webhook of serve)",
     )
     parser.add_argument(
         "--lr", type=float, default=d.lr, help=f"AdamW learning rate, all regimes [{d.lr}]"
@@ -112,10 +129,18 @@ def _load_models(weights: Path | None):
     return lambda: demo_model.load(files[0]), demo_model.load(files[1])
 
 
+def _print_live(msg: str) -> None:
+    """A line on stdout that does not tear a progress bar on stderr."""
+    from tqdm import tqdm
+
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
 def _progress(total: int, desc: str, enabled: bool):
     """A tqdm bar on stderr (tqdm comes with transformers), or nothing."""
     if not enabled:
-        return None, lambda: None
+        return lambda step, stats: None, lambda: None
     from tqdm import tqdm
 
     bar = tqdm(total=total, desc=desc, file=sys.stderr, leave=True, dynamic_ncols=True)
@@ -147,15 +172,29 @@ def monitored_run(
     from deltawatch.sidecar.demo import regimes
 
     student = load_anchor()
+    alerts: list[dict[str, Any]] = []
+    at_step = [0]
+
+    def on_alert(item: dict[str, Any]) -> None:
+        """Print an alert as it reaches the trainer, with the step the trainer is at."""
+        alerts.append({k: item[k] for k in ("rule", "matrix", "state")} | {"step": at_step[0]})
+        _print_live(f"ALERT {item['state']} {item['rule']} at step {at_step[0]}: {item['summary']}")
+
     mon = Monitor(
         student,
         run=run_name,
         endpoint=sidecar.endpoint,
         every=every,
         seed=settings.seed,
+        on_alert=on_alert,
         **(monitor_kwargs or {}),
     )
-    update, close_bar = _progress(settings.steps, run_name, progress)
+    bar_update, close_bar = _progress(settings.steps, run_name, progress)
+
+    def update(step: int, stats: Any) -> None:
+        at_step[0] = step
+        bar_update(step, stats)
+
     try:
         seconds = regimes.post_train(
             regime, student, teacher, train_pairs, settings, attach=mon.attach, progress=update
@@ -170,6 +209,7 @@ def monitored_run(
     projected = getattr(getattr(mon, "_channel", None), "projected_total", None)
     return {
         "aggregate": detail["aggregate"],
+        "alerts": alerts,
         "lock_step": detail["aggregate"].get("lock_step"),
         "accuracy": accuracy,
         "seconds": seconds,
@@ -200,8 +240,17 @@ def _run(args: argparse.Namespace) -> int:
     names = parse_regimes(args.regimes)
     if args.steps < 1 or args.every < 1 or args.batch < 8 or args.batch % 8:
         raise SystemExit("--steps and --every must be ≥ 1, --batch a multiple of 8 (GRPO groups)")
+    if args.drift_step < 1:
+        raise SystemExit(f"--drift-step must be ≥ 1, got {args.drift_step}")
     torch.manual_seed(args.seed)
-    settings = Settings(steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed)
+    settings = Settings(
+        steps=args.steps,
+        batch=args.batch,
+        lr=args.lr,
+        seed=args.seed,
+        drift_step=args.drift_step,
+        drift_lr=args.drift_lr,
+    )
     load_anchor, teacher = _load_models(args.weights)
     train_pairs, held_out = task.split_pairs()
     anchor_accuracy = demo_model.accuracy(load_anchor(), held_out)
@@ -211,11 +260,14 @@ def _run(args: argparse.Namespace) -> int:
         f"({len(held_out)} held-out prompts)"
     )
     progress = not args.no_progress
-    sidecar = SidecarProcess(args.data_dir, log_name="demo-sidecar.log").start()
+    serve_args = ("--alert-webhook", args.alert_webhook) if args.alert_webhook else ()
+    sidecar = SidecarProcess(args.data_dir, *serve_args, log_name="demo-sidecar.log").start()
     try:
+        print(f"deltawatch page: {sidecar.http_url}/  (open it to watch the runs live)", flush=True)
         _say(f"sidecar: gRPC {sidecar.endpoint}, data {sidecar.data_dir}")
         _say(f"  metrics  {sidecar.http_url}/metrics")
         _say(f"  API      {sidecar.http_url}/api/v1/runs  (/api/v1/runs/demo-opd, ...)")
+        _say(f"  alerts   {sidecar.http_url}/api/v1/alerts")
         results: dict[str, Any] = {}
         for regime in names:
             results[regime] = monitored_run(
@@ -230,7 +282,8 @@ def _run(args: argparse.Namespace) -> int:
             )  # fmt: skip
         out = {
             "regimes": {
-                r: report.regime_entry(v["aggregate"], v["accuracy"]) for r, v in results.items()
+                r: report.regime_entry(v["aggregate"], v["accuracy"], v["alerts"])
+                for r, v in results.items()
             },
             "bottleneck": bottleneck,
             "anchor_accuracy": anchor_accuracy,
@@ -243,15 +296,27 @@ def _run(args: argparse.Namespace) -> int:
                 "weight_decay": settings.weight_decay,
                 "every": args.every,
                 "seed": settings.seed,
+                "drift_step": settings.drift_step,
+                "drift_lr": settings.drift_lr,
                 "held_out_prompts": len(held_out),
             },
             "seconds": {r: v["seconds"] for r, v in results.items()},
         }
         print(report.table(out["regimes"], anchor_accuracy))
+        print()
+        print(report.alerts_table(out["regimes"]))
+        api_alerts = sidecar.get("/api/v1/alerts")["alerts"]
+        run_level = [a for a in api_alerts if a["matrix"] is None]
+        print(
+            f"{sidecar.http_url}/api/v1/alerts: {len(run_level)} run-level and "
+            f"{len(api_alerts) - len(run_level)} per-matrix alerts"
+        )
+        for a in run_level:
+            print(f"  {a['run']}: {a['rule']} {a['state']} — {a['summary']}")
         if bottleneck is not None:
             print()
             print(
-                f"bottleneck: gradients projected onto the rank-{bottleneck['rank']} channel "
+                f"bottleneck: gradients projected onto the rank-{bottleneck['channel_rank']} channel "
                 f"locked at step {bottleneck['lock_at_step']} (20% of {settings.steps} steps)"
             )
             print(report.bottleneck_table(bottleneck))
@@ -262,7 +327,11 @@ def _run(args: argparse.Namespace) -> int:
             _say(f"wrote {args.json}")
         _say(f"demo finished in {out['seconds']['total']:.0f} s")
         if args.keep_serving:
-            _say(f"serving on {sidecar.http_url} (Ctrl-C to stop)")
+            print(
+                f"--keep-serving: the page {sidecar.http_url}/, the API and /metrics stay up "
+                "(Ctrl-C to stop)",
+                flush=True,
+            )
             try:
                 while sidecar.proc is not None and sidecar.proc.poll() is None:
                     time.sleep(1.0)

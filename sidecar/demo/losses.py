@@ -19,7 +19,10 @@ Every loss is a *token mean*: the sum over all N·T tokens divided by N·T.
 
 from __future__ import annotations
 
+import math
+
 import torch
+from deltawatch.sidecar.demo.task import VOCAB_SIZE
 
 GRPO_EPSILON = 1e-4
 PPO_CLIP = 0.2
@@ -44,6 +47,14 @@ def opd_loss(
     """On-policy distillation: the importance-sampling loss with the reverse-KL advantage
     A_t = −(log π_old(x_t) − log π_T(x_t)) on the student's own samples."""
     return importance_sampling_loss(logp, logp_old, reverse_kl_advantage(logp_old, logp_teacher))
+
+
+def target_logprobs(tokens: torch.Tensor, target: torch.Tensor, confidence: float) -> torch.Tensor:
+    """log π_T(x_t) of a rule teacher that puts ``confidence`` on the target token and spreads the
+    rest evenly over the other VOCAB_SIZE − 1 tokens: (N, T) for tokens and target of that shape."""
+    other = math.log((1.0 - confidence) / (VOCAB_SIZE - 1))
+    hit = torch.full(tokens.shape, math.log(confidence))
+    return torch.where(tokens == target, hit, torch.full(tokens.shape, other))
 
 
 def sft_loss(logp: torch.Tensor) -> torch.Tensor:

@@ -38,13 +38,28 @@ def fmt(v: Any) -> str:
     return f"{v:.4g}"
 
 
-def regime_entry(aggregate: dict[str, Any], accuracy: float) -> dict[str, Any]:
-    """One regime's part of the demo JSON."""
+def regime_entry(
+    aggregate: dict[str, Any], accuracy: float, alerts: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One regime's part of the demo JSON; ``alerts`` as the trainer received them (rule, matrix,
+    state, and the trainer's step when it arrived)."""
     return {
         "aggregate": dict(aggregate),
         "lock_step": aggregate.get("lock_step"),
         "accuracy": accuracy,
+        "alerts": list(alerts),
     }
+
+
+def alerts_table(regimes: dict[str, dict[str, Any]]) -> str:
+    """Every alert the runs' trainers received, in order: regime, rule, state, step."""
+    rows = [["regime", "alert", "state", "step (trainer)"]]
+    for regime, entry in regimes.items():
+        for a in entry["alerts"]:
+            rows.append([regime, a["rule"], a["state"], str(a["step"])])
+    if len(rows) == 1:
+        rows.append(["(none)", "", "", ""])
+    return _render(rows)
 
 
 def table(regimes: dict[str, dict[str, Any]], anchor_accuracy: float | None = None) -> str:

@@ -63,6 +63,12 @@ def answer_ids(pairs: torch.Tensor) -> torch.Tensor:
     return torch.stack([c // 100, (c // 10) % 10, c % 10], dim=1)
 
 
+def reversed_answer_ids(pairs: torch.Tensor) -> torch.Tensor:
+    """(N, 2) pairs -> (N, ANSWER_LEN): the sum's three digits in reverse order ("019" -> "910"),
+    the other target `opd-drift` switches to."""
+    return answer_ids(pairs).flip(dims=[1])
+
+
 def full_ids(pairs: torch.Tensor) -> torch.Tensor:
     """(N, SEQ_LEN): prompt followed by the correct answer."""
     return torch.cat([prompt_ids(pairs), answer_ids(pairs)], dim=1)
