@@ -110,7 +110,7 @@ def manifest(layers: int) -> list[ManifestEntry]:
     for layer in range(layers):
         for module, (m, n) in MODULES.items():
             name = f"model.layers.{layer}.{module}.weight"
-            out.append(ManifestEntry(name, (m, n), m * n, "bfloat16", layer, module, "none", 0))
+            out.append(ManifestEntry(name, (m, n), m * n, "bfloat16", layer, module, "replicated", 0))
     return out
 
 

@@ -343,6 +343,7 @@ class Monitor:
             "acknowledged": t.acked_total,
             "dropped_reports": t.dropped_total,
             "refused": t.refused_total,
+            "retried": t.retried_total,
             "connections": t.connections,
             "errors": dict(self.errors.counts),
         }

@@ -334,7 +334,7 @@ def test_engine_unreported_matrices_are_all_null(toy, tmp_path):
     run, _, _ = toy
     engine = _engine(tmp_path)
     extra = ManifestEntry(
-        "lm_head.weight", (8, 4), 32, "float32", None, "lm_head.weight", "none", 0
+        "lm_head.weight", (8, 4), 32, "float32", None, "lm_head.weight", "replicated", 0
     )
     engine.hello(run.run, 1, None, [*run.manifest(), extra], run.config())
     detail = engine.run_detail(run.run)
