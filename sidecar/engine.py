@@ -339,7 +339,8 @@ class Engine:
                             "use a new run name for a different model"
                         )
             now = time.time()
-            self.store.save_hello(run, incarnation, resume_step, config, entries, now=now)
+            if not _same_hello(old, incarnation, config, entries):  # a reconnect writes nothing
+                self.store.save_hello(run, incarnation, resume_step, config, entries, now=now)
             created = old is None
             if old is None:
                 old = _Run(run, now, now, dict(config), incarnation, {}, {}, {})
@@ -777,6 +778,21 @@ class Engine:
 
 
 # -------------------------------------------------------------------- validation
+
+
+def _same_hello(
+    r: _Run | None, incarnation: int, config: dict, entries: list[ManifestEntry]
+) -> bool:
+    """Whether a hello says nothing the run does not hold already (a reconnect or another rank
+    of the same incarnation): then it needs no write, and a store that cannot write (disk full)
+    does not turn the client away."""
+    return (
+        r is not None
+        and incarnation == r.incarnation
+        and config == r.config
+        and len(entries) == len(r.manifest)
+        and all(r.manifest.get(e.matrix) == e for e in entries)
+    )
 
 
 def _check_run_name(run: Any) -> None:

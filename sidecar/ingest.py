@@ -426,7 +426,10 @@ class IngestService(pb_grpc.IngestServicer):
                 log.exception("a batch of %d messages failed", len(batch))
                 results = [exc] * len(batch)
             for job, result in zip(batch, results, strict=True):
-                self._answer(job, result)
+                try:
+                    self._answer(job, result)
+                except Exception:  # the commit loop never dies: every later report needs it
+                    log.exception("answering %s %d failed", job.msg.kind, job.msg.id)
 
     def _store_batch(self, batch: list[_Job]) -> list[Any]:
         """On the engine's thread: decode each message (`wire`), store the reports of the batch

@@ -434,26 +434,17 @@ class Store:
             (start,) = c.execute(
                 "SELECT COALESCE(MAX(position) + 1, 0) FROM manifests WHERE run = ?", (run,)
             ).fetchone()
-            for i, e in enumerate(manifest):
-                c.execute(
-                    "INSERT INTO manifests (run, matrix, position, rows, cols, numel, dtype, layer, "
-                    "module, shard_layout, owner_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (run, matrix) DO UPDATE SET dtype = excluded.dtype, "
-                    "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank",
-                    (
-                        run,
-                        e.matrix,
-                        start + i,
-                        e.shape[0],
-                        e.shape[1],
-                        e.numel,
-                        e.dtype,
-                        e.layer,
-                        e.module,
-                        e.shard_layout,
-                        e.owner_rank,
-                    ),
-                )
+            c.executemany(
+                "INSERT INTO manifests (run, matrix, position, rows, cols, numel, dtype, layer, "
+                "module, shard_layout, owner_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (run, matrix) DO UPDATE SET dtype = excluded.dtype, "
+                "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank",
+                [
+                    (run, e.matrix, start + i, e.shape[0], e.shape[1], e.numel, e.dtype, e.layer,
+                     e.module, e.shard_layout, e.owner_rank)
+                    for i, e in enumerate(manifest)
+                ],
+            )  # fmt: skip
 
     def rewind(self, run: str, resume_step: int) -> list[str]:
         """Drop the lock references taken at or after `resume_step` (a newer incarnation resumes
