@@ -305,7 +305,7 @@ class Engine:
         older than the run's latest, or a matrix whose shape differs from the run's first hello
         (FAILED_PRECONDITION). A newer incarnation with resume step s rewinds the run to s."""
         _check_run_name(run)
-        self._checked(lambda v: wire.check_int("hello.incarnation", v), incarnation)
+        self._checked(lambda v: wire.check_int("hello.incarnation", v, 1), incarnation)
         if resume_step is not None:
             self._checked(lambda v: wire.check_int("hello.resume_step", v), resume_step)
         entries = self._checked(wire.check_manifest, manifest)

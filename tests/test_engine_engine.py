@@ -228,7 +228,7 @@ def test_engine_validation_errors_change_nothing(toy, tmp_path):
         ("bad name!", 1, run.manifest(), run.config(), "INVALID_ARGUMENT"),
         (run.run, 1, [], run.config(), "INVALID_ARGUMENT"),
         (run.run, 1, run.manifest() * 2, run.config(), "INVALID_ARGUMENT"),
-        (run.run, 0, run.manifest(), run.config(), "FAILED_PRECONDITION"),
+        (run.run, 0, run.manifest(), run.config(), "INVALID_ARGUMENT"),  # 1..2⁶³−1
         (run.run, 1, run.manifest(), {**run.config(), "rank": 4}, "FAILED_PRECONDITION"),
         (
             run.run,
