@@ -1,4 +1,14 @@
-"""Sidecar ingest benchmark: a Qwen3-8B-shaped check through `Engine.ingest` (geometry + store).
+"""Sidecar ingest benchmark: the ingest rate with and without group commit, and a Qwen3-8B-shaped
+check through `Engine.ingest` (geometry + store).
+
+**Ingest rate** (always, a few seconds): reports of small matrices (128×128, K = 16, p = 16) through
+the engine, in the same process and on the same data-dir disk: one transaction and one fsync per
+report (`Engine.ingest` one by one, the commit of every report before this change) against group
+commit (`Engine.ingest_many`, batches of 16 / 64 / 256 sharing one COMMIT), and the same for the
+store alone (`Store.commit_check` with precomputed keys: the persistence floor without the
+geometry). Printed as reports/s and the ratio to the per-report commit.
+
+**Qwen3-8B check** (`--layers N`, N > 0; 36 is the real model):
 
 Qwen3-8B: 36 layers × 7 matrices, hidden 4096, intermediate 12288, [out, in] shapes
 q 4096×4096, k/v 1024×4096, o 4096×4096, gate/up 12288×4096, down 4096×12288; K = 16, p = 16,
@@ -16,7 +26,8 @@ process on the same bytes: a plain copy of the report tensors (`clone`), and one
 per matrix with a 1 KB row (the persistence floor). Ratios are against the copy. Resident memory
 (RSS) after start-up, after the checks, and its growth.
 
-    .venv/bin/python bench/bench_sidecar.py               # 36 layers, 6 checks
+    .venv/bin/python bench/bench_sidecar.py               # the ingest-rate table only
+    .venv/bin/python bench/bench_sidecar.py --layers 36   # and the Qwen3-8B check, 6 checks
     .venv/bin/python bench/bench_sidecar.py --layers 4    # quicker
     .venv/bin/python bench/bench_sidecar.py --device cuda
 """
@@ -37,7 +48,7 @@ import torch
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.geometry import MatrixGeometry
-from deltawatch.sidecar.store import Store
+from deltawatch.sidecar.store import CheckCounts, Store
 
 HIDDEN, INTERMEDIATE, KV = 4096, 12288, 1024
 MODULES = {
@@ -110,7 +121,9 @@ def manifest(layers: int) -> list[ManifestEntry]:
     for layer in range(layers):
         for module, (m, n) in MODULES.items():
             name = f"model.layers.{layer}.{module}.weight"
-            out.append(ManifestEntry(name, (m, n), m * n, "bfloat16", layer, module, "none", 0))
+            out.append(
+                ManifestEntry(name, (m, n), m * n, "bfloat16", layer, module, "replicated", 0)
+            )
     return out
 
 
@@ -129,7 +142,7 @@ def run_engine(entries, mats, checks: int, sync: str, device: str) -> tuple[list
     """Seconds per check of Engine.ingest over every matrix, and the bytes of one check."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         engine = Engine(Store(d, synchronous=sync), rank=K, device=device)
-        engine.hello("bench", 1, None, entries, {"rank": K, "oversample": P})
+        engine.hello("bench", 1, None, entries, {"channel_rank": K, "oversample": P})
         for mat in mats:
             engine.baseline("bench", 1, mat.name, mat.sketch(mat.W_weight, mat.s))
         times, nbytes = [], 0
@@ -190,6 +203,77 @@ def run_sqlite(n_matrices: int, checks: int, sync: str) -> list[float]:
     return times
 
 
+RATE_SHAPE = (128, 128)
+RATE_MATRICES = 8
+
+
+def _rate_run(d: str, mats: list[SyntheticMatrix]) -> Engine:
+    entries = [ManifestEntry(m.name, m.shape, m.shape[0] * m.shape[1], "float32", i, "w",
+                             "replicated", 0) for i, m in enumerate(mats)]  # fmt: skip
+    engine = Engine(Store(d), rank=K, device="cpu")
+    engine.hello("rate", 1, None, entries, {"channel_rank": K, "oversample": P})
+    for m in mats:
+        engine.baseline("rate", 1, m.name, m.sketch(m.W_weight, m.s))
+    return engine
+
+
+def run_rate(steps: int, batch: int) -> tuple[float, float]:
+    """(reports per wall second, reports per CPU second) through the engine: batch 1 = one
+    commit per report (`Engine.ingest`), else `Engine.ingest_many` of `batch` reports per
+    commit."""
+    mats = [
+        SyntheticMatrix(f"model.layers.{i}.rate.weight", RATE_SHAPE) for i in range(RATE_MATRICES)
+    ]
+    items = [("rate", 1, m.check(t, lock_step=4), 0) for t in range(1, steps + 1) for m in mats]
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        engine = _rate_run(d, mats)
+        t0, c0 = time.perf_counter(), time.process_time()
+        if batch == 1:
+            for run, inc, check, _ in items:
+                engine.ingest(run, inc, check)
+        else:
+            for i in range(0, len(items), batch):
+                engine.ingest_many(items[i : i + batch])
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        engine.store.close()
+    return len(items) / wall, len(items) / cpu
+
+
+def run_store_rate(n: int, batch: int) -> tuple[float, float]:
+    """(reports per wall second, per CPU second) of `Store.commit_check` alone (1 KB of keys per
+    report, no state tensors)."""
+    keys = {f"key_{i}": 0.125 * i for i in range(40)}
+    counts = CheckCounts(16384, 10, 5, 2)
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        store = Store(d)
+        store.save_hello("rate", 1, None, {}, [])
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(0, n, batch):
+            with store.transaction():
+                for j in range(i, min(n, i + batch)):
+                    store.commit_check("rate", f"m{j % 64}", j, 1, keys, counts, None)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+        store.close()
+    return n / wall, n / cpu
+
+
+def print_rate_table(steps: int) -> None:
+    n = steps * RATE_MATRICES
+    print(f"# ingest rate: {n} reports of {RATE_MATRICES} matrices {RATE_SHAPE}, K={K}, r={R}, "
+          f"store synchronous=FULL, torch threads {torch.get_num_threads()}")  # fmt: skip
+    print()
+    print("| path | reports per commit | reports/s | × per-report commit | reports per CPU-s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, fn, count in (("Engine (geometry + store)", run_rate, steps),
+                            ("Store.commit_check alone", run_store_rate, 4 * n)):  # fmt: skip
+        base = None
+        for batch in (1, 16, 64, 256):
+            rate, per_cpu = fn(count, batch)
+            base = base or rate
+            print(f"| {name} | {batch} | {rate:,.0f} | {rate / base:.1f} | {per_cpu:,.0f} |")
+    print()
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
@@ -197,7 +281,8 @@ def median(xs: list[float]) -> float:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--layers", type=int, default=36)
+    ap.add_argument("--layers", type=int, default=0, help="Qwen3-8B layers (0: rate table only)")
+    ap.add_argument("--rate-steps", type=int, default=16, help="checks in the ingest-rate table")
     ap.add_argument("--checks", type=int, default=6)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -205,6 +290,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    print_rate_table(args.rate_steps)
+    if args.layers <= 0:
+        return
     rss0 = rss_mb()
     entries = manifest(args.layers)
     mats = [SyntheticMatrix(e.matrix, e.shape) for e in entries]

@@ -359,6 +359,7 @@ class Monitor:
             "refused": t.refused_total,
             "checks_dropped": self.checks_dropped,
             "projections_dropped": getattr(self._channel, "dropped_total", 0),
+            "retried": t.retried_total,
             "connections": t.connections,
             "errors": dict(self.errors.counts),
         }

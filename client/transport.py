@@ -9,6 +9,12 @@ they are resent after reconnecting (the sidecar de-duplicates on (run, matrix, s
 The queue holds at most `max_queue_bytes` of unacknowledged items (sent or not). When a new item
 does not fit, the oldest report is dropped (baselines only when no report is left), counted, and
 the count travels with the next report (`dropped_reports`).
+
+A refusal with a retryable status (`RETRYABLE`: RESOURCE_EXHAUSTED, the sidecar's disk is full or
+it is over its in-flight budget; UNAVAILABLE, its store is locked or busy) keeps the item: it goes
+back into the queue in id order and sending pauses (backoff from 0.1 s doubling to 5 s, reset by
+the next ack), so everything still queued arrives once the sidecar can take it again. Any other
+refusal is final: the item is dropped and counted as refused.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 
 log = logging.getLogger("deltawatch.client")
 
+RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # Error codes the client resends
 BACKOFF_INITIAL_S = 0.1
 GOODBYE_WAIT_S = 1.0  # close(): how long the sidecar gets to end the stream after the Goodbye
 BACKOFF_MAX_S = 5.0
@@ -120,6 +127,9 @@ class Transport:
             maxlen=100_000
         )
         self.refused_total = 0
+        self.retried_total = 0  # refusals with a retryable status (the item was kept)
+        self._retry_backoff = BACKOFF_INITIAL_S
+        self._send_after = 0.0  # time.monotonic() before which nothing is sent (retry pause)
         self._baselines_acked: dict[str, _Item] = {}  # matrix -> its acknowledged baseline
         self.baselines_resent = 0
         self.connections = 0
@@ -317,6 +327,7 @@ class Transport:
 
     def _acked(self, ids, session: _Session) -> None:
         with self._cv:
+            self._retry_backoff = BACKOFF_INITIAL_S
             for i in ids:
                 item = self._inflight.pop(i, None)
                 if item is not None:
@@ -342,6 +353,9 @@ class Transport:
             self._cv.notify_all()
 
     def _refused(self, err: pb.Error) -> None:
+        if err.code in RETRYABLE:
+            self._retry(err)
+            return
         with self._cv:
             item = self._inflight.pop(err.id, None)
             if item is not None:
@@ -349,6 +363,25 @@ class Transport:
                 self.refused_total += 1
             self._cv.notify_all()
         self.errors(f"refused_{err.code.lower()}", "the sidecar refused a report: %s", err.message)
+
+    def _retry(self, err: pb.Error) -> None:
+        """Keep a item the sidecar could not take now: back into the queue in id order, and
+        pause sending for the backoff."""
+        with self._cv:
+            item = self._inflight.pop(err.id, None)
+            if item is not None:
+                self._pending = collections.deque(
+                    sorted([*self._pending, item], key=lambda i: i.id)
+                )
+                self.retried_total += 1
+            self._send_after = time.monotonic() + random.uniform(0.5, 1.0) * self._retry_backoff
+            self._retry_backoff = min(BACKOFF_MAX_S, self._retry_backoff * 2)
+            self._cv.notify_all()
+        self.errors(
+            f"retry_{err.code.lower()}",
+            "the sidecar cannot take a report now, it is kept and sent again: %s",
+            err.message,
+        )
 
     def _lock_reference(self, ref: pb.LockReference) -> None:
         try:
@@ -409,10 +442,13 @@ class _Session:
             return
         while True:
             with t._cv:
-                while not t._pending and not self.done and not t._stop.is_set():
-                    if t._closing and not t._inflight:
+                while not self.done and not t._stop.is_set():
+                    pause = t._send_after - time.monotonic()
+                    if t._pending and pause <= 0:
                         break
-                    t._cv.wait(0.2)
+                    if not t._pending and t._closing and not t._inflight:
+                        break
+                    t._cv.wait(min(0.2, pause) if pause > 0 else 0.2)
                 if self.done:
                     return
                 if t._stop.is_set() or (t._closing and not t._pending and not t._inflight):

@@ -11,18 +11,43 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
-from .records import MatrixCheck, Sketch
+from .config import RUN_NAME
+from .records import ManifestEntry, MatrixCheck, Sketch
+from .settings import MAX_COLUMNS, AnchorSettings, LockSettings, SketchSettings
+from .sharding import LAYOUTS as SHARD_LAYOUTS
 
+# The protocol's limits: the one place the client, the ingest and the engine read them from.
 MAX_CHUNK_BYTES = 1 << 20  # 1 MiB: the largest piece of a tensor in one frame
 MAX_TENSOR_BYTES = 1 << 30  # 1 GiB: a declared tensor larger than this is refused
 MAX_FRAME_BYTES = 4 << 20  # the sidecar's receive limit for one frame (inline data + scalars)
+MAX_MATRICES = 100_000  # matrices in one hello's manifest
+MAX_NAME = 512  # characters of a matrix or module name
+MAX_DIM = 1 << 24  # rows or columns of one matrix
+MAX_INT64 = (1 << 63) - 1  # every integer field is stored in a signed 64-bit SQLite INTEGER
+MAX_CONFIG_BYTES = 1 << 16  # hello.config_json
+MAX_CONFIG_DEPTH = 8  # nesting of hello.config_json (the Monitor's settings are flat)
+MATRIX_NAME = re.compile(r"[A-Za-z0-9_.:/\-\[\]]{1,512}")
+# hello.config_json keys the sidecar reads: key -> (type, low, high, default); ints are inclusive,
+# ratios are in (0, 1] (lock_min_energy in [0, 1]).
+# The defaults are the settings sections' own.
+_SKETCH, _ANCHOR, _LOCK = SketchSettings(), AnchorSettings(), LockSettings()
+CONFIG_KEYS: dict[str, tuple[type, float, float, float]] = {
+    "channel_rank": (int, 1, MAX_COLUMNS, _SKETCH.channel_rank),
+    "oversample": (int, 1, MAX_COLUMNS, _SKETCH.oversample),
+    "alpha": (float, 0.0, 1.0, _ANCHOR.alpha),
+    "lock_threshold": (float, 0.0, 1.0, _LOCK.threshold),
+    "lock_min_energy": (float, 0.0, 1.0, _LOCK.min_energy),
+    "lock_patience": (int, 1, MAX_INT64, _LOCK.patience),
+    "mask_rank": (int, 1, MAX_DIM, _ANCHOR.mask_rank),
+}
 
 _DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "float32": (torch.float32, "<f4"),
@@ -32,12 +57,157 @@ SKETCH_FIELDS = ("G", "C")
 
 
 class WireError(Exception):
-    """A frame that cannot be accepted. `code` is a grpc.StatusCode name."""
+    """A frame that cannot be accepted. `code` is a grpc.StatusCode name.
 
-    def __init__(self, code: str, message: str):
+    `refused_id` is the message refused alone (an Error frame answers it, its remaining chunks are
+    skipped, the stream goes on); None ends the stream. `refeed`: the frame that raised starts a
+    new message and is to be fed again (it cut off the refused one)."""
+
+    def __init__(
+        self, code: str, message: str, *, refused_id: int | None = None, refeed: bool = False
+    ):
         super().__init__(message)
         self.code = code
         self.message = message
+        self.refused_id = refused_id
+        self.refeed = refeed
+
+
+def invalid(message: str) -> WireError:
+    """An INVALID_ARGUMENT WireError."""
+    return WireError("INVALID_ARGUMENT", message)
+
+
+def finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite: min and max in one pass (NaN and ±inf propagate to them),
+    without materialising an isfinite mask of the tensor's size."""
+    if not t.numel():
+        return True
+    lo, hi = torch.aminmax(t)
+    return math.isfinite(float(lo)) and math.isfinite(float(hi))
+
+
+def check_int(field: str, value: int, low: int = 0, high: int = MAX_INT64) -> int:
+    """An integer field in [low, high] (the default: what a signed 64-bit SQLite INTEGER holds)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}... (too long)"
+        raise invalid(f"{field}: {shown}, expected an integer in {low}..{high}")
+    return value
+
+
+def check_number(field: str, value: float, low: float = 0.0, high: float = math.inf) -> float:
+    """A finite float field in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise invalid(f"{field}: {value!r:.40}, expected a finite number in [{low}, {high}]")
+    try:
+        x = float(value)
+    except OverflowError:
+        x = math.inf
+    if not math.isfinite(x) or not low <= x <= high:
+        shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:40]}... (too long)"
+        raise invalid(f"{field}: {shown}, expected a finite number in [{low}, {high}]")
+    return x
+
+
+def _depth(value: object) -> int:
+    """Nesting depth of a parsed JSON value (iterative: a hostile depth cannot recurse)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        if isinstance(v, list):
+            deepest = max(deepest, d)
+            stack.extend((x, d + 1) for x in v)
+    return deepest
+
+
+def config_from(text: str) -> dict:
+    """hello.config_json -> the Monitor's settings as a dict: a JSON object of at most
+    `MAX_CONFIG_BYTES`, nested at most `MAX_CONFIG_DEPTH` deep (`check_config` checks the values
+    against the run, in the engine)."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise invalid(
+            f"hello.config_json: {len(text)} characters, expected at most {MAX_CONFIG_BYTES}"
+        )
+    try:
+        config = json.loads(text) if text else {}
+    except RecursionError:
+        raise invalid(
+            f"hello.config_json: nested too deep, expected at most {MAX_CONFIG_DEPTH} levels"
+        ) from None
+    except ValueError as exc:
+        raise invalid(f"hello.config_json: not JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise invalid(f"hello.config_json: a {type(config).__name__}, expected a JSON object")
+    if _depth(config) > MAX_CONFIG_DEPTH:
+        raise invalid(
+            f"hello.config_json: nested {_depth(config)} levels, expected at most "
+            f"{MAX_CONFIG_DEPTH}"
+        )
+    return config
+
+
+def check_config(config: dict) -> dict:
+    """Every key of a hello config the sidecar reads in its range (`CONFIG_KEYS`)."""
+    for key, (kind, low, high, _) in CONFIG_KEYS.items():
+        if key not in config:
+            continue
+        where = f"hello.config_json.{key}"
+        if kind is int:
+            check_int(where, config[key], int(low), int(high))
+        else:
+            check_number(where, config[key], low, high)
+    return config
+
+
+def config_value(config: dict, key: str):
+    """A setting of a validated hello config, or its default (`CONFIG_KEYS`)."""
+    kind, _, _, default = CONFIG_KEYS[key]
+    return kind(config.get(key, default))
+
+
+def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
+    """A hello's manifest, every field checked: names, 2-D shapes, numel = m·n, layout, dtype,
+    module, layer, owner rank, no matrix twice, 1 to `MAX_MATRICES` entries."""
+    entries = list(entries)
+    if not 0 < len(entries) <= MAX_MATRICES:
+        raise invalid(f"hello.manifest: {len(entries)} matrices, expected 1 to {MAX_MATRICES}")
+    seen: set[str] = set()
+    for i, e in enumerate(entries):
+        where = f"hello.manifest[{i}]"
+        if not isinstance(e.matrix, str) or not MATRIX_NAME.fullmatch(e.matrix):
+            raise invalid(
+                f"{where}.matrix: {str(e.matrix)[:200]!r}, expected 1-{MAX_NAME} characters of "
+                f"[A-Za-z0-9_.:/-[]]"
+            )
+        if e.matrix in seen:
+            raise invalid(f"{where}.matrix: {e.matrix!r} appears twice in the manifest")
+        seen.add(e.matrix)
+        shape = tuple(e.shape)
+        if len(shape) != 2 or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_DIM for s in shape
+        ):
+            raise invalid(
+                f"{where}.shape: {list(shape)[:8]}, expected [m, n] with 0 < m, n <= {MAX_DIM}"
+            )
+        if e.numel != math.prod(shape):
+            raise invalid(
+                f"{where}.numel: {e.numel}, expected {math.prod(shape)} for shape {list(shape)}"
+            )
+        if e.shard_layout not in SHARD_LAYOUTS:
+            raise invalid(
+                f"{where}.shard_layout: {str(e.shard_layout)[:40]!r}, expected one of "
+                f"{SHARD_LAYOUTS}"
+            )
+        if not isinstance(e.module, str) or not 0 < len(e.module) <= MAX_NAME:
+            raise invalid(f"{where}.module: expected 1-{MAX_NAME} characters")
+        if not isinstance(e.dtype, str) or not re.fullmatch(r"[a-z0-9_]{1,32}", e.dtype):
+            raise invalid(f"{where}.dtype: {str(e.dtype)[:40]!r}, expected e.g. 'bfloat16'")
+        if e.layer is not None:
+            check_int(f"{where}.layer", e.layer)
+        check_int(f"{where}.owner_rank", e.owner_rank)
+    return entries
 
 
 # ------------------------------------------------------------------------------------------------
@@ -176,33 +346,22 @@ def frames_size(frames: Iterable[pb.ClientMessage]) -> int:
 
 
 def decode_tensor(
-    field: str, t: pb.Tensor, data: bytes | None = None, *, check_finite: bool = True
+    field: str, t: pb.Tensor, data: bytes | bytearray | None = None, *, check_finite: bool = True
 ) -> torch.Tensor:
-    """Raw little-endian bytes -> a float32 CPU tensor; validates dtype, size and finiteness."""
-    if t.dtype not in _DTYPES:
-        raise WireError(
-            "INVALID_ARGUMENT", f"{field}: dtype {t.dtype!r}, expected one of {sorted(_DTYPES)}"
-        )
-    torch_dtype, np_dtype = _DTYPES[t.dtype]
+    """Raw little-endian bytes -> a float32 CPU tensor; validates dtype, size and finiteness.
+    A float32 tensor of a writable buffer (a chunked tensor's preallocated `bytearray`) is a view
+    of it, not a copy."""
+    expected = _declared_bytes(field, t)
     shape = list(t.shape)
-    if not shape or any(s <= 0 for s in shape) or len(shape) > 2:
-        raise WireError(
-            "INVALID_ARGUMENT", f"{field}: shape {shape}, expected 1 or 2 positive dimensions"
-        )
     raw = t.data if data is None else data
-    expected = math.prod(shape) * np.dtype(np_dtype).itemsize
     if len(raw) != expected:
-        raise WireError(
-            "INVALID_ARGUMENT",
-            f"{field}: {len(raw)} bytes, expected {expected} for {t.dtype} shape {shape}",
-        )
-    a = np.frombuffer(raw, dtype=np_dtype).reshape(shape)
-    out = torch.from_numpy(a.astype(np.float32))
-    if check_finite and not bool(torch.isfinite(out).all()):
+        raise invalid(f"{field}: {len(raw)} bytes, expected {expected} for {t.dtype} shape {shape}")
+    a = np.frombuffer(raw, dtype=_DTYPES[t.dtype][1]).reshape(shape)
+    writable = isinstance(raw, bytearray)
+    out = torch.from_numpy(a.astype(np.float32, copy=not writable))
+    if check_finite and not finite(out):
         bad = int((~torch.isfinite(out)).sum())
-        raise WireError(
-            "INVALID_ARGUMENT", f"{field}: {bad} non-finite values, expected all finite"
-        )
+        raise invalid(f"{field}: {bad} non-finite values, expected all finite")
     return out
 
 
@@ -234,101 +393,139 @@ class Assembled:
     nbytes: int
 
 
+@dataclass
+class _Chunked:
+    """A chunked tensor being received: its declaration and the buffer its chunks fill."""
+
+    field: str
+    tensor: pb.Tensor
+    buffer: bytearray
+    received: int = 0  # chunks so far
+    offset: int = 0  # bytes so far
+
+
 class Assembler:
     """Reassembles frames into messages, validating each step (finiteness is checked per
     message, by `check_from` / `sketch_from`, so a NaN refuses one report, not the stream).
 
-    Raises `WireError` on malformed chunking (unexpected chunk, wrong index or count, a chunk over
-    1 MiB, a declared tensor over `MAX_TENSOR_BYTES`, a new message while one is incomplete).
+    Memory: a chunked tensor's bytes go straight into one buffer of its declared size, allocated
+    when it is declared (after `on_declare` accepted the declaration); no chunk list, no join,
+    no second copy for float32.
+
+    A fault of one message (a declaration `on_declare` or the checks refuse; a chunk with the
+    wrong index, count, field or size; a new message while its chunks are due) raises
+    `WireError` with `refused_id` set: that message is dropped, the chunks still coming for it
+    are skipped unread, and the stream goes on. Frames that belong to no message (an empty body,
+    an orphan chunk) raise `WireError` without `refused_id`.
     """
 
     def __init__(self, on_declare=None) -> None:
-        self._on_declare = on_declare  # (kind, body) -> None; may raise WireError
+        # (kind, body, declared bytes) -> None; may raise WireError (refusing that message)
+        self._on_declare = on_declare
         self._pending: Assembled | None = None
-        self._waiting: list[tuple[str, pb.Tensor]] = []  # chunked tensors still to come
-        self._parts: list[bytes] = []
+        self._waiting: list[_Chunked] = []  # chunked tensors still to come
+        self._skipping: int | None = None  # id of a refused message whose chunks are dropped
 
     def feed(self, frame: pb.ClientMessage) -> Assembled | None:
         """One frame in; a complete message out (or None while chunks are outstanding)."""
         kind = frame.WhichOneof("body")
         if kind is None:
-            raise WireError("INVALID_ARGUMENT", f"frame {frame.id}: body is empty, expected one")
+            raise invalid(f"frame {frame.id}: body is empty, expected one")
         if kind == "chunk":
+            if self._pending is None and self._skipping == frame.chunk.id:
+                return None
             return self._chunk(frame)
+        self._skipping = None
         if self._pending is not None:
-            field, _ = self._waiting[0]
+            pending, self._pending, self._waiting = self._pending, None, []
             raise WireError(
                 "INVALID_ARGUMENT",
-                f"frame {frame.id}: a {kind} arrived while message {self._pending.id} still "
-                f"waits for chunks of {field}",
+                f"frame {frame.id}: a {kind} arrived while message {pending.id} still waits for "
+                f"chunks; message {pending.id} is dropped",
+                refused_id=pending.id,
+                refeed=True,
             )
+        if kind not in ("baseline", "report"):
+            return Assembled(frame.id, kind, getattr(frame, kind), {}, frame.ByteSize())
+        try:
+            return self._declare(frame, kind)
+        except WireError as exc:
+            self._skipping = frame.id
+            exc.refused_id = frame.id
+            raise
+
+    def _declare(self, frame: pb.ClientMessage, kind: str) -> Assembled | None:
         body = getattr(frame, kind)
-        if self._on_declare is not None and kind in ("baseline", "report"):
-            self._on_declare(kind, body)
+        tensors = declared_tensors(body)
+        sizes = [_declared_bytes(field, t) for field, t in tensors]
+        if self._on_declare is not None:
+            self._on_declare(kind, body, sum(sizes))
         msg = Assembled(frame.id, kind, body, {}, frame.ByteSize())
         waiting = []
-        for field, t in declared_tensors(body) if kind in ("baseline", "report") else []:
+        for (field, t), declared in zip(tensors, sizes, strict=True):
             if t.chunk_count == 0 or t.chunk_index != 0:
-                raise WireError(
-                    "INVALID_ARGUMENT",
+                raise invalid(
                     f"{field}: chunk_index {t.chunk_index} chunk_count {t.chunk_count} in the "
-                    f"declaring frame, expected index 0 and count >= 1",
+                    f"declaring frame, expected index 0 and count >= 1"
                 )
-            declared = _declared_bytes(field, t)
             if t.data:
                 if t.chunk_count != 1:
-                    raise WireError(
-                        "INVALID_ARGUMENT",
-                        f"{field}: inline data with chunk_count {t.chunk_count}, expected 1",
+                    raise invalid(
+                        f"{field}: inline data with chunk_count {t.chunk_count}, expected 1"
                     )
                 msg.tensors[field] = decode_tensor(field, t, check_finite=False)
-            else:
-                if t.chunk_count != math.ceil(declared / MAX_CHUNK_BYTES):
-                    raise WireError(
-                        "INVALID_ARGUMENT",
-                        f"{field}: chunk_count {t.chunk_count}, expected "
-                        f"{math.ceil(declared / MAX_CHUNK_BYTES)} for {declared} bytes in 1 MiB "
-                        f"chunks",
-                    )
-                waiting.append((field, t))
+                continue
+            if t.chunk_count != math.ceil(declared / MAX_CHUNK_BYTES):
+                raise invalid(
+                    f"{field}: chunk_count {t.chunk_count}, expected "
+                    f"{math.ceil(declared / MAX_CHUNK_BYTES)} for {declared} bytes in 1 MiB chunks"
+                )
+            waiting.append((field, t, declared))
         if not waiting:
             return msg
-        self._pending, self._waiting, self._parts = msg, waiting, []
+        self._pending = msg
+        self._waiting = [_Chunked(f, t, bytearray(n)) for f, t, n in waiting]
         return None
 
     def _chunk(self, frame: pb.ClientMessage) -> Assembled | None:
         c = frame.chunk
         if self._pending is None:
-            raise WireError(
-                "INVALID_ARGUMENT", f"chunk of {c.field!r} for message {c.id}: no message waits"
-            )
-        field, t = self._waiting[0]
-        where = f"chunk {c.chunk_index}/{c.chunk_count} of {c.field!r} (message {c.id})"
-        if c.id != self._pending.id or frame.id != self._pending.id:
-            raise WireError("INVALID_ARGUMENT", f"{where}: expected message {self._pending.id}")
-        if c.field != field:
-            raise WireError("INVALID_ARGUMENT", f"{where}: expected field {field!r}")
-        if c.chunk_count != t.chunk_count or c.chunk_index != len(self._parts):
-            raise WireError(
-                "INVALID_ARGUMENT",
-                f"{where}: expected chunk {len(self._parts)}/{t.chunk_count}",
-            )
+            raise invalid(f"chunk of {c.field[:100]!r} for message {c.id}: no message waits")
+        try:
+            return self._fill(frame)
+        except WireError as exc:
+            exc.refused_id, self._skipping = self._pending.id, self._pending.id
+            self._pending, self._waiting = None, []
+            raise
+
+    def _fill(self, frame: pb.ClientMessage) -> Assembled | None:
+        c, pending, w = frame.chunk, self._pending, self._waiting[0]
+        where = f"chunk {c.chunk_index}/{c.chunk_count} of {c.field[:100]!r} (message {c.id})"
+        if c.id != pending.id or frame.id != pending.id:
+            raise invalid(f"{where}: expected message {pending.id}")
+        if c.field != w.field:
+            raise invalid(f"{where}: expected field {w.field!r}")
+        if c.chunk_count != w.tensor.chunk_count or c.chunk_index != w.received:
+            raise invalid(f"{where}: expected chunk {w.received}/{w.tensor.chunk_count}")
         if len(c.data) > MAX_CHUNK_BYTES:
-            raise WireError(
-                "INVALID_ARGUMENT", f"{where}: {len(c.data)} bytes, expected at most 1 MiB"
+            raise invalid(f"{where}: {len(c.data)} bytes, expected at most 1 MiB")
+        last = w.received + 1 == w.tensor.chunk_count
+        end = w.offset + len(c.data)
+        if end > len(w.buffer) or (last and end != len(w.buffer)):
+            raise invalid(
+                f"{w.field}: {end} bytes, expected {len(w.buffer)} for {w.tensor.dtype} shape "
+                f"{list(w.tensor.shape)} (after chunk {w.received})"
             )
-        self._parts.append(c.data)
-        self._pending.nbytes += frame.ByteSize()
-        if len(self._parts) < t.chunk_count:
+        w.buffer[w.offset : end] = c.data
+        w.offset, w.received = end, w.received + 1
+        pending.nbytes += frame.ByteSize()
+        if not last:
             return None
-        self._pending.tensors[field] = decode_tensor(
-            field, t, b"".join(self._parts), check_finite=False
-        )
-        self._parts = []
+        pending.tensors[w.field] = decode_tensor(w.field, w.tensor, w.buffer, check_finite=False)
         self._waiting.pop(0)
         if self._waiting:
             return None
-        msg, self._pending = self._pending, None
+        msg, self._pending = pending, None
         return msg
 
     @property
@@ -338,40 +535,29 @@ class Assembler:
 
 def _declared_bytes(field: str, t: pb.Tensor) -> int:
     if t.dtype not in _DTYPES:
-        raise WireError(
-            "INVALID_ARGUMENT", f"{field}: dtype {t.dtype!r}, expected one of {sorted(_DTYPES)}"
-        )
+        raise invalid(f"{field}: dtype {t.dtype[:40]!r}, expected one of {sorted(_DTYPES)}")
     shape = list(t.shape)
     if not shape or len(shape) > 2 or any(s <= 0 for s in shape):
-        raise WireError(
-            "INVALID_ARGUMENT", f"{field}: shape {shape}, expected 1 or 2 positive dimensions"
-        )
+        raise invalid(f"{field}: shape {shape[:8]}, expected 1 or 2 positive dimensions")
     n = math.prod(shape) * np.dtype(_DTYPES[t.dtype][1]).itemsize
     if n > MAX_TENSOR_BYTES:
-        raise WireError(
-            "INVALID_ARGUMENT",
-            f"{field}: {n} bytes declared (shape {shape}), expected at most {MAX_TENSOR_BYTES}",
+        raise invalid(
+            f"{field}: {n} bytes declared (shape {shape}), expected at most {MAX_TENSOR_BYTES}"
         )
     return n
 
 
 def _finite(field: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
+    if not finite(t):
         bad = int((~torch.isfinite(t)).sum())
-        raise WireError(
-            "INVALID_ARGUMENT", f"{field}: {bad} non-finite values, expected all finite"
-        )
+        raise invalid(f"{field}: {bad} non-finite values, expected all finite")
 
 
-def sketch_from(msg: Assembled, prefix: str, body: pb.Sketch):
+def sketch_from(msg: Assembled, prefix: str, body: pb.Sketch) -> Sketch:
     """The tracker `Sketch` of a decoded message (prefix "update" or "weight")."""
-    for name in ("G", "C"):
+    for name in SKETCH_FIELDS:
         _finite(f"{prefix}.{name}", msg.tensors[f"{prefix}.{name}"])
-    if not math.isfinite(body.convergence):
-        raise WireError(
-            "INVALID_ARGUMENT",
-            f"{prefix}.convergence: {body.convergence}, expected a finite number",
-        )
+    check_number(f"{prefix}.convergence", body.convergence)
     return Sketch(
         G=msg.tensors[f"{prefix}.G"],
         C=msg.tensors[f"{prefix}.C"],
@@ -381,31 +567,30 @@ def sketch_from(msg: Assembled, prefix: str, body: pb.Sketch):
     )
 
 
-def check_from(msg: Assembled):
-    """A decoded MatrixReport -> the tracker's `MatrixCheck` (validated for finiteness)."""
+def check_from(msg: Assembled) -> MatrixCheck:
+    """A decoded MatrixReport -> the tracker's `MatrixCheck`: every scalar in its range (the
+    integers within signed 64 bits), every float and tensor finite, v_ref exactly on the locking
+    check. The shapes against the manifest are the engine's question."""
     r: pb.MatrixReport = msg.body
     if len(r.shape) != 2 or any(s <= 0 for s in r.shape):
-        raise WireError(
-            "INVALID_ARGUMENT", f"report.shape: {list(r.shape)}, expected [m, n] positive"
-        )
+        raise invalid(f"report.shape: {list(r.shape)[:8]}, expected [m, n] positive")
     if not r.HasField("weight"):
-        raise WireError("INVALID_ARGUMENT", "report.weight: missing, expected the W_t sketch")
+        raise invalid("report.weight: missing, expected the W_t sketch")
+    for name in ("step", "numel", "dropped_reports", *COUNT_FIELDS):
+        check_int(f"report.{name}", getattr(r, name))
+    if r.HasField("lock_step"):
+        check_int("report.lock_step", r.lock_step, 0, r.step)
     for name in ("frobenius_sq", "channel_energy_sq"):
-        value = getattr(r, name)
-        if not math.isfinite(value) or value < 0:
-            raise WireError(
-                "INVALID_ARGUMENT", f"report.{name}: {value}, expected a finite number >= 0"
-            )
+        check_number(f"report.{name}", getattr(r, name))
     if r.locked_now != r.HasField("v_ref"):
-        raise WireError(
-            "INVALID_ARGUMENT",
+        raise invalid(
             f"report.v_ref: {'present' if r.HasField('v_ref') else 'absent'} with locked_now="
-            f"{r.locked_now}, expected v_ref exactly on the check that locked",
+            f"{r.locked_now}, expected v_ref exactly on the check that locked"
         )
     if "v_ref" in msg.tensors:
         _finite("v_ref", msg.tensors["v_ref"])
     if r.locked_now and not r.HasField("lock_step"):
-        raise WireError("INVALID_ARGUMENT", "report.lock_step: absent with locked_now=true")
+        raise invalid("report.lock_step: absent with locked_now=true")
     return MatrixCheck(
         matrix=r.matrix,
         step=int(r.step),
@@ -424,19 +609,60 @@ def check_from(msg: Assembled):
     )
 
 
-def manifest_from(hello: pb.Hello) -> list[dict]:
-    """The Hello's manifest as plain dicts (the sidecar turns them into engine ManifestEntry)."""
+COUNT_FIELDS = ("visible_count", "visible_low_count", "visible_principal_count")
+
+
+@dataclass(frozen=True)
+class HelloFields:
+    """A hello's fields, each checked on its own (the engine checks them against the run)."""
+
+    run: str
+    incarnation: int
+    resume_step: int | None
+    config: dict
+    manifest: list[ManifestEntry]
+    rank: int
+
+
+def hello_from(hello: pb.Hello) -> HelloFields:
+    """A Hello -> `HelloFields`: the run name, the incarnation (1..2⁶³−1), the resume step, the
+    config (`config_from`) and the manifest as `ManifestEntry`s (`check_manifest` is the engine's
+    call, on its worker thread: a 100k-matrix manifest is checked off the event loop)."""
+    if not RUN_NAME.fullmatch(hello.run):
+        raise invalid(
+            f"hello.run: {hello.run[:200]!r}, expected a name matching [A-Za-z0-9._-]{{1,128}}"
+        )
+    check_int("hello.incarnation", hello.incarnation, 1)
+    resume = None
+    if hello.HasField("resume_step"):
+        resume = check_int("hello.resume_step", hello.resume_step)
+    if not 0 < len(hello.manifest) <= MAX_MATRICES:
+        raise invalid(
+            f"hello.manifest: {len(hello.manifest)} matrices, expected 1 to {MAX_MATRICES}"
+        )
+    return HelloFields(
+        hello.run,
+        int(hello.incarnation),
+        resume,
+        config_from(hello.config_json),
+        manifest_from(hello),
+        int(hello.rank),
+    )
+
+
+def manifest_from(hello: pb.Hello) -> list[ManifestEntry]:
+    """The Hello's manifest as `ManifestEntry`s, as sent (`check_manifest` validates them)."""
     return [
-        {
-            "matrix": e.matrix,
-            "shape": tuple(int(s) for s in e.shape),
-            "numel": int(e.numel),
-            "dtype": e.dtype,
-            "layer": int(e.layer) if e.HasField("layer") else None,
-            "module": e.module,
-            "shard_layout": e.shard_layout,
-            "owner_rank": int(e.owner_rank),
-        }
+        ManifestEntry(
+            e.matrix,
+            tuple(int(s) for s in e.shape),
+            int(e.numel),
+            e.dtype,
+            int(e.layer) if e.HasField("layer") else None,
+            e.module,
+            e.shard_layout,
+            int(e.owner_rank),
+        )
         for e in hello.manifest
     ]
 
@@ -480,12 +706,3 @@ def alert_from(a: pb.Alert) -> dict:
     out["ended_at"] = a.ended_at if a.HasField("ended_at") else None
     out["value"] = a.value if a.HasField("value") else None
     return out
-
-
-def iter_ids(frames: Iterable[pb.ClientMessage]) -> Iterator[int]:
-    """The distinct message ids of a frame list, in order."""
-    seen = set()
-    for f in frames:
-        if f.id not in seen:
-            seen.add(f.id)
-            yield f.id

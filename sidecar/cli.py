@@ -40,6 +40,11 @@ _HELP = {
     "rank": "K, the channel rank, for runs whose hello does not say",
     "grace_seconds": "on SIGTERM, how long open streams get to finish",
     "threads": "torch compute threads of the geometry (0: all cores); 1-2 beside a trainer",
+    "max_stream_bytes": "a stream stops reading at this many unacknowledged report bytes; a "
+    "larger report is refused RESOURCE_EXHAUSTED",
+    "max_inflight_bytes": "every stream's unacknowledged report bytes together; beyond, "
+    "RESOURCE_EXHAUSTED (retryable)",
+    "commit_window_ms": "group commit: how long a batch waits for more reports before its COMMIT",
 }
 _CHOICES = {"device": DEVICES, "log_level": LOG_LEVELS, "metrics_detail": METRICS_DETAIL}
 _TRUE = ("1", "true", "yes", "on")

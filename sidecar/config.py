@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass, fields
 
+from deltawatch.client import wire
+
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS_DETAIL = ("matrix", "layer", "run")
@@ -38,6 +40,9 @@ class ServeConfig:
     rank: int = 16  # K the geometry uses when a run's hello does not say
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
     threads: int = 0  # torch compute threads of the engine; 0: torch's default (all cores)
+    max_stream_bytes: int = 256 << 20  # one stream's received, unacknowledged report bytes
+    max_inflight_bytes: int = 1 << 30  # every stream's together
+    commit_window_ms: float = 2.0  # how long a group commit waits for more reports
 
     def __post_init__(self) -> None:
         for name in ("grpc_address", "http_address"):
@@ -92,6 +97,18 @@ class ServeConfig:
             raise ValueError(f"--rank must be > 0, got {self.rank}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
+        if self.max_stream_bytes < wire.MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"--max-stream-bytes must be >= {wire.MAX_CHUNK_BYTES} (1 MiB), got "
+                f"{self.max_stream_bytes}"
+            )
+        if self.max_inflight_bytes < self.max_stream_bytes:
+            raise ValueError(
+                f"--max-inflight-bytes ({self.max_inflight_bytes}) must be >= --max-stream-bytes "
+                f"({self.max_stream_bytes})"
+            )
+        if not 0 <= self.commit_window_ms <= 1000:
+            raise ValueError(f"--commit-window-ms must be in 0..1000, got {self.commit_window_ms}")
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be >= 0, got {self.grace_seconds}")
 

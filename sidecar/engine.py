@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 import statistics
 import threading
 import time
@@ -34,20 +33,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from deltawatch.client import wire
+from deltawatch.client.config import RUN_NAME
 from deltawatch.client.records import ManifestEntry
 
 from .alerts.state import rfc3339
-from .errors import ValidationError, invalid, precondition
+from .errors import RETRYABLE, ValidationError, invalid, precondition
 from .geometry import MatrixGeometry
 from .keys import MATRIX_KEYS
 from .store import CheckCounts, StateUpdate, Store
 
 log = logging.getLogger("deltawatch.engine")
 
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-MAX_MATRIX_NAME = 512
-MAX_MATRICES = 100_000
-MAX_DIM = 1 << 24
 
 # Geometry keys averaged over matrices (plain mean, nulls ignored).
 MEAN_KEYS: tuple[str, ...] = (
@@ -197,65 +194,77 @@ class Engine:
         self._write = threading.RLock()  # serialises hello / baseline / ingest / record_dropped
         self._view = threading.Lock()  # guards the published rows readers see
         self._runs: dict[str, _Run] = {}
+        self.quarantined: dict[str, str] = {}  # run -> why its stored rows could not be loaded
         self._listeners: list[Listener] = []
         self._load()
 
     # ---------------------------------------------------------------- start-up
 
     def _load(self) -> None:
-        """Rebuild every run from the store (kill -9 safe: the store only holds committed data)."""
+        """Rebuild every run from the store (kill -9 safe: the store only holds committed data).
+        A run whose rows cannot be loaded is quarantined (logged, in `quarantined`), never a
+        crash: the other runs serve, and a hello for a quarantined run is refused."""
         for rec in self.store.runs():
             name = rec["run"]
-            manifest = {
-                m["matrix"]: ManifestEntry(
-                    m["matrix"],
-                    tuple(m["shape"]),
-                    m["numel"],
-                    m["dtype"],
-                    m["layer"],
-                    m["module"],
-                    m["shard_layout"],
-                    m["owner_rank"],
-                )
-                for m in self.store.manifest(name)
-            }
-            incs = self.store.incarnations(name)
-            run = _Run(
-                name=name,
-                created_at=rec["created_at"],
-                updated_at=rec["updated_at"],
-                config=rec["config"],
-                incarnation=incs[-1][0] if incs else 0,
-                manifest=manifest,
-                matrices={},
-                rows={},
-                dropped=rec["dropped_reports"],
-            )
-            states = self.store.load_states(name)
-            latest = self.store.latest(name)
-            for matrix, entry in manifest.items():
-                mat = _Matrix(entry, self._geometry(entry, run.config))
-                if matrix in states:
-                    self._adopt_state(mat, states[matrix][2], states[matrix][3])
-                if matrix in latest:
-                    mat.last_step = latest[matrix].step
-                run.matrices[matrix] = mat
-            run.rows = {m: self._row(run, h) for m, h in latest.items() if m in manifest}
-            self._runs[name] = run
-            # A resume whose hello was persisted but whose rewind was not (killed in between):
-            # the geometry state of an older incarnation still reaches the resume step.
-            resume_step = incs[-1][1] if incs else None
-            if resume_step is not None:
-                stale = [
-                    m
-                    for m, (inc, last, _, _) in states.items()
-                    if m in manifest
-                    and inc < run.incarnation
-                    and last is not None
-                    and last >= resume_step
-                ]
-                if stale:
-                    self._rewind(run, resume_step, stale)
+            try:
+                self._runs[name] = self._load_run(rec)
+            except Exception as exc:
+                reason = f"{type(exc).__name__}: {exc}"[:500]
+                self.quarantined[name] = reason
+                log.error("run %r quarantined: its stored rows cannot be loaded (%s)", name, reason)
+
+    def _load_run(self, rec: dict[str, Any]) -> _Run:
+        name = rec["run"]
+        if rec["config_error"] is not None:
+            raise ValueError(f"stored config: {rec['config_error']}")
+        config = self._checked(wire.check_config, dict(rec["config"]))
+        entries = [ManifestEntry(**m) for m in self.store.manifest(name)]
+        manifest = {e.matrix: e for e in self._checked(wire.check_manifest, entries)}
+        incs = self.store.incarnations(name)
+        run = _Run(
+            name=name,
+            created_at=rec["created_at"],
+            updated_at=rec["updated_at"],
+            config=config,
+            incarnation=incs[-1][0] if incs else 0,
+            manifest=manifest,
+            matrices={},
+            rows={},
+            dropped=rec["dropped_reports"],
+        )
+        states = self.store.load_states(name)
+        latest = self.store.latest(name)
+        for matrix, entry in manifest.items():
+            mat = _Matrix(entry, self._geometry(entry, run.config))
+            if matrix in states:
+                self._adopt_state(mat, states[matrix][2], states[matrix][3])
+            if matrix in latest:
+                mat.last_step = latest[matrix].step
+            run.matrices[matrix] = mat
+        run.rows = {m: self._row(run, h) for m, h in latest.items() if m in manifest}
+        # A resume whose hello was persisted but whose rewind was not (killed in between):
+        # the geometry state of an older incarnation still reaches the resume step.
+        resume_step = incs[-1][1] if incs else None
+        if resume_step is not None:
+            stale = [
+                m
+                for m, (inc, last, _, _) in states.items()
+                if m in manifest
+                and inc < run.incarnation
+                and last is not None
+                and last >= resume_step
+            ]
+            if stale:
+                self._rewind(run, resume_step, stale)
+        return run
+
+    @staticmethod
+    def _checked(check: Callable, value: Any) -> Any:
+        """A wire-level check (`deltawatch.client.wire`) as the engine's ValidationError."""
+        try:
+            return check(value)
+        except wire.WireError as exc:
+            raise ValidationError(exc.code, exc.message) from None
 
     # ---------------------------------------------------------------- listeners
 
@@ -288,13 +297,16 @@ class Engine:
         older than the run's latest, or a matrix whose shape differs from the run's first hello
         (FAILED_PRECONDITION). A newer incarnation with resume step s rewinds the run to s."""
         _check_run_name(run)
-        if not isinstance(incarnation, int) or incarnation < 0:
-            raise invalid(f"hello.incarnation is {incarnation!r}; expected an integer >= 0")
-        if resume_step is not None and (not isinstance(resume_step, int) or resume_step < 0):
-            raise invalid(
-                f"hello.resume_step is {resume_step!r}; expected an integer >= 0 or unset"
+        self._checked(lambda v: wire.check_int("hello.incarnation", v, 1), incarnation)
+        if resume_step is not None:
+            self._checked(lambda v: wire.check_int("hello.resume_step", v), resume_step)
+        entries = self._checked(wire.check_manifest, manifest)
+        config = self._checked(wire.check_config, dict(config))
+        if run in self.quarantined:
+            raise precondition(
+                f"run {run}: its stored rows could not be loaded at start-up "
+                f"({self.quarantined[run]}); it is quarantined, use a new run name"
             )
-        entries = _check_manifest(manifest)
         with self._write:
             old = self._runs.get(run)
             if old is not None:
@@ -319,7 +331,8 @@ class Engine:
                             "use a new run name for a different model"
                         )
             now = time.time()
-            self.store.save_hello(run, incarnation, resume_step, config, entries, now=now)
+            if not _same_hello(old, incarnation, config, entries):  # a reconnect writes nothing
+                self.store.save_hello(run, incarnation, resume_step, config, entries, now=now)
             created = old is None
             if old is None:
                 old = _Run(run, now, now, dict(config), incarnation, {}, {}, {})
@@ -354,11 +367,10 @@ class Engine:
             )
 
     def _geometry(self, entry: ManifestEntry, config: Mapping[str, Any]) -> MatrixGeometry:
-        alpha = config.get("alpha", 0.5)
         return MatrixGeometry(
             tuple(entry.shape),
             rank=run_rank(config, self.rank),
-            alpha=float(alpha) if isinstance(alpha, (int, float)) else 0.5,
+            alpha=wire.config_value(config, "alpha"),
             tolerance=self.tolerance,
             device=self.device,
         )
@@ -416,7 +428,7 @@ class Engine:
         r = self._runs[run]
         mat.geometry = self._geometry(mat.entry, r.config)
         mat.persisted, mat.archived = {}, set()
-        saved = self.store.load_states(run).get(mat.entry.matrix)
+        saved = self.store.load_states(run, mat.entry.matrix, writer=True).get(mat.entry.matrix)
         if saved is not None:
             self._adopt_state(mat, saved[2], saved[3])
 
@@ -484,82 +496,141 @@ class Engine:
                     raise invalid(f"matrix {matrix}: baseline refused: {e}") from e
                 raise
 
-    def ingest(self, run: str, incarnation: int, check: Any) -> bool:
+    def ingest(self, run: str, incarnation: int, check: Any, dropped: int = 0) -> bool:
         """Validate, compute the §2 keys, persist; True when stored, False for a duplicate
-        (run, matrix, step, incarnation), which is acknowledged but changes nothing."""
+        (run, matrix, step, incarnation), which is acknowledged but changes nothing. `dropped`:
+        the client's count of reports it dropped, added to the run's total with the check."""
+        (result,) = self.ingest_many([(run, incarnation, check, dropped)])
+        if isinstance(result, ValidationError):
+            raise result
+        return result
+
+    def ingest_many(
+        self, items: Iterable[tuple[str, int, Any, int]]
+    ) -> list[bool | ValidationError]:
+        """Group commit: (run, incarnation, check, dropped) items in one store transaction, so
+        they share one COMMIT (one fsync). Each item is a SAVEPOINT: a refused one (its
+        ValidationError in the result) rolls back alone. When the store cannot write (disk full,
+        locked), every item that was to be stored gets the retryable error and the touched
+        matrices go back to what the store holds. Readers and listeners see the checks only
+        after the commit."""
+        items = list(items)
+        results: list[bool | ValidationError] = []
+        published: list[tuple[_Run, MatrixRow, int]] = []
+        touched: dict[tuple[str, str], tuple[_Matrix, int | None]] = {}
+        now = time.time()  # the batch's received_at and the runs' updated_at
         with self._write:
-            r, mat = self._matrix_for(
-                run, incarnation, check.matrix, f"report of step {check.step}"
-            )
-            _check_report(r.name, mat.entry, check, self.rank)
-            if self.store.has_check(run, check.matrix, check.step, incarnation):
-                return False
-            if mat.last_step is not None and check.step <= mat.last_step:
-                raise precondition(
-                    f"run {run}: matrix {check.matrix} step {check.step} is not after its last "
-                    f"step {mat.last_step}; a trainer restarted from a checkpoint says hello with "
-                    "a new incarnation and resume_step"
-                )
             try:
-                keys = {k: json_value(v) for k, v in mat.geometry.ingest(check).items()}
-                missing = [k for k in MATRIX_KEYS if k not in keys]
-                if missing:
-                    raise RuntimeError(f"geometry returned no {missing}")
-                keys = {k: keys[k] for k in MATRIX_KEYS}
-                counts = CheckCounts(
-                    mat.entry.numel,
-                    int(check.visible_count),
-                    int(check.visible_low_count),
-                    int(check.visible_principal_count),
+                with self.store.transaction():
+                    for run, incarnation, check, dropped in items:
+                        try:
+                            row = self._ingest_one(run, incarnation, check, dropped, now, touched)
+                        except ValidationError as e:
+                            if e.code in RETRYABLE:
+                                raise
+                            results.append(e)
+                            continue
+                        results.append(row is not None)
+                        if row is not None:
+                            published.append((self._runs[run], row, dropped))
+            except ValidationError as e:
+                if e.code not in RETRYABLE:
+                    raise
+                for (run, _), (mat, last_step) in touched.items():
+                    self._reload_matrix(run, mat)
+                    mat.last_step = last_step
+                return [r if isinstance(r, ValidationError) else e for r in results] + [e] * (
+                    len(items) - len(results)
                 )
-                lock_ref = None
-                if check.locked_now and check.v_ref is not None:
-                    lock_step = check.lock_step if check.lock_step is not None else check.step
-                    lock_ref = (int(lock_step), check.v_ref)
-                now = time.time()
-                update, tensors, archived = self._state_update(mat)
-                self.store.commit_check(
-                    run,
-                    check.matrix,
-                    check.step,
-                    incarnation,
-                    keys,
-                    counts,
-                    update,
-                    lock_ref=lock_ref,
-                    now=now,
-                )
-                self._persisted(mat, tensors, archived)
-            except Exception as e:
-                self._reload_matrix(run, mat)
-                if isinstance(e, ValueError):
-                    raise invalid(f"matrix {check.matrix} step {check.step}: {e}") from e
-                raise
-            mat.last_step = check.step
-            row = MatrixRow(
+            with self._view:
+                for r, row, dropped in published:
+                    r.rows[row.matrix] = row
+                    r.updated_at = now
+                    r.dropped += dropped
+        for r, row, _ in published:
+            self._emit(r.name, row.matrix, row.step, dict(row.keys))
+        return results
+
+    def _ingest_one(
+        self,
+        run: str,
+        incarnation: int,
+        check: Any,
+        dropped: int,
+        now: float,
+        touched: dict[tuple[str, str], tuple[_Matrix, int | None]],
+    ) -> MatrixRow | None:
+        """One check inside the batch transaction (its own savepoint); the row to publish after
+        the commit, None for a duplicate."""
+        r, mat = self._matrix_for(run, incarnation, check.matrix, f"report of step {check.step}")
+        _check_report(r.name, mat.entry, check, self.rank)
+        self._checked(lambda v: wire.check_int("report.dropped_reports", v), dropped)
+        if self.store.has_check(run, check.matrix, check.step, incarnation):
+            return None
+        if mat.last_step is not None and check.step <= mat.last_step:
+            raise precondition(
+                f"run {run}: matrix {check.matrix} step {check.step} is not after its last "
+                f"step {mat.last_step}; a trainer restarted from a checkpoint says hello with "
+                "a new incarnation and resume_step"
+            )
+        touched.setdefault((run, check.matrix), (mat, mat.last_step))
+        try:
+            keys = {k: json_value(v) for k, v in mat.geometry.ingest(check).items()}
+            missing = [k for k in MATRIX_KEYS if k not in keys]
+            if missing:
+                raise RuntimeError(f"geometry returned no {missing}")
+            keys = {k: keys[k] for k in MATRIX_KEYS}
+            counts = CheckCounts(
+                mat.entry.numel,
+                int(check.visible_count),
+                int(check.visible_low_count),
+                int(check.visible_principal_count),
+            )
+            lock_ref = None
+            if check.locked_now and check.v_ref is not None:
+                lock_step = check.lock_step if check.lock_step is not None else check.step
+                lock_ref = (int(lock_step), check.v_ref)
+            update, tensors, archived = self._state_update(mat)
+            self.store.commit_check(
                 run,
                 check.matrix,
-                mat.entry.layer,
-                mat.entry.module,
-                tuple(mat.entry.shape),
-                mat.entry.numel,
                 check.step,
                 incarnation,
-                counts.visible_count,
-                counts.visible_low_count,
-                counts.visible_principal_count,
                 keys,
+                counts,
+                update,
+                lock_ref=lock_ref,
+                now=now,
+                dropped=dropped,
             )
-            with self._view:
-                r.rows[check.matrix] = row
-                r.updated_at = now
-        self._emit(run, check.matrix, check.step, keys)
-        return True
+            self._persisted(mat, tensors, archived)
+        except Exception as e:
+            self._reload_matrix(run, mat)
+            if isinstance(e, ValidationError):
+                raise
+            if isinstance(e, ValueError):
+                raise invalid(f"matrix {check.matrix} step {check.step}: {e}") from e
+            raise
+        mat.last_step = check.step
+        return MatrixRow(
+            run,
+            check.matrix,
+            mat.entry.layer,
+            mat.entry.module,
+            tuple(mat.entry.shape),
+            mat.entry.numel,
+            check.step,
+            incarnation,
+            counts.visible_count,
+            counts.visible_low_count,
+            counts.visible_principal_count,
+            keys,
+        )
 
     def record_dropped(self, run: str, count: int) -> None:
-        """Add a client's count of reports it dropped (queue full) to the run's total."""
-        if not isinstance(count, int) or count < 0:
-            raise invalid(f"dropped_reports is {count!r}; expected an integer >= 0")
+        """Add a client's count of reports it dropped (queue full) to the run's total (the
+        gRPC ingest passes the count with its report to `ingest_many` instead)."""
+        self._checked(lambda v: wire.check_int("dropped_reports", v), count)
         if count == 0:
             return
         with self._write:
@@ -616,16 +687,23 @@ class Engine:
             )
         return out
 
-    def run_detail(self, run: str) -> dict[str, Any] | None:
-        """DESIGN §4 `/api/v1/runs/{run}`; matrices in manifest order, unreported ones all null."""
+    def run_detail(
+        self, run: str, *, offset: int = 0, limit: int | None = None
+    ) -> dict[str, Any] | None:
+        """DESIGN §4 `/api/v1/runs/{run}`; matrices in manifest order, unreported ones all null.
+        One page of the matrices: `offset`, at most `limit` (None: all); the aggregate and
+        last_step are over the whole run. A page that is not the whole manifest says so:
+        `page: {offset, limit, total, next_offset}` (next_offset null on the last page)."""
         with self._view:
             r = self._runs.get(run)
             if r is None:
                 return None
             rows = dict(r.rows)
             manifest = list(r.manifest.values())
+        total = len(manifest)
+        end = total if limit is None else min(total, offset + limit)
         matrices = []
-        for e in manifest:
+        for e in manifest[offset:end]:
             row = rows.get(e.matrix)
             item: dict[str, Any] = {
                 "matrix": e.matrix,
@@ -637,12 +715,20 @@ class Engine:
             for k in MATRIX_KEYS:
                 item[k] = row.keys.get(k) if row else None
             matrices.append(item)
-        return {
+        out = {
             "run": run,
             "last_step": max((row.step for row in rows.values()), default=None),
             "aggregate": aggregate_rows(rows.values()),
             "matrices": matrices,
         }
+        if offset > 0 or end < total:
+            out["page"] = {
+                "offset": offset,
+                "limit": limit,
+                "total": total,
+                "next_offset": end if end < total else None,
+            }
+        return out
 
     def history(self, run: str, matrix: str) -> dict[str, Any] | None:
         """DESIGN §4 `/api/v1/runs/{run}/history?matrix=NAME`; None for an unknown run/matrix."""
@@ -686,54 +772,24 @@ class Engine:
 # -------------------------------------------------------------------- validation
 
 
+def _same_hello(
+    r: _Run | None, incarnation: int, config: dict, entries: list[ManifestEntry]
+) -> bool:
+    """Whether a hello says nothing the run does not hold already (a reconnect or another rank
+    of the same incarnation): then it needs no write, and a store that cannot write (disk full)
+    does not turn the client away."""
+    return (
+        r is not None
+        and incarnation == r.incarnation
+        and config == r.config
+        and len(entries) == len(r.manifest)
+        and all(r.manifest.get(e.matrix) == e for e in entries)
+    )
+
+
 def _check_run_name(run: Any) -> None:
     if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
         raise invalid(f"run name {run!r} does not match [A-Za-z0-9._-]{{1,128}}")
-
-
-def _check_manifest(manifest: Any) -> list[ManifestEntry]:
-    entries = list(manifest or [])
-    if not entries:
-        raise invalid("hello.manifest is empty; expected at least one matrix")
-    if len(entries) > MAX_MATRICES:
-        raise invalid(f"hello.manifest has {len(entries)} matrices; at most {MAX_MATRICES}")
-    seen = set()
-    out = []
-    for i, e in enumerate(entries):
-        where = f"hello.manifest[{i}]"
-        name = e.matrix
-        if not isinstance(name, str) or not name or len(name) > MAX_MATRIX_NAME:
-            raise invalid(
-                f"{where}.matrix is {name!r}; expected a name of 1..{MAX_MATRIX_NAME} chars"
-            )
-        if any(ord(c) < 32 for c in name):
-            raise invalid(f"{where}.matrix {name!r} contains control characters")
-        if name in seen:
-            raise invalid(f"{where}.matrix {name!r} appears twice in the manifest")
-        seen.add(name)
-        shape = tuple(e.shape)
-        if len(shape) != 2 or not all(isinstance(s, int) and 0 < s <= MAX_DIM for s in shape):
-            raise invalid(f"{where} ({name}): shape {list(shape)}; expected two positive integers")
-        if e.numel != shape[0] * shape[1]:
-            raise invalid(
-                f"{where} ({name}): numel {e.numel}, but shape {list(shape)} has "
-                f"{shape[0] * shape[1]} entries"
-            )
-        if e.layer is not None and (not isinstance(e.layer, int) or e.layer < 0):
-            raise invalid(f"{where} ({name}): layer {e.layer!r}; expected an integer >= 0 or null")
-        out.append(
-            ManifestEntry(
-                name,
-                (int(shape[0]), int(shape[1])),
-                int(e.numel),
-                str(e.dtype),
-                e.layer,
-                str(e.module),
-                str(e.shard_layout),
-                int(e.owner_rank),
-            )
-        )
-    return out
 
 
 def _check_tensor(where: str, t: Any, shape: tuple[int, ...]) -> None:
@@ -743,15 +799,8 @@ def _check_tensor(where: str, t: Any, shape: tuple[int, ...]) -> None:
         raise invalid(f"{where} has shape {list(t.shape)}, expected {list(shape)}")
     if not t.dtype.is_floating_point:
         raise invalid(f"{where} has dtype {t.dtype}, expected float32")
-    if t.numel() and not _finite(t):
+    if not wire.finite(t):
         raise invalid(f"{where} has non-finite values")
-
-
-def _finite(t: torch.Tensor) -> bool:
-    """Whether every entry is finite: min and max in one pass (NaN and ±inf propagate to them),
-    without materialising an isfinite mask of the tensor's size."""
-    lo, hi = torch.aminmax(t)
-    return math.isfinite(float(lo)) and math.isfinite(float(hi))
 
 
 def _check_sketch(where: str, sketch: Any, n: int) -> None:
@@ -775,9 +824,9 @@ def _check_report(run: str, e: ManifestEntry, check: Any, rank: int) -> None:
     if not isinstance(check.step, int) or check.step < 0:
         raise invalid(f"{where}: step {check.step!r}; expected an integer >= 0")
     if tuple(check.shape) != tuple(e.shape):
-        raise invalid(f"{where}: shape {list(check.shape)}, manifest says {list(e.shape)}")
+        raise invalid(f"{where}: report.shape {list(check.shape)}, manifest says {list(e.shape)}")
     if check.numel != e.numel:
-        raise invalid(f"{where}: numel {check.numel}, manifest says {e.numel}")
+        raise invalid(f"{where}: report.numel {check.numel}, manifest says {e.numel}")
     n = e.shape[1]
     fro = check.frobenius_sq
     if not isinstance(fro, (int, float)) or not math.isfinite(fro) or fro < 0:

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 FAILED_PRECONDITION = "FAILED_PRECONDITION"
-CODES = (INVALID_ARGUMENT, FAILED_PRECONDITION)
+# Retryable: the message is fine, the sidecar cannot take it now; the client keeps it and resends.
+RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"  # the store's disk is full; an in-flight byte budget
+UNAVAILABLE = "UNAVAILABLE"  # the store is locked, busy or failed an I/O
+RETRYABLE = (RESOURCE_EXHAUSTED, UNAVAILABLE)
+CODES = (INVALID_ARGUMENT, FAILED_PRECONDITION, *RETRYABLE)
 
 
 class ValidationError(Exception):
@@ -17,7 +21,8 @@ class ValidationError(Exception):
 
     code: "INVALID_ARGUMENT" (the message itself is wrong: shape, dtype, non-finite value, name)
     or "FAILED_PRECONDITION" (the message is fine but the run is not in a state to take it:
-    report before hello, stale incarnation, step not after the last one).
+    report before hello, stale incarnation, step not after the last one); or one of `RETRYABLE`
+    (the store cannot write now, or the sidecar is over its in-flight byte budget).
     """
 
     def __init__(self, code: str, message: str) -> None:

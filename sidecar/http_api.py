@@ -2,12 +2,17 @@
 
     GET /api/v1/runs                          {"runs": [{run, last_step, matrices, locked_ratio,
                                                           created_at, updated_at}]}
-    GET /api/v1/runs/{run}                    {run, last_step, aggregate: {keys}, matrices: [...]}
+    GET /api/v1/runs/{run}?offset=&limit=     {run, last_step, aggregate: {keys}, matrices: [...]}
+                                              one page of matrices (default limit PAGE_SIZE);
+                                              a partial page adds page: {offset, limit, total,
+                                              next_offset}
     GET /api/v1/runs/{run}/history?matrix=M   {matrix, points: [{step, keys}]}
     GET /api/v1/alerts                        {"alerts": [...]} from the alerts provider
     GET /metrics                              Prometheus / OpenMetrics text of the registry
     GET /healthz                              200 while the process serves
-    GET /readyz                               200 once the engine is loaded and `ready()` holds
+    GET /readyz                               200 once the engine is loaded, `ready()` holds and
+                                              the store can write; else 503 with the reason.
+                                              Quarantined runs are listed in the body
 
 Unknown values are null. An unknown run or matrix is a 404 with a JSON body
 `{"error": "...", "status": 404}`. Handlers read the engine's published state; anything that
@@ -29,6 +34,9 @@ from prometheus_client.exposition import choose_encoder
 from .engine import Engine
 
 AlertsProvider = Callable[[], list[dict[str, Any]]]
+
+PAGE_SIZE = 1000  # matrices in one /api/v1/runs/{run} page unless ?limit= says otherwise
+MAX_PAGE_SIZE = 10_000
 
 ENGINE_KEY: web.AppKey[Engine] = web.AppKey("deltawatch_engine", Engine)
 REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("deltawatch_registry", CollectorRegistry)
@@ -67,6 +75,20 @@ async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
         return json_error(e.status, f"{e.reason}: {request.method} {request.path}")
 
 
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int | None) -> int:
+    raw = request.query.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        bound = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ValueError(f"query parameter {name}={raw[:40]!r}, expected an integer {bound}")
+    return value
+
+
 def make_app(
     engine: Engine,
     *,
@@ -85,11 +107,16 @@ def make_app(
     app[REGISTRY_KEY] = registry
 
     async def list_runs(request: web.Request) -> web.Response:
-        return json_response({"runs": engine.runs()})
+        return json_response({"runs": await asyncio.to_thread(engine.runs)})
 
     async def run_detail(request: web.Request) -> web.Response:
         run = request.match_info["run"]
-        detail = engine.run_detail(run)
+        try:
+            offset = _query_int(request, "offset", 0, 0, None)
+            limit = _query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        except ValueError as exc:
+            return json_error(400, str(exc))
+        detail = await asyncio.to_thread(engine.run_detail, run, offset=offset, limit=limit)
         if detail is None:
             return json_error(404, f"unknown run {run!r}")
         return json_response(detail)
@@ -125,7 +152,16 @@ def make_app(
     async def readyz(request: web.Request) -> web.Response:
         if ready is not None and not ready():
             return json_response({"status": "not ready"}, status=503)
-        return json_response({"status": "ready", "runs": len(engine.run_names())})
+        store = engine.store
+        if not store.writable:  # a tiny write tells whether it came back (space freed)
+            await asyncio.to_thread(store.probe)
+        body: dict[str, Any] = {"status": "ready", "runs": len(engine.run_names())}
+        if engine.quarantined:
+            body["quarantined"] = dict(engine.quarantined)
+        if not store.writable:
+            body.update(status="store cannot write", reason=store.unwritable_reason)
+            return json_response(body, status=503)
+        return json_response(body)
 
     app.router.add_get("/api/v1/runs", list_runs)
     app.router.add_get("/api/v1/runs/{run}", run_detail)

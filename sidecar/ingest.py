@@ -1,16 +1,28 @@
-"""The grpc.aio servicer of `Ingest.Stream`: validation, persist-then-ack, fan-out of alerts.
+"""The grpc.aio servicer of `Ingest.Stream`: the stream's own questions, group commit, acks.
 
-Each stream has one reader task (frames -> `wire.Assembler` -> complete messages -> engine) and
-one writer (the servicer's async generator draining an asyncio.Queue of ServerMessages). Engine
-calls run on a single worker thread, so the event loop never runs linear algebra or SQLite writes.
+Each stream has one reader task (frames -> `wire.Assembler` -> complete messages) and one writer
+(the servicer's async generator draining an asyncio.Queue of ServerMessages). Complete reports
+and baselines of every stream go to one commit queue; one task takes what is queued (waiting at
+most `commit_window_s` for more) and hands the batch to the engine's worker thread, which decodes
+them (`wire.check_from`: ranges, finiteness) and stores them with one COMMIT
+(`Engine.ingest_many`); the acks follow the commit, in order. The event loop runs no linear
+algebra, no SQLite, no manifest check.
+
+Who asks what (each question once): `client/wire.py` the framing, every field's range and
+finiteness; this module whether a message belongs to its stream (after the hello, its run and
+incarnation, a matrix of the manifest, declared tensor shapes that fit the manifest and r, the
+in-flight byte budgets); the engine what it means against the run's state.
 
 What is refused and how:
-* stream-level faults end the stream with a status: a report or baseline before the hello
-  (FAILED_PRECONDITION), malformed chunking, bad run or matrix names, a malformed manifest
-  (INVALID_ARGUMENT), a frame over the receive limit (gRPC's own RESOURCE_EXHAUSTED);
-* a complete report or baseline the sidecar cannot take (unknown matrix, shape or dtype not
-  matching the manifest, non-finite values, another run or incarnation than the hello's) is
-  answered with an `Error` frame naming it; nothing changes and the stream goes on.
+* stream-level faults end the stream with a status: a report or baseline before the hello or a
+  second hello (FAILED_PRECONDITION), a bad hello (INVALID_ARGUMENT, or the engine's status), a
+  frame that belongs to no message or is not a ClientMessage (INVALID_ARGUMENT), a frame over the
+  receive limit (gRPC's own RESOURCE_EXHAUSTED);
+* one message's faults (a declaration that does not fit the manifest, lying chunks, an unknown
+  matrix, another run or incarnation than the hello's, non-finite values, a message over a byte
+  budget, a store that cannot write now) are answered with an `Error` frame naming it; its
+  remaining chunks are skipped unread, nothing changes and the stream goes on. RESOURCE_EXHAUSTED
+  and UNAVAILABLE are retryable: the client keeps the message and sends it again.
 """
 
 from __future__ import annotations
@@ -18,10 +30,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
-import json
 import logging
-import math
-import re
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
@@ -30,19 +39,27 @@ from typing import Any
 
 import grpc
 from deltawatch.client import wire
-from deltawatch.client.config import RUN_NAME
 from deltawatch.client.records import ManifestEntry
-from deltawatch.sidecar.errors import ValidationError
+from deltawatch.sidecar.errors import RESOURCE_EXHAUSTED, ValidationError
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
 log = logging.getLogger("deltawatch.sidecar.ingest")
 
-MATRIX_NAME = re.compile(r"[A-Za-z0-9_.:/\-\[\]]{1,512}")
-MAX_MANIFEST = 1_000_000  # matrices in one hello
-MAX_COLUMNS = 4096  # r = K + p columns of a sketch, at most
-_SHARD_LAYOUTS = ("replicated", "rows", "cols", "rows+cols")
+MAX_BATCH = 512  # reports in one group commit
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """The stream's budgets (`deltawatch serve --max-stream-bytes / --max-inflight-bytes /
+    --commit-window-ms`). A stream stops reading while its received-but-unacknowledged messages
+    hold `max_stream_bytes`; one message larger than that, or one that would take every stream's
+    total over `max_inflight_bytes`, is refused RESOURCE_EXHAUSTED."""
+
+    max_stream_bytes: int = 256 << 20
+    max_inflight_bytes: int = 1 << 30
+    commit_window_s: float = 0.002
 
 
 class StreamAbort(Exception):
@@ -64,6 +81,7 @@ class IngestStats:
     dropped: collections.Counter = field(default_factory=collections.Counter)  # by run
     last_lag_seconds: float = 0.0  # receipt of a report's last frame -> its ack
     streams_open: int = 0
+    inflight_bytes: int = 0  # every stream's received, unanswered message bytes (the loop's)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -71,21 +89,48 @@ class IngestStats:
 class _StreamState:
     run: str | None = None
     incarnation: int = 0
-    manifest: dict[str, dict] = field(default_factory=dict)
-    r_max: int = MAX_COLUMNS
+    manifest: dict[str, ManifestEntry] = field(default_factory=dict)
+    r_max: int = wire.MAX_COLUMNS
     rank_k: int = 16
     said_goodbye: bool = False
+    reserving: int = 0  # declared bytes of the message being assembled
+    inflight: int = 0  # bytes of this stream's messages not yet answered (incl. `reserving`)
+    outstanding: set = field(default_factory=set)  # futures of the queued messages
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+@dataclass
+class _Job:
+    """A complete report or baseline waiting for the group commit."""
+
+    msg: wire.Assembled
+    state: _StreamState
+    out: asyncio.Queue
+    nbytes: int
+    received: float
+    done: asyncio.Future
 
 
 def _abort(code: str, message: str) -> StreamAbort:
     return StreamAbort(code, message)
 
 
+def _error(msg_id: int, code: str, message: str) -> pb.ServerMessage:
+    return pb.ServerMessage(error=pb.Error(id=msg_id, code=code, message=message))
+
+
 class IngestService(pb_grpc.IngestServicer):
     """`Ingest.Stream` over an `Engine` (sidecar/engine.py, the seam of docs/architecture.md)."""
 
-    def __init__(self, engine: Any, *, executor: concurrent.futures.Executor | None = None):
+    def __init__(
+        self,
+        engine: Any,
+        *,
+        executor: concurrent.futures.Executor | None = None,
+        limits: IngestLimits | None = None,
+    ):
         self.engine = engine
+        self.limits = limits or IngestLimits()
         self.stats = IngestStats()
         self._executor = executor or concurrent.futures.ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="deltawatch-engine"
@@ -96,6 +141,8 @@ class IngestService(pb_grpc.IngestServicer):
         self._closing = False
         self._created_runs: set[str] = set()  # runs this process created (new, or store lost)
         self._hellos_seen: set[tuple[str, int, int]] = set()  # (run, incarnation, rank)
+        self._jobs: asyncio.Queue | None = None  # the group commit's queue of _Job
+        self._committer: asyncio.Task | None = None
         # Called with the run name when the last open stream of a run ended with a Goodbye (the
         # trainer closed its Monitors): the alert engine stops watching it for RunStalled.
         self.run_finished_listeners: list[Callable[[str], object]] = []
@@ -113,10 +160,6 @@ class IngestService(pb_grpc.IngestServicer):
             log.exception("alert %r could not be encoded", alert)
             return
         loop.call_soon_threadsafe(self._fan_out, run, frame)
-
-    def alert_sink(self, item: dict, matrices: list[str]) -> None:
-        """`AlertEngine.add_sink` adapter."""
-        self.publish_alert(item.get("run", ""), item)
 
     def _fan_out(self, run: str, frame: pb.ServerMessage) -> None:
         for queue in list(self._subscribers.get(run, ())):
@@ -143,6 +186,9 @@ class IngestService(pb_grpc.IngestServicer):
         self._loop = asyncio.get_running_loop()
         if self._closing:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the sidecar is shutting down")
+        if self._committer is None:
+            self._jobs = asyncio.Queue()
+            self._committer = asyncio.create_task(self._commit_loop())
         out: asyncio.Queue = asyncio.Queue()
         self._streams.add(out)
         state = _StreamState()
@@ -159,6 +205,8 @@ class IngestService(pb_grpc.IngestServicer):
                 yield item
         finally:
             reader.cancel()
+            reserved, state.reserving = state.reserving, 0
+            self._release(state, reserved)
             self._streams.discard(out)
             if state.run is not None:
                 self._subscribers.get(state.run, set()).discard(out)
@@ -168,14 +216,19 @@ class IngestService(pb_grpc.IngestServicer):
                 self.stats.streams_open -= 1
 
     async def _read(self, frames, state: _StreamState, out: asyncio.Queue) -> None:
-        assembler = wire.Assembler(on_declare=lambda kind, body: self._declared(state, body))
+        assembler = wire.Assembler(
+            on_declare=lambda kind, body, nbytes: self._declared(state, kind, body, nbytes)
+        )
         try:
             async for frame in frames:
                 nbytes = frame.ByteSize()
                 with self.stats.lock:
                     self.stats.bytes_total += nbytes
                     self.stats.messages[frame.WhichOneof("body") or "empty"] += 1
-                msg = assembler.feed(frame)
+                while not assembler.incomplete and state.inflight >= self.limits.max_stream_bytes:
+                    state.room.clear()
+                    await state.room.wait()  # backpressure: gRPC flow control holds the client
+                msg = self._feed(assembler, frame, state, out)
                 if msg is None:
                     continue
                 if msg.kind == "goodbye":
@@ -184,38 +237,9 @@ class IngestService(pb_grpc.IngestServicer):
                 if msg.kind == "hello":
                     await self._hello(msg, state, out)
                     continue
-                if state.run is None:
-                    raise _abort(
-                        "FAILED_PRECONDITION",
-                        f"{msg.kind} {msg.id} arrived before the hello; expected a hello first",
-                    )
-                received = time.monotonic()
-                try:
-                    if msg.kind == "baseline":
-                        await self._baseline(msg, state)
-                    else:
-                        await self._report(msg, state)
-                except (ValidationError, wire.WireError) as exc:
-                    self._count_error(exc.code.lower())
-                    out.put_nowait(
-                        pb.ServerMessage(
-                            error=pb.Error(id=msg.id, code=exc.code, message=exc.message)
-                        )
-                    )
-                    continue
-                except Exception as exc:
-                    # A report the engine cannot digest is refused alone: ending the stream would
-                    # make the client resend it forever, blocking everything behind it.
-                    log.exception("ingest of %s %d failed", msg.kind, msg.id)
-                    self._count_error("internal")
-                    text = f"{msg.kind} {msg.id}: the sidecar failed on it ({exc!r})"
-                    out.put_nowait(
-                        pb.ServerMessage(error=pb.Error(id=msg.id, code="INTERNAL", message=text))
-                    )
-                    continue
-                with self.stats.lock:
-                    self.stats.last_lag_seconds = time.monotonic() - received
-                out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id])))
+                self._enqueue(msg, state, out)
+            if state.outstanding:
+                await asyncio.wait(state.outstanding)
             out.put_nowait(None)
         except wire.WireError as exc:
             self._count_error("malformed")
@@ -240,12 +264,100 @@ class IngestService(pb_grpc.IngestServicer):
             self._count_error("internal")
             out.put_nowait(StreamAbort("INTERNAL", f"the sidecar failed on this stream: {exc!r}"))
 
+    def _feed(
+        self, assembler: wire.Assembler, frame: pb.ClientMessage, state: _StreamState, out
+    ) -> wire.Assembled | None:
+        """One frame into the assembler; a message refused alone is answered with an Error frame
+        here (its bytes released) and the stream goes on."""
+        try:
+            return assembler.feed(frame)
+        except wire.WireError as exc:
+            if exc.refused_id is None:
+                raise
+            reserved, state.reserving = state.reserving, 0
+            self._release(state, reserved)
+            self._count_error(exc.code.lower())
+            out.put_nowait(_error(exc.refused_id, exc.code, exc.message))
+            if exc.refeed:
+                return self._feed(assembler, frame, state, out)
+            return None
+
     def _count_error(self, reason: str) -> None:
         with self.stats.lock:
             self.stats.errors[reason] += 1
 
     async def _call(self, fn: Callable, *args):
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    # -- the byte budgets --------------------------------------------------------------------
+
+    def _release(self, state: _StreamState, nbytes: int) -> None:
+        state.inflight -= nbytes
+        self.stats.inflight_bytes -= nbytes
+        state.room.set()
+
+    def _declared(self, state: _StreamState, kind: str, body, nbytes: int) -> None:
+        """Whether a declared report or baseline belongs to this stream (after the hello, its
+        run, incarnation and a manifest matrix, tensor shapes that fit the manifest and r) and
+        fits the byte budgets; checked before any chunk is buffered."""
+        if state.run is None:
+            raise _abort(
+                "FAILED_PRECONDITION", f"{kind} arrived before the hello; expected a hello first"
+            )
+        if body.run != state.run:
+            raise wire.WireError(
+                "FAILED_PRECONDITION",
+                f"{kind}.run: {body.run[:200]!r}, expected {state.run!r} (the run of this "
+                f"stream's hello)",
+            )
+        if int(body.incarnation) != state.incarnation:
+            raise wire.WireError(
+                "FAILED_PRECONDITION",
+                f"{kind}.incarnation: {body.incarnation}, expected {state.incarnation} (the "
+                f"hello's); a restarted trainer opens a new stream with a new hello",
+            )
+        entry = state.manifest.get(body.matrix)
+        if entry is None:
+            raise wire.invalid(
+                f"{kind}.matrix: {body.matrix[:200]!r} is not in the manifest of run "
+                f"{state.run!r} ({len(state.manifest)} matrices)"
+            )
+        n = entry.shape[1]
+        for fname, t in wire.declared_tensors(body):
+            shape = list(t.shape)
+            if len(shape) != 2:
+                ok, expected = False, "2 dimensions"
+            elif fname.endswith(".C"):
+                ok, expected = (
+                    shape[0] == shape[1] <= state.r_max,
+                    f"[c, c] with c <= {state.r_max}",
+                )
+            elif fname == "v_ref":
+                ok, expected = shape == [n, state.rank_k], f"[{n}, {state.rank_k}]"
+            else:
+                ok, expected = shape[0] == n and shape[1] <= state.r_max, f"[{n}, <= {state.r_max}]"
+            if not ok:
+                raise wire.invalid(
+                    f"matrix {body.matrix[:200]}: {fname} declared with shape {shape}, expected "
+                    f"{expected} (manifest and the hello's channel_rank + oversample)"
+                )
+        limits = self.limits
+        if nbytes > limits.max_stream_bytes:
+            raise wire.WireError(
+                RESOURCE_EXHAUSTED,
+                f"{kind} of matrix {body.matrix}: {nbytes} bytes of tensors, over the per-stream "
+                f"budget of {limits.max_stream_bytes} (--max-stream-bytes)",
+            )
+        if self.stats.inflight_bytes + nbytes > limits.max_inflight_bytes:
+            raise wire.WireError(
+                RESOURCE_EXHAUSTED,
+                f"{kind} of matrix {body.matrix}: {nbytes} bytes would take the sidecar's "
+                f"in-flight reports over {limits.max_inflight_bytes} bytes "
+                f"(--max-inflight-bytes); retry later",
+            )
+        state.reserving = nbytes
+        state.inflight += nbytes
+        self.stats.inflight_bytes += nbytes
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -254,221 +366,125 @@ class IngestService(pb_grpc.IngestServicer):
         if state.run is not None:
             raise _abort(
                 "FAILED_PRECONDITION",
-                f"hello.run: a second hello ({hello.run!r}) on a stream of run {state.run!r}; "
-                f"expected one hello per stream",
+                f"hello.run: a second hello ({hello.run[:200]!r}) on a stream of run "
+                f"{state.run!r}; expected one hello per stream",
             )
-        manifest, config = validate_hello(hello)
-
-        entries = [ManifestEntry(**e) for e in manifest]
-        resume = int(hello.resume_step) if hello.HasField("resume_step") else None
         try:
+            h = await asyncio.to_thread(wire.hello_from, hello)
             result = await self._call(
-                self.engine.hello, hello.run, int(hello.incarnation), resume, entries, config
+                self.engine.hello, h.run, h.incarnation, h.resume_step, h.manifest, h.config
             )
-        except ValidationError as exc:
+        except (ValidationError, wire.WireError) as exc:
             raise _abort(exc.code, exc.message) from None
-        state.run = hello.run
-        state.incarnation = int(hello.incarnation)
-        state.manifest = {e["matrix"]: e for e in manifest}
-        k = int(config.get("channel_rank", 16))
-        state.rank_k = k
-        state.r_max = min(MAX_COLUMNS, k + int(config.get("oversample", 16)))
-        self._subscribers.setdefault(hello.run, set()).add(out)
+        state.run = h.run
+        state.incarnation = h.incarnation
+        state.manifest = {e.matrix: e for e in h.manifest}
+        state.rank_k = wire.config_value(h.config, "channel_rank")
+        state.r_max = min(
+            wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample")
+        )
+        self._subscribers.setdefault(h.run, set()).add(out)
         for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):
-            out.put_nowait(wire.encode_lock_reference(hello.run, matrix, lock_step, v_ref))
+            out.put_nowait(wire.encode_lock_reference(h.run, matrix, lock_step, v_ref))
         # Baselines are asked for again from every rank's first hello to this process once the
         # run was (re)created here: a new run (nothing to resend yet) or a lost store.
         if getattr(result, "created", False):
-            self._created_runs.add(hello.run)
-        key = (hello.run, int(hello.incarnation), int(hello.rank))
-        resend = hello.run in self._created_runs and key not in self._hellos_seen
+            self._created_runs.add(h.run)
+        key = (h.run, h.incarnation, h.rank)
+        resend = h.run in self._created_runs and key not in self._hellos_seen
         self._hellos_seen.add(key)
         out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id], resend_baselines=resend)))
 
-    def _declared(self, state: _StreamState, body) -> None:
-        """Check a report's declared tensor shapes against the manifest before any chunk is
-        buffered (a hostile declaration must not make the sidecar hold a gigabyte)."""
-        if state.run is None:
-            kind = "baseline" if isinstance(body, pb.Baseline) else "report"
-            raise _abort(
-                "FAILED_PRECONDITION", f"{kind} arrived before the hello; expected a hello first"
-            )
-        entry = state.manifest.get(body.matrix)
-        # An unknown matrix is refused once complete; until then bound it by the largest one.
-        n = entry["shape"][1] if entry else max(e["shape"][1] for e in state.manifest.values())
-        for fname, t in wire.declared_tensors(body):
-            shape = list(t.shape)
-            rows_ok = shape[0] == n if entry else shape[0] <= n
-            if len(shape) != 2 or shape[1] > state.r_max:
-                ok = False
-            elif fname.endswith(".C"):
-                ok = shape[0] == shape[1]
-            else:
-                ok = rows_ok
-            if not ok:
-                expected = (
-                    f"[c, c] with c <= {state.r_max}"
-                    if fname.endswith(".C")
-                    else (f"[{n}, <= {state.r_max}]")
-                )
-                raise wire.WireError(
-                    "INVALID_ARGUMENT",
-                    f"matrix {body.matrix[:200]}: {fname} declared with shape {shape}, expected "
-                    f"{expected} (manifest and the hello's channel_rank + oversample)",
-                )
+    def _enqueue(self, msg: wire.Assembled, state: _StreamState, out: asyncio.Queue) -> None:
+        """A complete report or baseline to the group commit; answered when it is done."""
+        nbytes, state.reserving = state.reserving, 0
+        done = asyncio.get_running_loop().create_future()
+        state.outstanding.add(done)
+        self._jobs.put_nowait(_Job(msg, state, out, nbytes, time.monotonic(), done))
 
-    def _check_identity(self, what: str, body, state: _StreamState) -> dict:
-        if body.run != state.run:
-            raise ValidationError(
-                "FAILED_PRECONDITION",
-                f"{what}.run: {body.run!r}, expected {state.run!r} (the run of this stream's hello)",
-            )
-        if int(body.incarnation) != state.incarnation:
-            raise ValidationError(
-                "FAILED_PRECONDITION",
-                f"{what}.incarnation: {body.incarnation}, expected {state.incarnation} (the "
-                f"hello's); a restarted trainer opens a new stream with a new hello",
-            )
-        entry = state.manifest.get(body.matrix)
-        if entry is None:
-            raise ValidationError(
-                "INVALID_ARGUMENT",
-                f"{what}.matrix: {body.matrix[:200]!r} is not in the manifest of run "
-                f"{state.run!r} ({len(state.manifest)} matrices)",
-            )
-        return entry
+    async def _commit_loop(self) -> None:
+        """Take what is queued (waiting up to the commit window for more), store it as one
+        batch on the engine's thread, answer each message in order."""
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [await self._jobs.get()]
+            deadline = loop.time() + self.limits.commit_window_s
+            while len(batch) < MAX_BATCH:
+                if self._jobs.empty():
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._jobs.get(), left))
+                    except TimeoutError:
+                        break
+                else:
+                    batch.append(self._jobs.get_nowait())
+            try:
+                results = await self._call(self._store_batch, batch)
+            except Exception as exc:
+                log.exception("a batch of %d messages failed", len(batch))
+                results = [exc] * len(batch)
+            for job, result in zip(batch, results, strict=True):
+                try:
+                    self._answer(job, result)
+                except Exception:  # the commit loop never dies: every later report needs it
+                    log.exception("answering %s %d failed", job.msg.kind, job.msg.id)
 
-    def _check_sketch(self, matrix: str, prefix: str, sketch, n: int) -> None:
-        G, C = sketch.G, sketch.C
-        c = G.shape[1] if G.dim() == 2 else -1
-        if G.dim() != 2 or G.shape[0] != n:
-            raise ValidationError(
-                "INVALID_ARGUMENT",
-                f"matrix {matrix}: {prefix}.G has shape {list(G.shape)}, manifest says [{n}, r]",
-            )
-        if C.dim() != 2 or list(C.shape) != [c, c]:
-            raise ValidationError(
-                "INVALID_ARGUMENT",
-                f"matrix {matrix}: {prefix}.C has shape {list(C.shape)}, expected [{c}, {c}]",
-            )
+    def _store_batch(self, batch: list[_Job]) -> list[Any]:
+        """On the engine's thread: decode each message (`wire`), store the reports of the batch
+        in one group commit and the baselines one by one, in order. Per message: True (stored),
+        False (a duplicate), or the exception refusing it."""
+        results: list[Any] = [None] * len(batch)
+        reports: list[tuple[int, tuple]] = []
 
-    async def _baseline(self, msg: wire.Assembled, state: _StreamState) -> None:
-        body: pb.Baseline = msg.body
-        entry = self._check_identity("baseline", body, state)
-        if not body.HasField("weight"):
-            raise ValidationError(
-                "INVALID_ARGUMENT", "baseline.weight: missing, expected W0's sketch"
-            )
-        sketch = wire.sketch_from(msg, "weight", body.weight)
-        self._check_sketch(body.matrix, "weight", sketch, entry["shape"][1])
-        await self._call(self.engine.baseline, state.run, state.incarnation, body.matrix, sketch)
+        def flush() -> None:
+            for (i, _), r in zip(
+                reports, self.engine.ingest_many([x for _, x in reports]), strict=True
+            ):
+                results[i] = r
+            reports.clear()
 
-    async def _report(self, msg: wire.Assembled, state: _StreamState) -> None:
-        body: pb.MatrixReport = msg.body
-        entry = self._check_identity("report", body, state)
-        if tuple(body.shape) != tuple(entry["shape"]):
-            raise ValidationError(
-                "INVALID_ARGUMENT",
-                f"matrix {body.matrix}: report.shape {list(body.shape)}, manifest says "
-                f"{list(entry['shape'])}",
-            )
-        if int(body.numel) != entry["numel"]:
-            raise ValidationError(
-                "INVALID_ARGUMENT",
-                f"matrix {body.matrix}: report.numel {body.numel}, manifest says {entry['numel']}",
-            )
-        if body.step < 0:
-            raise ValidationError(
-                "INVALID_ARGUMENT", f"matrix {body.matrix}: report.step {body.step}, expected >= 0"
-            )
-        for name in ("visible_count", "visible_low_count", "visible_principal_count"):
-            if getattr(body, name) > entry["numel"]:
-                raise ValidationError(
-                    "INVALID_ARGUMENT",
-                    f"matrix {body.matrix}: report.{name} {getattr(body, name)}, expected at "
-                    f"most numel {entry['numel']}",
-                )
-        check = wire.check_from(msg)
-        n = entry["shape"][1]
-        if check.update is not None:
-            self._check_sketch(body.matrix, "update", check.update, n)
-        self._check_sketch(body.matrix, "weight", check.weight, n)
-        if check.v_ref is not None and (check.v_ref.dim() != 2 or check.v_ref.shape[0] != n):
-            raise ValidationError(
-                "INVALID_ARGUMENT",
-                f"matrix {body.matrix}: v_ref has shape {list(check.v_ref.shape)}, expected "
-                f"[{n}, {state.rank_k}]",
-            )
-        fresh = await self._call(self.engine.ingest, state.run, state.incarnation, check)
-        if fresh and body.dropped_reports:
+        for i, job in enumerate(batch):
+            msg, st = job.msg, job.state
+            try:
+                if msg.kind == "report":
+                    check = wire.check_from(msg)
+                    reports.append(
+                        (i, (st.run, st.incarnation, check, int(msg.body.dropped_reports)))
+                    )
+                    continue
+                flush()
+                if not msg.body.HasField("weight"):
+                    raise wire.invalid("baseline.weight: missing, expected W0's sketch")
+                sketch = wire.sketch_from(msg, "weight", msg.body.weight)
+                self.engine.baseline(st.run, st.incarnation, msg.body.matrix, sketch)
+                results[i] = True
+            except Exception as exc:
+                results[i] = exc
+        flush()
+        return results
+
+    def _answer(self, job: _Job, result: Any) -> None:
+        msg, state = job.msg, job.state
+        self._release(state, job.nbytes)
+        state.outstanding.discard(job.done)
+        job.done.set_result(None)
+        if isinstance(result, (ValidationError, wire.WireError)):
+            self._count_error(result.code.lower())
+            job.out.put_nowait(_error(msg.id, result.code, result.message))
+            return
+        if isinstance(result, BaseException):
+            # A report the engine cannot digest is refused alone: ending the stream would make
+            # the client resend it forever, blocking everything behind it.
+            log.error("ingest of %s %d failed: %r", msg.kind, msg.id, result)
+            self._count_error("internal")
+            text = f"{msg.kind} {msg.id}: the sidecar failed on it ({result!r})"
+            job.out.put_nowait(_error(msg.id, "INTERNAL", text))
+            return
+        if result and msg.kind == "report" and msg.body.dropped_reports:
             with self.stats.lock:
-                self.stats.dropped[state.run] += int(body.dropped_reports)
-            await self._call(self.engine.record_dropped, state.run, int(body.dropped_reports))
-
-
-def validate_hello(hello: pb.Hello) -> tuple[list[dict], dict]:
-    """The hello's manifest (plain dicts) and config, or StreamAbort naming what is wrong."""
-    if not RUN_NAME.fullmatch(hello.run):
-        raise _abort(
-            "INVALID_ARGUMENT",
-            f"hello.run: {hello.run[:200]!r}, expected a name matching [A-Za-z0-9._-]{{1,128}}",
-        )
-    if hello.incarnation <= 0:
-        raise _abort("INVALID_ARGUMENT", f"hello.incarnation: {hello.incarnation}, expected > 0")
-    if hello.HasField("resume_step") and hello.resume_step < 0:
-        raise _abort("INVALID_ARGUMENT", f"hello.resume_step: {hello.resume_step}, expected >= 0")
-    if not 0 < len(hello.manifest) <= MAX_MANIFEST:
-        raise _abort(
-            "INVALID_ARGUMENT",
-            f"hello.manifest: {len(hello.manifest)} matrices, expected 1 to {MAX_MANIFEST}",
-        )
-    try:
-        config = json.loads(hello.config_json) if hello.config_json else {}
-    except ValueError as exc:
-        raise _abort("INVALID_ARGUMENT", f"hello.config_json: not JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise _abort("INVALID_ARGUMENT", "hello.config_json: expected a JSON object")
-    for key in ("channel_rank", "oversample"):
-        value = config.get(key, 16)
-        if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= MAX_COLUMNS:
-            raise _abort(
-                "INVALID_ARGUMENT",
-                f"hello.config_json.{key}: {value!r}, expected an int in 1..4096",
-            )
-    manifest = wire.manifest_from(hello)
-    seen = set()
-    for i, e in enumerate(manifest):
-        where = f"hello.manifest[{i}]"
-        if not MATRIX_NAME.fullmatch(e["matrix"]):
-            raise _abort(
-                "INVALID_ARGUMENT",
-                f"{where}.matrix: {e['matrix'][:200]!r}, expected 1-512 characters of "
-                f"[A-Za-z0-9_.:/-[]]",
-            )
-        if e["matrix"] in seen:
-            raise _abort("INVALID_ARGUMENT", f"{where}.matrix: {e['matrix']!r} appears twice")
-        seen.add(e["matrix"])
-        shape = e["shape"]
-        if len(shape) != 2 or any(s <= 0 for s in shape):
-            raise _abort(
-                "INVALID_ARGUMENT", f"{where}.shape: {list(shape)}, expected [m, n] with m, n > 0"
-            )
-        if e["numel"] != math.prod(shape):
-            raise _abort(
-                "INVALID_ARGUMENT",
-                f"{where}.numel: {e['numel']}, expected {math.prod(shape)} for shape {list(shape)}",
-            )
-        if e["shard_layout"] not in _SHARD_LAYOUTS:
-            raise _abort(
-                "INVALID_ARGUMENT",
-                f"{where}.shard_layout: {e['shard_layout']!r}, expected one of {_SHARD_LAYOUTS}",
-            )
-        if not e["module"] or len(e["module"]) > 512:
-            raise _abort("INVALID_ARGUMENT", f"{where}.module: expected 1-512 characters")
-        if not re.fullmatch(r"[a-z0-9_]{1,32}", e["dtype"]):
-            raise _abort(
-                "INVALID_ARGUMENT", f"{where}.dtype: {e['dtype'][:40]!r}, expected e.g. 'bfloat16'"
-            )
-        if e["layer"] is not None and e["layer"] < 0:
-            raise _abort("INVALID_ARGUMENT", f"{where}.layer: {e['layer']}, expected >= 0")
-    return manifest, config
+                self.stats.dropped[state.run] += int(msg.body.dropped_reports)
+        with self.stats.lock:
+            self.stats.last_lag_seconds = time.monotonic() - job.received
+        job.out.put_nowait(pb.ServerMessage(ack=pb.Ack(ids=[msg.id])))

@@ -20,7 +20,10 @@ Service metrics: `deltawatch_ingest_messages_total`, `deltawatch_ingest_bytes_to
 `deltawatch_ingest_errors_total{reason}`, `deltawatch_ingest_lag_seconds` (read from the
 ingest's stats object, duck-typed: `messages`, `bytes_total`, `errors`, `last_lag_seconds`,
 `lock`), `deltawatch_client_dropped_reports_total{run}` (the engine's persisted counts, so it
-survives restarts), `deltawatch_alerts_firing{run,rule}` (from a provider returning
+survives restarts), `deltawatch_store_writable` (1 while the store's last write succeeded, 0 while
+it cannot write: disk full, locked), `deltawatch_runs_quarantined` (runs whose stored rows could not
+be loaded at start-up), `deltawatch_ingest_inflight_bytes` (received, unacknowledged report bytes),
+`deltawatch_alerts_firing{run,rule}` (from a provider returning
 {(run, rule): count}, e.g. `AlertEngine.firing_counts`).
 """
 
@@ -294,6 +297,27 @@ class ServiceCollector(Collector):
             for (run, rule), count in sorted(counts.items()):
                 firing.add_metric([run, rule], float(count))
         yield firing
+
+        if self.engine is not None:
+            writable = GaugeMetricFamily(
+                "deltawatch_store_writable",
+                "1 while the store can write, 0 while it cannot (disk full, locked); /readyz 503.",
+            )
+            writable.add_metric([], 1.0 if self.engine.store.writable else 0.0)
+            yield writable
+            quarantined = GaugeMetricFamily(
+                "deltawatch_runs_quarantined",
+                "Runs whose stored rows could not be loaded at start-up (see /readyz).",
+            )
+            quarantined.add_metric([], float(len(self.engine.quarantined)))
+            yield quarantined
+        if stats is not None and hasattr(stats, "inflight_bytes"):
+            inflight = GaugeMetricFamily(
+                "deltawatch_ingest_inflight_bytes",
+                "Report bytes received and not yet acknowledged, over every stream.",
+            )
+            inflight.add_metric([], float(stats.inflight_bytes))
+            yield inflight
 
 
 def make_registry(

@@ -30,7 +30,7 @@ from deltawatch.sidecar.alerts.engine import AlertEngine, AlertService, StoreAle
 from deltawatch.sidecar.config import ServeConfig
 from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.http_api import make_app
-from deltawatch.sidecar.ingest import IngestService
+from deltawatch.sidecar.ingest import IngestLimits, IngestService
 from deltawatch.sidecar.metrics import make_registry
 from deltawatch.sidecar.store import Store
 from deltawatch.v1 import deltawatch_pb2 as pb
@@ -73,7 +73,14 @@ class Sidecar:
             run_matrices=lambda run: len(self.engine.manifest(run) or []) or None,
         )
         self.engine.subscribe(self.alert_engine.observe)
-        self.ingest = IngestService(self.engine)
+        self.ingest = IngestService(
+            self.engine,
+            limits=IngestLimits(
+                max_stream_bytes=config.max_stream_bytes,
+                max_inflight_bytes=config.max_inflight_bytes,
+                commit_window_s=config.commit_window_ms / 1000,
+            ),
+        )
         self.ingest.run_finished_listeners.append(self.alert_engine.finish_run)
         self.alerts = AlertService(
             self.alert_engine,

@@ -23,6 +23,15 @@ mode is also kill -9 safe (the written WAL frames live in the OS page cache) but
 commits on a power loss, which would break "persist, then acknowledge"; it is available as
 `Store(..., synchronous="NORMAL")` for throwaway data dirs.
 
+Group commit: `transaction()` nests. The engine opens one transaction around a batch of reports
+and every `commit_check` inside it is a SAVEPOINT, so a refused report rolls back alone and the
+batch shares one COMMIT (one WAL fsync).
+
+Faults: a write the store cannot make now (SQLITE_FULL: the disk is full; SQLITE_BUSY / LOCKED /
+IOERR) raises a `ValidationError` with a retryable code (RESOURCE_EXHAUSTED / UNAVAILABLE, see
+`store_fault`); nothing of the transaction stays. `writable` and `unwritable_reason` say how the
+last write went (readyz and `deltawatch_store_writable`); `probe()` tries a tiny write.
+
 Concurrency: one writer connection (the engine's ingest thread, serialised by a lock) and one
 reader connection (HTTP, metrics); WAL lets the reader run while a write is in progress.
 """
@@ -30,6 +39,7 @@ reader connection (HTTP, metrics); WAL lets the reader run while a write is in p
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sqlite3
 import sys
@@ -44,7 +54,12 @@ from typing import Any
 
 import torch
 
+from .errors import RESOURCE_EXHAUSTED, UNAVAILABLE, ValidationError
+
+log = logging.getLogger("deltawatch.store")
+
 DB_NAME = "deltawatch.sqlite3"
+BUSY_TIMEOUT_MS = 5_000  # a locked database: wait this long, then refuse the write (retryable)
 SCHEMA_VERSION = 1
 
 _SCHEMA = """
@@ -187,6 +202,31 @@ def dumps_keys(keys: Mapping[str, Any]) -> str:
     return json.dumps(dict(keys), allow_nan=False, separators=(",", ":"))
 
 
+_RETRYABLE_SQLITE = {
+    sqlite3.SQLITE_FULL: (RESOURCE_EXHAUSTED, "the disk of the data dir is full"),
+    sqlite3.SQLITE_BUSY: (UNAVAILABLE, "the database is busy"),
+    sqlite3.SQLITE_LOCKED: (UNAVAILABLE, "the database is locked"),
+    sqlite3.SQLITE_IOERR: (UNAVAILABLE, "an I/O error in the data dir"),
+}
+
+
+def store_fault(exc: BaseException) -> ValidationError | None:
+    """The retryable refusal for a SQLite error the store may recover from (disk full, busy,
+    locked, I/O error; by its primary result code), else None."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    code = getattr(exc, "sqlite_errorcode", None)
+    text = str(exc).lower()
+    if code is None:  # an error raised without a code: recognise the two common texts
+        code = sqlite3.SQLITE_FULL if "disk is full" in text else None
+        code = sqlite3.SQLITE_LOCKED if "locked" in text else code
+    found = _RETRYABLE_SQLITE.get(code & 0xFF) if code is not None else None
+    if found is None:
+        return None
+    status, reason = found
+    return ValidationError(status, f"the store could not write ({reason}: {exc}); retry later")
+
+
 @dataclass(frozen=True)
 class HistoryRow:
     """One persisted check of one matrix."""
@@ -254,6 +294,9 @@ class Store:
         self.synchronous = synchronous
         self._wlock = threading.RLock()
         self._rlock = threading.Lock()
+        self._depth = 0  # open transaction() levels on the writer connection
+        self.writable = True
+        self.unwritable_reason: str | None = None
         self._w = self._connect()
         with self._wlock:
             self._w.executescript(_SCHEMA)
@@ -271,10 +314,15 @@ class Store:
         self._r = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
-        con = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
+        con = sqlite3.connect(
+            self.path,
+            isolation_level=None,
+            check_same_thread=False,
+            timeout=BUSY_TIMEOUT_MS / 1000,
+        )
         con.execute("PRAGMA journal_mode=WAL")
         con.execute(f"PRAGMA synchronous={self.synchronous}")
-        con.execute("PRAGMA busy_timeout=30000")
+        con.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
         return con
 
     def close(self) -> None:
@@ -286,17 +334,73 @@ class Store:
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """One write transaction (BEGIN IMMEDIATE ... COMMIT); rolled back on any exception."""
+        """One write transaction (BEGIN IMMEDIATE ... COMMIT), rolled back on any exception;
+        inside an open one, a SAVEPOINT (rolled back alone). A SQLite error the store may recover
+        from is raised as the retryable `ValidationError` of `store_fault`."""
         with self._wlock:
-            self._w.execute("BEGIN IMMEDIATE")
+            outer = self._depth == 0
+            name = f"sp{self._depth}"
             try:
-                yield self._w
-            except BaseException:
-                self._w.execute("ROLLBACK")
-                raise
-            self._w.execute("COMMIT")
+                self._w.execute("BEGIN IMMEDIATE" if outer else f"SAVEPOINT {name}")
+                self._depth += 1
+                try:
+                    yield self._w
+                except BaseException:
+                    self._rollback(None if outer else name)
+                    raise
+                finally:
+                    self._depth -= 1
+                if outer:
+                    self._w.execute("COMMIT")
+                else:
+                    self._w.execute(f"RELEASE {name}")
+            except sqlite3.Error as exc:
+                fault = store_fault(exc)
+                if outer:
+                    self._rollback(None)
+                    if fault is not None:
+                        self._set_writable(False, fault.message)
+                if fault is None:
+                    raise
+                raise fault from exc
+        if outer:
+            self._set_writable(True, None)
 
-    def _read(self, sql: str, params: tuple = ()) -> list[tuple]:
+    def _rollback(self, savepoint: str | None) -> None:
+        """Undo the open transaction (or back to a savepoint); SQLite may have rolled back
+        itself already (a full disk at COMMIT), which is fine."""
+        sql = "ROLLBACK" if savepoint is None else f"ROLLBACK TO {savepoint}"
+        if self._w.in_transaction:
+            try:
+                self._w.execute(sql)
+                if savepoint is not None:
+                    self._w.execute(f"RELEASE {savepoint}")
+            except sqlite3.Error:
+                log.warning("rollback failed", exc_info=True)
+
+    def _set_writable(self, writable: bool, reason: str | None) -> None:
+        if writable == self.writable:
+            return
+        self.writable, self.unwritable_reason = writable, reason
+        if writable:
+            log.warning("the store in %s can write again", self.data_dir)
+        else:
+            log.error("the store in %s cannot write: %s", self.data_dir, reason)
+
+    def probe(self) -> bool:
+        """Try a tiny write (the `store` namespace of kv); whether the store can write now."""
+        try:
+            self.kv_put("store", "probe", time.time())
+        except ValidationError:
+            return False
+        return True
+
+    def _read(self, sql: str, params: tuple = (), *, writer: bool = False) -> list[tuple]:
+        """Rows of a query on the reader connection (committed data), or on the writer's
+        (`writer=True`: what the open write transaction sees, for the engine's write thread)."""
+        if writer:
+            with self._wlock:
+                return self._w.execute(sql, params).fetchall()
         with self._rlock:
             return self._r.execute(sql, params).fetchall()
 
@@ -330,26 +434,17 @@ class Store:
             (start,) = c.execute(
                 "SELECT COALESCE(MAX(position) + 1, 0) FROM manifests WHERE run = ?", (run,)
             ).fetchone()
-            for i, e in enumerate(manifest):
-                c.execute(
-                    "INSERT INTO manifests (run, matrix, position, rows, cols, numel, dtype, layer, "
-                    "module, shard_layout, owner_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                    "ON CONFLICT (run, matrix) DO UPDATE SET dtype = excluded.dtype, "
-                    "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank",
-                    (
-                        run,
-                        e.matrix,
-                        start + i,
-                        e.shape[0],
-                        e.shape[1],
-                        e.numel,
-                        e.dtype,
-                        e.layer,
-                        e.module,
-                        e.shard_layout,
-                        e.owner_rank,
-                    ),
-                )
+            c.executemany(
+                "INSERT INTO manifests (run, matrix, position, rows, cols, numel, dtype, layer, "
+                "module, shard_layout, owner_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (run, matrix) DO UPDATE SET dtype = excluded.dtype, "
+                "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank",
+                [
+                    (run, e.matrix, start + i, e.shape[0], e.shape[1], e.numel, e.dtype, e.layer,
+                     e.module, e.shard_layout, e.owner_rank)
+                    for i, e in enumerate(manifest)
+                ],
+            )  # fmt: skip
 
     def rewind(self, run: str, resume_step: int) -> list[str]:
         """Drop the lock references taken at or after `resume_step` (a newer incarnation resumes
@@ -362,20 +457,31 @@ class Store:
         return [r[0] for r in rows]
 
     def runs(self) -> list[dict[str, Any]]:
-        """Every run: run, created_at, updated_at, config (dict), dropped_reports."""
+        """Every run: run, created_at, updated_at, config (dict), dropped_reports, and
+        config_error (why the stored config does not parse, else None: the engine quarantines
+        such a run rather than failing to start)."""
         rows = self._read(
             "SELECT run, created_at, updated_at, config, dropped_reports FROM runs ORDER BY run"
         )
-        return [
-            {
-                "run": r[0],
-                "created_at": r[1],
-                "updated_at": r[2],
-                "config": json.loads(r[3]),
-                "dropped_reports": r[4],
-            }
-            for r in rows
-        ]
+        out = []
+        for r in rows:
+            try:
+                config, error = json.loads(r[3]), None
+            except (ValueError, RecursionError, TypeError) as exc:
+                config, error = {}, f"{type(exc).__name__}: {str(exc)[:200]}"
+            if error is None and not isinstance(config, dict):
+                config, error = {}, f"a JSON {type(config).__name__}, expected an object"
+            out.append(
+                {
+                    "run": r[0],
+                    "created_at": r[1],
+                    "updated_at": r[2],
+                    "config": config,
+                    "dropped_reports": r[4],
+                    "config_error": error,
+                }
+            )
+        return out
 
     def incarnations(self, run: str) -> list[tuple[int, int | None]]:
         """(incarnation, resume_step) of a run, oldest first."""
@@ -440,9 +546,12 @@ class Store:
         *,
         lock_ref: tuple[int, torch.Tensor] | None = None,
         now: float | None = None,
+        dropped: int = 0,
     ) -> bool:
-        """Persist one check, the matrix's geometry state and (on the locking check) its lock
-        reference, in one transaction. Returns False (and writes nothing) for a duplicate."""
+        """Persist one check, the matrix's geometry state, (on the locking check) its lock
+        reference and the client's dropped-report count it carries, in one transaction (a
+        savepoint inside the engine's batch). Returns False (and writes nothing) for a
+        duplicate."""
         now = time.time() if now is None else now
         keys_json = dumps_keys(keys)
         with self.transaction() as c:
@@ -475,7 +584,11 @@ class Store:
                     "shape, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
                     (run, matrix, lock_step, incarnation, dtype, json.dumps(shape), data),
                 )
-            c.execute("UPDATE runs SET updated_at = ? WHERE run = ?", (now, run))
+            c.execute(
+                "UPDATE runs SET updated_at = ?, dropped_reports = dropped_reports + ? "
+                "WHERE run = ?",
+                (now, dropped, run),
+            )
         return True
 
     def save_state(
@@ -512,16 +625,24 @@ class Store:
             )
 
     def load_states(
-        self, run: str
+        self, run: str, matrix: str | None = None, *, writer: bool = False
     ) -> dict[str, tuple[int, int | None, dict[str, Any], dict[str, torch.Tensor]]]:
-        """matrix -> (incarnation, last_step, meta, tensors) for every matrix with saved state."""
+        """matrix -> (incarnation, last_step, meta, tensors) for every matrix with saved state
+        (or just `matrix`); `writer`: as the open write transaction sees it (see `_read`)."""
         out: dict[str, tuple[int, int | None, dict[str, Any], dict[str, torch.Tensor]]] = {}
-        for matrix, inc, last, state in self._read(
-            "SELECT matrix, incarnation, last_step, state FROM geometry WHERE run = ?", (run,)
+        where, params = (
+            ("run = ?", (run,)) if matrix is None else ("run = ? AND matrix = ?", (run, matrix))
+        )
+        for name_, inc, last, state in self._read(
+            f"SELECT matrix, incarnation, last_step, state FROM geometry WHERE {where}",
+            params,
+            writer=writer,
         ):
-            out[matrix] = (inc, last, json.loads(state), {})
+            out[name_] = (inc, last, json.loads(state), {})
         for matrix, name, dtype, shape, data in self._read(
-            "SELECT matrix, name, dtype, shape, data FROM tensors WHERE run = ?", (run,)
+            f"SELECT matrix, name, dtype, shape, data FROM tensors WHERE {where}",
+            params,
+            writer=writer,
         ):
             if matrix in out:
                 out[matrix][3][name] = tensor_from_bytes(dtype, json.loads(shape), data)

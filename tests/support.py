@@ -119,7 +119,9 @@ class SyntheticRun:
         out = []
         for name, (m, n) in self.shapes.items():
             layer, module = parse_name(name)
-            out.append(ManifestEntry(name, (m, n), m * n, "float32", layer, module, "none", 0))
+            out.append(
+                ManifestEntry(name, (m, n), m * n, "float32", layer, module, "replicated", 0)
+            )
         return out
 
     def config(self) -> dict:

@@ -85,7 +85,9 @@ class Run:
         manifest = []
         for n in NAMES:
             layer, module = parse_name(n)
-            manifest.append(ManifestEntry(n, (M, N), M * N, "float32", layer, module, "", 0))
+            manifest.append(
+                ManifestEntry(n, (M, N), M * N, "float32", layer, module, "replicated", 0)
+            )
         self.engine.hello(self.name, 1, None, manifest, {})
         for n in NAMES:
             self.engine.baseline(self.name, 1, n, self.trackers[n].baseline())

@@ -228,7 +228,7 @@ def test_engine_validation_errors_change_nothing(toy, tmp_path):
         ("bad name!", 1, run.manifest(), run.config(), "INVALID_ARGUMENT"),
         (run.run, 1, [], run.config(), "INVALID_ARGUMENT"),
         (run.run, 1, run.manifest() * 2, run.config(), "INVALID_ARGUMENT"),
-        (run.run, 0, run.manifest(), run.config(), "FAILED_PRECONDITION"),
+        (run.run, 0, run.manifest(), run.config(), "INVALID_ARGUMENT"),  # 1..2⁶³−1
         (run.run, 1, run.manifest(), {**run.config(), "channel_rank": 4}, "FAILED_PRECONDITION"),
         (
             run.run,
@@ -334,7 +334,7 @@ def test_engine_unreported_matrices_are_all_null(toy, tmp_path):
     run, _, _ = toy
     engine = _engine(tmp_path)
     extra = ManifestEntry(
-        "lm_head.weight", (8, 4), 32, "float32", None, "lm_head.weight", "none", 0
+        "lm_head.weight", (8, 4), 32, "float32", None, "lm_head.weight", "replicated", 0
     )
     engine.hello(run.run, 1, None, [*run.manifest(), extra], run.config())
     detail = engine.run_detail(run.run)
@@ -393,3 +393,26 @@ def test_engine_zero_update_is_null_and_left_out_of_aggregates(tmp_path):
     assert exported == {m["matrix"] for m in others}
     frob = {s.labels["matrix"] for s in families["deltawatch_update_frobenius_norm"].samples}
     assert still in frob
+
+
+def test_group_commit_stores_what_one_by_one_stores_and_refuses_items_alone(toy, tmp_path):
+    run, baselines, checks = toy
+    alone, grouped = _engine(tmp_path / "alone"), _engine(tmp_path / "grouped")
+    _feed(alone, run, baselines, checks, range(1, 4))
+    _feed(grouped, run, baselines, checks, [])
+    bad = dataclasses.replace(checks[2][0], frobenius_sq=math.inf)
+    items = [(run.run, 1, c, 0) for c in checks[1]]
+    items += [(run.run, 1, bad, 0), (run.run, 1, checks[1][0], 0)]  # refused; a duplicate
+    items += [(run.run, 1, c, 2) for step in (2, 3) for c in checks[step]]  # same matrices again
+    results = grouped.ingest_many(items)
+    n = len(checks[1])
+    assert results[:n] == [True] * n
+    assert isinstance(results[n], ValidationError) and "frobenius_sq" in results[n].message
+    assert results[n + 1] is False and results[n + 2 :] == [True] * (2 * n)
+    assert grouped.run_detail(run.run) == alone.run_detail(run.run)
+    for name in run.shapes:
+        assert grouped.history(run.run, name) == alone.history(run.run, name)
+    assert grouped.dropped_reports() == {run.run: 2 * 2 * n}
+    again = _engine(tmp_path / "grouped")  # what the batch committed is what a restart reads
+    assert again.run_detail(run.run) == grouped.run_detail(run.run)
+    assert again.dropped_reports() == grouped.dropped_reports()

@@ -332,7 +332,6 @@ def test_hostile_messages_get_clear_statuses_and_change_nothing(shared):
     lying.report.weight.G.shape[:] = [48, 100_000]
     lying.report.weight.G.data = b""
     lying.report.weight.G.chunk_count = 19
-    refused([*hello(), lying], IA, "weight.G declared with shape [48, 100000]")
     oversize = pb.ClientMessage(id=3, goodbye=pb.Goodbye(run="x", reason="a" * (5 << 20)))
     refused([*hello(), oversize], grpc.StatusCode.RESOURCE_EXHAUSTED, "")
     garbage = channel.stream_stream(
@@ -351,6 +350,7 @@ def test_hostile_messages_get_clear_statuses_and_change_nothing(shared):
 
     out = run([
         *hello(),
+        lying,  # a declaration that does not fit the manifest: refused alone, chunks skipped
         *report(10, c1, matrix="model.layers.9.mlp.up_proj.weight"),
         *report(11, c1, shape=(41, 48)),
         *report(12, c1, weight=dataclasses.replace(c1.weight, C=nan_C)),
@@ -363,8 +363,9 @@ def test_hostile_messages_get_clear_statuses_and_change_nothing(shared):
     acks = [i for k, m in kinds if k == "ack" for i in m.ack.ids]
     errors = {m.error.id: m.error for k, m in kinds if k == "error"}
     assert acks == [1, 14, 15, 14]
-    assert set(errors) == {10, 11, 12, 13}
+    assert set(errors) == {6, 10, 11, 12, 13}
     assert all(e.code == "INVALID_ARGUMENT" for e in errors.values())
+    assert "weight.G declared with shape [48, 100000]" in errors[6].message
     assert "is not in the manifest" in errors[10].message
     assert "report.shape [41, 48], manifest says [40, 48]" in errors[11].message
     assert "weight.C: 1 non-finite values" in errors[12].message
