@@ -248,8 +248,8 @@ class Anchor:
         m, n = self.shape
         r = self.rank + self.oversample
         spec = self.spec
-        if n <= r:  # exact path: V = I_n, padded with zero columns to r
-            return torch.eye(n, r, device=A.device)
+        if n <= r:  # exact path: V = I_n; G and C are n×n (r = min(K + p, n) columns on the wire)
+            return torch.eye(n, device=A.device)
         if m <= r:  # exact path: one power step from any full-rank V spans R^m
             return gaussian_basis(n, r, stable_seed(self.seed, self.name), A.device)
         if gram is not None:
