@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import flat
 from .collectives import ShardSpec, all_reduce_sum, gather_cols
 
 # A check stops its power steps when the indicator is at or below this (and estimates are null
@@ -83,8 +84,11 @@ def power_step(
     every rank. Sharded (docs/architecture.md "Sharding"): P = A_local·V[cols] summed over the
     column group; G_local = A_localᵀ·P summed over the row group, then assembled over the column
     group; C = PᵀP summed over the row group. Every collective is O((m+n)·r). Returns P for the
-    local rows, and the full G (n, r) and C (r, r) on every rank.
+    local rows, and the full G (n, r) and C (r, r) on every rank. A flat slice (FSDP1, ZeRO-3):
+    client/flat.py's `power_step`.
     """
+    if isinstance(spec, flat.FlatSpec):
+        return flat.power_step(A, V, spec)
     if spec is None:
         P = A @ V
         G = A.T @ P

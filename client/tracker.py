@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import flat
 from .anchor import Anchor, gaussian_basis, stable_seed
 from .collectives import ShardSpec, all_reduce_sum, reduce_over_matrix
 from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockState
@@ -235,6 +236,8 @@ class MatrixTracker:
         """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
         the local rows summed over the row group. O(m·K) collectives."""
         v_ref = self.lock.v_ref.to(self.device, torch.float32)
+        if isinstance(self.spec, flat.FlatSpec):
+            return flat.channel_energy(D, v_ref, self.spec)
         cols = slice(None) if self.spec is None else self.spec.cols
         Q = D @ v_ref[cols]
         if self.spec is not None:

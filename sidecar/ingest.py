@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from deltawatch.client import wire
 from deltawatch.client.config import RUN_NAME
-from deltawatch.client.records import ManifestEntry
+from deltawatch.client.records import SHARD_LAYOUTS, ManifestEntry
 from deltawatch.sidecar.errors import ValidationError
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
@@ -42,7 +42,7 @@ log = logging.getLogger("deltawatch.sidecar.ingest")
 MATRIX_NAME = re.compile(r"[A-Za-z0-9_.:/\-\[\]]{1,512}")
 MAX_MANIFEST = 1_000_000  # matrices in one hello
 MAX_COLUMNS = 4096  # r = K + p columns of a sketch, at most
-_SHARD_LAYOUTS = ("replicated", "rows", "cols", "rows+cols")
+_SHARD_LAYOUTS = SHARD_LAYOUTS
 
 
 class StreamAbort(Exception):
