@@ -164,17 +164,14 @@ class FlatSlice:
     def dim(self) -> int:
         return len(self.shape)
 
-    def numel(self) -> int:
-        return self.shape.numel()
-
 
 def part_range(s: FlatSlice, rows: tuple[int, int] | None) -> tuple[int, int]:
     """The slice's range inside the row block `rows` of the parameter, relative to that block."""
     n = s.shape[1]
     r0, r1 = rows if rows is not None else (0, s.shape[0])
-    lo, hi = max(s.start, r0 * n), min(s.stop, r1 * n)
-    lo = min(max(lo, r0 * n), r1 * n)
-    return lo - r0 * n, max(hi, lo) - r0 * n
+    lo = min(max(s.start, r0 * n), r1 * n)  # clamped into the block
+    hi = max(min(s.stop, r1 * n), lo)
+    return lo - r0 * n, hi - r0 * n
 
 
 def local_values(s: FlatSlice, rows: tuple[int, int] | None) -> torch.Tensor:
@@ -184,11 +181,6 @@ def local_values(s: FlatSlice, rows: tuple[int, int] | None) -> torch.Tensor:
     offset = (rows[0] if rows is not None else 0) * n - s.start
     with torch.no_grad():
         return s.read().detach()[start + offset : stop + offset]
-
-
-def has_flat_shards(model: nn.Module) -> bool:
-    """Whether any parameter of `model` lives in an FSDP1 FlatParameter or a ZeRO-3 partition."""
-    return bool(_fsdp1_units(model)) or any(hasattr(p, "ds_tensor") for p in model.parameters())
 
 
 def named_parameters(model: nn.Module) -> Iterator[tuple[str, Any]]:
