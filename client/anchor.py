@@ -25,6 +25,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import flat
 from .collectives import ShardSpec, all_reduce_sum, gather_cols
 from .masks import kth_largest_abs, low_magnitude_threshold, mask_count, pack_bits, unpack_bits
 from .settings import AnchorSettings, SketchSettings
@@ -118,7 +119,9 @@ class Anchor:
         else:
             self.W0 = W0.clone() if W0.data_ptr() == W0_local.data_ptr() else W0
         with highest_precision():
-            self.a = low_magnitude_threshold(W0, settings.alpha, spec, numel=self.numel)
+            self.a = low_magnitude_threshold(
+                flat.entries(W0, spec), settings.alpha, spec, self.numel
+            )
             A = W0.float()
             gram = self._gram(A) if min(self.shape) <= EXACT_LIMIT else None
             self._principal_mask(A, gram)
@@ -183,7 +186,8 @@ class Anchor:
                     yield L[r0 : r0 + step] @ Rt.T
 
         k = mask_count(self.settings.alpha, self.numel)
-        self.b = kth_largest_abs(chunks, k, self.numel, self.spec, dtype=dtype)
+        values = flat.entry_chunks(chunks, self.spec, step)  # a flat slice's own entries only
+        self.b = kth_largest_abs(values, k, self.numel, self.spec, dtype=dtype)
         packed = [pack_bits(c.abs() >= self.b.to(c.device)) for c in chunks()]
         mask = torch.cat(packed) if packed else torch.zeros(0, dtype=torch.uint8)
         mask = mask.to(self.W0.device)
@@ -224,6 +228,8 @@ class Anchor:
         _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec, MASK_TOLERANCE)
         theta, Z = rayleigh_ritz(G, C)
         V_R = ritz_vectors(G, Z, R).float()
+        if isinstance(spec, flat.FlatSpec):  # whole rows of W0·V_R, partial rows summed
+            return flat.row_products(A, V_R, spec)[spec.rows], V_R, torch.float32
         L = A @ V_R[cols]
         if spec is not None:
             all_reduce_sum(L, spec.col_group)
@@ -235,8 +241,8 @@ class Anchor:
         m, n = self.shape
         r = self.sketch.r
         spec = self.spec
-        if n <= r:  # exact path: V = I_n, padded with zero columns to r
-            return torch.eye(n, r, device=A.device)
+        if n <= r:  # exact path: V = I_n; G and C are n×n (r = min(K + p, n) columns on the wire)
+            return torch.eye(n, device=A.device)
         if m <= r:  # exact path: one power step from any full-rank V spans R^m
             return gaussian_basis(n, r, stable_seed(self.sketch.seed, self.name), A.device)
         if gram is not None:

@@ -28,8 +28,8 @@ from typing import Any
 
 import torch
 
+from . import flat, naming, sharding
 from . import fused as fused_mod
-from . import naming, sharding
 from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
 from .transport import ErrorLog, Transport
@@ -59,11 +59,12 @@ class _Matrix:
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    """The model inside DistributedDataParallel and torch.compile wrappers, so the monitored
+    """The model inside DistributedDataParallel, DeepSpeedEngine and torch.compile wrappers, so the monitored
     names (and the start bases seeded from them) match a single-process, uncompiled run:
     `model.layers.0...`, not `module.model.layers.0...` or `_orig_mod.model.layers.0...`."""
     while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if ddp or type(model).__name__ == "DeepSpeedEngine":  # deepspeed.initialize's engine
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
@@ -88,13 +89,17 @@ class Monitor:
     def __init__(self, model: torch.nn.Module, run: str, **kwargs: Any) -> None:
         self.config = MonitorConfig.from_keywords(run, **kwargs)
         c = self.config
-        sharding.check_supported(model)
         model = unwrap(model)
         self.errors = ErrorLog()
         self._faults = FaultPlan.from_env()  # the test seam; None unless DELTAWATCH_FAULT is set
         self.checks_dropped = 0  # matrix checks dropped on every rank after a failure
         self.rank, self.world_size = sharding.world()
         self.matrices = self._select(model)
+        if c.enforce_channel and any(m.placement.flat is not None for m in self.matrices):
+            raise ValueError(
+                "enforce_channel=True is not supported with flat shards (FSDP1, DeepSpeed "
+                "ZeRO-3); use FSDP2 (fully_shard) or DDP to project gradients onto the channel"
+            )
         self.incarnation = c.incarnation or _agree_incarnation()
         self._steps = c.resume_step or 0  # optimizer steps counted by attach()
         self._last_check: int | None = None
@@ -145,7 +150,7 @@ class Monitor:
         rules = fused_mod.parse_fused(c.fused)
         out: list[_Matrix] = []
         seen: set[int] = set()
-        for name, param in model.named_parameters():
+        for name, param in sharding.named_parameters(model):  # FSDP1/ZeRO-3: original names
             if id(param) in seen:  # tied weights are monitored once
                 continue
             verdict = c.selects(name)
@@ -444,6 +449,8 @@ class _CheckpointReader:
             )
         if m.rows is not None:
             W0 = W0[m.rows[0] : m.rows[1]]
+        if p.flat is not None:  # this rank's slice of the row-major weight, in its block
+            return flat.embed(W0.reshape(-1)[p.flat[0] : p.flat[1]], p.spec).to(_local(m).device)
         if p.sharded:
             if p.rows is None:
                 raise ValueError(

@@ -9,6 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+# A manifest entry's shard_layout (client/sharding.py): how the matrix is split over ranks.
+SHARD_LAYOUTS = ("replicated", "rows", "cols", "rows+cols", "flat")
+
 
 @dataclass(frozen=True)
 class Sketch:  # one tracked subspace iteration's output
@@ -47,5 +50,5 @@ class ManifestEntry:
     dtype: str
     layer: int | None
     module: str
-    shard_layout: str
+    shard_layout: str  # one of SHARD_LAYOUTS
     owner_rank: int

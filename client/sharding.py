@@ -18,11 +18,15 @@ Supported layouts (PyTorch `[out, in]` weights):
   parameter's mesh computes every matrix (the collectives need all of them); matrix i is *sent* by
   the mesh's rank number ``i mod mesh size``.
 
-Refused at construction, with the fix in the message (never wrong numbers): FSDP1
-(``FullyShardedDataParallel``: its ``FlatParameter`` or, with ``use_orig_params=True``, flattened
-1-D views make a weight's local piece meaningless as a matrix block), DeepSpeed ZeRO-3 (partitioned
-flat parameters, ``ds_tensor``), ``Partial`` placements, columns split over several mesh
-dimensions, and ``_StridedShard`` layouts other than FSDP2 over tensor parallel.
+* flat shards (FSDP1 ``FullyShardedDataParallel``, any ``use_orig_params``, nested units, every
+  sharding strategy; DeepSpeed ZeRO-3 ``ds_tensor`` partitions): a contiguous slice of the
+  row-major flattened weight, read through client/flat.py (`FlatSlice`, `FlatSpec`); names are the
+  original parameter names. Every rank of the shard group computes; matrix i is sent by the
+  group's rank number ``i mod group size`` (the world's, for FSDP1 HYBRID_SHARD).
+
+Refused at construction, with the fix in the message (never wrong numbers): ``Partial``
+placements, columns split over several mesh dimensions, ``_StridedShard`` layouts other than FSDP2
+over tensor parallel, and FSDP1 parameters that were not contiguous when flattened.
 """
 
 from __future__ import annotations
@@ -32,17 +36,17 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
+from . import flat
 from .collectives import ShardSpec
-
-LAYOUTS = ("replicated", "rows", "cols", "rows+cols")
+from .flat import named_parameters  # noqa: F401 - the Monitor selects from these
 
 SUPPORTED = (
     "deltawatch supports single-process models, DDP (torch.nn.parallel.DistributedDataParallel) "
-    "and DeepSpeed ZeRO-1/2 (replicated weights), and DTensor parameters: FSDP2 "
-    "(torch.distributed.fsdp.fully_shard), tensor parallel (parallelize_module with "
-    "ColwiseParallel/RowwiseParallel) and 2-D meshes combining them"
+    "and DeepSpeed ZeRO-1/2 (replicated weights), flat shards (FSDP1 FullyShardedDataParallel, "
+    "DeepSpeed ZeRO-3), and DTensor parameters: FSDP2 (torch.distributed.fsdp.fully_shard), "
+    "tensor parallel (parallelize_module with ColwiseParallel/RowwiseParallel) and 2-D meshes "
+    "combining them"
 )
 
 
@@ -65,10 +69,11 @@ class Placement:
     cols: tuple[int, int]
     row_group: Any  # dist.ProcessGroup | None
     col_group: Any  # dist.ProcessGroup | None
-    layout: str  # one of LAYOUTS (the manifest's shard_layout)
+    layout: str  # one of records.SHARD_LAYOUTS (the manifest's shard_layout)
     owner_rank: int  # the global rank that sends this matrix's reports
     computes_here: bool  # False only for a replicated matrix another rank owns
     replica_groups: tuple = ()  # groups over which the block is replicated (HSDP)
+    flat: tuple[int, int] | None = None  # a flat slice [start, stop) of the row-major matrix
 
     @property
     def sharded(self) -> bool:
@@ -79,6 +84,8 @@ class Placement:
         """The tracker's `ShardSpec`; None when nothing is split (no collective at all)."""
         if not self.sharded:
             return None
+        if self.flat is not None:
+            return flat.flat_spec(self.shape, *self.flat, self.row_group)
         return ShardSpec(
             shape=self.shape,
             row_offset=self.rows[0],
@@ -89,44 +96,6 @@ class Placement:
             col_group=self.col_group,
             replica_groups=self.replica_groups,
         )
-
-
-# --------------------------------------------------------------------------------------------
-# Refusal of layouts we cannot read
-
-
-def check_supported(model: nn.Module) -> None:
-    """Raise `UnsupportedShardingError` for FSDP1 and DeepSpeed ZeRO-3 models, saying what works.
-
-    Called by `Monitor` at construction, before any anchor is copied.
-    """
-    if dist.is_available():
-        from torch.distributed.fsdp import FlatParameter, FullyShardedDataParallel
-    else:  # a torch build without torch.distributed has neither
-        FlatParameter = FullyShardedDataParallel = ()  # noqa: N806
-
-    for name, module in model.named_modules():
-        if isinstance(module, FullyShardedDataParallel):
-            raise UnsupportedShardingError(
-                f"module {name or '<root>'!r} is wrapped in FSDP1 "
-                f"(torch.distributed.fsdp.FullyShardedDataParallel); its weights are flattened "
-                f"into FlatParameter shards that are not matrix blocks, so deltawatch would report "
-                f"wrong numbers. Use FSDP2 instead: `from torch.distributed.fsdp import "
-                f"fully_shard; fully_shard(block)` for each block, then `fully_shard(model)`. "
-                f"{SUPPORTED}."
-            )
-    for name, param in model.named_parameters():
-        if isinstance(param, FlatParameter) or "_flat_param" in name:
-            raise UnsupportedShardingError(
-                f"parameter {name!r} is an FSDP1 FlatParameter; use FSDP2 (fully_shard). "
-                f"{SUPPORTED}."
-            )
-        if hasattr(param, "ds_tensor") or hasattr(param, "ds_status"):
-            raise UnsupportedShardingError(
-                f"parameter {name!r} is partitioned by DeepSpeed ZeRO-3 (it carries ds_tensor/"
-                f"ds_status); its local piece is a flat 1-D partition, not a matrix block. Use "
-                f"ZeRO stage 1 or 2, or FSDP2 (torch.distributed.fsdp.fully_shard). {SUPPORTED}."
-            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -149,6 +118,8 @@ def local_block(param: torch.Tensor, rows: tuple[int, int] | None = None) -> tor
     sharded parameter it is intersected with the local rows. Call it at check time: FSDP2 and
     tensor parallel keep updating the same local storage, but a view is cheaper than a question.
     """
+    if isinstance(param, flat.FlatSlice):
+        return _flat_block(param, rows)
     with torch.no_grad():
         local = param.to_local() if is_dtensor(param) else param
         local = local.detach()
@@ -304,6 +275,8 @@ def owner_rank(index: int, param: torch.Tensor | None = None) -> int:
     if param is not None and is_dtensor(param):
         ranks = tuple(int(r) for r in param.device_mesh.mesh.flatten().tolist())
         return ranks[index % len(ranks)]
+    if isinstance(param, flat.FlatSlice):
+        return param.ranks[index % len(param.ranks)]
     _, size = world()
     return index % size
 
@@ -318,6 +291,8 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
         )
     rank, _ = world()
     owner = owner_rank(index, param)
+    if isinstance(param, flat.FlatSlice) and param.group is not None:
+        return _place_flat(param, rows, owner)
     if not is_dtensor(param):
         m, n = (int(s) for s in param.shape)
         r0, r1 = rows if rows is not None else (0, m)
@@ -362,3 +337,38 @@ def place(param: torch.Tensor, index: int, rows: tuple[int, int] | None = None) 
 def describe(param: torch.Tensor, index: int = 0) -> tuple[torch.Tensor, ShardSpec | None]:
     """(this rank's block of `param` as a view, its `ShardSpec` or None when not split)."""
     return local_block(param), place(param, index).spec
+
+
+# --------------------------------------------------------------------------------------------
+# Flat slices (FSDP1, ZeRO-3)
+
+
+def _place_flat(param: flat.FlatSlice, rows: tuple[int, int] | None, owner: int) -> Placement:
+    """The `Placement` of a flat slice (or of its part inside the fused rows `rows`)."""
+    m, n = (int(s) for s in param.shape)
+    r0, r1 = rows if rows is not None else (0, m)
+    start, stop = flat.part_range(param, rows)
+    spec = flat.flat_spec((r1 - r0, n), start, stop, param.group)
+    return Placement(
+        shape=spec.shape,
+        local_shape=spec.local_shape,
+        rows=(spec.row_offset, spec.row_offset + spec.row_length),
+        cols=(0, n),
+        row_group=param.group,
+        col_group=None,
+        layout="flat",
+        owner_rank=owner,
+        computes_here=True,
+        flat=(start, stop),
+    )
+
+
+def _flat_block(param: flat.FlatSlice, rows: tuple[int, int] | None) -> torch.Tensor:
+    """This rank's block of a flat slice (zeros outside the slice), or of the whole parameter
+    when every rank holds it (FSDP1 NO_SHARD)."""
+    values = flat.local_values(param, rows)
+    if param.group is None:
+        return values.view(-1, int(param.shape[1]))
+    m, n = (int(s) for s in param.shape)
+    r0, r1 = rows if rows is not None else (0, m)
+    return flat.embed(values, flat.flat_spec((r1 - r0, n), *flat.part_range(param, rows), None))

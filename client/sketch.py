@@ -27,6 +27,7 @@ from collections.abc import Iterator
 
 import torch
 
+from . import flat
 from .collectives import PLAIN, Reductions, ShardSpec, all_reduce_sum, gather_cols
 
 # A check stops its power steps when the indicator is at or below this (and estimates are null
@@ -86,13 +87,16 @@ def power_step(
     every rank. Sharded (docs/architecture.md "Sharding"): P = A_local·V[cols] summed over the
     column group; G_local = A_localᵀ·P summed over the row group, then assembled over the column
     group; C = PᵀP summed over the row group. Every collective is O((m+n)·r). Returns P for the
-    local rows, and the full G (n, r) and C (r, r) on every rank.
+    local rows, and the full G (n, r) and C (r, r) on every rank. A flat slice (FSDP1, ZeRO-3):
+    client/flat.py's `power_step`.
 
     `reductions` runs the contributions of the local block A (P's and G's): plainly, or through
     a check's fault-isolated `CheckSession`, where A is None after a local failure (the rank then
     contributes zeros of the shapes declared from `spec`). What follows a reduction (assembling G,
     C = PᵀP) is computed on every rank alike.
     """
+    if isinstance(spec, flat.FlatSpec):
+        return flat.power_step(A, V, spec, reductions)
     spec = spec if spec is not None else ShardSpec.whole(tuple(A.shape))
     (m_local, n_local), r, dtype = spec.local_shape, V.shape[1], V.dtype
     rows, cols = (spec.row_group,), (spec.col_group,)

@@ -20,6 +20,7 @@ import math
 
 import torch
 
+from . import flat
 from .anchor import Anchor, gaussian_basis, stable_seed
 from .collectives import CheckSession, ShardSpec, all_reduce_sum
 from .lock import LockState
@@ -239,9 +240,12 @@ class MatrixTracker:
     ) -> float:
         """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
         the local rows summed over the row group. O(m·K) collectives."""
+        v_ref = v_ref.to(self.device, torch.float32)
+        if isinstance(layout, flat.FlatSpec):
+            return flat.channel_energy(D, v_ref, layout, s)
         shape = (layout.local_shape[0], v_ref.shape[1])
         Q = s.all_reduce(
-            lambda: D @ v_ref.to(self.device, torch.float32)[layout.cols],
+            lambda: D @ v_ref[layout.cols],
             shape,
             (layout.col_group,),
         )

@@ -20,9 +20,8 @@ import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
 from .config import RUN_NAME
-from .records import ManifestEntry, MatrixCheck, Sketch
+from .records import SHARD_LAYOUTS, ManifestEntry, MatrixCheck, Sketch
 from .settings import MAX_COLUMNS, AnchorSettings, LockSettings, SketchSettings
-from .sharding import LAYOUTS as SHARD_LAYOUTS
 
 # The protocol's limits: the one place the client, the ingest and the engine read them from.
 MAX_CHUNK_BYTES = 1 << 20  # 1 MiB: the largest piece of a tensor in one frame

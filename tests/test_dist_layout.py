@@ -1,12 +1,11 @@
 """Single-process rules of client/sharding.py and client/fused.py: the chunk rule, fused splits,
-replicated ownership, and the refusal of layouts that are not matrix blocks (ZeRO-3)."""
+replicated ownership, and the flat slices of FSDP1 and ZeRO-3 (client/flat.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from deltawatch.client import fused, sharding
-from torch import nn
+from deltawatch.client import flat, fused, sharding
 
 
 @pytest.mark.parametrize("length,parts", [(97, 2), (1, 2), (7, 4), (0, 3), (64, 2), (5, 8)])
@@ -78,23 +77,35 @@ def test_single_process_owns_and_computes_everything():
         assert p.owner_rank == 0 and p.computes_here and p.spec is None
 
 
-class _ZeroThreeLike(nn.Module):
-    """What DeepSpeed ZeRO-3 leaves on a module: parameters emptied to a placeholder and tagged
-    with ds_* attributes (the partition lives in ds_tensor)."""
+@pytest.mark.parametrize("shape", [(7, 5), (1, 9), (9, 1), (4, 4)])
+@pytest.mark.parametrize("parts", [1, 2, 3, 8])
+def test_flat_slices_are_additive_blocks(shape: tuple[int, int], parts: int):
+    """FSDP1/ZeRO-3 slices (client/flat.py): the blocks of `parts` contiguous slices of the
+    row-major weight, each placed at its rows, add up to W; their entries, in order, are W's."""
+    m, n = shape
+    W = torch.arange(1, m * n + 1, dtype=torch.float32).view(m, n)
+    size = -(-m * n // parts)  # ZeRO-3's partition size (the last one short or empty)
+    total = torch.zeros(m, n)
+    seen = []
+    for k in range(parts):
+        start, stop = min(k * size, m * n), min((k + 1) * size, m * n)
+        spec = flat.flat_spec(shape, start, stop, None)
+        block = flat.embed(W.reshape(-1)[start:stop], spec)
+        assert tuple(block.shape) == spec.local_shape
+        total[spec.rows] += block
+        seen.append(flat.entries(block, spec))
+        chunks = flat.entry_chunks(
+            lambda b=block: (b[r : r + 2] for r in range(0, len(b), 2)), spec, 2
+        )
+        assert torch.equal(torch.cat([torch.zeros(0), *chunks()]), seen[-1])
+    assert torch.equal(total, W)
+    assert torch.equal(torch.cat(seen), W.reshape(-1))
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList([nn.Linear(8, 8, bias=False)])
-        w = self.layers[0].weight
-        w.ds_id = 0
-        w.ds_status = "NOT_AVAILABLE"
-        w.ds_tensor = torch.zeros(32)
 
-
-def test_zero3_is_refused_with_the_fix():
-    with pytest.raises(sharding.UnsupportedShardingError, match="ZeRO-3.*ZeRO stage 1 or 2"):
-        sharding.check_supported(_ZeroThreeLike())
-
-
-def test_plain_model_is_supported():
-    sharding.check_supported(nn.Sequential(nn.Linear(4, 4)))
+def test_a_fused_part_of_a_flat_slice_is_the_slice_inside_its_rows():
+    W = torch.arange(24.0).view(6, 4)
+    s = flat.FlatSlice(W.shape, W.dtype, True, 5, 17, None, (0,), lambda: W.reshape(-1)[5:17])
+    assert flat.part_range(s, (0, 2)) == (5, 8)  # rows 0-1: elements 5..7
+    assert flat.part_range(s, (2, 4)) == (0, 8)  # rows 2-3 whole
+    assert flat.part_range(s, (4, 6)) == (0, 1)  # rows 4-5: element 16 only
+    assert torch.equal(flat.local_values(s, (4, 6)), torch.tensor([16.0]))

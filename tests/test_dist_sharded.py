@@ -4,11 +4,13 @@ One real `deltawatch serve` process; one plain process feeds the toy trajectory 
 through a Monitor; one `torchrun --standalone --nproc-per-node 2` (gloo, CPU) feeds the same
 trajectory through FSDP2 `fully_shard` (Shard(0), uneven and empty blocks, a fused QKV split
 across ranks), tensor parallel `RowwiseParallel` (Shard(1), uneven columns) and DDP (replicated),
-then tries FSDP1; a 4-rank torchrun does the same on a 2 x 2 (dp, tp) mesh: FSDP2 over
-colwise/rowwise tensor parallel (`_StridedShard` rows, and row+column blocks), and HSDP (2 replicas
-of 2 shards: `(Replicate(), Shard(0))`). Every key read back over the sidecar's HTTP API must equal the single-process
+FSDP1 (use_orig_params False with a unit per block, True with one root unit and SHARD_GRAD_OP)
+and DeepSpeed ZeRO-3 (flat slices); a 4-rank torchrun does the same on a 2 x 2 (dp, tp) mesh:
+FSDP2 over colwise/rowwise tensor parallel (`_StridedShard` rows, and row+column blocks), HSDP
+(2 replicas of 2 shards: `(Replicate(), Shard(0))`) and FSDP1 HYBRID_SHARD. The flat modes then
+take one real optimizer step, checked against the framework's own gathered weights. Every key read back over the sidecar's HTTP API must equal the single-process
 value within 1e-4 relative; no collective issued during a check may move O(m·n) elements; both
-ranks must issue the same sequence of collectives; DDP issues none; FSDP1 is refused.
+ranks must issue the same sequence of collectives; DDP issues none.
 """
 
 from __future__ import annotations
@@ -30,7 +32,11 @@ SCRIPT = ROOT / "tests" / "dist" / "run_toy.py"
 MODES = ("fsdp2", "tp", "ddp")  # torchrun, 2 ranks
 MESH_2D = "fsdp2_tp"  # torchrun, 4 ranks: a 2 x 2 (dp, tp) mesh
 HSDP = "hsdp"  # torchrun, 4 ranks: 2 replicas x 2 shards
-WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, "fsdp1": 2, MESH_2D: 4, HSDP: 4}
+FLAT_2 = ("fsdp1", "fsdp1_orig", "zero3")  # flat shards, 2 ranks (tests/dist/run_toy.py)
+FLAT_4 = ("fsdp1_hybrid",)  # 4 ranks: HYBRID_SHARD, 2 replicas x 2 shards
+FLAT = FLAT_2 + FLAT_4
+WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, MESH_2D: 4, HSDP: 4}
+WORLD |= dict.fromkeys(FLAT_2, 2) | dict.fromkeys(FLAT_4, 4)
 DOWN = "fsdp2_down"  # fsdp2 with rank 1's sidecar down
 R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
 STEPS = 5
@@ -60,7 +66,7 @@ def runs(sidecar, tmp_path_factory):
         stderr=subprocess.STDOUT,
         text=True,
     )
-    for nproc, modes in ((2, (*MODES, DOWN, "fsdp1")), (4, (MESH_2D, HSDP))):
+    for nproc, modes in ((2, (*MODES, DOWN, *FLAT_2)), (4, (MESH_2D, HSDP, *FLAT_4))):
         job = subprocess.run(
             [sys.executable, "-m", "torch.distributed.run", "--standalone"]
             + ["--nproc-per-node", str(nproc), str(SCRIPT), "--modes", ",".join(modes), *common],
@@ -87,7 +93,7 @@ def _history(base: str, run: str, matrix: str) -> list[dict]:
 
 
 def test_every_rank_delivered_every_report(runs):
-    for mode in ("single", *MODES, MESH_2D, HSDP):
+    for mode in ("single", *MODES, MESH_2D, HSDP, *FLAT):
         for k in range(WORLD[mode]):
             r = runs[f"{mode}-rank{k}"]
             assert r["acknowledged"] is True, r
@@ -95,7 +101,7 @@ def test_every_rank_delivered_every_report(runs):
             assert r["stats"]["dropped_reports"] == 0
 
 
-@pytest.mark.parametrize("mode", (*MODES, MESH_2D, HSDP))
+@pytest.mark.parametrize("mode", (*MODES, MESH_2D, HSDP, *FLAT))
 def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     _, base = sidecar
     single = _get(base, "/runs/toy-single")
@@ -103,7 +109,8 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     names = sorted(m["matrix"] for m in single["matrices"])
     assert names == sorted(m["matrix"] for m in sharded["matrices"])
     assert len(names) == 7  # 5 weights, the fused QKV split into q/k/v
-    assert sharded["last_step"] == single["last_step"] == STEPS
+    assert single["last_step"] == STEPS
+    assert sharded["last_step"] == STEPS + (mode in FLAT)  # flat: one real optimizer step more
     by_name = {m["matrix"]: m for m in sharded["matrices"]}
     for m in single["matrices"]:
         assert (by_name[m["matrix"]]["layer"], by_name[m["matrix"]]["module"]) == (
@@ -112,7 +119,8 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
         )
     compared = 0
     for name in names:
-        a, b = _history(base, "toy-single", name), _history(base, f"toy-{mode}", name)
+        a = _history(base, "toy-single", name)
+        b = [p for p in _history(base, f"toy-{mode}", name) if p["step"] <= STEPS]
         assert [p["step"] for p in a] == [p["step"] for p in b] == list(range(1, STEPS + 1))
         for pa, pb in zip(a, b, strict=True):
             for key, va in pa.items():
@@ -126,7 +134,7 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
     assert compared > 7 * STEPS * 10
 
 
-@pytest.mark.parametrize("mode", ("fsdp2", "tp", MESH_2D, HSDP))
+@pytest.mark.parametrize("mode", ("fsdp2", "tp", MESH_2D, HSDP, *FLAT))
 def test_no_collective_moves_a_matrix(runs, mode):
     """Every collective of a check is O((m+n)·r): P (m×r), G (n×r), C (r×r), counts, norms."""
     ranks = [runs[f"{mode}-rank{k}"] for k in range(WORLD[mode])]
@@ -142,7 +150,7 @@ def test_no_collective_moves_a_matrix(runs, mode):
     # columns; gloo itself fails a collective whose sizes differ inside one group)
     for r in ranks[1:]:
         assert [name for name, _ in r["calls"]] == [name for name, _ in r0["calls"]]
-        if mode in ("fsdp2", "tp"):
+        if mode in ("fsdp2", "tp", *FLAT):  # flat: P (m×r) and G (n×r) whole on every rank
             assert r["calls"] == r0["calls"]
 
 
@@ -171,10 +179,27 @@ def test_sharded_layouts_and_owners(runs):
     assert [e["owner_rank"] for e in mesh] == [i % 4 for i in range(len(mesh))]
 
 
-def test_fsdp1_is_refused_with_the_fix(runs):
-    for k in (0, 1):
-        msg = runs[f"fsdp1-rank{k}"]["refused"]
-        assert "FSDP1" in msg and "fully_shard" in msg and "wrong numbers" in msg
+@pytest.mark.parametrize("mode", FLAT)
+def test_flat_shards_read_the_weights_the_optimizer_stepped(runs, sidecar, mode):
+    """After the written trajectory, one real optimizer step (torch SGD through FSDP1; DeepSpeed's
+    engine.step() for ZeRO-3) and a check: ‖ΔW‖_F within 1e-4 relative and the bf16-visible ratio
+    exactly the float64 values from the framework's own gathered weights (summon_full_params,
+    GatheredParameters); layouts are "flat" under the original names."""
+    _, base = sidecar
+    r0 = runs[f"{mode}-rank0"]
+    assert {e["shard_layout"] for e in r0["manifest"]} == {"flat"}
+    assert [e["owner_rank"] for e in r0["manifest"]] == [i % WORLD[mode] for i in range(7)]
+    exact = r0["after_step"]
+    assert sorted(exact) == sorted(e["matrix"] for e in r0["manifest"])
+    moved = 0
+    for name, ref in exact.items():
+        got = next(p for p in _history(base, f"toy-{mode}", name) if p["step"] == STEPS + 1)
+        where = f"{mode} {name}: {got} vs {ref}"
+        assert abs(got["frobenius_norm"] - ref["frobenius_norm"]) <= REL * ref["frobenius_norm"]
+        assert got["bf16_visible_ratio"] == ref["bf16_visible_ratio"], where
+        stepped = _history(base, f"toy-{mode}", name)[STEPS - 1]["frobenius_norm"]
+        moved += got["frobenius_norm"] != stepped
+    assert moved == len(exact)  # the step changed every matrix: the check saw the new weights
 
 
 def test_a_sidecar_down_on_one_node_never_stalls_the_job(runs, sidecar):

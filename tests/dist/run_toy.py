@@ -18,6 +18,7 @@ every step (tests/dist/toy.py).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import faulthandler
 import json
 import os
@@ -37,6 +38,17 @@ from toy import FUSED, CollectiveCounter, Toy, initial_weights, weights_at  # no
 MONITOR = dict(
     every=1, channel_rank=4, oversample=4, max_power_steps=4, lock_at_step=3, fused=FUSED
 )
+FSDP1 = ("fsdp1", "fsdp1_orig", "fsdp1_hybrid")
+FLAT = (*FSDP1, "zero3")  # flat shards: after the written trajectory, one real optimizer step
+# DeepSpeed ZeRO-3 in fp32 with plain SGD (no mixed precision: the written trajectory's bits are
+# the single process's); its shared-memory allreduce is a C++ op JIT-built on first use (minutes
+# on 2 cores), turned off so DeepSpeed's collectives go through gloo.
+ZERO3 = {
+    "train_micro_batch_size_per_gpu": 1,
+    "optimizer": {"type": "SGD", "params": {"lr": 0.05}},
+    "zero_optimization": {"stage": 3},
+    "zero_allow_untested_optimizer": True,
+}
 
 
 def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -104,14 +116,63 @@ def build(mode: str) -> tuple[torch.nn.Module, torch.nn.Module]:
 
         ddp = DistributedDataParallel(toy)
         return ddp.module, ddp.module  # replicated weights; the Monitor gets the plain names
-    if mode == "fsdp1":
+    if mode in FSDP1:
+        return _fsdp1(mode, toy), toy
+    if mode == "zero3":
+        import deepspeed
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False  # see ZERO3
+        engine, *_ = deepspeed.initialize(model=toy, config=ZERO3, dist_init_required=False)
+        return engine, toy
+    raise SystemExit(f"unknown mode {mode}")
+
+
+def _fsdp1(mode: str, toy: torch.nn.Module) -> torch.nn.Module:
+    """FSDP1 (FullyShardedDataParallel): fsdp1 = use_orig_params=False, a unit per block inside
+    the root unit, FULL_SHARD; fsdp1_orig = use_orig_params=True, one root unit (one
+    FlatParameter for the whole model), SHARD_GRAD_OP; fsdp1_hybrid (4 ranks) = a unit per block,
+    HYBRID_SHARD on a (replicate 2, shard 2) mesh."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from toy import Block
+
+    kwargs: dict = {"device_id": torch.device("cpu"), "use_orig_params": mode != "fsdp1"}
+    if mode != "fsdp1_orig":
+        kwargs["auto_wrap_policy"] = ModuleWrapPolicy({Block})
+    if mode == "fsdp1_orig":
+        kwargs["sharding_strategy"] = ShardingStrategy.SHARD_GRAD_OP
+    if mode == "fsdp1_hybrid":
+        kwargs["sharding_strategy"] = ShardingStrategy.HYBRID_SHARD
+        kwargs["device_mesh"] = init_device_mesh(
+            "cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("replicate", "shard")
+        )
+    return FullyShardedDataParallel(toy, **kwargs)
+
+
+@contextlib.contextmanager
+def full_weights(mode: str, model: torch.nn.Module, named: torch.nn.Module, writeback: bool):
+    """The whole weights of a flat-sharded model, by the framework's own means (FSDP1
+    `summon_full_params`, DeepSpeed `GatheredParameters`, rank 0's changes kept), so the test
+    writes and reads them independently of client/flat.py; yields {name: weight tensor}."""
+    names = list(initial_weights())
+    if mode in FSDP1:
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        wrapped = FullyShardedDataParallel(
-            toy, use_orig_params=False, device_id=torch.device("cpu")
-        )
-        return wrapped, toy
-    raise SystemExit(f"unknown mode {mode}")
+        with FullyShardedDataParallel.summon_full_params(model, writeback=writeback):
+            yield {n: _resolve(named, n) for n in names}
+        return
+    import deepspeed
+
+    params = [_resolve(named, n) for n in names]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if writeback else None):
+        yield dict(zip(names, params, strict=True))
+
+
+def _resolve(module: torch.nn.Module, name: str) -> torch.Tensor:
+    """module.<name> through FSDP1's attribute forwarding (the unsharded view in summon)."""
+    path, _, attr = name.rpartition(".")
+    return getattr(module.get_submodule(path), attr)
 
 
 def write_weights(named: torch.nn.Module, W: dict[str, torch.Tensor], verify: bool = False) -> None:
@@ -131,6 +192,41 @@ def write_weights(named: torch.nn.Module, W: dict[str, torch.Tensor], verify: bo
                     raise AssertionError(f"{name}: local blocks do not reassemble W")
             else:
                 p.copy_(W[name])
+
+
+def real_step(mode, model, named, mon, step: int, W0: dict, counter) -> dict:
+    """One real optimizer step (SGD on the toy's loss; DeepSpeed's engine.step() for ZeRO-3), then
+    a check at `step`; returns the exact float64 ‖ΔW‖_F and bf16-visible ratio of every reported
+    matrix from the framework's own gathered weights (W0 = the written trajectory's anchor)."""
+    from deltawatch.client import fused
+    from deltawatch.sidecar.reference import exact_counts, exact_keys
+
+    x = torch.randn(4, 128, generator=torch.Generator().manual_seed(7))
+    if mode == "zero3":
+        loss = model(x)
+        model.backward(loss)
+        model.step()
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        model(x).backward()
+        opt.step()
+    counter.active = True
+    mon.step(step)
+    counter.active = False
+    rules = fused.parse_fused(FUSED)
+    exact = {}
+    with full_weights(mode, model, named, writeback=False) as full:
+        for name, W in W0.items():
+            for part in fused.split(name, tuple(W.shape), rules):
+                r0, r1 = part.rows or (0, W.shape[0])
+                w0, wt = W[r0:r1], full[name].detach()[r0:r1].clone()
+                ref = exact_keys(w0, wt, view="bf16", rank=MONITOR["rank"])
+                visible = exact_counts(w0, wt, view="bf16")["visible"]
+                exact[part.name] = {
+                    "frobenius_norm": ref["frobenius_norm"],
+                    "bf16_visible_ratio": visible / w0.numel(),
+                }
+    return exact
 
 
 def free_port() -> int:
@@ -159,12 +255,19 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
     step_seconds = []
     try:
         for step in range(1, a.steps + 1):
-            write_weights(named, weights_at(step, W0), verify=step == 1)
+            if mode in FLAT:
+                with full_weights(mode, model, named, True) as full, torch.no_grad():
+                    for name, W in weights_at(step, W0).items():
+                        full[name].copy_(W)
+            else:
+                write_weights(named, weights_at(step, W0), verify=step == 1)
             counter.active = True
             t0 = time.perf_counter()
             mon.step(step)
             step_seconds.append(time.perf_counter() - t0)
             counter.active = False
+        if mode in FLAT:
+            out["after_step"] = real_step(mode, model, named, mon, a.steps + 1, W0, counter)
     finally:
         counter.uninstall()
     out["step_seconds"] = step_seconds

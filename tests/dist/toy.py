@@ -42,6 +42,16 @@ class Block(nn.Module):
         self.mlp = MLP(gate=i == 0)
         self.input_layernorm = nn.LayerNorm(D)
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ over the block's linear layers of ‖lin(x[:, :in])‖²: a loss touching every weight,
+        for the runs that take a real optimizer step (FSDP1 and ZeRO-3 gather a unit's weights
+        around its forward)."""
+        total = x.new_zeros(())
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                total = total + module(x[:, : module.in_features]).square().sum()
+        return total
+
 
 class Inner(nn.Module):
     def __init__(self) -> None:
@@ -53,6 +63,9 @@ class Toy(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.model = Inner()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sum(block(x) for block in self.model.layers)
 
 
 FUSED = {r"self_attn\.qkv_proj": ["q_proj", "k_proj", "v_proj"]}
