@@ -72,7 +72,9 @@ def flat_spec(shape: tuple[int, int], start: int, stop: int, group: Any) -> Flat
         first = last = min(start // n, m)
     else:
         first, last = start // n, -(-stop // n)
-    return FlatSpec(tuple(shape), first, last - first, 0, n, group, None, start, stop)
+    return FlatSpec(
+        tuple(shape), first, last - first, 0, n, row_group=group, start=start, stop=stop
+    )
 
 
 def row_products(
