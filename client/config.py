@@ -52,6 +52,7 @@ class MonitorConfig:
     tls: Mapping[str, str] | None = None  # {"ca", "cert", "key": paths; "server_name"}
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
     seed: int = 0
+    include_frozen: bool = False  # also monitor requires_grad=False weights (no adapter on them)
     # Resume and transport (documented in docs/wire.md)
     incarnation: int | None = None  # None: chosen at construction (ms clock, agreed over ranks)
     resume_step: int | None = None  # the step a restarted trainer resumes from
@@ -211,8 +212,9 @@ def validate(c: MonitorConfig) -> None:
             )
     if c.fused is not None and not isinstance(c.fused, Mapping):
         raise TypeError(f"fused must be a mapping (see docs/distributed.md), got {c.fused!r}")
-    if not isinstance(c.enforce_channel, bool):
-        raise TypeError(f"enforce_channel must be True or False, got {c.enforce_channel!r}")
+    for name in ("enforce_channel", "include_frozen"):
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if c.token is not None and c.token_file is not None:
         raise ValueError("give token or token_file, not both")
     if c.token is not None and (not isinstance(c.token, str) or not c.token.strip()):

@@ -12,6 +12,11 @@ A check (DESIGN §3):
      rank; once locked, ‖ΔW·V_ref‖_F² exactly;
   4. the same power steps on view(W_t), warm-started from W0's top-(k+p) Ritz basis.
 Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exact=True`.
+
+A base matrix with LoRA adapters (client/adapters.py) is checked through its factors: the power
+steps multiply with the operator ΔW = L·R (never an m×n product), ‖ΔW‖_F² comes from the q×q Gram
+products, and the pass of step 1 forms the merged weight W0 + ΔW chunk by chunk for the bitwise
+counts (bf16(W0 + ΔW) against bf16(W0)) and for the W_t tracker of step 4.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import math
 
 import torch
 
+from .adapters import AdapterUpdate, LowRank
 from .anchor import Anchor, gaussian_basis, stable_seed
 from .collectives import ShardSpec, all_reduce_sum, reduce_over_matrix
 from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockState
@@ -145,33 +151,44 @@ class MatrixTracker:
         return _to_wire(a.baseline_G, a.baseline_C, a.baseline_convergence, 1, a.exact)
 
     @torch.no_grad()
-    def check(self, W_t_local: torch.Tensor, step: int) -> MatrixCheck:
-        """One check of the current weight (the local shard) at training step `step`."""
+    def check(self, W_t_local: torch.Tensor | AdapterUpdate, step: int) -> MatrixCheck:
+        """One check of the current weight (the local shard) at training step `step`; or, for a
+        base matrix with LoRA adapters, of its adapters' update (client/adapters.py)."""
+        source = W_t_local.detach() if isinstance(W_t_local, torch.Tensor) else W_t_local
         with highest_precision():
-            return self._check(W_t_local.detach(), int(step))
+            return self._check(source, int(step))
 
     # -- the check ------------------------------------------------------------------------
 
-    def _check(self, W: torch.Tensor, step: int) -> MatrixCheck:
+    def _check(self, W: torch.Tensor | AdapterUpdate, step: int) -> MatrixCheck:
+        """The check of DESIGN §3. The update operator the power steps multiply with is ΔW itself
+        (dense: formed into D chunk by chunk) or, for adapters, `LowRank` L·R (D then holds
+        view(W0 + ΔW), the merged weight, for the counts and the W_t tracker)."""
         a = self.anchor
         if tuple(W.shape) != a.local_shape:
             raise ValueError(f"{self.name}: local shape {tuple(W.shape)} != {a.local_shape}")
-        W = W.to(self.device)
+        dense = isinstance(W, torch.Tensor)
+        if dense:
+            W = W.to(self.device)
         D = torch.empty(a.local_shape, dtype=torch.float32, device=self.device)
         stats = torch.zeros(4, dtype=torch.float64, device=self.device)
         for rows, W0 in a.row_chunks():
-            Wv = W[rows].to(a.dtype)  # view(W_t): a bf16 copy in the default view
+            Wt = W[rows] if dense else W.merged_rows(rows).to(self.device)
+            Wv = Wt.to(a.dtype)  # view(W_t): a bf16 copy in the default view
             Dr = D[rows]
-            Dr.copy_(Wv).sub_(W0)  # ΔW = f32(view(W_t)) − f32(view(W0)), no temporaries
-            Wb = Wv if a.dtype == torch.bfloat16 else W[rows].to(torch.bfloat16)
+            Dr.copy_(Wv)
+            if dense:  # ΔW = f32(view(W_t)) − f32(view(W0)), no temporaries
+                Dr.sub_(W0)
+                stats[0] += torch.linalg.vector_norm(Dr, dtype=torch.float64).square()
+            Wb = Wv if a.dtype == torch.bfloat16 else Wt.to(torch.bfloat16)
             W0b = W0 if W0.dtype == torch.bfloat16 else W0.to(torch.bfloat16)
             visible = Wb.view(torch.int16) != W0b.view(torch.int16)
-            stats[0] += torch.linalg.vector_norm(Dr, dtype=torch.float64).square()
             stats[1] += visible.sum()
             stats[2] += (visible & a.low_mask(W0)).sum()
             stats[3] += (visible & a.principal_rows(rows)).sum()
         reduce_over_matrix(stats, self.spec)
-        frobenius_sq = float(stats[0])
+        delta = D if dense else W.operator()
+        frobenius_sq = float(stats[0]) if dense else W.frobenius_sq()
         counts = [int(round(float(c))) for c in stats[1:]]
 
         update = None
@@ -181,17 +198,17 @@ class MatrixTracker:
         # clear error) without touching the bases, so the tracker recovers with the weights
         finite = math.isfinite(frobenius_sq)
         if frobenius_sq > 0 and finite:
-            update, theta, Z, self.V, G = self._iterate(D, self.V, self.rank)
+            update, theta, Z, self.V, G = self._iterate(delta, self.V, self.rank)
             V_K = ritz_vectors(G, Z, self.rank).float()
             energy = float(theta[: self.rank].sum()) / frobenius_sq
             converged = update.convergence <= self.tolerance
         obs = self.lock.observe(step, V_K, energy, converged)
-        channel = self._channel_energy(D) if self.lock.locked else None
+        channel = self._channel_energy(delta) if self.lock.locked else None
 
         if update is None:  # W_t == W0 in this view (or not finite): W0's sketch
             weight = self.baseline()
         else:
-            A = self._weight_view(W, D)
+            A = self._weight_view(W, D) if dense else D
             weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.rank)
         return MatrixCheck(
             matrix=self.name,
@@ -211,7 +228,7 @@ class MatrixTracker:
         )
 
     def _iterate(
-        self, A: torch.Tensor, V: torch.Tensor, k: int
+        self, A: torch.Tensor | LowRank, V: torch.Tensor, k: int
     ) -> tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Power steps from V until convergence(k) ≤ tolerance (or the budget); returns the sketch
         of the last step (on the CPU), its Ritz pairs, the next basis orth(G) and G on the
@@ -231,7 +248,7 @@ class MatrixTracker:
                 break
         return _to_wire(G, C, indicator, steps, False), theta, Z, V, G
 
-    def _channel_energy(self, D: torch.Tensor) -> float:
+    def _channel_energy(self, D: torch.Tensor | LowRank) -> float:
         """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
         the local rows summed over the row group. O(m·K) collectives."""
         v_ref = self.lock.v_ref.to(self.device, torch.float32)
