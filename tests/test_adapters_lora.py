@@ -36,6 +36,16 @@ pytestmark = pytest.mark.timeout(120)
 ADAPTED = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these matrices are tiny, and on a busy 2-core machine two threads
+    spend more time synchronising than computing."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def side(tmp_path_factory):
     """One real sidecar for the module's runs (it takes seconds to start)."""
