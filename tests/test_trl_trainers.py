@@ -24,14 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "dist"))
 trl = pytest.importorskip("trl")  # the "trl" extra (trl, peft)
 peft = pytest.importorskip("peft")
 
+import test_adapters_lora  # noqa: E402
 from deltawatch.client.adapters import base_name  # noqa: E402
 from deltawatch.sidecar.process import SidecarProcess  # noqa: E402
 from run_hf import tiny_qwen3  # noqa: E402
-from test_adapters_lora import adapter_delta  # noqa: E402
 from test_hf_trainer import MODULES  # noqa: E402
 from tiny_chat import CharTokenizer, conversations, prompts  # noqa: E402
 
 pytestmark = pytest.mark.timeout(180)
+adapter_delta = test_adapters_lora.adapter_delta
+one_thread = test_adapters_lora.one_thread  # fixtures: one intra-op thread, one real sidecar
+side = test_adapters_lora.side
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "frameworks.md").read_text()
 SECTION = DOC.split("## Transformers and TRL", 1)[1].split("\n## ", 1)[0]
@@ -41,22 +44,6 @@ BLOCKS = {
 }
 STEPS = 2
 LORA_TARGETS = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these matrices are tiny, and on a busy 2-core machine two threads
-    spend more time synchronising than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def side(tmp_path_factory):
-    with SidecarProcess(tmp_path_factory.mktemp("sidecar") / "data") as process:
-        yield process
 
 
 def config(trainer: str, out: Path):
