@@ -9,6 +9,7 @@ down) and "second" (r 2, rsLoRA, on q and down), so q_proj and down_proj carry c
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -204,3 +205,31 @@ def test_the_low_rank_operator_is_the_dense_product():
     assert torch.equal(
         update.merged_rows(slice(8, 16)), (B1[8:16] @ A1) * 0.5 + (B2[8:16] @ A2) * 2
     )
+
+
+def test_the_docs_peft_recipe_runs(side):
+    """docs/frameworks.md "PEFT LoRA": the plain-PyTorch recipe, as written, against a sidecar."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "frameworks.md").read_text()
+    section = doc.split("## PEFT LoRA", 1)[1].split("\n## ", 1)[0]
+    (code,) = re.findall(r"```python\n(.*?)```", section, flags=re.S)
+    code = code.replace('"127.0.0.1:50051"', repr(side.endpoint))
+    assert side.endpoint in code
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(2)
+    ids = [torch.randint(0, 128, (2, 16), generator=g) for _ in range(10)]
+    scope = {
+        "torch": torch,
+        "model": tiny_qwen3(),
+        "loader": [{"input_ids": x, "labels": x} for x in ids],
+    }
+    exec(compile(code, "docs/frameworks.md", "exec"), scope)
+    run = side.run("qwen3-lora")
+    assert run["last_step"] == 10
+    deltas = adapter_delta(scope["model"])
+    mods = ("self_attn.q_proj", "self_attn.v_proj")
+    assert sorted(m["matrix"] for m in run["matrices"]) == sorted(
+        f"model.layers.{i}.{mod}.weight" for i in (0, 1) for mod in mods
+    )
+    for m in run["matrices"]:
+        D = deltas[m["matrix"]]
+        assert m["frobenius_norm"] == pytest.approx(D.norm().item(), rel=1e-9) and D.norm() > 0
