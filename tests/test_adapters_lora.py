@@ -233,3 +233,33 @@ def test_the_docs_peft_recipe_runs(side):
     for m in run["matrices"]:
         D = deltas[m["matrix"]]
         assert m["frobenius_norm"] == pytest.approx(D.norm().item(), rel=1e-9) and D.norm() > 0
+
+
+def test_fan_in_fan_out_bases_take_the_transposed_update():
+    """GPT-2's Conv1D stores W as [in, out]; PEFT then sets fan_in_fan_out and merges (B·A)ᵀ·s.
+    The tracker's update and counts agree with that, on the parameter's own layout."""
+    from deltawatch.client.adapters import find_lora
+    from deltawatch.client.tracker import MatrixTracker
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=32, n_head=2, n_positions=16, vocab_size=64)
+    )
+    model = get_peft_model(gpt2, LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"]))
+    (pname, lora), *_ = find_lora(model)[0].items()
+    assert lora.name == "transformer.h.0.attn.c_attn.weight" and lora.fan_in_fan_out
+    base = dict(model.named_parameters())[pname]
+    W0 = base.detach().clone()
+    tracker = MatrixTracker.attach(lora.name, base.detach(), rank=4, oversample=4)
+    with torch.no_grad():  # a trained-looking adapter: B = 0 at init
+        lora.layer.lora_B["default"].weight.normal_(0, 0.05)
+    check = tracker.check(lora.update(base.detach()), 1)
+    A, B = lora.layer.lora_A["default"].weight, lora.layer.lora_B["default"].weight
+    delta = (B.double() @ A.double()).T * lora.layer.scaling["default"]  # (B·A)ᵀ·s, [in, out]
+    assert delta.shape == W0.shape == (32, 96)
+    assert check.frobenius_sq == pytest.approx(delta.square().sum().item(), rel=1e-9)
+    merged = model.merge_and_unload().transformer.h[0].attn.c_attn.weight.detach()
+    visible = merged.to(torch.bfloat16).view(torch.int16) != W0.to(torch.bfloat16).view(torch.int16)
+    assert check.visible_count == visible.sum().item() > 0
