@@ -43,6 +43,8 @@ BASE_LAYER = ".base_layer"
 LORA_ATTRIBUTES = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B")
 LORA_ONLY = "deltawatch monitors plain LoRA adapters, whose update is scaling·B·A"
 
+Factor = tuple[torch.Tensor, torch.Tensor, float]  # (B_a (m, r_a), A_a (r_a, n), s_a)
+
 
 class UnsupportedAdapterError(ValueError):
     """An adapter whose update deltawatch cannot compute exactly."""
@@ -83,9 +85,7 @@ class AdapterUpdate:
     adapters' factors as PEFT applies them, ΔW = Σ (B_a·A_a)·s_a (rows of a fused part sliced)."""
 
     W0: torch.Tensor  # the base weight's block (m, n), its own dtype
-    factors: tuple[
-        tuple[torch.Tensor, torch.Tensor, float], ...
-    ]  # (B_a (m, r_a), A_a (r_a, n), s_a)
+    factors: tuple[Factor, ...]
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -100,7 +100,12 @@ class AdapterUpdate:
 
     def operator(self, dtype: torch.dtype = torch.float32) -> LowRank:
         """ΔW as `LowRank` in `dtype`: L = [s_a B_a], R = [A_a] stacked over adapters."""
-        device = self.W0.device
+        (m, n), device = self.shape, self.W0.device
+        if not self.factors:  # no active adapter on this layer (any more): ΔW = 0, q = 0
+            return LowRank(
+                torch.zeros(m, 0, dtype=dtype, device=device),
+                torch.zeros(0, n, dtype=dtype, device=device),
+            )
         L = torch.cat([B.to(device, dtype) * s for B, _, s in self.factors], dim=1)
         R = torch.cat([A.to(device, dtype) for _, A, _ in self.factors], dim=0)
         return LowRank(L, R)

@@ -205,6 +205,8 @@ def test_the_low_rank_operator_is_the_dense_product():
     assert torch.equal(
         update.merged_rows(slice(8, 16)), (B1[8:16] @ A1) * 0.5 + (B2[8:16] @ A2) * 2
     )
+    none = AdapterUpdate(torch.ones(48, 40), ())  # no active adapter on the layer: ΔW = 0
+    assert none.frobenius_sq() == 0 and torch.equal(none.operator() @ V, torch.zeros(48, 8))
 
 
 def test_the_docs_peft_recipe_runs(side):
