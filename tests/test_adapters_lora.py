@@ -70,7 +70,7 @@ def lora_model(**default) -> torch.nn.Module:
 def train(model: torch.nn.Module, steps: int, mon: Monitor | None = None) -> None:
     """AdamW on random token sequences (language modelling on noise moves every adapter)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=2e-3)
+    opt = torch.optim.AdamW(params, lr=1e-4)
     if mon is not None:
         mon.attach(opt)
     g = torch.Generator().manual_seed(1)
