@@ -77,6 +77,7 @@ class MonitorConfig:
     anchor_checkpoint: str | None = None  # a safetensors file or a directory of them
     on_alert: Callable[[dict], None] | None = None
     enforce_channel: bool = False
+    include_frozen: bool = False  # also monitor requires_grad=False weights (no adapter on them)
     # Resume (documented in docs/wire.md)
     incarnation: int | None = None  # None: chosen at construction (ms clock, agreed over ranks)
     resume_step: int | None = None  # the step a restarted trainer resumes from
@@ -234,8 +235,9 @@ def validate(c: MonitorConfig) -> None:
             )
     if c.fused is not None and not isinstance(c.fused, Mapping):
         raise TypeError(f"fused must be a mapping (see docs/distributed.md), got {c.fused!r}")
-    if not isinstance(c.enforce_channel, bool):
-        raise TypeError(f"enforce_channel must be True or False, got {c.enforce_channel!r}")
+    for name in ("enforce_channel", "include_frozen"):
+        if not isinstance(getattr(c, name), bool):
+            raise TypeError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if c.incarnation is not None:
         positive_int("incarnation", c.incarnation)
     if c.resume_step is not None and (

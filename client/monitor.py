@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import flat, naming, sharding
+from . import adapters, flat, naming, sharding
 from . import fused as fused_mod
 from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
@@ -51,6 +51,7 @@ class _Matrix:
     placement: Any  # sharding.Placement
     layer: int | None
     module: str
+    adapter: Any = None  # adapters.LoraMatrix for a base matrix with LoRA adapters
     tracker: Any = None  # MatrixTracker
 
     @property
@@ -81,6 +82,14 @@ def _placement(param: torch.Tensor, index: int, rows: tuple[int, int] | None):
 def _local(m: _Matrix) -> torch.Tensor:
     """This rank's block of the matrix, as a view (no copy)."""
     return sharding.local_block(m.param, m.rows)
+
+
+def _source(m: _Matrix):
+    """What the tracker checks: the local block of the weight, or, for a base matrix with LoRA
+    adapters, the adapters' update of it (client/adapters.py). The single seam between Monitor
+    and adapters at check time."""
+    W = _local(m)
+    return W if m.adapter is None else m.adapter.update(W, m.rows)
 
 
 class Monitor:
@@ -146,23 +155,31 @@ class Monitor:
     # -- construction helpers ------------------------------------------------------------------
 
     def _select(self, model: torch.nn.Module) -> list[_Matrix]:
+        """The monitored matrices, by the reported name (PEFT's wrappers removed): the user's
+        include/exclude or the default selection; frozen parameters only with `include_frozen`
+        unless LoRA adapters train them; LoRA factors never (client/adapters.py)."""
         c = self.config
         rules = fused_mod.parse_fused(c.fused)
+        adapted, adapter_params = adapters.find_lora(model)
         out: list[_Matrix] = []
-        seen: set[int] = set()
-        for name, param in sharding.named_parameters(model):  # FSDP1/ZeRO-3: original names
+        seen: set[int] = set(adapter_params)
+        for param_name, param in sharding.named_parameters(model):  # FSDP1/ZeRO-3: original names
             if id(param) in seen:  # tied weights are monitored once
                 continue
+            adapter = adapted.get(param_name)
+            name = adapters.base_name(param_name)
             verdict = c.selects(name)
             if verdict is None:
                 verdict = naming.default_selected(name, param)
-            if not verdict:
+            if not verdict or not (param.requires_grad or adapter or c.include_frozen):
                 continue
             if param.dim() != 2:
                 raise ValueError(
                     f"include selected {name!r} of shape {tuple(param.shape)}; deltawatch "
                     f"monitors 2-D weight matrices; narrow the include pattern"
                 )
+            if adapter is not None:
+                adapter.validate()
             seen.add(id(param))
             for part in fused_mod.split(name, tuple(param.shape), rules):
                 index = len(out)
@@ -171,19 +188,26 @@ class Monitor:
                     _Matrix(
                         index=index,
                         name=part.name,
-                        param_name=name,
+                        param_name=param_name,
                         param=param,
                         rows=part.rows,
                         placement=_placement(param, index, part.rows),
                         layer=layer,
                         module=module,
+                        adapter=adapter,
                     )
                 )
         if not out:
             raise ValueError(
-                "no parameter selected: the default selects 2-D weights inside repeated blocks "
-                "(names with a block index such as model.layers.3.mlp.up_proj.weight); pass "
-                "include=r'...' (a regex searched in parameter names) to choose others"
+                "no parameter selected: the default selects trainable 2-D weights inside "
+                "repeated blocks (names with a block index such as model.layers.3.mlp.up_proj."
+                "weight) and LoRA-adapted base weights; pass include=r'...' (a regex searched in "
+                "parameter names) to choose others, include_frozen=True for frozen ones"
+            )
+        if c.enforce_channel and any(m.adapter is not None for m in out):
+            raise ValueError(
+                "enforce_channel projects the gradient of a monitored weight, but a LoRA-adapted "
+                "base weight has none (its adapters train); use enforce_channel=False with LoRA"
             )
         return out
 
@@ -262,7 +286,7 @@ class Monitor:
         s = CheckSession(
             m.placement.spec, m.tracker.device, step=step, faults=self._faults, last=last
         )
-        check = m.tracker.check(s.local(lambda: _local(m)), step, s)
+        check = m.tracker.check(s.local(lambda: _source(m)), step, s)
         if check is not None:
             if m.owned:
                 self._guard("submit", lambda: self._transport.submit_report(check))
@@ -461,10 +485,11 @@ class _CheckpointReader:
         return W0.to(_local(m).device)
 
     def _candidates(self, m: _Matrix) -> list[str]:
-        """The parameter's own name first, then checkpoint keys that differ only by a prefix
-        (e.g. `model.` present on one side only)."""
-        names = [m.param_name]
+        """The parameter's own name and its name without PEFT's wrappers first, then checkpoint
+        keys that differ only by a prefix (e.g. `model.` present on one side only)."""
+        own = list(dict.fromkeys([m.param_name, adapters.base_name(m.param_name)]))
+        names = list(own)
         for key in self._where:
-            if key.endswith("." + m.param_name) or m.param_name.endswith("." + key):
+            if any(key.endswith("." + n) or n.endswith("." + key) for n in own):
                 names.append(key)
         return names

@@ -21,6 +21,7 @@ import math
 import torch
 
 from . import flat
+from .adapters import AdapterUpdate, LowRank
 from .anchor import Anchor, gaussian_basis, stable_seed
 from .collectives import CheckSession, ShardSpec, all_reduce_sum
 from .lock import LockState
@@ -110,9 +111,13 @@ class MatrixTracker:
 
     @torch.no_grad()
     def check(
-        self, W_t_local: torch.Tensor | None, step: int, session: CheckSession | None = None
+        self,
+        W_t_local: torch.Tensor | AdapterUpdate | None,
+        step: int,
+        session: CheckSession | None = None,
     ) -> MatrixCheck | None:
-        """One check of the current weight (the local shard) at training step `step`.
+        """One check of the current weight (the local shard) at training step `step`; or, for a
+        base matrix with LoRA adapters, of its adapters' update (client/adapters.py).
 
         With a `session` (the Monitor's path, fault-isolated across ranks): nothing raises; every
         collective of the check is issued even after a local failure (W_t_local may then be
@@ -136,7 +141,7 @@ class MatrixTracker:
     # -- the check ------------------------------------------------------------------------
 
     def _check(
-        self, W: torch.Tensor | None, step: int, s: CheckSession
+        self, W: torch.Tensor | AdapterUpdate | None, step: int, s: CheckSession
     ) -> tuple[MatrixCheck | None, tuple[torch.Tensor, torch.Tensor, LockState]]:
         """The check through session `s`: local work in `s.local` / `s.all_reduce`, every branch
         decided from reduced tensors (stats, G, C), so a failed rank takes the others' path.
@@ -149,7 +154,7 @@ class MatrixTracker:
         s.seam("after_stats")
         frobenius_sq = float(stats[0])
         counts = [int(round(float(c))) for c in stats[1:]]
-        W, D = local[:2] if local is not None else (None, None)
+        W, D, delta = (local[0], local[1], local[3]) if local is not None else (None, None, None)
 
         V, V_w, lock = self.V, self.V_w, self.lock.copy()
         update = V_K = energy = None
@@ -158,17 +163,18 @@ class MatrixTracker:
         # clear error) without touching the bases, so the tracker recovers with the weights
         moved = frobenius_sq > 0 and math.isfinite(frobenius_sq)
         if moved:
-            update, theta, Z, V, G, indicator = self._iterate(D, V, layout, s)
+            update, theta, Z, V, G, indicator = self._iterate(delta, V, layout, s)
             V_K = ritz_vectors(G, Z, self.k).float()
             energy = float(theta[: self.k].sum()) / frobenius_sq
             converged = indicator <= self.tolerance
         obs = lock.observe(step, V_K, energy, converged)
-        channel = self._channel_energy(D, lock.v_ref, layout, s) if lock.locked else None
+        channel = self._channel_energy(delta, lock.v_ref, layout, s) if lock.locked else None
 
         if not moved:  # W_t == W0 in this view (or not finite): W0's sketch
             weight = s.local(self.baseline)
         else:
-            A = s.local(lambda: self._weight_view(W, D))
+            # dense: view(W_t); adapters: D already holds view(W0 + ΔW)
+            A = s.local(lambda: self._weight_view(W, D) if isinstance(W, torch.Tensor) else D)
             weight, _, _, V_w, _, _ = self._iterate(A, V_w, layout, s)
         s.seam("end")
         check = s.local(
@@ -191,29 +197,41 @@ class MatrixTracker:
         )
         return check, (V, V_w, lock)
 
-    def _delta(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ΔW = view(W_t) − view(W0) (float32, local block) formed chunk by chunk, and in the
-        same pass the local statistics [‖ΔW‖_F², visible, visible ∩ M_low, visible ∩ M_princ]
-        (float64). Returns (W on the device, ΔW, statistics)."""
+    def _delta(
+        self, W: torch.Tensor | AdapterUpdate
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | LowRank]:
+        """One chunked pass over the local block: D and the local statistics [‖ΔW‖_F², visible,
+        visible ∩ M_low, visible ∩ M_princ] (float64). Dense: D = ΔW = view(W_t) − view(W0)
+        (float32), the operator the power steps multiply with. Adapters (client/adapters.py): the
+        operator is the factors' `LowRank` L·R, ‖ΔW‖_F² comes from their Gram products, and D holds
+        view(W0 + ΔW), the merged weight, for the counts and the W_t tracker. Returns (W, D,
+        statistics, the update operator)."""
         a = self.anchor
-        W = W.detach()
         if tuple(W.shape) != a.local_shape:
             raise ValueError(f"{self.name}: local shape {tuple(W.shape)} != {a.local_shape}")
-        W = W.to(self.device)
+        dense = isinstance(W, torch.Tensor)
+        if dense:
+            W = W.detach().to(self.device)
         D = torch.empty(a.local_shape, dtype=torch.float32, device=self.device)
         stats = torch.zeros(4, dtype=torch.float64, device=self.device)
         for rows, W0 in a.row_chunks():
-            Wv = W[rows].to(a.dtype)  # view(W_t): a bf16 copy in the default view
+            Wt = W[rows] if dense else W.merged_rows(rows).to(self.device)
+            Wv = Wt.to(a.dtype)  # view(W_t): a bf16 copy in the default view
             Dr = D[rows]
-            Dr.copy_(Wv).sub_(W0)  # ΔW = f32(view(W_t)) − f32(view(W0)), no temporaries
-            Wb = Wv if a.dtype == torch.bfloat16 else W[rows].to(torch.bfloat16)
+            Dr.copy_(Wv)
+            if dense:  # ΔW = f32(view(W_t)) − f32(view(W0)), no temporaries
+                Dr.sub_(W0)
+                stats[0] += torch.linalg.vector_norm(Dr, dtype=torch.float64).square()
+            Wb = Wv if a.dtype == torch.bfloat16 else Wt.to(torch.bfloat16)
             W0b = W0 if W0.dtype == torch.bfloat16 else W0.to(torch.bfloat16)
             visible = Wb.view(torch.int16) != W0b.view(torch.int16)
-            stats[0] += torch.linalg.vector_norm(Dr, dtype=torch.float64).square()
             stats[1] += visible.sum()
             stats[2] += (visible & a.low_mask(W0)).sum()
             stats[3] += (visible & a.principal_rows(rows)).sum()
-        return W, D, stats
+        if dense:
+            return W, D, stats, D
+        stats[0] = W.frobenius_sq()
+        return W, D, stats, W.operator()
 
     def _iterate(
         self, A: torch.Tensor | None, V: torch.Tensor, layout: ShardSpec, s: CheckSession
