@@ -6,7 +6,9 @@ A check (DESIGN §3):
      same pass, the exact statistics: ‖ΔW‖_F² (float64), the bitwise bf16-visible count and its
      intersections with M_low and M_princ; reduced over shards (one O(1) collective per group);
   2. ΔW = 0: no power step, V kept, `update=None`; else power steps P = ΔW·V, G = ΔWᵀ·P,
-     C = PᵀP, V ← orth(G) until the convergence indicator ≤ tolerance or `max_power_steps`;
+     C = PᵀP, V ← orth(G), with Rayleigh–Ritz on the block Krylov space of all the check's steps
+     (client/sketch.py), until the error bound ≤ tolerance or `max_power_steps`; the sketch sent
+     is that space's top-r Ritz directions, and the next check starts from them;
   3. Rayleigh–Ritz on the client too (r×r, cheap) for V_K and the top-K energy, fed to the lock
      rule (client/lock.py) — decided from G and C, which every rank holds, so identical on every
      rank; once locked, ‖ΔW·V_ref‖_F² exactly;
@@ -26,8 +28,11 @@ from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockS
 from .records import MatrixCheck, Sketch
 from .sketch import (
     DEFAULT_TOLERANCE,
-    convergence,
+    compress,
+    error_bound,
+    generalized_eigh,
     highest_precision,
+    krylov_products,
     orth,
     power_step,
     rayleigh_ritz,
@@ -87,6 +92,7 @@ class MatrixTracker:
             self.V = anchor.V0.clone()
         else:
             self.V = gaussian_basis(shape[1], self.r, stable_seed(seed, name), self.device)
+        self.fresh = not self.exact  # V is still the seeded Gaussian: no residual bound yet
         self.V_w = anchor.V0.clone()
         self.lock = LockState(
             rank,
@@ -181,7 +187,8 @@ class MatrixTracker:
         # clear error) without touching the bases, so the tracker recovers with the weights
         finite = math.isfinite(frobenius_sq)
         if frobenius_sq > 0 and finite:
-            update, theta, Z, self.V, G = self._iterate(D, self.V, self.rank)
+            update, theta, Z, self.V, G = self._iterate(D, self.V, self.rank, frobenius_sq)
+            self.fresh = False
             V_K = ritz_vectors(G, Z, self.rank).float()
             energy = float(theta[: self.rank].sum()) / frobenius_sq
             converged = update.convergence <= self.tolerance
@@ -192,7 +199,7 @@ class MatrixTracker:
             weight = self.baseline()
         else:
             A = self._weight_view(W, D)
-            weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.rank)
+            weight, _, _, self.V_w, _ = self._iterate(A, self.V_w, self.rank, fresh=False)
         return MatrixCheck(
             matrix=self.name,
             step=step,
@@ -211,25 +218,39 @@ class MatrixTracker:
         )
 
     def _iterate(
-        self, A: torch.Tensor, V: torch.Tensor, k: int
+        self,
+        A: torch.Tensor,
+        V: torch.Tensor,
+        k: int,
+        frobenius_sq: float | None = None,
+        fresh: bool | None = None,
     ) -> tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Power steps from V until convergence(k) ≤ tolerance (or the budget); returns the sketch
-        of the last step (on the CPU), its Ritz pairs, the next basis orth(G) and G on the
-        device."""
+        """Power steps from V, Rayleigh–Ritz on the block Krylov space of all of them, until the
+        error bound ≤ tolerance (or the budget). Returns the sketch of the top-r Ritz directions
+        (on the CPU), the Ritz pairs (θ, Z) of the space, the next basis orth(G_w) and the
+        space's G = [G_1 … G_s] on the device (V_K = ritz_vectors(G, Z, k)). `fresh` (default:
+        the ΔW basis is still the seeded Gaussian) withholds the residual bound after one step.
+        Every quantity the loop decides on comes from G and V, identical on every rank."""
         if self.exact:
             _, G, C = power_step(A, V, self.spec)
             theta, Z = rayleigh_ritz(G, C)
             return _to_wire(G, C, 0.0, 1, True), theta, Z, V, G
-        steps = 0
-        while steps < self.max_power_steps:
-            steps += 1
-            _, G, C = power_step(A, V, self.spec)
-            theta, Z = rayleigh_ritz(G, C)
-            indicator = convergence(theta, C, k)
-            V = orth(G)
-            if indicator <= self.tolerance:
+        fresh = self.fresh if fresh is None else fresh
+        Vs: list[torch.Tensor] = []
+        Gs: list[torch.Tensor] = []
+        while len(Vs) < self.max_power_steps:
+            _, G_j, _ = power_step(A, V, self.spec)
+            Vs.append(V)
+            Gs.append(G_j)
+            G, H, M, N = krylov_products(Vs, Gs)
+            theta, Z = generalized_eigh(H, M)
+            residual = not (fresh and len(Vs) == 1)
+            bound = error_bound(theta, H, M, N, k, frobenius_sq, residual)
+            if bound <= self.tolerance:
                 break
-        return _to_wire(G, C, indicator, steps, False), theta, Z, V, G
+            V = orth(G_j)
+        G_w, C_w = compress(G, M, Z, self.r)
+        return _to_wire(G_w, C_w, bound, len(Vs), False), theta, Z, orth(G_w), G
 
     def _channel_energy(self, D: torch.Tensor) -> float:
         """‖ΔW·V_ref‖_F²: Q = ΔW_local·V_ref[cols] summed over the column group, then Σ Q² over
