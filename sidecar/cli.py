@@ -35,7 +35,7 @@ _HELP = {
     "ready_file": 'write {"grpc_port": .., "http_port": ..} here once both ports listen',
     "rank": "K, the channel rank, for runs whose hello does not say",
     "grace_seconds": "on SIGTERM, how long open streams get to finish",
-    "threads": "torch compute threads of the geometry (0: all cores); 1-2 beside a trainer",
+    "threads": "torch compute threads of the geometry (default 1, beside a trainer; 0: all cores)",
 }
 _CHOICES = {"device": DEVICES, "log_level": LOG_LEVELS, "metrics_detail": METRICS_DETAIL}
 _TRUE = ("1", "true", "yes", "on")

@@ -15,6 +15,9 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS_DETAIL = ("matrix", "layer", "run")
 
 
+# `deltawatch serve --threads` default (docs/sidecar.md "Threads")
+DEFAULT_THREADS = 1
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Settings of one sidecar process. Field names are the flags with '-' as '_'."""
@@ -35,7 +38,9 @@ class ServeConfig:
     ready_file: str | None = None  # receives {"grpc_port", "http_port"} once both listen
     rank: int = 16  # K the geometry uses when a run's hello does not say
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
-    threads: int = 0  # torch compute threads of the engine; 0: torch's default (all cores)
+    # torch compute threads of the engine; small by default, so a sidecar beside a trainer does not
+    # spin its OpenMP threads against the trainer's; 0: torch's default (all cores)
+    threads: int = DEFAULT_THREADS
 
     def __post_init__(self) -> None:
         for name in ("grpc_address", "http_address"):
