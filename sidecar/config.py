@@ -18,6 +18,7 @@ METRICS_DETAIL = ("matrix", "layer", "run")
 # `deltawatch serve --threads` default (docs/sidecar.md "Threads")
 DEFAULT_THREADS = 1
 
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Settings of one sidecar process. Field names are the flags with '-' as '_'."""
