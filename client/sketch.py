@@ -29,7 +29,7 @@ Error bound (`error_bound`): on span(X) the right Ritz pairs (λ_i, x_i = X·y_i
 residuals r_i = AᵀA·x_i − λ_i·x_i = G·y_i − λ_i·X·y_i whose Gram is YᵀHY − Λ² (every product with
 A is already in G); Weyl's theorem puts an eigenvalue of AᵀA within ‖r_1‖ of λ_1, and the
 quadratic residual bound of Li & Li ("A note on eigenvalues of perturbed Hermitian matrices",
-LAA 2005) narrows it to 2‖R_j‖²/(η + √(η² + 4‖R_j‖²)) when the top-j block is separated by η from
+LAA 2005) narrows it to 2ρ²/(η + √(η² + 4ρ²)), ρ ≥ ‖R_{1:j}‖₂, when the top-j block is separated by η from
 the next Ritz value's upper end λ_{j+1} + ‖r_{j+1}‖. Taking that eigenvalue to be σ1² gives
 σ1² ≤ U; independently, σ1² ≤ θ_1 + (‖A‖_F² − Σθ_i) always (the energy outside span(A·X)). With
 the estimate θ_1 ≤ σ1², the stable rank's relative error ‖A‖_F²/θ_1 vs ‖A‖_F²/σ1² is at most
@@ -189,34 +189,39 @@ def gram_matrix(G: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_eigh(
-    H: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
+    H: torch.Tensor, C: torch.Tensor | None, cutoff: float = DEFAULT_CUTOFF
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve H z = θ C z for symmetric H and positive semidefinite C, θ descending, ZᵀCZ = I.
 
     C may be singular: with C = U diag(d) Uᵀ, keep d_i > cutoff·d_max, whiten with
-    W = U_k diag(d_k^{-1/2}), solve Wᵀ H W y = θ y and return Z = W y. float64 on the host."""
+    W = U_k diag(d_k^{-1/2}), solve Wᵀ H W y = θ y and return Z = W y. C None: C = I (an
+    orthonormal basis), a plain eigendecomposition. float64 on the host."""
+    H = H.double().cpu()
+    if C is None:
+        theta, Y = torch.linalg.eigh(_symmetric(H))
+        return theta.flip(0), Y.flip(1)
     d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
     d_max = d[-1] if d.numel() else torch.zeros((), dtype=d.dtype)
     if d.numel() == 0 or not d_max > 0:
         return d.new_zeros(0), d.new_zeros((d.shape[0], 0))
     keep = d > cutoff * d_max
     W = U[:, keep] / torch.sqrt(d[keep])
-    theta, Y = torch.linalg.eigh(_symmetric(W.T @ H.double().cpu() @ W))
+    theta, Y = torch.linalg.eigh(_symmetric(W.T @ H @ W))
     return theta.flip(0).clamp_min(0), W @ Y.flip(1)
 
 
 def krylov_products(
     Vs: list[torch.Tensor], Gs: list[torch.Tensor]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The block Krylov space of one check's power steps: G = [G_1 … G_s] (n×sr, on the device)
-    and, float64 on the host, H = GᵀG, M = XᵀG = (AX)ᵀ(AX) and N = XᵀX for X = [V_0 … V_{s−1}].
-    Cost 2·n·(sr)²·3 flops (no product with A)."""
+    and, float64 on the host, H = GᵀG, M = XᵀG = (AX)ᵀ(AX) and N = XᵀX for X = [V_0 … V_{s−1}]
+    (None for one block: V_0 is orthonormal). Cost 2·n·(sr)²·3 flops (no product with A)."""
     G = torch.cat(Gs, dim=1)
     X64 = torch.cat(Vs, dim=1).double()
     G64 = G.double()
     H = _symmetric((G64.T @ G64).cpu())
     M = _symmetric((X64.T @ G64).cpu())
-    N = _symmetric((X64.T @ X64).cpu())
+    N = _symmetric((X64.T @ X64).cpu()) if len(Vs) > 1 else None
     return G, H, M, N
 
 
@@ -268,7 +273,7 @@ def error_bound(
     theta: torch.Tensor,
     H: torch.Tensor,
     M: torch.Tensor,
-    N: torch.Tensor,
+    N: torch.Tensor | None,
     k: int,
     frobenius_sq: float | None = None,
     residual: bool = True,
@@ -276,7 +281,7 @@ def error_bound(
 ) -> float:
     """A bound on the relative error of the stable rank ‖A‖_F²/θ_1 (and so of σ1 ≈ √θ_1):
     U/θ_1 − 1 with U ≥ σ1² (module docstring), from the Krylov products H = GᵀG, M = XᵀG,
-    N = XᵀX of the check and θ, the span(A·X) Ritz values. float64 on the host; no product
+    N = XᵀX (None: I) of the check and θ, the span(A·X) Ritz values. float64 on the host; no product
     with A.
 
     U is the smaller of (a) the residual bound λ_1 + min(‖r_1‖, Li–Li quadratic bounds over the
@@ -306,17 +311,19 @@ def error_bound(
 
 def _residual_margin(lam: torch.Tensor, RtR: torch.Tensor, k: int) -> float:
     """σ1² − λ_1 ≤ min(‖r_1‖, 2ρ_j²/(η_j + √(η_j² + 4ρ_j²))) over j < k with η_j > 0, where
-    ρ_j = ‖R_{1:j}‖₂ (R_{1:j}ᵀR_{1:j} is the leading j×j block of RtR = YᵀHY − Λ²) and
-    η_j = λ_j − max_{i>j}(λ_i + ‖r_i‖)."""
-    eps = torch.sqrt(torch.diagonal(RtR).clamp_min(0))
+    ρ_j² = Σ_{i≤j} ‖r_i‖² ≥ ‖R_{1:j}‖₂² (the bound grows with ρ, so the Frobenius norm of the
+    block residual, the trace of RtR = YᵀHY − Λ²'s leading j×j block, keeps it valid without an
+    eigendecomposition per j) and η_j = λ_j − max_{i>j}(λ_i + ‖r_i‖)."""
+    eps2 = torch.diagonal(RtR).clamp_min(0)
+    eps = torch.sqrt(eps2)
+    rho2 = torch.cumsum(eps2, 0)
     margin = float(eps[0])
     upper = lam + eps
     for j in range(1, min(k, lam.numel() - 1) + 1):
         eta = float(lam[j - 1]) - float(upper[j:].max())
-        if eta <= 0:
-            continue
-        rho2 = float(torch.linalg.eigvalsh(RtR[:j, :j])[-1].clamp_min(0))
-        margin = min(margin, 2 * rho2 / (eta + math.sqrt(eta * eta + 4 * rho2)))
+        if eta > 0:
+            r2 = float(rho2[j - 1])
+            margin = min(margin, 2 * r2 / (eta + math.sqrt(eta * eta + 4 * r2)))
     return margin
 
 
