@@ -193,14 +193,15 @@ def replay_sketch(D: torch.Tensor, V: torch.Tensor, steps: int, k: int) -> torch
     the compression to r directions and the next basis; its cost alone."""
     Vs, Gs = [], []
     frob_sq = float(torch.linalg.vector_norm(D, dtype=torch.float64).square())
-    for _ in range(steps):
+    for step in range(1, steps + 1):
         _, G_j, _ = power_step(D, V)
         Vs.append(V)
         Gs.append(G_j)
         G, H, M, N = krylov_products(Vs, Gs)
         theta, Z = generalized_eigh(H, M)
         error_bound(theta, H, M, N, k, frob_sq)
-        V = orth(G_j)
+        if step < steps:
+            V = orth(G_j)
     G_w, _ = compress(G, M, Z, V.shape[1])
     return orth(G_w)
 

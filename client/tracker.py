@@ -238,7 +238,7 @@ class MatrixTracker:
         fresh = self.fresh if fresh is None else fresh
         Vs: list[torch.Tensor] = []
         Gs: list[torch.Tensor] = []
-        while len(Vs) < self.max_power_steps:
+        while True:
             _, G_j, _ = power_step(A, V, self.spec)
             Vs.append(V)
             Gs.append(G_j)
@@ -246,7 +246,7 @@ class MatrixTracker:
             theta, Z = generalized_eigh(H, M)
             residual = not (fresh and len(Vs) == 1)
             bound = error_bound(theta, H, M, N, k, frobenius_sq, residual)
-            if bound <= self.tolerance:
+            if bound <= self.tolerance or len(Vs) >= self.max_power_steps:
                 break
             V = orth(G_j)
         G_w, C_w = compress(G, M, Z, self.r)
