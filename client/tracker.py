@@ -278,12 +278,17 @@ class MatrixTracker:
     def state_dict(self) -> dict:
         """Plain tensors and ints: the bases and the lock state (the anchor is rebuilt from the
         original weights, `anchor_checkpoint`)."""
-        state = {"V": self.V.detach().cpu(), "V_w": self.V_w.detach().cpu()}
+        state = {
+            "V": self.V.detach().cpu(),
+            "V_w": self.V_w.detach().cpu(),
+            "fresh": int(self.fresh),
+        }
         state.update({f"lock.{k}": v for k, v in self.lock.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.V = state["V"].to(self.device, torch.float32)
         self.V_w = state["V_w"].to(self.device, torch.float32)
+        self.fresh = bool(state.get("fresh", 0))  # older states hold a basis that has seen ΔW
         lock = {k[len("lock.") :]: v for k, v in state.items() if k.startswith("lock.")}
         self.lock.load_state_dict(lock, self.device)
