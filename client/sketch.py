@@ -63,6 +63,10 @@ CHOLESKY_QR_MAX_CONDITION = 1e6
 # rounding, so the error bound never claims less, and a residual bound is consistent with θ_1
 # within it.
 ROUNDING = 1e-6
+# What a sketch's `convergence` says when no bound could be formed (error_bound's inf: the residual
+# bound's assumption failed and ‖A‖_F² was not given): finite, as the wire requires, and above
+# any tolerance, so the estimates are null.
+NO_BOUND = 1e300
 
 
 @contextlib.contextmanager

@@ -28,6 +28,7 @@ from .lock import DEFAULT_MIN_ENERGY, DEFAULT_PATIENCE, DEFAULT_THRESHOLD, LockS
 from .records import MatrixCheck, Sketch
 from .sketch import (
     DEFAULT_TOLERANCE,
+    NO_BOUND,
     compress,
     error_bound,
     generalized_eigh,
@@ -41,7 +42,8 @@ from .sketch import (
 
 
 def _to_wire(G: torch.Tensor, C: torch.Tensor, conv: float, steps: int, exact: bool) -> Sketch:
-    return Sketch(G.detach().float().cpu(), C.detach().float().cpu(), float(conv), steps, exact)
+    conv = min(float(conv), NO_BOUND)  # inf (no bound) travels as NO_BOUND: the wire is finite
+    return Sketch(G.detach().float().cpu(), C.detach().float().cpu(), conv, steps, exact)
 
 
 class MatrixTracker:
