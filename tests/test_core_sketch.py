@@ -250,3 +250,16 @@ def test_cholesky_qr2_matches_householder() -> None:
     assert cholesky_qr2(G) is None
     V = orth(G)  # the CPU path is Householder: still orthonormal
     assert torch.allclose(V.T @ V, torch.eye(32), atol=1e-5)
+
+
+def test_no_bound_without_the_frobenius_norm_on_a_fresh_basis() -> None:
+    """A fresh random basis after one step has no residual bound; without ‖A‖_F² there is no
+    bound at all (inf; the tracker sends NO_BOUND, finite, so the estimates are null)."""
+    A = gaussian(100, 80) * (torch.arange(1, 81) ** -0.5)
+    theta, bound, *_ = krylov_check(A, orth(gaussian(80, 32, seed=2)), 1, fresh=True)
+    assert math.isfinite(bound)  # the Frobenius bound holds
+    Vs, Gs = [orth(gaussian(80, 32, seed=2))], []
+    Gs.append(power_step(A, Vs[0])[1])
+    _, H, M, N = krylov_products(Vs, Gs)
+    theta, _ = generalized_eigh(H, M)
+    assert error_bound(theta, H, M, N, 16, None, residual=False) == math.inf
