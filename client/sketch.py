@@ -292,15 +292,17 @@ def error_bound(
     top-j blocks, j < k, whose gap η_j = λ_j − max_{i>j}(λ_i + ‖r_i‖) is positive), which assumes
     the eigenvalue of AᵀA that Weyl's theorem places near λ_1 is σ1² (the basis has seen A: not
     used when `residual` is False, i.e. a fresh random basis after one step), and is discarded
-    when below θ_1 by more than float32 rounding (`ROUNDING`, then that assumption is false),
-    else widened by it; (b) θ_1 + (‖A‖_F² − Σθ_i), which always
-    holds (given ‖A‖_F², exact on the client). inf when neither applies; 0 for a zero matrix."""
+    when below θ_1 by more than float32 rounding (`ROUNDING`, then that assumption is false);
+    (b) θ_1 + (‖A‖_F² − Σθ_i), which always
+    holds (given ‖A‖_F², exact on the client). Both are widened by float32 rounding
+    (ROUNDING·θ_1: the Ritz values come from float32 products). inf when neither applies; 0 for
+    a zero matrix."""
     if theta.numel() == 0 or not theta[0] > 0:
         return 0.0
     t1 = float(theta[0])
     bounds = []
     if frobenius_sq is not None:
-        bounds.append(t1 + max(float(frobenius_sq) - float(theta.sum()), 0.0))
+        bounds.append(t1 + max(float(frobenius_sq) - float(theta.sum()), 0.0) + ROUNDING * t1)
     if residual:
         lam, Y = generalized_eigh(M, N, cutoff)
         if lam.numel():
