@@ -32,8 +32,8 @@ Overhead columns:
                  per check beside it.
 
 The check split (instrumented by wrapping the tracker's functions on the every=10 row; each
-wrapper costs ~1 µs): power steps, Rayleigh–Ritz + eigh (rayleigh_ritz, the convergence
-indicator's eigvalsh, ritz_vectors), orth (QR), forming ΔW + exact statistics + masks (the rest
+wrapper costs ~1 µs): power steps, Rayleigh–Ritz + eigh (the Krylov products and generalized eigenproblems, the
+error bound, the compression to r directions, ritz_vectors), orth (QR), forming ΔW + exact statistics + masks (the rest
 of the pass over ΔW, with the two mask reads split out), the W_t view, lock, channel energy,
 copies to the wire format, queueing (`submit_report`). Monitor construction (attach) time is
 timed per monitor.
@@ -191,7 +191,10 @@ def instrumented(split: Split, monitor):
 
     patch(tracker_mod, "power_step", "power steps")
     patch(tracker_mod, "rayleigh_ritz", "Rayleigh-Ritz + eigh")
-    patch(tracker_mod, "convergence", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "generalized_eigh", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "krylov_products", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "error_bound", "Rayleigh-Ritz + eigh")
+    patch(tracker_mod, "compress", "Rayleigh-Ritz + eigh")
     patch(tracker_mod, "ritz_vectors", "Rayleigh-Ritz + eigh")
     patch(tracker_mod, "orth", "orth (QR)")
     patch(tracker_mod, "_to_wire", "to wire (copies)")
@@ -479,7 +482,14 @@ def dominates_micro(shapes: list[tuple[int, int]], repeats: int = 5) -> dict[str
     """What a check is made of, in isolation, on synthetic weights of the monitored shapes: whole
     checks of settled trackers, the exact-statistics pass (as MatrixTracker._check runs it), the
     two masks it rebuilds, and the parts of one power step at each distinct n."""
-    from deltawatch.client.sketch import convergence, orth, power_step, rayleigh_ritz, ritz_vectors
+    from deltawatch.client.sketch import (
+        error_bound,
+        krylov_products,
+        orth,
+        power_step,
+        rayleigh_ritz,
+        ritz_vectors,
+    )
     from deltawatch.client.tracker import MatrixTracker
 
     g = torch.Generator().manual_seed(0)
@@ -533,11 +543,13 @@ def dominates_micro(shapes: list[tuple[int, int]], repeats: int = 5) -> dict[str
             V = orth(torch.randn(n, 32, generator=g))
             _, G, C = power_step(A, V)
             theta, Z = rayleigh_ritz(G, C)
+            _, H, M, N = krylov_products([V], [G])
             C64 = C.double()
             parts = {
                 "power_step": lambda A=A, V=V: power_step(A, V),
                 "rayleigh_ritz": lambda G=G, C=C: rayleigh_ritz(G, C),
-                "convergence": lambda t=theta, C=C: convergence(t, C, 16),
+                "krylov_products": lambda V=V, G=G: krylov_products([V], [G]),
+                "error_bound": lambda t=theta, H=H, M=M, N=N: error_bound(t, H, M, N, 16),
                 "(its eigvalsh)": lambda C64=C64: torch.linalg.eigvalsh(C64),
                 "orth": lambda G=G: orth(G),
                 "ritz_vectors": lambda G=G, Z=Z: ritz_vectors(G, Z, 16),
@@ -550,11 +562,12 @@ def dominates_micro(shapes: list[tuple[int, int]], repeats: int = 5) -> dict[str
 
 def eigh_threads_micro(threads: int, r: int = 32, repeats: int = 200) -> str:
     """The r×r float64 Rayleigh–Ritz of one power step, with 1 thread and with `threads`."""
-    from deltawatch.client.sketch import convergence, rayleigh_ritz
+    from deltawatch.client.sketch import error_bound, krylov_products, rayleigh_ritz
 
     g = torch.Generator().manual_seed(0)
     G = torch.randn(512, r, generator=g)
     C = G.T @ G
+    V = torch.linalg.qr(torch.randn(512, r, generator=g))[0]
     out = []
     for t in sorted({1, threads}):
         torch.set_num_threads(t)
@@ -562,10 +575,11 @@ def eigh_threads_micro(threads: int, r: int = 32, repeats: int = 200) -> str:
         t0 = time.perf_counter()
         for _ in range(repeats):
             theta, _ = rayleigh_ritz(G, C)
-            convergence(theta, C, 16)
+            _, H, M, N = krylov_products([V], [G])
+            error_bound(theta, H, M, N, 16)
         out.append(f"{t} thread(s) {1e6 * (time.perf_counter() - t0) / repeats:.0f} µs")
     torch.set_num_threads(threads)
-    return "rayleigh_ritz + convergence on a 512×32 G: " + ", ".join(out)
+    return "rayleigh_ritz + error bound on a 512×32 G: " + ", ".join(out)
 
 
 # -- main -----------------------------------------------------------------------------------------

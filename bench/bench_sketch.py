@@ -7,9 +7,9 @@ updates of a pretrained-like W0, checks every step) it runs, per check t = 1 …
 (a) deltawatch: `MatrixTracker.check` (forming ΔW = f32(bf16(W_t)) − f32(bf16(W0)), the exact
     statistics with the bitwise comparison and both masks, the ΔW tracker and the W_t tracker),
     timed as a whole; and the sketch step alone — the same number of power steps
-    (P = ΔW·V, G = ΔWᵀP, C = PᵀP, Rayleigh–Ritz, indicator, V ← orth(G)) replayed from the
+    (P = ΔW·V, G = ΔWᵀP, Krylov Rayleigh–Ritz, error bound, V ← orth(G)) replayed from the
     tracker's basis before the check on a ΔW formed beforehand. Estimates are the sidecar's
-    (`MatrixGeometry.ingest`), so a null there (indicator above tolerance) is reported as such;
+    (`MatrixGeometry.ingest`), so a null there (bound above tolerance) is reported as such;
 (b) `torch.svd_lowrank(ΔW, q=K+p, niter)` for niter in 0, 1, 2, 4, from scratch;
 (c) `torch.linalg.svdvals(ΔW)` in float32 on the device (a full SVD, singular values only).
 
@@ -53,8 +53,11 @@ from deltawatch.client.anchor import Anchor
 from deltawatch.client.records import MatrixCheck
 from deltawatch.client.settings import AnchorSettings, SketchSettings
 from deltawatch.client.sketch import (
-    convergence,
+    compress,
+    error_bound,
+    generalized_eigh,
     highest_precision,
+    krylov_products,
     orth,
     power_step,
     rayleigh_ritz,
@@ -186,17 +189,26 @@ def delta_view(W: torch.Tensor, W0_view: torch.Tensor) -> torch.Tensor:
 
 
 def replay_sketch(D: torch.Tensor, V: torch.Tensor, steps: int, k: int) -> torch.Tensor:
-    """The tracker's power loop for a fixed number of steps (no early exit): its cost alone."""
-    for _ in range(steps):
-        _, G, C = power_step(D, V)
-        theta, _ = rayleigh_ritz(G, C)
-        convergence(theta, C, k)
-        V = orth(G)
-    return V
+    """The tracker's power loop (MatrixTracker._iterate) for a fixed number of steps (no early
+    exit): power steps, Rayleigh–Ritz on their block Krylov space and the error bound after each,
+    the compression to r directions and the next basis; its cost alone."""
+    Vs, Gs = [], []
+    frob_sq = float(torch.linalg.vector_norm(D, dtype=torch.float64).square())
+    for step in range(1, steps + 1):
+        _, G_j, _ = power_step(D, V)
+        Vs.append(V)
+        Gs.append(G_j)
+        G, H, M, N = krylov_products(Vs, Gs)
+        theta, Z = generalized_eigh(H, M)
+        error_bound(theta, H, M, N, k, frob_sq)
+        if step < steps:
+            V = orth(G_j)
+    G_w, _ = compress(G, M, Z, V.shape[1])
+    return orth(G_w)
 
 
 def tracker_estimates(keys: dict, check: MatrixCheck, k: int) -> tuple[dict, bool]:
-    """(estimates, reported): the sidecar's keys; where it reports null (indicator above
+    """(estimates, reported): the sidecar's keys; where it reports null (error bound above
     tolerance), the raw Ritz estimate instead, flagged by reported=False."""
     if keys.get("stable_rank") is not None:
         return {key: keys[key] for key in ERROR_KEYS}, True
@@ -335,9 +347,14 @@ def run_kind(
         if step in args.report_at:
             exact = exact_spectrum(D, K)
             est, reported = tracker_estimates(keys, check, K)
+            bound = None if check.update is None else check.update.convergence
             point = {
                 "exact": exact,
-                "deltawatch": {"errors": relative_errors(est, exact), "reported": reported},
+                "deltawatch": {
+                    "errors": relative_errors(est, exact),
+                    "reported": reported,
+                    "bound": bound,
+                },
             }
             with highest_precision():
                 for niter in args.niters:
@@ -501,6 +518,18 @@ def table(results: dict) -> str:
                     f"{kind:<5} {label:<24} {fmt_ms(seconds):>9} {fmt_ms(cpu):>9} {fl / 1e9:>8.3f}  "
                     + "  ".join(errs)
                 )
+            bounds = []
+            for t in report_at:
+                dw = at.get(str(t), {}).get("deltawatch")
+                if dw is not None and dw.get("bound") is not None:
+                    err = dw["errors"]
+                    bounds.append(
+                        f"check {t}: bound {dw['bound']:.1e} >= sr {err['stable_rank']:.1e}, "
+                        f"σ1 {err['spectral_norm']:.1e}"
+                        + ("" if dw["bound"] >= err["stable_rank"] else "  BELOW THE ERROR")
+                    )
+            if bounds:
+                lines.append(f"{kind:<5} error bound (convergence) vs actual: " + "; ".join(bounds))
             vis = data["checks"][-1]["visible_ratio"]
             if ex is not None:
                 lines.append(
@@ -511,7 +540,7 @@ def table(results: dict) -> str:
                 )
     lines.append("")
     lines.append(
-        "* = the sidecar reports null (indicator above tolerance); raw Ritz estimate shown"
+        "* = the sidecar reports null (error bound above tolerance); raw Ritz estimate shown"
     )
     lines.append(
         "full SVD rows without errors: not run on that trajectory; its time is the median of the "

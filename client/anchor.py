@@ -29,7 +29,17 @@ from . import flat
 from .collectives import ShardSpec, all_reduce_sum, gather_cols
 from .masks import kth_largest_abs, low_magnitude_threshold, mask_count, pack_bits, unpack_bits
 from .settings import AnchorSettings, SketchSettings
-from .sketch import convergence, highest_precision, orth, power_step, rayleigh_ritz, ritz_vectors
+from .sketch import (
+    NO_BOUND,
+    error_bound,
+    gram_matrix,
+    highest_precision,
+    orth,
+    power_step,
+    rayleigh_ritz,
+    ritz_value_change,
+    ritz_vectors,
+)
 
 EXACT_LIMIT = (
     1024  # min(m, n) at or below which [W0]_R and W0's basis come from an exact eigensolve
@@ -72,14 +82,14 @@ def _subspace_iteration(
     spec: ShardSpec | None,
     tolerance: float = ATTACH_TOLERANCE,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Power steps from a seeded basis until convergence(k) ≤ tolerance (at most
+    """Power steps from a seeded basis until ritz_value_change(k) ≤ tolerance (at most
     ATTACH_MAX_STEPS). Returns the last (V, G, C): G, C are the sketch of the basis V."""
     n = A.shape[1] if spec is None else spec.shape[1]
     V = gaussian_basis(n, r, seed, A.device)
     for _ in range(ATTACH_MAX_STEPS):
         _, G, C = power_step(A, V, spec)
         theta, _ = rayleigh_ritz(G, C)
-        if convergence(theta, C, k) <= tolerance:
+        if ritz_value_change(theta, C, k) <= tolerance:
             break
         V = orth(G)
     return V, G, C
@@ -131,9 +141,10 @@ class Anchor:
             theta, _ = rayleigh_ritz(G, C)
             self.exact = min(self.shape) <= sketch.r
             self.baseline_G, self.baseline_C = G, C
-            self.baseline_convergence = (
-                0.0 if self.exact else convergence(theta, C, sketch.channel_rank)
-            )
+            # the error bound of one step from the orthonormal V0: X = V0, M = C, N = I
+            eye = torch.eye(C.shape[0], dtype=torch.float64)
+            bound = error_bound(theta, gram_matrix(G), C.double().cpu(), eye, sketch.channel_rank)
+            self.baseline_convergence = 0.0 if self.exact else min(bound, NO_BOUND)
 
     # -- access at check time -------------------------------------------------------------
 

@@ -15,9 +15,11 @@ SHARD_LAYOUTS = ("replicated", "rows", "cols", "rows+cols", "flat")
 
 @dataclass(frozen=True)
 class Sketch:  # one tracked subspace iteration's output
-    G: torch.Tensor  # (n, r) float32: AᵀA·V for the tracked matrix A (ΔW or W_t)
-    C: torch.Tensor  # (r, r) float32: PᵀP = Vᵀ G, P = A·V
-    convergence: float  # indicator after the last power step (0.0 on the exact path)
+    G: torch.Tensor  # (n, r) float32: AᵀA·Y for the tracked matrix A (ΔW or W_t)
+    C: torch.Tensor  # (r, r) float32: PᵀP, P = A·Y (Y: the check's top-r Krylov Ritz basis)
+    # the error bound (client/sketch.py error_bound): never below the relative error of σ1 ≈ √θ_1
+    # and of the stable rank ‖A‖_F²/θ_1; 0.0 on the exact path
+    convergence: float
     power_steps: int
     exact: bool  # min(m, n) <= r: Rayleigh–Ritz on span(P) is exact
 

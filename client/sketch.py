@@ -1,5 +1,6 @@
-"""The linear algebra of DESIGN §3: warm-started randomized subspace iteration with Rayleigh–Ritz
-on span(P), as plain functions with the paper's letters.
+"""The linear algebra of DESIGN §3: warm-started randomized block Krylov iteration with
+Rayleigh–Ritz, and an error bound from the Ritz residuals, as plain functions with the paper's
+letters.
 
 For a tracked matrix A (m×n: the update ΔW or the weight W_t) and an orthonormal basis
 V ∈ R^{n×r} (r = K + p), one power step is
@@ -8,15 +9,34 @@ V ∈ R^{n×r} (r = K + p), one power step is
     G = Aᵀ·P       (n×r)   = AᵀA·V
     C = Pᵀ·P       (r×r)   = Vᵀ·G
 
-costing 4·m·n·r flops. Rayleigh–Ritz on span(P) (one power step fresher than span(V)) solves the
-generalized eigenproblem GᵀG z = θ C z: for u = P z, uᵀAAᵀu / uᵀu = zᵀGᵀGz / zᵀCz. Then
-σ_i ≈ √θ_i (lower bounds) and the right singular vectors are the normalised columns of G·z
-(Aᵀu = G z, ‖G z‖² = θ zᵀCz). Ritz values on span(V) are the eigenvalues of C, so the
-convergence indicator needs no extra matmul (Halko, Martinsson, Tropp 2011, Alg. 4.4 with the
-Rayleigh–Ritz of Saad, "Numerical Methods for Large Eigenvalue Problems", §4.3).
+costing 4·m·n·r flops. A check runs s power steps from the warm basis V_0 (V_j = orth(G_j)) and
+keeps every block: X = [V_0 … V_{s−1}] (n×sr) and G = [G_1 … G_s] = AᵀA·X. That is the block
+Krylov space span(V_0, AᵀA·V_0, …, (AᵀA)^{s−1}·V_0) of Musco & Musco, "Randomized Block Krylov
+Methods for Stronger and Faster Approximate Singular Value Decomposition" (NeurIPS 2015,
+Algorithm 2), whose Ritz values converge gap-independently, against simultaneous iteration's
+span(V_{s−1}) alone (Halko, Martinsson, Tropp 2011, Alg. 4.4), for the same passes over A.
 
-All r×r work is done in float64 on the host (it is O(r³), negligible); products with A are float32 with
-TF32 off (`highest_precision`), since TF32's 10-bit mantissa drowns a small ΔW.
+Rayleigh–Ritz on span(A·X) (half a step fresher than span(X)) solves the generalized eigenproblem
+H z = θ M z with H = GᵀG and M = XᵀG = (AX)ᵀ(AX): for u = A·X·z, uᵀAAᵀu / uᵀu = zᵀHz / zᵀMz.
+Then σ_i ≈ √θ_i (lower bounds: Cauchy interlacing) and the right singular vectors are the
+normalised columns of G·z (Aᵀu = G z, ‖G z‖² = θ zᵀMz). For one step (s = 1) this is today's
+GᵀG z = θ C z. The top r Ritz directions compress the space back to a sketch of the usual shape:
+G_w = G·Z_r, C_w = Z_rᵀ·M·Z_r are exactly AᵀA·Y and (AY)ᵀ(AY) for the basis Y = X·Z_r, so the
+sidecar's Rayleigh–Ritz on (G_w, C_w) returns the same Ritz pairs, and the next check starts
+from V = orth(G_w), the top-r right Ritz vectors.
+
+Error bound (`error_bound`): on span(X) the right Ritz pairs (λ_i, x_i = X·y_i) of AᵀA have
+residuals r_i = AᵀA·x_i − λ_i·x_i = G·y_i − λ_i·X·y_i whose Gram is YᵀHY − Λ² (every product with
+A is already in G); Weyl's theorem puts an eigenvalue of AᵀA within ‖r_1‖ of λ_1, and the
+quadratic residual bound of Li & Li ("A note on eigenvalues of perturbed Hermitian matrices",
+LAA 2005) narrows it to 2ρ²/(η + √(η² + 4ρ²)), ρ ≥ ‖R_{1:j}‖₂, when the top-j block is separated by η from
+the next Ritz value's upper end λ_{j+1} + ‖r_{j+1}‖. Taking that eigenvalue to be σ1² gives
+σ1² ≤ U; independently, σ1² ≤ θ_1 + (‖A‖_F² − Σθ_i) always (the energy outside span(A·X)). With
+the estimate θ_1 ≤ σ1², the stable rank's relative error ‖A‖_F²/θ_1 vs ‖A‖_F²/σ1² is at most
+U/θ_1 − 1, and σ1's is at most 1 − √(θ_1/U), smaller; the first is the reported bound.
+
+All r×r work is done in float64 on the host (it is O((sr)³), negligible); products with A are
+float32 with TF32 off (`highest_precision`), since TF32's 10-bit mantissa drowns a small ΔW.
 """
 
 from __future__ import annotations
@@ -30,12 +50,24 @@ import torch
 from . import flat
 from .collectives import PLAIN, Reductions, ShardSpec, all_reduce_sum, gather_cols
 
-# A check stops its power steps when the indicator is at or below this (and estimates are null
-# above it). Chosen so the accuracy bounds of docs/geometry.md hold on the synthetic trajectories.
-DEFAULT_TOLERANCE = 1e-2
+# The stated accuracy: a check stops its power steps once the error bound (the stable rank's
+# relative error, so σ1's is at most about half of it) is at or below this, and estimates are null
+# above it (docs/geometry.md "What converged guarantees").
+DEFAULT_TOLERANCE = 5e-2
 # Eigenvalues of C below DEFAULT_CUTOFF · λ_max(C) are dropped when whitening: C is computed in
 # float32 (relative error ~1e-7), so smaller eigenvalues carry no information.
 DEFAULT_CUTOFF = 1e-6
+# CholeskyQR2 is used when its Gram's Cholesky factor has diag(R) ratio above this (κ(G) below
+# ~1e6 in float64 arithmetic, where two passes give orthonormality to float32 rounding); else QR.
+CHOLESKY_QR_MAX_CONDITION = 1e6
+# The products with A are float32: relative differences below this between Ritz values are
+# rounding, so the error bound never claims less, and a residual bound is consistent with θ_1
+# within it.
+ROUNDING = 1e-6
+# What a sketch's `convergence` says when no bound could be formed (error_bound's inf: the residual
+# bound's assumption failed and ‖A‖_F² was not given): finite, as the wire requires, and above
+# any tolerance, so the estimates are null.
+NO_BOUND = 1e300
 
 
 @contextlib.contextmanager
@@ -110,39 +142,112 @@ def power_step(
 
 def orth(G: torch.Tensor) -> torch.Tensor:
     """V = orth(G): the Q of a reduced QR with sign(diag R) ≥ 0, so the basis is deterministic
-    (every rank computing it from the same G gets the same V). Cost 2·n·r² flops."""
+    (every rank computing it from the same G gets the same V). Cost 2·n·r² flops.
+
+    On CUDA it is CholeskyQR2 (`cholesky_qr2`): two Grams and two triangular solves, all
+    matmul-shaped, instead of Householder QR's r dependent panel steps, which dominate a GPU power
+    step; Householder QR when G is too ill-conditioned for it."""
+    if G.device.type == "cuda":
+        Q = cholesky_qr2(G)
+        if Q is not None:
+            return Q
+    return householder_orth(G)
+
+
+def householder_orth(G: torch.Tensor) -> torch.Tensor:
+    """The Q of Householder QR (`torch.linalg.qr`) with sign(diag R) ≥ 0."""
     Q, R = torch.linalg.qr(G)
     d = torch.sign(torch.diagonal(R))
     d = torch.where(d == 0, torch.ones_like(d), d)
     return Q * d
 
 
+def cholesky_qr2(
+    G: torch.Tensor, max_condition: float = CHOLESKY_QR_MAX_CONDITION
+) -> torch.Tensor | None:
+    """CholeskyQR2 (Fukaya, Nakatsukasa, Yanagisawa, Yamamoto 2014): R1 = chol(GᵀG),
+    Q1 = G·R1⁻¹, then once more on Q1: R2 = chol(Q1ᵀQ1), Q = Q1·R2⁻¹. In float64 (G's dtype on
+    return). diag(R) > 0, so Q equals Householder's Q with sign(diag R) ≥ 0 up to rounding.
+    Cost 4·n·r² flops. None when the Gram is not numerically positive definite or
+    diag(R1)'s range says κ(G) > max_condition (the caller falls back to Householder)."""
+    Q = G.double()
+    for _ in range(2):
+        R, info = torch.linalg.cholesky_ex(Q.T @ Q, upper=True)
+        d = torch.diagonal(R)
+        ok = (info == 0) & (d.min() > 0) & (d.max() <= max_condition * d.min())
+        if not bool(ok):
+            return None
+        Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
+    return Q.to(G.dtype)
+
+
 def rayleigh_ritz(
     G: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rayleigh–Ritz on span(P): solve GᵀG z = θ C z, θ descending.
+    """Rayleigh–Ritz on span(P): solve GᵀG z = θ C z, θ descending (`generalized_eigh`).
+
+    σ_i ≈ √θ_i; right singular vectors: `ritz_vectors(G, Z, k)`. Only the r×r Gram matrix GᵀG
+    (2·n·r² flops) is formed where G lives; the eigen-work is r×r and runs on the host: on a GPU a
+    32×32 eigendecomposition costs milliseconds of launches and synchronisations, on the CPU
+    microseconds. Returns host float64 tensors (theta (k',), Z (r, k')), k' ≤ r kept directions.
+    """
+    return generalized_eigh(gram_matrix(G), C.double().cpu(), cutoff)
+
+
+def gram_matrix(G: torch.Tensor) -> torch.Tensor:
+    """GᵀG in float64, on the host (symmetrised)."""
+    G64 = G.double()
+    return _symmetric((G64.T @ G64).cpu())
+
+
+def generalized_eigh(
+    H: torch.Tensor, C: torch.Tensor | None, cutoff: float = DEFAULT_CUTOFF
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Solve H z = θ C z for symmetric H and positive semidefinite C, θ descending, ZᵀCZ = I.
 
     C may be singular: with C = U diag(d) Uᵀ, keep d_i > cutoff·d_max, whiten with
-    W = U_k diag(d_k^{-1/2}), solve Wᵀ(GᵀG)W y = θ y and return Z = W y (so ZᵀCZ = I).
-    σ_i ≈ √θ_i; right singular vectors: `ritz_vectors(G, Z, k)`. float64.
-
-    Only the r×r Gram matrix GᵀG (2·n·r² flops) is formed where G lives; the eigen-work is
-    r×r and runs on the host: on a GPU a 32×32 eigendecomposition costs milliseconds of
-    launches and synchronisations, on the CPU microseconds. Returns host tensors (theta (k',),
-    Z (r, k')) with k' ≤ r the number of kept directions.
-    """
-    G64 = G.double()
-    GtG = _symmetric((G64.T @ G64).cpu())
+    W = U_k diag(d_k^{-1/2}), solve Wᵀ H W y = θ y and return Z = W y. C None: C = I (an
+    orthonormal basis), a plain eigendecomposition. float64 on the host."""
+    H = H.double().cpu()
+    if C is None:
+        theta, Y = torch.linalg.eigh(_symmetric(H))
+        return theta.flip(0), Y.flip(1)
     d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
     d_max = d[-1] if d.numel() else torch.zeros((), dtype=d.dtype)
     if d.numel() == 0 or not d_max > 0:
         return d.new_zeros(0), d.new_zeros((d.shape[0], 0))
     keep = d > cutoff * d_max
     W = U[:, keep] / torch.sqrt(d[keep])
-    theta, Y = torch.linalg.eigh(_symmetric(W.T @ GtG @ W))
-    theta = theta.flip(0).clamp_min(0)
-    Y = Y.flip(1)
-    return theta, W @ Y
+    theta, Y = torch.linalg.eigh(_symmetric(W.T @ H @ W))
+    return theta.flip(0).clamp_min(0), W @ Y.flip(1)
+
+
+def krylov_products(
+    Vs: list[torch.Tensor], Gs: list[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The block Krylov space of one check's power steps: G = [G_1 … G_s] (n×sr, on the device)
+    and, float64 on the host, H = GᵀG, M = XᵀG = (AX)ᵀ(AX) and N = XᵀX for X = [V_0 … V_{s−1}]
+    (None for one block: V_0 is orthonormal). Cost 2·n·(sr)²·3 flops (no product with A)."""
+    G = torch.cat(Gs, dim=1)
+    X64 = torch.cat(Vs, dim=1).double()
+    G64 = G.double()
+    H = _symmetric((G64.T @ G64).cpu())
+    M = _symmetric((X64.T @ G64).cpu())
+    N = _symmetric((X64.T @ X64).cpu()) if len(Vs) > 1 else None
+    return G, H, M, N
+
+
+def compress(
+    G: torch.Tensor, M: torch.Tensor, Z: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sketch of the top-r Ritz directions: G_w = G·Z_r (n×r), C_w = Z_rᵀ·M·Z_r (r×r, = I
+    up to rounding), zero-padded to r columns when fewer than r directions were kept. (G_w, C_w)
+    is (AᵀA·Y, (AY)ᵀ(AY)) for Y = X·Z_r, so Rayleigh–Ritz on it gives back the top-r Ritz pairs."""
+    k = min(r, Z.shape[1])
+    Zr = torch.zeros((Z.shape[0], r), dtype=torch.float64)
+    Zr[:, :k] = Z[:, :k]
+    Gw = (G.double() @ Zr.to(G.device)).to(G.dtype)
+    return Gw, _symmetric(Zr.T @ M @ Zr).to(G.dtype)
 
 
 def _symmetric(M: torch.Tensor) -> torch.Tensor:
@@ -162,10 +267,11 @@ def singular_values(theta: torch.Tensor) -> torch.Tensor:
     return torch.sqrt(theta.clamp_min(0))
 
 
-def convergence(theta: torch.Tensor, C: torch.Tensor, k: int) -> float:
-    """The free convergence indicator: max_{i≤k} |σ_i^P − σ_i^V| / σ_1^P, comparing the Ritz
-    values on span(P) (√θ from the generalized problem) with those on span(V) (√ of the
-    eigenvalues of C, V orthonormal) from the same power step. 0 for a zero matrix."""
+def ritz_value_change(theta: torch.Tensor, C: torch.Tensor, k: int) -> float:
+    """max_{i≤k} |σ_i^P − σ_i^V| / σ_1^P: the change of the top-k Ritz values over one power step
+    (span(P)'s √θ against span(V)'s, the √ eigenvalues of C, V orthonormal). A stopping rule for
+    the attach-time iterations only: it is not an error bound (on flat spectra it understates the
+    error several times); `error_bound` is. 0 for a zero matrix."""
     sP = singular_values(theta)
     if sP.numel() == 0 or not sP[0] > 0:
         return 0.0
@@ -173,6 +279,66 @@ def convergence(theta: torch.Tensor, C: torch.Tensor, k: int) -> float:
     sV = singular_values(lam)
     j = min(k, sP.numel(), sV.numel())
     return float(torch.max(torch.abs(sP[:j] - sV[:j])) / sP[0])
+
+
+def error_bound(
+    theta: torch.Tensor,
+    H: torch.Tensor,
+    M: torch.Tensor,
+    N: torch.Tensor | None,
+    k: int,
+    frobenius_sq: float | None = None,
+    residual: bool = True,
+    cutoff: float = DEFAULT_CUTOFF,
+) -> float:
+    """A bound on the relative error of the stable rank ‖A‖_F²/θ_1 (and so of σ1 ≈ √θ_1):
+    U/θ_1 − 1 with U ≥ σ1² (module docstring), from the Krylov products H = GᵀG, M = XᵀG,
+    N = XᵀX (None: I) of the check and θ, the span(A·X) Ritz values. float64 on the host; no product
+    with A.
+
+    U is the smaller of (a) the residual bound λ_1 + min(‖r_1‖, Li–Li quadratic bounds over the
+    top-j blocks, j < k, whose gap η_j = λ_j − max_{i>j}(λ_i + ‖r_i‖) is positive), which assumes
+    the eigenvalue of AᵀA that Weyl's theorem places near λ_1 is σ1² (the basis has seen A: not
+    used when `residual` is False, i.e. a fresh random basis after one step), and is discarded
+    when below θ_1 by more than float32 rounding (`ROUNDING`, then that assumption is false);
+    (b) θ_1 + (‖A‖_F² − Σθ_i), which always
+    holds (given ‖A‖_F², exact on the client). Both are widened by float32 rounding
+    (ROUNDING·θ_1: the Ritz values come from float32 products). inf when neither applies; 0 for
+    a zero matrix."""
+    if theta.numel() == 0 or not theta[0] > 0:
+        return 0.0
+    t1 = float(theta[0])
+    bounds = []
+    if frobenius_sq is not None:
+        bounds.append(t1 + max(float(frobenius_sq) - float(theta.sum()), 0.0) + ROUNDING * t1)
+    if residual:
+        lam, Y = generalized_eigh(M, N, cutoff)
+        if lam.numel():
+            RtR = _symmetric(Y.T @ H @ Y) - torch.diag(lam**2)
+            weyl = float(lam[0]) + _residual_margin(lam, RtR, k)
+            if weyl >= t1 * (1 - ROUNDING):
+                bounds.append(max(weyl, t1) + ROUNDING * t1)
+    if not bounds:
+        return math.inf
+    return max(min(bounds) / t1 - 1.0, 0.0)
+
+
+def _residual_margin(lam: torch.Tensor, RtR: torch.Tensor, k: int) -> float:
+    """σ1² − λ_1 ≤ min(‖r_1‖, 2ρ_j²/(η_j + √(η_j² + 4ρ_j²))) over j < k with η_j > 0, where
+    ρ_j² = Σ_{i≤j} ‖r_i‖² ≥ ‖R_{1:j}‖₂² (the bound grows with ρ, so the Frobenius norm of the
+    block residual, the trace of RtR = YᵀHY − Λ²'s leading j×j block, keeps it valid without an
+    eigendecomposition per j) and η_j = λ_j − max_{i>j}(λ_i + ‖r_i‖)."""
+    eps2 = torch.diagonal(RtR).clamp_min(0)
+    eps = torch.sqrt(eps2)
+    rho2 = torch.cumsum(eps2, 0)
+    margin = float(eps[0])
+    upper = lam + eps
+    for j in range(1, min(k, lam.numel() - 1) + 1):
+        eta = float(lam[j - 1]) - float(upper[j:].max())
+        if eta > 0:
+            r2 = float(rho2[j - 1])
+            margin = min(margin, 2 * r2 / (eta + math.sqrt(eta * eta + 4 * r2)))
+    return margin
 
 
 def sim_k(Va: torch.Tensor, Vb: torch.Tensor, k: int | None = None) -> float:

@@ -29,8 +29,12 @@ from .records import MatrixCheck, Sketch
 from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
     DEFAULT_TOLERANCE,
-    convergence,
+    NO_BOUND,
+    compress,
+    error_bound,
+    generalized_eigh,
     highest_precision,
+    krylov_products,
     orth,
     power_step,
     rayleigh_ritz,
@@ -39,7 +43,8 @@ from .sketch import (
 
 
 def _to_wire(G: torch.Tensor, C: torch.Tensor, conv: float, steps: int, exact: bool) -> Sketch:
-    return Sketch(G.detach().float().cpu(), C.detach().float().cpu(), float(conv), steps, exact)
+    conv = min(float(conv), NO_BOUND)  # inf (no bound) travels as NO_BOUND: the wire is finite
+    return Sketch(G.detach().float().cpu(), C.detach().float().cpu(), conv, steps, exact)
 
 
 class MatrixTracker:
@@ -69,6 +74,7 @@ class MatrixTracker:
         else:
             seed = stable_seed(sketch.seed, name)
             self.V = gaussian_basis(self.shape[1], self.r, seed, self.device)
+        self.fresh = not self.exact  # V is still the seeded Gaussian: no residual bound yet
         self.V_w = anchor.V0.clone()
         self.lock = LockState(self.k, lock, max_rank=min(self.shape))
 
@@ -135,17 +141,18 @@ class MatrixTracker:
             if session is None:
                 raise s.failure or RuntimeError(f"{self.name}: another rank failed the check")
             return None
-        self.V, self.V_w, self.lock = state
+        self.V, self.V_w, self.lock, self.fresh = state
         return check
 
     # -- the check ------------------------------------------------------------------------
 
     def _check(
         self, W: torch.Tensor | AdapterUpdate | None, step: int, s: CheckSession
-    ) -> tuple[MatrixCheck | None, tuple[torch.Tensor, torch.Tensor, LockState]]:
+    ) -> tuple[MatrixCheck | None, tuple[torch.Tensor, torch.Tensor, LockState, bool]]:
         """The check through session `s`: local work in `s.local` / `s.all_reduce`, every branch
         decided from reduced tensors (stats, G, C), so a failed rank takes the others' path.
-        Returns the check (None on a failed rank) and the new (V, V_w, lock), not yet applied."""
+        Returns the check (None on a failed rank) and the new (V, V_w, lock, fresh), not yet
+        applied."""
         layout = self.spec or ShardSpec.whole(self.shape)
         groups = (layout.row_group, layout.col_group)
         s.seam("start")
@@ -163,7 +170,7 @@ class MatrixTracker:
         # clear error) without touching the bases, so the tracker recovers with the weights
         moved = frobenius_sq > 0 and math.isfinite(frobenius_sq)
         if moved:
-            update, theta, Z, V, G, indicator = self._iterate(delta, V, layout, s)
+            update, theta, Z, V, G, indicator = self._iterate(delta, V, layout, s, frobenius_sq)
             V_K = ritz_vectors(G, Z, self.k).float()
             energy = float(theta[: self.k].sum()) / frobenius_sq
             converged = indicator <= self.tolerance
@@ -175,7 +182,7 @@ class MatrixTracker:
         else:
             # dense: view(W_t); adapters: D already holds view(W0 + ΔW)
             A = s.local(lambda: self._weight_view(W, D) if isinstance(W, torch.Tensor) else D)
-            weight, _, _, V_w, _, _ = self._iterate(A, V_w, layout, s)
+            weight, _, _, V_w, _, _ = self._iterate(A, V_w, layout, s, fresh=False)
         s.seam("end")
         check = s.local(
             lambda: MatrixCheck(
@@ -195,7 +202,7 @@ class MatrixTracker:
                 v_ref=lock.v_ref.float().cpu() if obs.locked_now else None,
             )
         )
-        return check, (V, V_w, lock)
+        return check, (V, V_w, lock, self.fresh and not moved)
 
     def _delta(
         self, W: torch.Tensor | AdapterUpdate
@@ -234,24 +241,42 @@ class MatrixTracker:
         return W, D, stats, W.operator()
 
     def _iterate(
-        self, A: torch.Tensor | None, V: torch.Tensor, layout: ShardSpec, s: CheckSession
+        self,
+        A: torch.Tensor | LowRank | None,
+        V: torch.Tensor,
+        layout: ShardSpec,
+        s: CheckSession,
+        frobenius_sq: float | None = None,
+        fresh: bool | None = None,
     ) -> tuple[Sketch | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
-        """Power steps from V until convergence(K) ≤ tolerance (or the budget); returns the sketch
-        of the last step (on the CPU; None on a failed rank), its Ritz pairs, the next basis
-        orth(G), G on the device, and the indicator."""
-        steps, indicator = 0, 0.0
-        while steps < (1 if self.exact else self.max_power_steps):
-            steps += 1
+        """Power steps from V, Rayleigh–Ritz on the block Krylov space of all of them, until the
+        error bound ≤ tolerance (or the budget). Returns the sketch of the top-r Ritz directions
+        (on the CPU; None on a failed rank), the Ritz pairs (θ, Z) of the space, the next basis
+        orth(G_w), the space's G = [G_1 … G_s] on the device (V_K = ritz_vectors(G, Z, k)) and
+        the bound. `fresh` (default: the ΔW basis is still the seeded Gaussian) withholds the
+        residual bound after one step. Every quantity the loop decides on comes from G and V,
+        identical on every rank (a failed rank's zeros included)."""
+        if self.exact:
             _, G, C = power_step(A, V, layout, s)
             theta, Z = rayleigh_ritz(G, C)
-            if self.exact:
+            return s.local(lambda: _to_wire(G, C, 0.0, 1, True)), theta, Z, V, G, 0.0
+        fresh = self.fresh if fresh is None else fresh
+        Vs: list[torch.Tensor] = []
+        Gs: list[torch.Tensor] = []
+        while True:
+            _, G_j, _ = power_step(A, V, layout, s)
+            Vs.append(V)
+            Gs.append(G_j)
+            G, H, M, N = krylov_products(Vs, Gs)
+            theta, Z = generalized_eigh(H, M)
+            residual = not (fresh and len(Vs) == 1)
+            bound = error_bound(theta, H, M, N, self.k, frobenius_sq, residual)
+            if bound <= self.tolerance or len(Vs) >= self.max_power_steps:
                 break
-            indicator = convergence(theta, C, self.k)
-            V = orth(G)
-            if indicator <= self.tolerance:
-                break
-        sketch = s.local(lambda: _to_wire(G, C, indicator, steps, self.exact))
-        return sketch, theta, Z, V, G, indicator
+            V = orth(G_j)
+        G_w, C_w = compress(G, M, Z, self.r)
+        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, len(Vs), False))
+        return sketch, theta, Z, orth(G_w), G, bound
 
     def _channel_energy(
         self, D: torch.Tensor | None, v_ref: torch.Tensor, layout: ShardSpec, s: CheckSession
@@ -283,12 +308,17 @@ class MatrixTracker:
     def state_dict(self) -> dict:
         """Plain tensors and ints: the bases and the lock state (the anchor is rebuilt from the
         original weights, `anchor_checkpoint`)."""
-        state = {"V": self.V.detach().cpu(), "V_w": self.V_w.detach().cpu()}
+        state = {
+            "V": self.V.detach().cpu(),
+            "V_w": self.V_w.detach().cpu(),
+            "fresh": int(self.fresh),
+        }
         state.update({f"lock.{k}": v for k, v in self.lock.state_dict().items()})
         return state
 
     def load_state_dict(self, state: dict) -> None:
         self.V = state["V"].to(self.device, torch.float32)
         self.V_w = state["V_w"].to(self.device, torch.float32)
+        self.fresh = bool(state.get("fresh", 0))  # older states hold a basis that has seen ΔW
         lock = {k[len("lock.") :]: v for k, v in state.items() if k.startswith("lock.")}
         self.lock.load_state_dict(lock, self.device)

@@ -17,6 +17,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 METRICS_DETAIL = ("matrix", "layer", "run")
 
 
+# `deltawatch serve --threads` default (docs/sidecar.md "Threads")
+DEFAULT_THREADS = 1
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     """Settings of one sidecar process. Field names are the flags with '-' as '_'."""
@@ -39,7 +43,9 @@ class ServeConfig:
     ready_file: str | None = None  # receives {"grpc_port", "http_port"} once both listen
     rank: int = 16  # K the geometry uses when a run's hello does not say
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
-    threads: int = 0  # torch compute threads of the engine; 0: torch's default (all cores)
+    # torch compute threads of the engine; small by default, so a sidecar beside a trainer does not
+    # spin its OpenMP threads against the trainer's; 0: torch's default (all cores)
+    threads: int = DEFAULT_THREADS
     max_stream_bytes: int = 256 << 20  # one stream's received, unacknowledged report bytes
     max_inflight_bytes: int = 1 << 30  # every stream's together
     commit_window_ms: float = 2.0  # how long a group commit waits for more reports

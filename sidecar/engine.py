@@ -18,7 +18,7 @@ Run aggregates (DESIGN §2): count ratios pooled over matrices, i.e. weighted by
 bf16_visible_ratio = Σ visible / Σ numel, low_magnitude_overlap = Σ |M_vis ∩ M_low| / Σ |M_vis|,
 principal_overlap likewise; geometry keys as the plain mean over matrices, ignoring nulls;
 locked_ratio = share of reported matrices that are locked; lock_step = median lock step over
-locked matrices; convergence = the worst (largest) indicator.
+locked matrices; convergence = the worst (largest) error bound.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Every formula is the client's (deltawatch.client.sketch / .lock): Rayleigh–Rit
 σ_i = √θ_i and V_K; the horizon alignment comes from the same LockState snapshots the client keeps.
 Degenerate cases (DESIGN §2): ΔW = 0 -> ratios and stable rank null, spectral norm 0, rotation and
 spectral shift 0 (W_t = W0 in the view); M_vis empty -> overlaps null; estimates (spectral norm,
-stable rank, top-K energy, alignments) null while the update's indicator is above tolerance;
-rotation and spectral shift null while the W_t tracker's indicator is above tolerance;
+stable rank, top-K energy, alignments) null while the update's error bound is above tolerance;
+rotation and spectral shift null while the W_t tracker's error bound is above tolerance;
 subspace_alignment and channel_energy_ratio null before the lock.
 """
 

@@ -79,6 +79,10 @@ def check_against_reference(traj, results: dict) -> None:
                 assert all(
                     e is not None and math.isfinite(e) for e in point[method]["errors"].values()
                 )
+            # the printed error bound is never below the actual stable-rank (and σ1) error
+            dw = point["deltawatch"]
+            errors = dw["errors"]
+            assert dw["bound"] >= max(errors["stable_rank"], errors["spectral_norm"]), (kind, step)
         # the OPD-like channel: issue 2's bound after 3 checks (stable rank within 2%)
         if kind == "opd":
             assert data["at"]["3"]["deltawatch"]["errors"]["stable_rank"] <= 0.02

@@ -8,7 +8,10 @@ parameters; a check every step). The bounds are issue 2's and are not loosened t
   Sim_K (the horizon alignment) within 0.02;
 * SFT-/RLVR-like: stable rank within 10% after 3 checks and 5% after 10, σ1 within 3% after 10;
 * rotation (mean principal angle) within 10% or 0.05°, whichever is larger;
-* the OPD-like run locks within 10 checks; the SFT-like run never locks over 50 checks.
+* the OPD-like run locks within 10 checks; the SFT-like run never locks over 50 checks;
+* every check: the reported `convergence` (the tracker's error bound) is never below the actual
+  relative error of σ1 and of the stable rank, for ΔW and for W_t (float64 SVDs), and an estimate
+  is reported exactly when its bound is within tolerance.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import pytest
 import torch
 from deltawatch.client.lock import is_snapshot_check
 from deltawatch.client.settings import AnchorSettings
+from deltawatch.client.sketch import rayleigh_ritz
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.geometry import MatrixGeometry
 from deltawatch.sidecar.reference import exact_anchor, exact_keys, right_vectors, view_of
@@ -55,6 +59,7 @@ def run(kind: str, shape: tuple[int, int], dtype: torch.dtype, checks: int, view
         assert check.visible_count == int(visible.sum())
         assert check.visible_low_count == int((visible & masks["low"]).sum())
         assert check.visible_principal_count == int((visible & masks["principal"]).sum())
+        assert_bounded(check, keys, D, view_of(W, view).double(), geometry.tolerance)
         h = geometry.last_horizon_step
         yield (
             step,
@@ -65,6 +70,24 @@ def run(kind: str, shape: tuple[int, int], dtype: torch.dtype, checks: int, view
                 W0, W, view=view, rank=K, horizon_V=exact_VK.get(h), v_ref=v
             ),
         )
+
+
+def assert_bounded(check, keys: dict, D: torch.Tensor, W_view: torch.Tensor, tol: float) -> None:
+    """The error bounds of both trackers against the float64 σ1 of ΔW and of view(W_t)."""
+    if check.update is None:
+        return
+    sigma1 = {}
+    for name, sketch, A in (("update", check.update, D), ("weight", check.weight, W_view)):
+        sigma1[name] = float(torch.linalg.svdvals(A)[0])
+        theta1 = float(rayleigh_ritz(sketch.G, sketch.C)[0][0])
+        sr_error = sigma1[name] ** 2 / theta1 - 1  # ‖A‖_F²/θ_1 against ‖A‖_F²/σ1²
+        assert sketch.convergence >= sr_error - 1e-9, (check.step, name, sketch.convergence)
+    bound, s1 = check.update.convergence, sigma1["update"]
+    reported = keys["stable_rank"] is not None
+    assert reported == (bound <= tol)
+    if reported:
+        assert rel(keys["spectral_norm"], s1) <= bound + 1e-9
+        assert rel(keys["stable_rank"], check.frobenius_sq / s1**2) <= bound + 1e-6
 
 
 CASES = [

@@ -25,6 +25,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from deltawatch.client.sketch import ROUNDING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -145,7 +146,9 @@ def test_later_checks_arrive_and_equal_the_reference(runs, sidecar, mode):
                 if va is None or vb is None or isinstance(va, bool):
                     assert va == vb, where
                     continue
-                assert abs(va - vb) <= REL * max(abs(va), abs(vb)), where
+                # the error bound subtracts Ritz values: meaningful to float32 rounding only
+                slack = ROUNDING if key == "convergence" else 0.0
+                assert abs(va - vb) <= REL * max(abs(va), abs(vb)) + slack, where
                 compared += 1
     assert _history(base, f"faults-{mode}", FIRST)[5]["lock_step"] == 5
     assert compared > 7 * 4 * 10

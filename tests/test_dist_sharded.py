@@ -23,6 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from deltawatch.client.sketch import ROUNDING
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -41,6 +42,9 @@ DOWN = "fsdp2_down"  # fsdp2 with rank 1's sidecar down
 R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
 STEPS = 5
 REL = 1e-4
+# the error bound is meaningful to float32 rounding only (sketch.ROUNDING): it subtracts Ritz
+# values, so the sharded sums' rounding moves it by more than REL of a small value
+BOUND_ABS = ROUNDING
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -129,7 +133,8 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
                 if va is None or vb is None or isinstance(va, bool):
                     assert va == vb, where
                     continue
-                assert abs(va - vb) <= REL * max(abs(va), abs(vb)), where
+                slack = BOUND_ABS if key == "convergence" else 0.0
+                assert abs(va - vb) <= REL * max(abs(va), abs(vb)) + slack, where
                 compared += 1
     assert compared > 7 * STEPS * 10
 
