@@ -30,9 +30,9 @@ from aiohttp import web
 from deltawatch.client.naming import parse_name
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.client.tracker import MatrixTracker
+from deltawatch.sidecar.exact import exact_counts, exact_keys
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.process import PrometheusServer, SidecarProcess, free_port
-from deltawatch.sidecar.reference import exact_counts, exact_keys
 
 __all__ = ["PrometheusServer", "SidecarProcess", "free_port", "get_json", "wait_for"]
 

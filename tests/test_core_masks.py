@@ -14,7 +14,7 @@ from deltawatch.client.masks import (
     pack_bits,
     unpack_bits,
 )
-from deltawatch.sidecar.reference import exact_thresholds
+from deltawatch.sidecar.exact import exact_thresholds
 from test_core_trajectories import pretrained_like
 
 

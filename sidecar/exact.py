@@ -1,7 +1,7 @@
 """The exact float64 reference of every DESIGN §2 key from (W0, W_t), by full SVDs.
 
-Used by the tests now and by the audit tier and offline replay later. Everything is computed from
-the weights alone except what depends on the run's history:
+Product code: the audit tier of `deltawatch replay --exact` and the tests' reference. Everything
+is computed from the weights alone except what depends on the run's history:
   * `horizon_alignment` needs `horizon_V`, V_K at the horizon check h(t) (n×K);
   * `subspace_alignment` and `channel_energy_ratio` need `v_ref`, the locked V_ref (n×K);
   * `locked` / `lock_step` are the lock rule's decision over the whole run (client/lock.py) and
