@@ -33,6 +33,7 @@ import torch
 
 from .checkpoints import Checkpoint, TensorFiles, is_adapter, model_files, open_checkpoint
 
+QUEUE_BYTES = 16 << 20  # the sender's queue: reports wait for acks, so memory stays bounded
 QUEUE_HIGH_WATER = 0.5  # wait for acks once the sender's queue holds this share of its budget
 ACK_TIMEOUT_S = 300.0
 PROGRESS_WIDTH = 30
@@ -194,6 +195,7 @@ def monitor_config(args: argparse.Namespace, adapters: bool) -> Any:
         exclude=args.exclude,
         view="native" if adapters else "bf16",
         endpoint=args.endpoint or "127.0.0.1:0",
+        max_queue_bytes=QUEUE_BYTES,
     )
 
 
