@@ -1,9 +1,10 @@
-"""The `deltawatch` console script: `deltawatch serve ...` and `deltawatch demo ...`.
+"""The `deltawatch` console script: `deltawatch serve ...`, `deltawatch demo ...` and
+`deltawatch replay ...`.
 
 Every `serve` flag is also an environment variable DELTAWATCH_<FLAG> (e.g. DELTAWATCH_DATA_DIR);
 the command line wins over the environment, the environment over the default. The `demo`
 subcommand lives in `deltawatch.sidecar.demo.cli` (`add_arguments(parser)`, `run(args)`) and is
-imported only when used.
+imported only when used; `replay` in `deltawatch.sidecar.replay`, the same way.
 """
 
 from __future__ import annotations
@@ -111,6 +112,10 @@ def build_parser(*, with_demo: bool = True) -> argparse.ArgumentParser:
         from deltawatch.sidecar.demo.cli import add_arguments as add_demo_arguments
 
         add_demo_arguments(demo)
+    replay = sub.add_parser("replay", help="watch checkpoints on disk as a run (docs/replay.md)")
+    from deltawatch.sidecar.replay import add_arguments as add_replay_arguments
+
+    add_replay_arguments(replay)
     return parser
 
 
@@ -136,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from deltawatch.sidecar.demo.cli import run as run_demo
 
         return int(run_demo(args) or 0)
+    if args.command == "replay":
+        from deltawatch.sidecar.replay import run as run_replay
+
+        return int(run_replay(args) or 0)
     return 2
 
 

@@ -31,9 +31,9 @@ from deltawatch.client.naming import parse_name
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.client.settings import LockSettings, SketchSettings
 from deltawatch.client.tracker import MatrixTracker
+from deltawatch.sidecar.exact import exact_counts, exact_keys
 from deltawatch.sidecar.keys import MATRIX_KEYS
 from deltawatch.sidecar.process import SidecarProcess, free_port
-from deltawatch.sidecar.reference import exact_counts, exact_keys
 from servers import AlertmanagerServer, PrometheusServer, get_json, wait_for
 
 __all__ = [

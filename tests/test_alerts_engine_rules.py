@@ -4,7 +4,7 @@ the real Engine on a real SQLite store, observed by the AlertEngine through the 
 OPD-like: the update grows inside a fixed rank-16 channel plus faint dense noise. A steady run locks
 and raises nothing; a run whose channel moves to a new subspace after the lock raises
 SubspaceDrift (and ChannelLeak); a one-step dense kick raises VisibilitySpike. Each verdict is also
-checked against the exact float64 reference (sidecar/reference.py) of the same weights.
+checked against the exact float64 reference (sidecar/exact.py) of the same weights.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.alerts.config import AlertConfig
 from deltawatch.sidecar.alerts.engine import AlertEngine, StoreAlertState
 from deltawatch.sidecar.engine import Engine
-from deltawatch.sidecar.reference import exact_keys
+from deltawatch.sidecar.exact import exact_keys
 from deltawatch.sidecar.store import Store
 
 M, N = 64, 128

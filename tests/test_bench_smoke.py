@@ -1,6 +1,6 @@
 """bench/bench_sketch.py at its smallest settings, so the benchmark cannot rot: it runs, writes its
 JSON, prints its tables, and its exact reference (the float64 Gram spectrum of ΔW) agrees with the
-full-SVD reference of sidecar/reference.py on the same weights. No timing is asserted."""
+full-SVD reference of sidecar/exact.py on the same weights. No timing is asserted."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 import torch
-from deltawatch.sidecar.reference import exact_keys
+from deltawatch.sidecar.exact import exact_keys
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -51,7 +51,7 @@ def test_bench_sketch_runs_and_its_reference_is_exact(tmp_path: Path, capsys) ->
 
 
 def check_against_reference(traj, results: dict) -> None:
-    """The bench's numbers against sidecar/reference.py on the same weights."""
+    """The bench's numbers against sidecar/exact.py on the same weights."""
     m, n = SHAPE
 
     assert results["partial"] is False and results["settings"]["view"] == "bf16"

@@ -22,8 +22,8 @@ from deltawatch.client.lock import is_snapshot_check
 from deltawatch.client.settings import AnchorSettings
 from deltawatch.client.sketch import rayleigh_ritz
 from deltawatch.client.tracker import MatrixTracker
+from deltawatch.sidecar.exact import exact_anchor, exact_keys, right_vectors, view_of
 from deltawatch.sidecar.geometry import MatrixGeometry
-from deltawatch.sidecar.reference import exact_anchor, exact_keys, right_vectors, view_of
 from test_core_trajectories import pretrained_like, trajectory
 
 NAME = "model.layers.0.mlp.up_proj.weight"

@@ -15,7 +15,7 @@ from deltawatch.client.masks import (
     unpack_bits,
 )
 from deltawatch.client.settings import AnchorSettings
-from deltawatch.sidecar.reference import exact_thresholds
+from deltawatch.sidecar.exact import exact_thresholds
 from test_core_trajectories import pretrained_like
 
 

@@ -7,9 +7,9 @@ import torch
 from deltawatch.client.records import MatrixCheck, Sketch
 from deltawatch.client.settings import AnchorSettings, SketchSettings
 from deltawatch.client.tracker import MatrixTracker
+from deltawatch.sidecar.exact import exact_keys
 from deltawatch.sidecar.geometry import MatrixGeometry, ritz_pairs
 from deltawatch.sidecar.keys import MATRIX_KEYS
-from deltawatch.sidecar.reference import exact_keys
 from test_core_trajectories import pretrained_like, trajectory
 
 NAME = "model.layers.1.self_attn.o_proj.weight"

@@ -15,8 +15,8 @@ import torch
 from deltawatch.client.records import ManifestEntry
 from deltawatch.sidecar.engine import Engine, aggregate_rows
 from deltawatch.sidecar.errors import ValidationError
+from deltawatch.sidecar.exact import exact_counts
 from deltawatch.sidecar.keys import MATRIX_KEYS
-from deltawatch.sidecar.reference import exact_counts
 from deltawatch.sidecar.store import Store
 from support import SyntheticRun, assert_matches_reference
 

@@ -1,6 +1,6 @@
 """Matrices with a side below r = K + p (a LoRA factor 64×4, its transpose 4×64, a 1×n gate, an
 n×1 column) go end to end: Monitor -> gRPC -> a real `deltawatch serve` -> HTTP API, every value
-against the exact float64 reference (`sidecar/reference.py`).
+against the exact float64 reference (`sidecar/exact.py`).
 
 They take the exact path (one power step, `exact=True`); with n < r the basis is I_n, so G and C
 are n×n: r = min(K + p, n) columns, what the sidecar accepts.
@@ -13,7 +13,7 @@ import math
 import pytest
 import torch
 from deltawatch.client import Monitor
-from deltawatch.sidecar.reference import exact_counts, exact_keys
+from deltawatch.sidecar.exact import exact_counts, exact_keys
 from support import SidecarProcess
 
 SHAPES = {"lora_b": (64, 4), "lora_a": (4, 64), "gate": (1, 64), "column": (64, 1)}

@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 import torch
 from deltawatch.client import Monitor
-from deltawatch.sidecar.reference import exact_counts, exact_keys
+from deltawatch.sidecar.exact import exact_counts, exact_keys
 from support import SidecarProcess, free_port, wait_for
 
 SHAPES = {"q": (96, 128), "o": (128, 96)}

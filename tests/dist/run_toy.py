@@ -199,7 +199,7 @@ def real_step(mode, model, named, mon, step: int, W0: dict, counter) -> dict:
     a check at `step`; returns the exact float64 ‖ΔW‖_F and bf16-visible ratio of every reported
     matrix from the framework's own gathered weights (W0 = the written trajectory's anchor)."""
     from deltawatch.client import fused
-    from deltawatch.sidecar.reference import exact_counts, exact_keys
+    from deltawatch.sidecar.exact import exact_counts, exact_keys
 
     x = torch.randn(4, 128, generator=torch.Generator().manual_seed(7))
     if mode == "zero3":
