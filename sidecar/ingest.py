@@ -33,6 +33,7 @@ from deltawatch.client import wire
 from deltawatch.client.config import RUN_NAME
 from deltawatch.client.records import ManifestEntry
 from deltawatch.sidecar.errors import ValidationError
+from deltawatch.sidecar.progress import CheckProgress
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
@@ -96,6 +97,7 @@ class IngestService(pb_grpc.IngestServicer):
         self._closing = False
         self._created_runs: set[str] = set()  # runs this process created (new, or store lost)
         self._hellos_seen: set[tuple[str, int, int]] = set()  # (run, incarnation, rank)
+        self._progress = CheckProgress()  # when a run's check of a step is complete
         # Called with the run name when the last open stream of a run ended with a Goodbye (the
         # trainer closed its Monitors): the alert engine stops watching it for RunStalled.
         self.run_finished_listeners: list[Callable[[str], object]] = []
@@ -399,11 +401,30 @@ class IngestService(pb_grpc.IngestServicer):
                 f"matrix {body.matrix}: v_ref has shape {list(check.v_ref.shape)}, expected "
                 f"[{n}, {state.rank_k}]",
             )
-        fresh = await self._call(self.engine.ingest, state.run, state.incarnation, check)
+        fresh, aggregate = await self._call(self._ingest, state, check)
+        if aggregate is not None:
+            self._fan_out(state.run, aggregate)
         if fresh and body.dropped_reports:
             with self.stats.lock:
                 self.stats.dropped[state.run] += int(body.dropped_reports)
             await self._call(self.engine.record_dropped, state.run, int(body.dropped_reports))
+
+    def _ingest(self, state: _StreamState, check) -> tuple[bool, pb.ServerMessage | None]:
+        """On the engine thread: store the check; when it completed the run's check of its step,
+        also the run's aggregate as a frame (read before any other report can be stored). A
+        failure after the store is logged and sends no aggregate: the check stays acknowledged."""
+        fresh = self.engine.ingest(state.run, state.incarnation, check)
+        if not fresh:
+            return False, None
+        try:
+            matrices = len(self.engine.manifest(state.run) or ())
+            run, step = state.run, check.step
+            if not self._progress.stored(run, state.incarnation, matrices, check.matrix, step):
+                return True, None
+            return True, wire.encode_aggregate(run, step, self.engine.aggregate(run))
+        except Exception:
+            log.exception("the aggregate of run %s step %d was not sent", state.run, check.step)
+            return True, None
 
 
 def validate_hello(hello: pb.Hello) -> tuple[list[dict], dict]:
