@@ -127,12 +127,15 @@ def run_series(
         ]
         for key, value in band(ranks).items():
             stable[key].append(value)
+        in_layer: dict[int | None, list[Any]] = {}
+        for h in current:
+            in_layer.setdefault(layers_of.get(h.matrix), []).append(h)
         for key in LAYER_KEYS:
             for i, layer in enumerate(layers):
                 values = [
                     float(h.keys[key])
-                    for h in current
-                    if layers_of.get(h.matrix) == layer and h.keys.get(key) is not None
+                    for h in in_layer.get(layer, ())
+                    if h.keys.get(key) is not None
                 ]
                 per_layer[key][i].append(_mean(values))
     run_times.sort()

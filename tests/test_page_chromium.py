@@ -5,12 +5,14 @@ onto its channel, and after step 22 the upper two layers move along new channels
 fires for their matrices. The `/series` endpoint is checked against the per-matrix histories of
 the API (whose numbers are tested against float64 elsewhere); the page's DOM after its scripts ran
 against the API's numbers (every shown number carries its exact value in data-value); the token
-rule through a browser (`?token=` once, then the cookie); and a screenshot is taken (set
+rule through a browser (the sidecar has a token: every page is opened with `?token=` once, then
+the cookie carries it); and a screenshot is taken (set
 DELTAWATCH_PAGE_PNG=path to keep it: that is how docs/live-page.png is made).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -22,34 +24,60 @@ import numpy as np
 import pytest
 from deltawatch.sidecar.engine import MEAN_KEYS
 from deltawatch.sidecar.page import LAYER_KEYS
-from support import SidecarProcess, chromium, drifting_run, get_json, parse_dom, wait_for
+from support import SidecarProcess, chromium, drifting_run, parse_dom, wait_for
 
 pytestmark = pytest.mark.timeout(300)  # ./dev test installs chromium like prometheus
 
 RUN, LAYERS, STEPS, MOVE_AT = "drift-toy", 4, 40, 22
 
 
+TOKEN = "page-token-0123456789"
+
+
+def api(base: str, path: str, **headers: str):
+    """GET base + path as JSON with the bearer token (or the given headers instead)."""
+    headers = headers or {"Authorization": f"Bearer {TOKEN}"}
+    req = urllib.request.Request(base + path, headers=headers)
+    with urllib.request.urlopen(req, timeout=30) as r:
+        return json.loads(r.read())
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    """A sidecar that watched the drifting run; its API's answers, fetched once."""
-    with SidecarProcess(tmp_path_factory.mktemp("page")) as side:
-        stats = drifting_run(side.endpoint, RUN, layers=LAYERS, steps=STEPS, move_at=MOVE_AT)
+    """A sidecar with a token that watched the drifting run; its API's answers, fetched once."""
+    directory = tmp_path_factory.mktemp("page")
+    (directory / "token").write_text(TOKEN + "\n")
+    with SidecarProcess(directory / "data", f"--token-file={directory / 'token'}") as side:
+        stats = drifting_run(
+            side.endpoint,
+            RUN,
+            layers=LAYERS,
+            steps=STEPS,
+            move_at=MOVE_AT,
+            token_file=str(directory / "token"),
+        )
         assert stats["unacknowledged"] == 0 and stats["errors"] == {}, stats
         base = side.http_url
 
         def drift_firing() -> bool:
-            alerts = get_json(base + "/api/v1/alerts")["alerts"]
+            alerts = api(base, "/api/v1/alerts")["alerts"]
             return any(a["rule"] == "SubspaceDrift" and a["matrix"] for a in alerts)
 
         wait_for(drift_firing, "SubspaceDrift firing", proc=side)
-        detail = get_json(f"{base}/api/v1/runs/{RUN}")
-        histories = {m["matrix"]: side.history(RUN, m["matrix"]) for m in detail["matrices"]}
+        detail = api(base, f"/api/v1/runs/{RUN}")
+        histories = {
+            m["matrix"]: {
+                p["step"]: p
+                for p in api(base, f"/api/v1/runs/{RUN}/history?matrix={m['matrix']}")["points"]
+            }
+            for m in detail["matrices"]
+        }
         yield {
             "base": base,
-            "runs": get_json(base + "/api/v1/runs")["runs"],
-            "alerts": get_json(base + "/api/v1/alerts")["alerts"],
+            "runs": api(base, "/api/v1/runs")["runs"],
+            "alerts": api(base, "/api/v1/alerts")["alerts"],
             "detail": detail,
-            "series": get_json(f"{base}/api/v1/runs/{RUN}/series"),
+            "series": api(base, f"/api/v1/runs/{RUN}/series"),
             "histories": histories,
         }
 
@@ -121,8 +149,14 @@ def test_series_places_the_drift_alerts_on_their_steps(served):
         assert a["end_step"] is None and a["state"] == "firing"
 
 
-def dom(url: str, budget_ms: int = 3000) -> list:
-    return parse_dom(chromium(url, "--dump-dom", budget_ms=budget_ms))
+def dom(url: str, budget_ms: int = 3000, login: bool = True) -> list:
+    """The DOM of `url` after its scripts ran (`login`: with ?token= added before any #part)."""
+    return parse_dom(chromium(with_token(url) if login else url, "--dump-dom", budget_ms=budget_ms))
+
+
+def with_token(url: str) -> str:
+    address, hash_, fragment = url.partition("#")
+    return f"{address}?token={TOKEN}{hash_}{fragment}"
 
 
 def one(elements, tag=None, **attrs):
@@ -231,7 +265,8 @@ def test_run_page_charts_heatmap_and_alerts_show_the_api_numbers(served, tmp_pat
         value = next(x for x in els[els.index(cell) :] if x.tag == "span")
         assert shown(value) == m["stable_rank"]
     png = tmp_path / "page.png"
-    chromium(f"{served['base']}/runs/{RUN}", f"--screenshot={png}", "--window-size=1400,1900")
+    url = with_token(f"{served['base']}/runs/{RUN}")
+    chromium(url, f"--screenshot={png}", "--window-size=1400,1900")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 50_000
     if os.environ.get("DELTAWATCH_PAGE_PNG"):
         shutil.copy(png, os.environ["DELTAWATCH_PAGE_PNG"])
@@ -256,28 +291,20 @@ def test_matrix_drill_down_shows_its_history(served):
         assert shown(e) == points[last][key] and int(e.attrs["data-step"]) == last, key
 
 
-def test_page_with_a_token_needs_it_and_takes_it_once_from_the_address(tmp_path):
-    token = "page-token-0123456789"
-    (tmp_path / "token").write_text(token + "\n")
-    with SidecarProcess(tmp_path / "data", f"--token-file={tmp_path / 'token'}") as side:
-        drifting_run(side.endpoint, "tok", layers=2, steps=4, token_file=str(tmp_path / "token"))
-        for path in ("/", "/runs/tok", "/static/page.js", "/api/v1/runs/tok/series"):
-            with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(side.http_url + path, timeout=30)
-            assert e.value.code == 401, path
+def test_the_page_needs_the_token_and_takes_it_once_from_the_address(served):
+    """Without the token every page address is a 401, and so is a wrong ?token=; the right one
+    once in the address sets the cookie, which the page's own polls of the API carry (the status
+    line says "updated" only after a poll succeeded; a 401 would show there)."""
+    base = served["base"]
+    for path in ("/", f"/runs/{RUN}", "/static/page.js", f"/api/v1/runs/{RUN}/series"):
         with pytest.raises(urllib.error.HTTPError) as e:
-            urllib.request.urlopen(side.http_url + "/?token=wrong", timeout=30)
-        assert e.value.code == 401
-        # The browser: the token once in the address, then the cookie for the page and its polls.
-        els = dom(side.http_url + "/?token=" + token, budget_ms=8000)
-        row = one(els, "tr", data_run="tok")
-        last_step = next(x for x in els[els.index(row) :] if "data-value" in x.attrs)
-        assert shown(last_step) == 4
-        status = one(els, "span", id="status")
-        assert status.attrs["class"] == "status" and status.text.startswith("updated"), status
-        req = urllib.request.Request(
-            side.http_url + "/api/v1/runs/tok/series",
-            headers={"Cookie": f"deltawatch_token={token}"},
-        )
-        with urllib.request.urlopen(req, timeout=30) as r:
-            assert r.status == 200
+            urllib.request.urlopen(base + path, timeout=30)
+        assert e.value.code == 401, path
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(base + "/?token=wrong", timeout=30)
+    assert e.value.code == 401
+    els = dom(f"{base}/runs/{RUN}?token={TOKEN}", budget_ms=8000, login=False)
+    status = one(els, "span", id="status")
+    assert status.attrs["class"] == "status" and status.text.startswith("updated"), status.text
+    cookie = api(base, f"/api/v1/runs/{RUN}/series", Cookie=f"deltawatch_token={TOKEN}")
+    assert cookie["steps"] == served["series"]["steps"]

@@ -258,7 +258,8 @@ function alertStrip(alerts, steps) {
 function alertTable(alerts, withRun) {
   if (!alerts.length) return h("p", { class: "none" }, "no alerts");
   const t = h("table", { class: "alerts" });
-  t.append(h("tr", {}, ...[withRun ? "run" : null, "rule", "matrix", "state", "severity", "start step", "end step", "value", "summary"].filter((x) => x).map((x) => h("th", {}, x))));
+  const when = withRun ? ["started", "ended"] : ["start step", "end step"];
+  t.append(h("tr", {}, ...[withRun ? "run" : null, "rule", "matrix", "state", "severity", ...when, "value", "summary"].filter((x) => x).map((x) => h("th", {}, x))));
   for (const a of alerts) {
     t.append(h("tr", { class: `alert ${a.state}`, "data-id": a.id, "data-rule": a.rule },
       withRun ? h("td", {}, h("a", { href: `/runs/${encodeURIComponent(a.run)}` }, a.run)) : null,
