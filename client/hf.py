@@ -75,6 +75,7 @@ class DeltawatchCallback(TrainerCallback):
         if state.global_step > 0 and options.get("resume_step") is None:
             options["resume_step"] = int(state.global_step)
         self.monitor = Monitor(model, run=self.run, **options)
+        self.logged_step = None  # a new Monitor (a resumed run may log lower steps again)
         if not self._first and [r for r in args.report_to if r != "none"]:
             log.warning(
                 "deltawatch: report_to=%s is called before DeltawatchCallback, so it will not "
