@@ -373,6 +373,13 @@ class Monitor:
 
     # -- introspection -----------------------------------------------------------------------------
 
+    def latest(self) -> dict[str, Any] | None:
+        """The newest run aggregate the sidecar sent back (the `aggregate` of
+        `GET /api/v1/runs/{run}`, every key, unknown values None) with `"step"`, the step whose
+        checks it aggregates; None before the first. The sidecar sends it once every matrix of the
+        run has its check of that step stored. Never blocks on the network."""
+        return self._transport.latest_aggregate()
+
     def unacknowledged(self) -> int:
         """Reports and baselines not yet acknowledged by the sidecar."""
         return self._transport.unacknowledged()

@@ -134,6 +134,7 @@ class Transport:
         self.baselines_resent = 0
         self.connections = 0
         self.lock_references: dict[str, tuple[int, object]] = {}
+        self._aggregate: dict | None = None  # the newest RunAggregate of the run ("step" inside)
         self.connected = False
         self._closing = False
         self._stop = threading.Event()
@@ -304,6 +305,8 @@ class Transport:
                     self._lock_reference(msg.lock_reference)
                 elif kind == "alert":
                     self._alert(msg.alert)
+                elif kind == "aggregate":
+                    self._run_aggregate(msg.aggregate)
                 if self._stop.is_set():
                     break
         except grpc.RpcError as exc:
@@ -391,6 +394,21 @@ class Transport:
             return
         with self._cv:
             self.lock_references[matrix] = (lock_step, v_ref)
+
+    def latest_aggregate(self) -> dict | None:
+        """A copy of the newest run aggregate the sidecar sent (None before the first)."""
+        with self._cv:
+            return None if self._aggregate is None else dict(self._aggregate)
+
+    def _run_aggregate(self, frame: pb.RunAggregate) -> None:
+        try:
+            aggregate = wire.aggregate_from(frame)
+        except wire.WireError as exc:
+            self.errors("bad_aggregate", "ignored a run aggregate: %s", exc.message)
+            return
+        with self._cv:
+            if self._aggregate is None or aggregate["step"] > self._aggregate["step"]:
+                self._aggregate = aggregate
 
     def _alert(self, alert: pb.Alert) -> None:
         if self._on_alert is None:

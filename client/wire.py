@@ -705,3 +705,20 @@ def alert_from(a: pb.Alert) -> dict:
     out["ended_at"] = a.ended_at if a.HasField("ended_at") else None
     out["value"] = a.value if a.HasField("value") else None
     return out
+
+
+def encode_aggregate(run: str, step: int, aggregate: dict) -> pb.ServerMessage:
+    """A run's aggregate at `step` -> a RunAggregate frame (JSON, nulls kept, floats exact)."""
+    body = json.dumps(aggregate, allow_nan=False, separators=(",", ":"))
+    return pb.ServerMessage(aggregate=pb.RunAggregate(run=run, step=int(step), aggregate_json=body))
+
+
+def aggregate_from(a: pb.RunAggregate) -> dict:
+    """A RunAggregate frame -> {"step": step, <every aggregate key>: value or None}."""
+    try:
+        values = json.loads(a.aggregate_json)
+    except ValueError as exc:
+        raise WireError("INVALID_ARGUMENT", f"aggregate.aggregate_json: not JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise WireError("INVALID_ARGUMENT", "aggregate.aggregate_json: expected a JSON object")
+    return {**values, "step": int(a.step)}

@@ -34,55 +34,19 @@ from servers import PrometheusServer  # noqa: E402  (the tests' Prometheus launc
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUN = "opd-demo"
-M, N, LAYERS, STEPS, MOVE_AT = 64, 128, 4, 90, 50
+LAYERS, STEPS, MOVE_AT = 4, 90, 50
 COLORS = ["#73bf69", "#f2cc0c", "#5794f2", "#ff9830", "#f2495c", "#b877d9", "#8ab8ff"]
 
 
 def monitored_run(grpc_port: int) -> None:
-    """The toy run (see the module docstring)."""
-    import torch
-    from deltawatch.client import Monitor
+    """The toy run (see the module docstring): the test suite's `drifting_run` (tests/support.py),
+    a quarter second between steps so Prometheus (1 s scrapes) sees it unfold."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from support import drifting_run
 
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(7)
-
-    def pretrained_like() -> torch.Tensor:
-        U, _ = torch.linalg.qr(torch.randn(M, M, generator=g))
-        V, _ = torch.linalg.qr(torch.randn(N, N, generator=g))
-        return (U * torch.arange(1, M + 1, dtype=torch.float32) ** -0.7) @ V[:, :M].T
-
-    def channel() -> torch.Tensor:
-        U, _ = torch.linalg.qr(torch.randn(M, 16, generator=g))
-        V, _ = torch.linalg.qr(torch.randn(N, 16, generator=g))
-        return U @ torch.diag(torch.linspace(1.0, 0.5, 16)) @ V.T
-
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.self_attn = torch.nn.Module()
-            self.self_attn.o_proj = torch.nn.Linear(N, M, bias=False)
-            self.mlp = torch.nn.Module()
-            self.mlp.up_proj = torch.nn.Linear(N, M, bias=False)
-
-    model = torch.nn.Module()
-    model.model = torch.nn.Module()
-    model.model.layers = torch.nn.ModuleList(Block() for _ in range(LAYERS))
-    named = sorted(model.named_parameters())
-    with torch.no_grad():
-        for _, p in named:
-            p.copy_(pretrained_like())
-    first = [channel() for _ in named]
-    second = [channel() for _ in named]
-    mon = Monitor(model, run=RUN, endpoint=f"127.0.0.1:{grpc_port}", every=1)
-    with torch.no_grad():
-        for step in range(1, STEPS + 1):
-            for (name, p), a, b in zip(named, first, second, strict=True):
-                layer = int(name.split(".")[2])
-                moved = step > MOVE_AT and layer >= 2
-                p.add_(3e-4 * (3.0 * b if moved else a) + 3e-6 * torch.randn(M, N, generator=g))
-            mon.step(step)
-            time.sleep(0.25)  # so Prometheus (1 s scrapes) sees the run unfold
-    mon.close(timeout=60)
+    drifting_run(
+        f"127.0.0.1:{grpc_port}", RUN, layers=LAYERS, steps=STEPS, move_at=MOVE_AT, pause=0.25
+    )
 
 
 def query_range(

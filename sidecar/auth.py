@@ -13,7 +13,11 @@ The server calls five functions, each reading the frozen ServeConfig:
   None means a plaintext port.
 * ``http_middlewares(config)``: the aiohttp counterpart of the interceptor: every endpoint needs
   the token except ``/healthz``, ``/readyz`` and ``/metrics`` (the latter unless
-  ``metrics_require_token`` is set); a missing or wrong token gets 401 with a JSON body.
+  ``metrics_require_token`` is set); a missing or wrong token gets 401 with a JSON body. A browser
+  (the live page) opens a page once as ``/?token=<token>``: the right token there is answered with
+  a redirect to the same address without it and the cookie ``deltawatch_token`` (HttpOnly,
+  SameSite=Strict, Secure under TLS), which every later request of the page carries instead of
+  the header.
 * ``http_ssl_context(config)``: TLS for HTTP from the same certificate. Client certificates are
   not requested on HTTP (kubelet probes and most Prometheus setups present none): the token is the
   HTTP credential.
@@ -44,6 +48,7 @@ from deltawatch.client.credentials import is_loopback_host, read_token, split_ho
 __all__ = [
     "HEALTH_SERVICE",
     "HTTP_PUBLIC_PATHS",
+    "TOKEN_COOKIE",
     "AuthConfig",
     "TlsFiles",
     "TokenFile",
@@ -62,6 +67,7 @@ log = logging.getLogger(__name__)
 
 HEALTH_SERVICE = "grpc.health.v1.Health"
 HTTP_PUBLIC_PATHS = frozenset({"/healthz", "/readyz"})
+TOKEN_COOKIE = "deltawatch_token"  # the live page's credential once ?token= was given
 
 
 class AuthConfig(Protocol):
@@ -354,9 +360,24 @@ def bearer_token_middleware(
         if request.path in public:
             return await handler(request)
         authorization = request.headers.get("Authorization")
-        if token_matches(_expected(token), authorization):
+        expected = _expected(token)
+        cookie = request.cookies.get(TOKEN_COOKIE)
+        if token_matches(expected, authorization) or (
+            cookie is not None and hmac.compare_digest(cookie.encode(), expected.encode())
+        ):
             return await handler(request)
-        body = {"error": "unauthenticated", "message": _rejection(authorization)}
+        given = request.query.get("token")
+        if (
+            request.method == "GET"
+            and given is not None
+            and hmac.compare_digest(given.encode(), expected.encode())
+        ):
+            return _page_login(request, expected)
+        body = {
+            "error": "unauthenticated",
+            "message": _rejection(authorization),
+            "browser": "open the page once as /?token=<token>; a cookie carries it from then on",
+        }
         return web.Response(
             status=401,
             text=json.dumps(body),
@@ -365,6 +386,17 @@ def bearer_token_middleware(
         )
 
     return require_bearer_token
+
+
+def _page_login(request: web.Request, token: str) -> web.Response:
+    """A right ``?token=``: 303 to the same address without it, setting the token cookie."""
+    query = {k: v for k, v in request.query.items() if k != "token"}
+    location = str(request.rel_url.with_query(query))
+    resp = web.Response(status=303, headers={"Location": location, "Cache-Control": "no-store"})
+    resp.set_cookie(
+        TOKEN_COOKIE, token, httponly=True, samesite="Strict", secure=request.secure, path="/"
+    )
+    return resp
 
 
 def http_middlewares(config: AuthConfig) -> list[Callable[..., Any]]:

@@ -13,6 +13,7 @@
     GET /readyz                               200 once the engine is loaded, `ready()` holds and
                                               the store can write; else 503 with the reason.
                                               Quarantined runs are listed in the body
+    GET /, /runs/{run}, /api/v1/runs/{run}/series   the live page (sidecar/page.py)
 
 Unknown values are null. An unknown run or matrix is a 404 with a JSON body
 `{"error": "...", "status": 404}`. Handlers read the engine's published state; anything that
@@ -31,6 +32,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from . import page
 from .engine import Engine
 
 AlertsProvider = Callable[[], list[dict[str, Any]]]
@@ -53,10 +55,14 @@ def _clean(v: Any) -> Any:
     return v
 
 
+def json_text(body: Any) -> str:
+    """Compact JSON with `allow_nan=False` (non-finite values nulled first)."""
+    return json.dumps(_clean(body), allow_nan=False, separators=(",", ":"))
+
+
 def json_response(body: Any, status: int = 200) -> web.Response:
-    """A JSON response with `allow_nan=False` (non-finite values were nulled first)."""
-    text = json.dumps(_clean(body), allow_nan=False, separators=(",", ":"))
-    return web.Response(text=text, status=status, content_type="application/json")
+    """A JSON response of `json_text(body)`."""
+    return web.Response(text=json_text(body), status=status, content_type="application/json")
 
 
 def json_error(status: int, message: str) -> web.Response:
@@ -170,4 +176,5 @@ def make_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    page.register(app, engine, alerts)  # GET /, /runs/{run}, /static/*, /api/v1/runs/{run}/series
     return app

@@ -41,6 +41,7 @@ import grpc
 from deltawatch.client import wire
 from deltawatch.client.records import ManifestEntry
 from deltawatch.sidecar.errors import RESOURCE_EXHAUSTED, ValidationError
+from deltawatch.sidecar.progress import CheckProgress
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
@@ -143,6 +144,7 @@ class IngestService(pb_grpc.IngestServicer):
         self._hellos_seen: set[tuple[str, int, int]] = set()  # (run, incarnation, rank)
         self._jobs: asyncio.Queue | None = None  # the group commit's queue of _Job
         self._committer: asyncio.Task | None = None
+        self._progress = CheckProgress()  # when a run's check of a step is complete
         # Called with the run name when the last open stream of a run ended with a Goodbye (the
         # trainer closed its Monitors): the alert engine stops watching it for RunStalled.
         self.run_finished_listeners: list[Callable[[str], object]] = []
@@ -421,28 +423,31 @@ class IngestService(pb_grpc.IngestServicer):
                 else:
                     batch.append(self._jobs.get_nowait())
             try:
-                results = await self._call(self._store_batch, batch)
+                results, aggregates = await self._call(self._store_batch, batch)
             except Exception as exc:
                 log.exception("a batch of %d messages failed", len(batch))
-                results = [exc] * len(batch)
+                results, aggregates = [exc] * len(batch), []
             for job, result in zip(batch, results, strict=True):
                 try:
                     self._answer(job, result)
                 except Exception:  # the commit loop never dies: every later report needs it
                     log.exception("answering %s %d failed", job.msg.kind, job.msg.id)
+            for run, frame in aggregates:
+                self._fan_out(run, frame)
 
-    def _store_batch(self, batch: list[_Job]) -> list[Any]:
+    def _store_batch(self, batch: list[_Job]) -> tuple[list[Any], list[tuple[str, Any]]]:
         """On the engine's thread: decode each message (`wire`), store the reports of the batch
         in one group commit and the baselines one by one, in order. Per message: True (stored),
-        False (a duplicate), or the exception refusing it."""
+        False (a duplicate), or the exception refusing it; and the run aggregates to send."""
         results: list[Any] = [None] * len(batch)
         reports: list[tuple[int, tuple]] = []
+        aggregates: list[tuple[str, Any]] = []
 
         def flush() -> None:
-            for (i, _), r in zip(
-                reports, self.engine.ingest_many([x for _, x in reports]), strict=True
-            ):
+            stored = self.engine.ingest_many([x for _, x in reports])
+            for (i, _), r in zip(reports, stored, strict=True):
                 results[i] = r
+            aggregates.extend(self._aggregates([x for _, x in reports], stored))
             reports.clear()
 
         for i, job in enumerate(batch):
@@ -463,7 +468,29 @@ class IngestService(pb_grpc.IngestServicer):
             except Exception as exc:
                 results[i] = exc
         flush()
-        return results
+        return results, aggregates
+
+    def _aggregates(self, reports: list[tuple], stored: list[Any]) -> list[tuple[str, Any]]:
+        """The run aggregates of the checks these stored reports completed (sidecar/progress.py),
+        as frames for the run's streams. The aggregate is read after the group commit, so a check
+        whose run has a later step in the same batch sends none (it would mix steps); the later
+        one sends its own. A failure here is logged: the reports stay acknowledged."""
+        last = {}
+        for run, _, check, _ in reports:
+            last[run] = max(last.get(run, check.step), check.step)
+        out = []
+        for (run, incarnation, check, _), fresh in zip(reports, stored, strict=True):
+            if fresh is not True:
+                continue
+            try:
+                matrices = len(self.engine.manifest(run) or ())
+                done = self._progress.stored(run, incarnation, matrices, check.matrix, check.step)
+                if done and check.step == last[run]:
+                    frame = wire.encode_aggregate(run, check.step, self.engine.aggregate(run))
+                    out.append((run, frame))
+            except Exception:
+                log.exception("the aggregate of run %s step %d was not sent", run, check.step)
+        return out
 
     def _answer(self, job: _Job, result: Any) -> None:
         msg, state = job.msg, job.state

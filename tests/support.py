@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 import urllib.error
 import urllib.request
 import zlib
@@ -278,3 +279,152 @@ def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: di
         assert got["locked"] is True and got["lock_step"] == lock_steps[name]
         assert set(got) == {"matrix", "layer", "module", "shape", "step", *MATRIX_KEYS}
         assert got["shape"] == [m, n]
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium(url: str, *args: str, budget_ms: int = 5000, timeout: float = 120.0) -> str:
+    """Run the real headless Chromium (Debian package `chromium`) on `url` with a fresh profile:
+    `args` e.g. "--dump-dom" (its stdout, the DOM after the page's scripts ran for `budget_ms` of
+    virtual time) or "--screenshot=PATH". No network but loopback is used."""
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="deltawatch-chromium-") as profile:
+        job = subprocess.run(
+            [
+                CHROMIUM,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                f"--virtual-time-budget={budget_ms}",
+                *args,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    if job.returncode != 0:
+        raise AssertionError(f"chromium failed ({job.returncode}): {job.stderr[-3000:]}")
+    return job.stdout
+
+
+@dataclass(eq=False)
+class Element:
+    """One element of a parsed DOM: tag, attributes, and its text (descendants' text included)."""
+
+    tag: str
+    attrs: dict[str, str]
+    text: str = ""
+
+
+def parse_dom(html: str) -> list[Element]:
+    """Every element of an HTML document in document order (stdlib html.parser)."""
+    from html.parser import HTMLParser
+
+    void = {"meta", "link", "br", "img", "input", "hr", "area", "base", "col", "source", "wbr"}
+    out: list[Element] = []
+    stack: list[Element] = []
+
+    class Parser(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            e = Element(tag, {k: v or "" for k, v in attrs})
+            out.append(e)
+            if tag not in void:
+                stack.append(e)
+
+        def handle_startendtag(self, tag, attrs):
+            out.append(Element(tag, {k: v or "" for k, v in attrs}))
+
+        def handle_endtag(self, tag):
+            while stack:
+                e = stack.pop()
+                if e.tag == tag:
+                    break
+
+        def handle_data(self, data):
+            for e in stack:
+                e.text += data
+
+    Parser().feed(html)
+    return out
+
+
+def drifting_run(
+    endpoint: str,
+    run: str,
+    *,
+    layers: int = 4,
+    steps: int = 40,
+    move_at: int = 22,
+    token_file: str | None = None,
+    pause: float = 0.0,
+) -> dict[str, Any]:
+    """A real Monitor (every=1) on a torch model of `layers` blocks × 2 matrices (64×128) whose
+    weights follow a scripted trajectory: each matrix moves inside its own fixed rank-16 channel
+    (OPD-like, so it locks), and after `move_at` the matrices of the upper half of the layers move
+    along a new channel three times as fast, so they drift after their lock (SubspaceDrift).
+    `pause` seconds between steps (so a scraper sees the run unfold). Returns the Monitor's stats
+    after close(). Runs on one intra-op thread (on a shared 2-core
+    machine the default pool made the same checks ~20× slower)."""
+    from deltawatch.client import Monitor
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _drifting_run(endpoint, run, layers, steps, move_at, token_file, pause, Monitor)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _drifting_run(
+    endpoint, run, layers, steps, move_at, token_file, pause, Monitor
+) -> dict[str, Any]:
+    m, n = 64, 128
+    g = torch.Generator().manual_seed(7)
+
+    def pretrained_like() -> torch.Tensor:
+        U, _ = torch.linalg.qr(torch.randn(m, m, generator=g))
+        V, _ = torch.linalg.qr(torch.randn(n, n, generator=g))
+        return (U * torch.arange(1, m + 1, dtype=torch.float32) ** -0.7) @ V[:, :m].T
+
+    def channel() -> torch.Tensor:
+        U, _ = torch.linalg.qr(torch.randn(m, 16, generator=g))
+        V, _ = torch.linalg.qr(torch.randn(n, 16, generator=g))
+        return U @ torch.diag(torch.linspace(1.0, 0.5, 16)) @ V.T
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.self_attn = torch.nn.Module()
+            self.self_attn.o_proj = torch.nn.Linear(n, m, bias=False)
+            self.mlp = torch.nn.Module()
+            self.mlp.up_proj = torch.nn.Linear(n, m, bias=False)
+
+    model = torch.nn.Module()
+    model.model = torch.nn.Module()
+    model.model.layers = torch.nn.ModuleList(Block() for _ in range(layers))
+    named = sorted(model.named_parameters())
+    with torch.no_grad():
+        for _, p in named:
+            p.copy_(pretrained_like())
+    first = [channel() for _ in named]
+    second = [channel() for _ in named]
+    mon = Monitor(model, run=run, endpoint=endpoint, every=1, token_file=token_file)
+    with torch.no_grad():
+        for step in range(1, steps + 1):
+            for (name, p), a, b in zip(named, first, second, strict=True):
+                moved = step > move_at and int(name.split(".")[2]) >= layers // 2
+                p.add_(3e-4 * (3.0 * b if moved else a) + 3e-6 * torch.randn(m, n, generator=g))
+            mon.step(step)
+            time.sleep(pause)
+    mon.close(timeout=120)
+    return mon.stats()

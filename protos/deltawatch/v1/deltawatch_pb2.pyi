@@ -206,6 +206,16 @@ class Alert(_message.Message):
     summary: str
     def __init__(self, id: _Optional[str] = ..., rule: _Optional[str] = ..., run: _Optional[str] = ..., matrix: _Optional[str] = ..., state: _Optional[str] = ..., severity: _Optional[str] = ..., started_at: _Optional[str] = ..., ended_at: _Optional[str] = ..., value: _Optional[float] = ..., summary: _Optional[str] = ...) -> None: ...
 
+class RunAggregate(_message.Message):
+    __slots__ = ("run", "step", "aggregate_json")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_JSON_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    step: int
+    aggregate_json: str
+    def __init__(self, run: _Optional[str] = ..., step: _Optional[int] = ..., aggregate_json: _Optional[str] = ...) -> None: ...
+
 class Error(_message.Message):
     __slots__ = ("id", "code", "message")
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -217,13 +227,15 @@ class Error(_message.Message):
     def __init__(self, id: _Optional[int] = ..., code: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("ack", "lock_reference", "alert", "error")
+    __slots__ = ("ack", "lock_reference", "alert", "error", "aggregate")
     ACK_FIELD_NUMBER: _ClassVar[int]
     LOCK_REFERENCE_FIELD_NUMBER: _ClassVar[int]
     ALERT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATE_FIELD_NUMBER: _ClassVar[int]
     ack: Ack
     lock_reference: LockReference
     alert: Alert
     error: Error
-    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., lock_reference: _Optional[_Union[LockReference, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    aggregate: RunAggregate
+    def __init__(self, ack: _Optional[_Union[Ack, _Mapping]] = ..., lock_reference: _Optional[_Union[LockReference, _Mapping]] = ..., alert: _Optional[_Union[Alert, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., aggregate: _Optional[_Union[RunAggregate, _Mapping]] = ...) -> None: ...
