@@ -116,7 +116,8 @@ def test_memory_per_report_is_bounded_and_a_budget_refuses_retryably(side):
         *wire.encode_report(3, run="big-report", incarnation=1, check=_big_report(n, r, 1)),
     ]
     out = _stream(side, frames)
-    assert [m.WhichOneof("body") for m in out] == ["ack", "ack", "ack"], out
+    # the run's aggregate follows the report that completed step 1 (Monitor.latest())
+    assert [m.WhichOneof("body") for m in out] == ["ack", "ack", "ack", "aggregate"], out
     growth = _vm_hwm_kib(side.pid) * 1024 - hwm_before
     # One copy is the assembled tensor; the rest is the geometry's float64 work and the store's
     # blobs (measured 5.5x for the baseline, which peaks above the report after it).
