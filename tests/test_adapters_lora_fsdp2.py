@@ -136,7 +136,9 @@ def test_every_rank_delivered_every_report(runs):
         assert r["acknowledged"] is True, r
         assert r["stats"]["errors"] == {} and r["stats"]["dropped_reports"] == 0, r["stats"]
     manifest = ranks["fsdp2-rank0"]["manifest"]
-    assert sorted(e["matrix"] for e in manifest) == NAMES  # base names, no factors
+    names = [e["matrix"] for e in manifest]
+    assert names == [e["matrix"] for e in ranks["single-rank0"]["manifest"]]  # the same order
+    assert sorted(names) == NAMES  # base names, no factors
     assert {e["shard_layout"] for e in manifest} == {"rows"}
     assert [e["owner_rank"] for e in manifest] == [i % 2 for i in range(len(NAMES))]
     assert len(ranks["fsdp2-rank1"]["computed"]) == len(NAMES)  # every rank computes
