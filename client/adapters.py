@@ -19,10 +19,26 @@ Names: PEFT's wrappers are removed (`base_model.model.` and `.base_layer`), so
 `model.layers.0.self_attn.q_proj.weight`, the name the merged checkpoint uses. The factors
 `lora_A`/`lora_B` are never monitored as matrices.
 
+Sharded (FSDP2 `fully_shard`, any layout whose base weight has its rows split and its columns
+whole): each rank holds a row block of W0 (m×n) and the same rows of each B_a (FSDP2 chunks dim 0
+of both by torch.chunk's rule), and a row block of each A_a (r_a×n: tiny, possibly empty). The
+local rows of the update are
+
+    ΔW[rows] = Σ_a s_a · B_a[rows] · A_a,    A_a whole on every rank
+
+so each check assembles every A_a from its row blocks with one all-reduce of r_a·n elements
+through the check's fault-isolated session (client/collectives.py `CheckSession`) — never a
+gathered W0 or B. Everything else is the rows layout the tracker already runs for DTensors:
+‖ΔW‖_F² is the local Gram formula summed over the row group, the counts come from the local
+merged rows, P = L_local·(R·V) stays local and G = Rᵀ·(L_localᵀ·P) is summed over the rows.
+
 Refused at construction, with the reason (never a wrong number): adapters whose update is not
 s·B·A (DoRA and the other LoRA variants, IA³, LoHa, LoKr, … — any PEFT tuner layer other than plain
 LoRA), adapters already merged into the base weight, LoRA on embeddings or convolutions, base
-weights that are trainable, quantized or sharded (DTensor).
+weights that are trainable or quantized, and sharded layouts other than the one above: a base
+weight with columns split (tensor parallel `RowwiseParallel`, `Shard(1)`), lora_B rows split
+differently from the base weight's, lora_A columns split, sharded factors on an unsharded base,
+and `fan_in_fan_out` bases that are sharded.
 
 PEFT is detected by the attributes its layers carry (`base_layer`, `lora_A`, `scaling`,
 `adapter_layer_names`), so importing this module never imports peft.
@@ -35,7 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .sharding import is_dtensor
+from .collectives import PLAIN, Reductions
+from .sharding import describe_layout, is_dtensor, local_block
 
 PEFT_PREFIX = "base_model.model."
 BASE_LAYER = ".base_layer"
@@ -131,23 +148,56 @@ class LoraMatrix:
 
     def validate(self) -> None:
         """Raise `UnsupportedAdapterError` unless every active adapter is plain LoRA on an
-        unmerged, frozen, unsharded, floating-point 2-D base weight (called once the matrix is
-        selected)."""
+        unmerged, frozen, floating-point 2-D base weight, unsharded or sharded by rows with its
+        factors (called once the matrix is selected)."""
         _check_lora(self.layer_name, self.layer, _active(self.layer))
 
-    def update(self, W0: torch.Tensor, rows: tuple[int, int] | None = None) -> AdapterUpdate:
-        """The update of `W0` (the base block, rows `rows` of the matrix for a fused part)."""
+    def update(
+        self,
+        W0: torch.Tensor | None,
+        rows: tuple[int, int] | None = None,
+        reductions: Reductions = PLAIN,
+    ) -> AdapterUpdate | None:
+        """The update of `W0`, this rank's base block (rows `rows` of the matrix for a fused part).
+
+        B_a's local rows are W0's (`local_block`, the same rule as the base weight); a sharded A_a
+        is assembled whole (`whole_rows`). With a check's `CheckSession` as `reductions`, nothing
+        raises and every rank issues the same all-reduces (one per sharded A_a, decided from the
+        active adapters and the factors' layouts, the same on every rank) whatever failed here;
+        the result is None on a rank whose local work failed (W0 None included)."""
+        reductions.seam("start")  # before the factors are read and gathered
         factors = []
         with torch.no_grad():
             for a in _active(self.layer):
-                B = self.layer.lora_B[a].weight.detach()
-                A = self.layer.lora_A[a].weight.detach()
-                if self.fan_in_fan_out:  # the base stores Wᵀ: ΔW_param = (B·A)ᵀ = Aᵀ·Bᵀ
-                    B, A = A.T, B.T
-                if rows is not None:
-                    B = B[rows[0] : rows[1]]
-                factors.append((B, A, float(self.layer.scaling[a])))
-        return AdapterUpdate(W0, tuple(factors))
+                A = whole_rows(self.layer.lora_A[a].weight, reductions)
+                factors.append(reductions.local(lambda a=a, A=A: self._factor(a, A, rows)))
+        return reductions.local(lambda: AdapterUpdate(W0, tuple(factors)))
+
+    def _factor(self, a: str, A: torch.Tensor, rows: tuple[int, int] | None) -> Factor:
+        """(B_a's rows of this rank's block, A_a whole, s_a) in the base weight's layout."""
+        B = self.layer.lora_B[a].weight
+        if self.fan_in_fan_out:  # the base stores Wᵀ: ΔW_param = (B·A)ᵀ = Aᵀ·Bᵀ (never sharded)
+            B, A = A.T, B.detach().T
+        return (local_block(B, rows), A, float(self.layer.scaling[a]))
+
+
+def whole_rows(X: torch.Tensor, reductions: Reductions = PLAIN) -> torch.Tensor | None:
+    """X whole on every rank, detached: a plain tensor as it is; a DTensor whose rows are split
+    (columns whole) by placing this rank's row block into zeros and summing over the row group,
+    one all-reduce of X's r×n elements (uneven and empty blocks included). On a rank whose local
+    work failed: None, or the zeros it contributed (`CheckSession` skips what follows)."""
+    if not is_dtensor(X):
+        return reductions.local(lambda: X.detach())
+    d = describe_layout(X)
+    (r0, r1), shape = d["rows"], d["shape"]
+
+    def placed() -> torch.Tensor:
+        local = X.to_local().detach()
+        full = torch.zeros(shape, dtype=X.dtype, device=local.device)
+        full[r0:r1] = local
+        return full
+
+    return reductions.all_reduce(placed, shape, (d["row_group"],), X.dtype)
 
 
 def find_lora(model: nn.Module) -> tuple[dict[str, LoraMatrix], set[int]]:
@@ -183,7 +233,7 @@ def _active(module: nn.Module) -> list[str]:
 
 def _check_lora(name: str, module: nn.Module, active: list[str]) -> None:
     """Raise unless every active adapter of `module` is plain LoRA on an unmerged, frozen,
-    unsharded, floating-point 2-D base weight."""
+    floating-point 2-D base weight, laid out as `_check_sharding` reads it."""
     kind = type(module).__name__
     variants = getattr(module, "lora_variant", {}) or {}
     for a in active:
@@ -229,9 +279,59 @@ def _check_lora(name: str, module: nn.Module, active: list[str]) -> None:
             f"{name}: the base weight has requires_grad=True beside LoRA adapters, so the update "
             f"is not the adapters' alone; freeze it (PEFT does by default)"
         )
-    factors = [module.lora_A[a].weight for a in active] + [module.lora_B[a].weight for a in active]
-    if is_dtensor(W) or any(is_dtensor(f) for f in factors):
+    _check_sharding(name, module, W, active)
+
+
+ROWS_ONLY = (
+    "deltawatch monitors sharded LoRA when the base weight's rows are split and its columns whole "
+    "(FSDP2 fully_shard, Shard(0)), lora_B's rows are split as the base weight's and lora_A's "
+    "columns are whole"
+)
+
+
+def _check_sharding(name: str, module: nn.Module, W: torch.Tensor, active: list[str]) -> None:
+    """Raise unless the factors can be read as ΔW's local rows (module docstring, "Sharded"):
+    nothing sharded, or a base weight with whole columns, every B_a with the base weight's row
+    block and row group on its mesh, every A_a plain or a DTensor with whole columns on it."""
+    factors = [(f"lora_A[{a!r}]", module.lora_A[a].weight) for a in active]
+    factors += [(f"lora_B[{a!r}]", module.lora_B[a].weight) for a in active]
+    if not is_dtensor(W):
+        sharded = [what for what, f in factors if is_dtensor(f)]
+        if sharded:
+            raise UnsupportedAdapterError(
+                f"{name}: {', '.join(sharded)} are sharded DTensors but the base weight is not; "
+                f"{ROWS_ONLY}"
+            )
+        return
+    if getattr(module, "fan_in_fan_out", False):
         raise UnsupportedAdapterError(
-            f"{name}: the base weight or the LoRA factors are sharded DTensors (FSDP2 / tensor "
-            f"parallel); LoRA monitoring supports single-process and DDP models"
+            f"{name}: a sharded fan_in_fan_out base weight (stored as Wᵀ, so its split rows are "
+            f"ΔW's columns); {ROWS_ONLY}"
         )
+    base = describe_layout(W)
+    if base["col_group"] is not None:
+        raise UnsupportedAdapterError(
+            f"{name}: the base weight's columns are split ({tuple(W.placements)}, tensor parallel "
+            f"RowwiseParallel); {ROWS_ONLY}"
+        )
+    for what, f in factors:
+        layout = describe_layout(f) if is_dtensor(f) else None
+        if what.startswith("lora_B"):
+            same = layout is not None and f.device_mesh == W.device_mesh
+            same = same and (layout["rows"], layout["row_group"], layout["col_group"]) == (
+                base["rows"],
+                base["row_group"],
+                None,
+            )
+            if not same:
+                where = "not sharded" if layout is None else f"rows {layout['rows']}"
+                raise UnsupportedAdapterError(
+                    f"{name}: {what} is {where}, the base weight holds rows {base['rows']} here "
+                    f"({tuple(W.placements)}); {ROWS_ONLY}"
+                )
+        elif layout is not None and (f.device_mesh != W.device_mesh or layout["col_group"]):
+            raise UnsupportedAdapterError(
+                f"{name}: {what} is laid out as {tuple(f.placements)} on mesh "
+                f"{f.device_mesh.mesh.tolist()}, the base weight as {tuple(W.placements)} on "
+                f"{W.device_mesh.mesh.tolist()}; {ROWS_ONLY}"
+            )

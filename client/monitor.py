@@ -84,12 +84,13 @@ def _local(m: _Matrix) -> torch.Tensor:
     return sharding.local_block(m.param, m.rows)
 
 
-def _source(m: _Matrix):
+def _source(m: _Matrix, s: CheckSession):
     """What the tracker checks: the local block of the weight, or, for a base matrix with LoRA
-    adapters, the adapters' update of it (client/adapters.py). The single seam between Monitor
-    and adapters at check time."""
-    W = _local(m)
-    return W if m.adapter is None else m.adapter.update(W, m.rows)
+    adapters, the adapters' update of it (client/adapters.py; sharded factors are gathered through
+    the check's session `s`, so every rank issues those collectives too). None on a rank whose
+    local work failed. The single seam between Monitor and adapters at check time."""
+    W = s.local(lambda: _local(m))
+    return W if m.adapter is None else m.adapter.update(W, m.rows, s)
 
 
 class Monitor:
@@ -286,7 +287,7 @@ class Monitor:
         s = CheckSession(
             m.placement.spec, m.tracker.device, step=step, faults=self._faults, last=last
         )
-        check = m.tracker.check(s.local(lambda: _source(m)), step, s)
+        check = m.tracker.check(_source(m, s), step, s)
         if check is not None:
             if m.owned:
                 self._guard("submit", lambda: self._transport.submit_report(check))
