@@ -61,6 +61,7 @@ from .lock import LockState
 from .records import MatrixCheck, Sketch
 from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
+    DEFAULT_CUTOFF,
     _symmetric,
     error_bound,
     generalized_eigh,
@@ -212,6 +213,30 @@ def unpack_rows(packed: torch.Tensor, count: int) -> torch.Tensor:
     shifts = torch.arange(7, -1, -1, dtype=torch.uint8, device=packed.device)
     bits = (packed.unsqueeze(-1) >> shifts) & 1
     return bits.reshape(packed.shape[0], -1)[:, :count].bool()
+
+
+def batched_generalized_eigh(
+    H: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """client/sketch.py `generalized_eigh` (H z = θ C z, θ descending, ZᵀCZ = I) for each matrix
+    of a batch ([B, k, k], host): one batched eigendecomposition of C, and one of the whitened
+    Wᵀ H W for the matrices whose C keeps every eigenvalue above the cutoff (the usual case; the
+    same arithmetic as the per-matrix routine); the others take the per-matrix routine."""
+    d, U = torch.linalg.eigh(_symmetric(C.double()))
+    d_max = d[:, -1:]
+    full = ((d > cutoff * d_max).all(-1) & (d_max[:, 0] > 0)).tolist()
+    out: list[Any] = [None] * H.shape[0]
+    idx = [b for b, ok in enumerate(full) if ok]
+    if idx:
+        W = U[idx] / torch.sqrt(d[idx]).unsqueeze(-2)
+        theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H.double()[idx] @ W))
+        theta, Z = theta.flip(-1).clamp_min(0), W @ Y.flip(-1)
+        for j, b in enumerate(idx):
+            out[b] = (theta[j], Z[j])
+    for b, ok in enumerate(full):
+        if not ok:
+            out[b] = generalized_eigh(H[b], C[b], cutoff)
+    return out
 
 
 def batched_power_step(A: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -412,8 +437,7 @@ class ExpertGroup:
             P, G = batched_power_step(A, V)
             C = torch.bmm(P.mT, P)
             H = krylov_products([V], [G])[1]
-            C64 = C.double().cpu()
-            ritz = [generalized_eigh(H[b], C64[b]) for b in range(B)]
+            ritz = batched_generalized_eigh(H, C.double().cpu())
             return self._finish(list(range(B)), G, C, ritz, [0.0] * B, 1, V)
         results: list[Any] = [None] * B
         active, Vs, Gs, Aa, Vj = list(range(B)), [], [], A, V
@@ -423,8 +447,8 @@ class ExpertGroup:
             Gs.append(G_j)
             G, H, M, N = krylov_products(Vs, Gs)
             stop, keep, ritz, bounds = [], [], [], []
-            for j, b in enumerate(active):
-                theta, Z = generalized_eigh(H[j], M[j])
+            ritz_all = batched_generalized_eigh(H, M)
+            for j, (b, (theta, Z)) in enumerate(zip(active, ritz_all, strict=True)):
                 residual = not (fresh[b] and len(Vs) == 1)
                 Nj = None if N is None else N[j]
                 bound = error_bound(theta, H[j], M[j], Nj, self.k, frob[b], residual)

@@ -196,6 +196,16 @@ def _assert_matches_float64(got: dict, W0: torch.Tensor, Wt: torch.Tensor, where
     assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol, where
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread, as the torchrun children have (tests/dist/sidecar_process.py): on 2
+    shared cores two threads make each small host eigendecomposition ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def sidecar(tmp_path_factory):
     with SidecarProcess(tmp_path_factory.mktemp("moe")) as side:
