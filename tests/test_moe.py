@@ -300,3 +300,16 @@ def test_fsdp2_shards_experts_and_reports_the_same(sidecar, single, tmp_path):
             elif other != value:
                 bad.append((name, key, value, other))
     assert not bad, "\n".join(map(str, bad))
+
+
+def test_bench_moe_runs(capsys):
+    """bench/bench_moe.py at a tiny size, so the benchmark cannot rot (no timing asserted)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_moe", ROOT / "bench" / "bench_moe.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    argv = ["--experts=3", "--rows=40", "--cols=48", "--checks=2", "--threads=1"]
+    assert bench.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "| check |" in out and out.count("per expert") == 2
