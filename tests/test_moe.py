@@ -313,3 +313,18 @@ def test_bench_moe_runs(capsys):
     assert bench.main(argv) == 0
     out = capsys.readouterr().out
     assert "| check |" in out and out.count("per expert") == 2
+
+
+def test_include_and_exclude_apply_to_the_per_expert_names(sidecar):
+    torch.manual_seed(0)
+    model = moe.tiny_qwen3_moe()
+    kept = Monitor(model, run="inc", endpoint=sidecar.endpoint, every=1, include=r"experts\.[01]\.")
+    names = {e["matrix"] for e in kept.manifest}
+    assert names == {n for n in _expected_names(model) if parse_expert(n) in (0, 1)}
+    assert len(names) == moe.LAYERS * 2 * 3
+    assert {e["expert"] for e in kept.manifest} == {0, 1}
+    assert kept.close(timeout=30) is True
+    left = Monitor(model, run="exc", endpoint=sidecar.endpoint, every=1, exclude=r"experts\.")
+    assert all(e["expert"] is None for e in left.manifest)
+    assert {e["module"] for e in left.manifest} >= {"mlp.gate", "self_attn.q_proj"}
+    assert left.close(timeout=30) is True
