@@ -29,20 +29,21 @@ sends exactly those, with no collective at all (manifest layout "expert"). Any o
 The batched check (`ExpertGroup`): the experts of one part run as one computation over the
 [B, m, n] stack: ΔW and the exact statistics in one pass (norms, bitwise bf16 counts, both masks
 per expert), `bmm`-shaped power steps P = ΔW·V, G = ΔWᵀ·P, the block Krylov products of every
-expert at once (client/sketch.py `krylov_products` with a batch dimension), the r×r
-Rayleigh–Ritz and error bound of each expert on the host (the same functions as the unbatched
-tracker), and, per group of experts that stopped after the same number of steps, the compressed
+expert at once (client/sketch.py `krylov_products` with a batch dimension), one batched
+eigendecomposition for every expert's Rayleigh–Ritz (`batched_generalized_eigh`), the r×r error
+bound of each expert on the host (the unbatched tracker's `error_bound`), and, per group of experts that stopped after the same number of steps, the compressed
 sketch, the Ritz vectors V_K and the next basis batched again. An expert keeps iterating only while
 its own bound is above the tolerance, so each expert's `MatrixCheck` is the one its own
 `MatrixTracker` would produce (tests/test_moe.py checks it); the state (bases, lock) lives in one
 `MatrixTracker` per expert, so baselines, checkpoints and lock references work unchanged. At most
-`BATCH_ELEMENTS` entries are formed at once (ΔW in float32 plus the boolean masks).
+`BATCH_ELEMENTS` entries of ΔW are formed at once; on the CPU the elementwise passes run in
+slices of `CHUNK_ELEMENTS` entries (cache-sized, like the unbatched tracker's row chunks).
 
 Memory per expert matrix (m×n, bf16 view): the W0 copy (2 bytes per entry; the dtype's size in the
 native view) + the packed principal mask (0.125 bytes per entry), in one stacked tensor per part,
 plus the bases: V and V_w (n×r float32 each), W0's basis V0 and baseline G (n×r each), the
 baseline C (r×r) and the lock's log-spaced V_K snapshots (n×K each): for a Qwen3-30B-A3B
-gate_proj expert (768×2048, r = 32) 3.34 MB of anchor and 1.05 MB of bases.
+gate_proj expert (768×2048, r = 32) 3.35 MB of anchor and 1.05 MB of bases.
 """
 
 from __future__ import annotations

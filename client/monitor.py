@@ -162,7 +162,8 @@ class Monitor:
     def _select(self, model: torch.nn.Module) -> list[_Matrix]:
         """The monitored matrices, by the reported name (PEFT's wrappers removed): the user's
         include/exclude or the default selection; frozen parameters only with `include_frozen`
-        unless LoRA adapters train them; LoRA factors never (client/adapters.py)."""
+        unless LoRA adapters train them; LoRA factors never (client/adapters.py); a packed 3-D
+        expert parameter as its per-expert matrices (client/experts.py)."""
         c = self.config
         rules = fused_mod.parse_fused(c.fused)
         adapted, adapter_params = adapters.find_lora(model)
