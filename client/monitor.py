@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import adapters, flat, naming, sharding
+from . import adapters, experts, flat, naming, sharding
 from . import fused as fused_mod
 from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
@@ -53,6 +53,8 @@ class _Matrix:
     module: str
     adapter: Any = None  # adapters.LoraMatrix for a base matrix with LoRA adapters
     tracker: Any = None  # MatrixTracker
+    expert: int | None = None  # the expert index of a mixture-of-experts matrix
+    packed: bool = False  # an expert of a packed 3-D parameter: checked by its experts.ExpertGroup
 
     @property
     def owned(self) -> bool:
@@ -104,6 +106,7 @@ class Monitor:
         self._faults = FaultPlan.from_env()  # the test seam; None unless DELTAWATCH_FAULT is set
         self.checks_dropped = 0  # matrix checks dropped on every rank after a failure
         self.rank, self.world_size = sharding.world()
+        self._packed: list[tuple] = []  # (param name, param, part rows, offset) per expert part
         self.matrices = self._select(model)
         if c.enforce_channel and any(m.placement.flat is not None for m in self.matrices):
             raise ValueError(
@@ -116,8 +119,9 @@ class Monitor:
         self._hooks: list[Any] = []
         checkpoint = _CheckpointReader(c.anchor_checkpoint) if c.anchor_checkpoint else None
         for m in self.matrices:
-            if m.placement.computes_here:
+            if m.placement.computes_here and not m.packed:
                 m.tracker = self._make_tracker(m, checkpoint)
+        self._expert_groups = self._make_expert_groups()
         self.manifest = [
             {
                 "matrix": m.name,
@@ -128,6 +132,7 @@ class Monitor:
                 "module": m.module,
                 "shard_layout": m.placement.layout,
                 "owner_rank": m.placement.owner_rank,
+                "expert": m.expert,
             }
             for m in self.matrices
         ]
@@ -158,7 +163,8 @@ class Monitor:
     def _select(self, model: torch.nn.Module) -> list[_Matrix]:
         """The monitored matrices, by the reported name (PEFT's wrappers removed): the user's
         include/exclude or the default selection; frozen parameters only with `include_frozen`
-        unless LoRA adapters train them; LoRA factors never (client/adapters.py)."""
+        unless LoRA adapters train them; LoRA factors never (client/adapters.py); a packed 3-D
+        expert parameter as its per-expert matrices (client/experts.py)."""
         c = self.config
         rules = fused_mod.parse_fused(c.fused)
         adapted, adapter_params = adapters.find_lora(model)
@@ -172,7 +178,13 @@ class Monitor:
             verdict = c.selects(name)
             if verdict is None:
                 verdict = naming.default_selected(name, param)
-            if not verdict or not (param.requires_grad or adapter or c.include_frozen):
+            if not (param.requires_grad or adapter or c.include_frozen):
+                continue
+            if adapter is None and experts.is_packed(name, param):
+                seen.add(id(param))
+                self._select_experts(model, name, param_name, param, out)
+                continue
+            if not verdict:
                 continue
             if param.dim() != 2:
                 raise ValueError(
@@ -185,6 +197,7 @@ class Monitor:
             for part in fused_mod.split(name, tuple(param.shape), rules):
                 index = len(out)
                 layer, module = naming.parse_name(part.name)
+                expert = naming.parse_expert(part.name)
                 out.append(
                     _Matrix(
                         index=index,
@@ -196,6 +209,7 @@ class Monitor:
                         layer=layer,
                         module=module,
                         adapter=adapter,
+                        expert=expert,
                     )
                 )
         if not out:
@@ -210,7 +224,53 @@ class Monitor:
                 "enforce_channel projects the gradient of a monitored weight, but a LoRA-adapted "
                 "base weight has none (its adapters train); use enforce_channel=False with LoRA"
             )
+        if self._packed and (c.enforce_channel or c.anchor_checkpoint):
+            raise ValueError(
+                "enforce_channel and anchor_checkpoint do not support packed expert parameters "
+                "(mlp.experts.gate_up_proj/down_proj) yet; leave them out with exclude=r'experts\\.' "
+                "or drop the option"
+            )
         return out
+
+    def _select_experts(
+        self, model: torch.nn.Module, name: str, param_name: str, param, out: list[_Matrix]
+    ) -> None:
+        """The per-expert matrices of a packed 3-D expert parameter (client/experts.py), selected
+        by their per-expert names."""
+        selected, offset, _ = experts.select(model, name, param, self.config.selects)
+        parts = {}
+        for x in selected:
+            layer, module = naming.parse_name(x.name)
+            m = _Matrix(len(out), x.name, param_name, param, x.rows, x.placement, layer, module,
+                        expert=x.expert, packed=True)  # fmt: skip
+            out.append(m)
+            parts.setdefault(x.part, []).append(m)
+        for matrices in parts.values():
+            self._packed.append((param, matrices[0].rows, offset, matrices))
+
+    def _make_expert_groups(self) -> list[experts.ExpertGroup]:
+        """One batched `ExpertGroup` per part of each packed parameter, over the experts this
+        rank checks; each expert's `_Matrix` gets its group's tracker."""
+        c = self.config
+        groups = []
+        for param, rows, offset, matrices in self._packed:
+            here = [m for m in matrices if m.placement.computes_here]
+            if not here:
+                continue
+            g = experts.ExpertGroup(
+                param,
+                rows,
+                [m.expert for m in here],
+                offset,
+                [m.name for m in here],
+                anchor=c.anchor,
+                sketch=c.sketch,
+                lock=c.lock,
+            )
+            for m, tracker in zip(here, g.trackers, strict=True):
+                m.tracker = tracker
+            groups.append(g)
+        return groups
 
     def _make_tracker(self, m: _Matrix, checkpoint: _CheckpointReader | None):
         from .tracker import MatrixTracker
@@ -274,9 +334,11 @@ class Monitor:
                 return
             self._last_check = step
             self._apply_lock_references()
-            computed = [m for m in self.matrices if m.tracker is not None]
-            for m in computed:
-                self._check_matrix(m, step, last=m is computed[-1])
+            units = [m for m in self.matrices if m.tracker is not None and not m.packed]
+            units += self._expert_groups
+            for u in units:
+                check = self._check_matrix if isinstance(u, _Matrix) else self._check_experts
+                check(u, step, last=u is units[-1])
         except Exception as exc:  # never into the trainer
             self.errors("step", "step failed: %s", repr(exc))
 
@@ -305,6 +367,30 @@ class Monitor:
             s.failed_ranks,
         )
         if m.owned:
+            self._transport.count_unsent()
+
+    def _check_experts(self, g: experts.ExpertGroup, step: int, last: bool) -> None:
+        """One batched check of an expert group (no collective: this rank holds its experts);
+        when it fails, every expert's check is dropped (counted, logged once per kind)."""
+        s = CheckSession(None, g.device, step=step, faults=self._faults, last=last)
+        checks = g.check(step, s)
+        if checks is not None:
+            for check in checks:
+                self._guard("submit", lambda c=check: self._transport.submit_report(c))
+            return
+        self.checks_dropped += len(g.trackers)
+        if s.failure is not None:
+            kind = f"check_failed_{type(s.failure).__name__}"
+            self.errors(kind, "the check of %s at step %d failed: %r", g.names[0], step, s.failure)
+        self.errors(
+            "check_dropped",
+            "dropped the check of %d experts (%s, ...) at step %d (bases and locks unchanged, "
+            "nothing sent)",
+            len(g.names),
+            g.names[0],
+            step,
+        )
+        for _ in g.trackers:
             self._transport.count_unsent()
 
     def _guard(self, kind: str, fn):

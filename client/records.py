@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-# A manifest entry's shard_layout (client/sharding.py): how the matrix is split over ranks.
-SHARD_LAYOUTS = ("replicated", "rows", "cols", "rows+cols", "flat")
+# A manifest entry's shard_layout (client/sharding.py): how the matrix is split over ranks;
+# "expert": an expert of a parameter sharded over experts, whole on its owner rank (client/experts.py).
+SHARD_LAYOUTS = ("replicated", "rows", "cols", "rows+cols", "flat", "expert")
 
 
 @dataclass(frozen=True)
@@ -54,3 +55,4 @@ class ManifestEntry:
     module: str
     shard_layout: str  # one of SHARD_LAYOUTS
     owner_rank: int
+    expert: int | None = None  # the expert index of a mixture-of-experts matrix, else None

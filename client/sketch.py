@@ -155,11 +155,12 @@ def orth(G: torch.Tensor) -> torch.Tensor:
 
 
 def householder_orth(G: torch.Tensor) -> torch.Tensor:
-    """The Q of Householder QR (`torch.linalg.qr`) with sign(diag R) ≥ 0."""
+    """The Q of Householder QR (`torch.linalg.qr`) with sign(diag R) ≥ 0 (a leading batch
+    dimension, [E, n, r], orthonormalises each matrix)."""
     Q, R = torch.linalg.qr(G)
-    d = torch.sign(torch.diagonal(R))
+    d = torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))
     d = torch.where(d == 0, torch.ones_like(d), d)
-    return Q * d
+    return Q * d.unsqueeze(-2)
 
 
 def cholesky_qr2(
@@ -172,10 +173,11 @@ def cholesky_qr2(
     diag(R1)'s range says κ(G) > max_condition (the caller falls back to Householder)."""
     Q = G.double()
     for _ in range(2):
-        R, info = torch.linalg.cholesky_ex(Q.T @ Q, upper=True)
-        d = torch.diagonal(R)
-        ok = (info == 0) & (d.min() > 0) & (d.max() <= max_condition * d.min())
-        if not bool(ok):
+        R, info = torch.linalg.cholesky_ex(Q.mT @ Q, upper=True)
+        d = torch.diagonal(R, dim1=-2, dim2=-1)
+        low, high = d.amin(-1), d.amax(-1)  # per matrix of a batch
+        ok = (info == 0) & (low > 0) & (high <= max_condition * low)
+        if not bool(ok.all()):
             return None
         Q = torch.linalg.solve_triangular(R, Q, upper=True, left=False)
     return Q.to(G.dtype)
@@ -227,13 +229,14 @@ def krylov_products(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The block Krylov space of one check's power steps: G = [G_1 … G_s] (n×sr, on the device)
     and, float64 on the host, H = GᵀG, M = XᵀG = (AX)ᵀ(AX) and N = XᵀX for X = [V_0 … V_{s−1}]
-    (None for one block: V_0 is orthonormal). Cost 2·n·(sr)²·3 flops (no product with A)."""
-    G = torch.cat(Gs, dim=1)
-    X64 = torch.cat(Vs, dim=1).double()
+    (None for one block: V_0 is orthonormal). Cost 2·n·(sr)²·3 flops (no product with A). Blocks
+    with a leading batch dimension ([E, n, r]) give the products of each matrix ([E, sr, sr])."""
+    G = torch.cat(Gs, dim=-1)
+    X64 = torch.cat(Vs, dim=-1).double()
     G64 = G.double()
-    H = _symmetric((G64.T @ G64).cpu())
-    M = _symmetric((X64.T @ G64).cpu())
-    N = _symmetric((X64.T @ X64).cpu()) if len(Vs) > 1 else None
+    H = _symmetric((G64.mT @ G64).cpu())
+    M = _symmetric((X64.mT @ G64).cpu())
+    N = _symmetric((X64.mT @ X64).cpu()) if len(Vs) > 1 else None
     return G, H, M, N
 
 
@@ -251,7 +254,7 @@ def compress(
 
 
 def _symmetric(M: torch.Tensor) -> torch.Tensor:
-    return (M + M.T) / 2
+    return (M + M.mT) / 2
 
 
 def ritz_vectors(G: torch.Tensor, Z: torch.Tensor, k: int) -> torch.Tensor:
