@@ -54,3 +54,4 @@ class ManifestEntry:
     module: str
     shard_layout: str  # one of SHARD_LAYOUTS
     owner_rank: int
+    expert: int | None = None  # the expert index of an MoE expert matrix (DESIGN §2), else None

@@ -205,6 +205,8 @@ def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
             raise invalid(f"{where}.dtype: {str(e.dtype)[:40]!r}, expected e.g. 'bfloat16'")
         if e.layer is not None:
             check_int(f"{where}.layer", e.layer)
+        if e.expert is not None:
+            check_int(f"{where}.expert", e.expert)
         check_int(f"{where}.owner_rank", e.owner_rank)
     return entries
 
@@ -291,6 +293,8 @@ def encode_hello(
         entry.shape.extend(int(s) for s in e["shape"])
         if e.get("layer") is not None:
             entry.layer = int(e["layer"])
+        if e.get("expert") is not None:
+            entry.expert = int(e["expert"])
     return [pb.ClientMessage(id=msg_id, hello=hello)]
 
 
@@ -661,6 +665,7 @@ def manifest_from(hello: pb.Hello) -> list[ManifestEntry]:
             e.module,
             e.shard_layout,
             int(e.owner_rank),
+            int(e.expert) if e.HasField("expert") else None,
         )
         for e in hello.manifest
     ]

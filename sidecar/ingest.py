@@ -83,6 +83,7 @@ class IngestStats:
     last_lag_seconds: float = 0.0  # receipt of a report's last frame -> its ack
     streams_open: int = 0
     inflight_bytes: int = 0  # every stream's received, unanswered message bytes (the loop's)
+    loop_lag_max_seconds: float = 0.0  # the event loop's largest delay seen (server.py's probe)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -223,14 +224,20 @@ class IngestService(pb_grpc.IngestServicer):
         )
         try:
             async for frame in frames:
-                nbytes = frame.ByteSize()
+                kind = frame.WhichOneof("body")
+                # a hello carries the manifest (100k matrices: 5 MB, 50 ms to size): off the loop
+                big = kind == "hello" and not assembler.incomplete
+                nbytes = await asyncio.to_thread(frame.ByteSize) if big else frame.ByteSize()
                 with self.stats.lock:
                     self.stats.bytes_total += nbytes
-                    self.stats.messages[frame.WhichOneof("body") or "empty"] += 1
+                    self.stats.messages[kind or "empty"] += 1
                 while not assembler.incomplete and state.inflight >= self.limits.max_stream_bytes:
                     state.room.clear()
                     await state.room.wait()  # backpressure: gRPC flow control holds the client
-                msg = self._feed(assembler, frame, state, out)
+                if big:
+                    msg = wire.Assembled(frame.id, kind, frame.hello, {}, nbytes)
+                else:
+                    msg = self._feed(assembler, frame, state, out)
                 if msg is None:
                     continue
                 if msg.kind == "goodbye":
@@ -380,7 +387,7 @@ class IngestService(pb_grpc.IngestServicer):
             raise _abort(exc.code, exc.message) from None
         state.run = h.run
         state.incarnation = h.incarnation
-        state.manifest = {e.matrix: e for e in h.manifest}
+        state.manifest = await asyncio.to_thread(lambda: {e.matrix: e for e in h.manifest})
         state.rank_k = wire.config_value(h.config, "channel_rank")
         state.r_max = min(
             wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample")

@@ -277,7 +277,7 @@ def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: di
         tol = max(0.1 * ref["rotation_mean_degrees"], 0.05)
         assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol
         assert got["locked"] is True and got["lock_step"] == lock_steps[name]
-        assert set(got) == {"matrix", "layer", "module", "shape", "step", *MATRIX_KEYS}
+        assert set(got) == {"matrix", "layer", "module", "expert", "shape", "step", *MATRIX_KEYS}
         assert got["shape"] == [m, n]
 
 

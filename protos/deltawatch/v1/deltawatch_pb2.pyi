@@ -35,7 +35,7 @@ class TensorChunk(_message.Message):
     def __init__(self, id: _Optional[int] = ..., field: _Optional[str] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class ManifestEntry(_message.Message):
-    __slots__ = ("matrix", "shape", "numel", "dtype", "layer", "module", "shard_layout", "owner_rank")
+    __slots__ = ("matrix", "shape", "numel", "dtype", "layer", "module", "shard_layout", "owner_rank", "expert")
     MATRIX_FIELD_NUMBER: _ClassVar[int]
     SHAPE_FIELD_NUMBER: _ClassVar[int]
     NUMEL_FIELD_NUMBER: _ClassVar[int]
@@ -44,6 +44,7 @@ class ManifestEntry(_message.Message):
     MODULE_FIELD_NUMBER: _ClassVar[int]
     SHARD_LAYOUT_FIELD_NUMBER: _ClassVar[int]
     OWNER_RANK_FIELD_NUMBER: _ClassVar[int]
+    EXPERT_FIELD_NUMBER: _ClassVar[int]
     matrix: str
     shape: _containers.RepeatedScalarFieldContainer[int]
     numel: int
@@ -52,7 +53,8 @@ class ManifestEntry(_message.Message):
     module: str
     shard_layout: str
     owner_rank: int
-    def __init__(self, matrix: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., layer: _Optional[int] = ..., module: _Optional[str] = ..., shard_layout: _Optional[str] = ..., owner_rank: _Optional[int] = ...) -> None: ...
+    expert: int
+    def __init__(self, matrix: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., layer: _Optional[int] = ..., module: _Optional[str] = ..., shard_layout: _Optional[str] = ..., owner_rank: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
     __slots__ = ("run", "incarnation", "resume_step", "client_version", "config_json", "manifest", "rank", "world_size")
