@@ -37,31 +37,39 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
 
 
 def batched_ritz_pairs(
-    G: torch.Tensor, C: torch.Tensor, k: int, cutoff: float = DEFAULT_CUTOFF
+    Gs: Sequence[torch.Tensor], C: torch.Tensor, k: int, cutoff: float = DEFAULT_CUTOFF
 ) -> list[tuple[torch.Tensor, ...] | None]:
-    """`ritz_pairs` of B sketches of one shape at once: G (B, n, r), C (B, r, r).
+    """`ritz_pairs` of B sketches of one shape at once: Gs B tensors (n, r), C (B, r, r).
 
-    The same float64 algebra as `rayleigh_ritz` (client/sketch.py), one batched call per step:
-    H = GᵀG where G lives, then on the host C = U diag(d) Uᵀ, W = U diag(d^{-1/2}),
-    WᵀHW y = θ y, Z = W y, and V_k = the normalised columns of G·Z[:, :k]. An item with an
+    The same float64 algebra as `rayleigh_ritz` (client/sketch.py): H = GᵀG where G lives, then
+    on the host C = U diag(d) Uᵀ, W = U diag(d^{-1/2}), WᵀHW y = θ y, Z = W y, and V_k = the
+    normalised columns of G·Z[:, :k]. The r×r work, a few LAPACK calls of microseconds each, is
+    batched (one call per step for the B sketches); the n-sized products stay one matrix each
+    (a batched float64 product of tall blocks is slower than B plain ones). An item with an
     eigenvalue of C at or below cutoff·d_max (a rank-deficient sketch) is None: `ritz_pairs`
     drops those directions, which changes the item's shapes, so the caller takes it alone.
-    Cost: the same flops as B calls of `ritz_pairs`, in a handful of batched calls."""
-    G64 = G.double()
-    H = _symmetric(G64.mT @ G64).cpu()
+    Every other item's pairs are bitwise those of `ritz_pairs` (same products, same layouts)."""
+    G64 = [G.double() for G in Gs]
+    H = torch.stack([_symmetric((G.T @ G).cpu()) for G in G64])
     d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
     full = (d[:, 0] > cutoff * d[:, -1]).tolist()
-    # row-major, as `generalized_eigh`'s U[:, keep] is: the products then round alike, so an
-    # item's pairs are bitwise those of `ritz_pairs`
+    # row-major, as `generalized_eigh`'s U[:, keep] is: the products then round alike
     W = (U / torch.sqrt(d.clamp_min(torch.finfo(d.dtype).tiny))[:, None, :]).contiguous()
     theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H @ W))
     theta = theta.flip(-1).clamp_min(0)
-    Z = (W @ Y.flip(-1))[:, :, :k]
-    V = G64 @ Z.to(G.device)
-    norms = torch.linalg.vector_norm(V, dim=1, keepdim=True)
-    V = V / torch.where(norms > 0, norms, torch.ones_like(norms))
+    Z = W @ Y.flip(-1)
     sigma = singular_values(theta[:, :k])
-    return [(sigma[b], V[b], theta[b]) if ok else None for b, ok in enumerate(full)]
+    out: list[tuple[torch.Tensor, ...] | None] = []
+    for b, ok in enumerate(full):
+        if ok:
+            V = G64[b] @ Z[b, :, :k].to(G64[b].device)
+            norms = torch.linalg.vector_norm(V, dim=0)
+            out.append(
+                (sigma[b], V / torch.where(norms > 0, norms, torch.ones_like(norms)), theta[b])
+            )
+        else:
+            out.append(None)
+    return out
 
 
 def _symmetric(M: torch.Tensor) -> torch.Tensor:
@@ -264,9 +272,9 @@ def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
         if len(members) < 2:
             continue
         try:
-            G = torch.stack([s.G for _, s in members]).to(device)
-            C = torch.stack([s.C for _, s in members]).to(device)
-            pairs = batched_ritz_pairs(G, C, k, cutoff)
+            Gs = [s.G.to(device) for _, s in members]
+            C = torch.stack([s.C for _, s in members])
+            pairs = batched_ritz_pairs(Gs, C, k, cutoff)
         except Exception:  # e.g. an eigendecomposition that did not converge: each alone
             continue
         out.update((i, p) for (i, _), p in zip(members, pairs, strict=True) if p is not None)
