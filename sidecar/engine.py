@@ -500,6 +500,39 @@ class Engine:
                     raise invalid(f"matrix {matrix}: baseline refused: {e}") from e
                 raise
 
+    def baseline_many(
+        self, items: Iterable[tuple[str, int, str, Any]]
+    ) -> list[bool | ValidationError]:
+        """Group commit of baselines ((run, incarnation, matrix, sketch) items, each as
+        `baseline`, a SAVEPOINT of one transaction): True when stored, or the ValidationError
+        refusing it. When the store cannot write, every item gets the retryable error and its
+        matrix goes back to what the store holds. (An MoE model's first hello brings tens of
+        thousands of baselines: one fsync each would take minutes.)"""
+        items = list(items)
+        results: list[bool | ValidationError] = []
+        with self._write:
+            try:
+                with self.store.transaction():
+                    for run, incarnation, matrix, sketch in items:
+                        try:
+                            self.baseline(run, incarnation, matrix, sketch)
+                        except ValidationError as e:
+                            if e.code in RETRYABLE:
+                                raise
+                            results.append(e)
+                            continue
+                        results.append(True)
+            except ValidationError as e:
+                if e.code not in RETRYABLE:
+                    raise
+                for run, _, matrix, _ in items[: len(results) + 1]:
+                    mat = self._runs[run].matrices.get(matrix) if run in self._runs else None
+                    if mat is not None:
+                        self._reload_matrix(run, mat)
+                done = [r if isinstance(r, ValidationError) else e for r in results]
+                return done + [e] * (len(items) - len(results))
+        return results
+
     def ingest(self, run: str, incarnation: int, check: Any, dropped: int = 0) -> bool:
         """Validate, compute the §2 keys, persist; True when stored, False for a duplicate
         (run, matrix, step, incarnation), which is acknowledged but changes nothing. `dropped`:
