@@ -348,9 +348,8 @@ def run_moe(layers: int, experts: int, checks: int) -> None:
     in the same engine; the Prometheus series the default and the per-expert detail export."""
     entries = moe_manifest(layers, experts)
     pool: dict[tuple[int, int], list[SyntheticMatrix]] = {}
-    for e in entries:
-        pool.setdefault(e.shape, [SyntheticMatrix(f"pool.{e.shape}.{i}", e.shape)
-                                  for i in range(MOE_POOL)])  # fmt: skip
+    for shape in {e.shape for e in entries}:
+        pool[shape] = [SyntheticMatrix(f"pool.{shape}.{i}", shape) for i in range(MOE_POOL)]
     source = {e.matrix: pool[e.shape][i % MOE_POOL] for i, e in enumerate(entries)}
     print(f"# Qwen3-30B-A3B-shaped run: {layers} layers, {len(entries)} matrices "
           f"({layers * experts * 3} expert matrices), K={K}, r={R}, store synchronous=FULL, "
