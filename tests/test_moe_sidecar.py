@@ -22,70 +22,29 @@ import math
 import sqlite3
 import urllib.request
 
-import grpc
 import pytest
-from deltawatch.client import wire
 from deltawatch.sidecar.engine import MEAN_KEYS, POOLED_KEYS, Engine
 from deltawatch.sidecar.keys import BINDINGS
 from deltawatch.sidecar.metrics import EXPERTS_MATRICES_METRIC, experts_metric
 from deltawatch.sidecar.store import DB_NAME, Store
-from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from support import PrometheusServer, SidecarProcess, SyntheticRun
+from support import PrometheusServer, SidecarProcess, SyntheticRun, expert_manifest, stream_run
 
 LAYERS, EXPERTS, STEPS = 2, 4, 2
 RUN = "moe-toy"
 EXPERT_SHAPES = {"gate_proj": (24, 40), "up_proj": (24, 40), "down_proj": (40, 24)}
 
 
-def _manifest() -> list[dict]:
-    """name, shape, layer, module, expert of every matrix, in hello order."""
-    out = []
-    for layer in range(LAYERS):
-        out.append(
-            {"matrix": f"model.layers.{layer}.self_attn.q_proj.weight", "shape": [48, 40],
-             "layer": layer, "module": "self_attn.q_proj", "expert": None}
-        )  # fmt: skip
-        for proj, (m, n) in EXPERT_SHAPES.items():
-            for e in range(EXPERTS):
-                out.append(
-                    {"matrix": f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight",
-                     "shape": [m, n], "layer": layer, "module": f"mlp.experts.{proj}",
-                     "expert": e}
-                )  # fmt: skip
-    for item in out:
-        item.update(numel=item["shape"][0] * item["shape"][1], dtype="float32")
-    return out
-
-
 @pytest.fixture(scope="module")
 def moe(tmp_path_factory):
-    """A sidecar that took the run over one gRPC stream; the run's reports by step."""
-    manifest = _manifest()
+    """A sidecar that took the run over one gRPC stream; the run's last reports by matrix."""
+    manifest = expert_manifest(LAYERS, EXPERTS, EXPERT_SHAPES, {"self_attn.q_proj": (48, 40)})
     run = SyntheticRun(
         run=RUN, shapes={m["matrix"]: tuple(m["shape"]) for m in manifest}, rank=4, oversample=4
     )
-    frames = wire.encode_hello(
-        1, run=RUN, incarnation=1, resume_step=None, client_version="test",
-        config=run.config(), manifest=manifest,
-    )  # fmt: skip
-    msg_id = 2
-    for name, sketch in run.baselines().items():
-        frames += wire.encode_baseline(msg_id, run=RUN, incarnation=1, matrix=name, sketch=sketch)
-        msg_id += 1
-    checks = {}
-    for step in range(1, STEPS + 1):
-        checks[step] = {c.matrix: c for c in run.checks(step)}
-        for check in checks[step].values():
-            frames += wire.encode_report(msg_id, run=RUN, incarnation=1, check=check)
-            msg_id += 1
     data = tmp_path_factory.mktemp("moe")
     side = SidecarProcess(data).start()
-    with grpc.insecure_channel(side.endpoint) as ch:
-        out = list(pb_grpc.IngestStub(ch).Stream(iter(frames), timeout=120))
-    errors = [m.error for m in out if m.WhichOneof("body") == "error"]
-    acked = sorted(i for m in out if m.WhichOneof("body") == "ack" for i in m.ack.ids)
-    assert not errors and acked == list(range(1, msg_id)), errors
+    checks = stream_run(side.endpoint, run, manifest, list(range(1, STEPS + 1)))
     state = {"side": side, "manifest": manifest, "checks": checks[STEPS], "data": data}
     yield state
     state["side"].kill()
