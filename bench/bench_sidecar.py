@@ -35,6 +35,7 @@ per matrix with a 1 KB row (the persistence floor). Ratios are against the copy.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sqlite3
@@ -47,8 +48,11 @@ import psutil
 import torch
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.sidecar.engine import Engine
-from deltawatch.sidecar.geometry import MatrixGeometry
+from deltawatch.sidecar.geometry import MatrixGeometry, ingest_batch
+from deltawatch.sidecar.ingest import MAX_BATCH
+from deltawatch.sidecar.metrics import EngineCollector
 from deltawatch.sidecar.store import CheckCounts, Store
+from prometheus_client import CollectorRegistry
 
 HIDDEN, INTERMEDIATE, KV = 4096, 12288, 1024
 MODULES = {
@@ -204,7 +208,7 @@ def run_sqlite(n_matrices: int, checks: int, sync: str) -> list[float]:
 
 
 RATE_SHAPE = (128, 128)
-RATE_MATRICES = 8
+RATE_MATRICES = 64
 
 
 def _rate_run(d: str, mats: list[SyntheticMatrix]) -> Engine:
@@ -217,14 +221,19 @@ def _rate_run(d: str, mats: list[SyntheticMatrix]) -> Engine:
     return engine
 
 
-def run_rate(steps: int, batch: int) -> tuple[float, float]:
-    """(reports per wall second, reports per CPU second) through the engine: batch 1 = one
-    commit per report (`Engine.ingest`), else `Engine.ingest_many` of `batch` reports per
-    commit."""
+def _rate_items(steps: int) -> tuple[list[SyntheticMatrix], list[tuple]]:
     mats = [
         SyntheticMatrix(f"model.layers.{i}.rate.weight", RATE_SHAPE) for i in range(RATE_MATRICES)
     ]
     items = [("rate", 1, m.check(t, lock_step=4), 0) for t in range(1, steps + 1) for m in mats]
+    return mats, items
+
+
+def run_rate(steps: int, batch: int) -> tuple[float, float]:
+    """(reports per wall second, reports per CPU second) through the engine: batch 1 = one
+    commit and one geometry per report (`Engine.ingest`, the path before group commit), else
+    `Engine.ingest_many` of `batch` reports per commit, the geometry batched over them."""
+    mats, items = _rate_items(steps)
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
         engine = _rate_run(d, mats)
         t0, c0 = time.perf_counter(), time.process_time()
@@ -236,6 +245,25 @@ def run_rate(steps: int, batch: int) -> tuple[float, float]:
                 engine.ingest_many(items[i : i + batch])
         wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         engine.store.close()
+    return len(items) / wall, len(items) / cpu
+
+
+def run_geometry_rate(steps: int, batch: int) -> tuple[float, float]:
+    """(reports per wall second, per CPU second) of the geometry alone: batch 1 =
+    `MatrixGeometry.ingest` report by report (the path before this change), else
+    `ingest_batch` over the `batch` reports of one step's matrices at a time."""
+    mats, items = _rate_items(steps)
+    geoms = {m.name: MatrixGeometry(m.shape, rank=K) for m in mats}
+    for m in mats:
+        geoms[m.name].baseline(m.sketch(m.W_weight, m.s))
+    t0, c0 = time.perf_counter(), time.process_time()
+    if batch == 1:
+        for _, _, c, _ in items:
+            geoms[c.matrix].ingest(c)
+    else:
+        for i in range(0, len(items), batch):
+            ingest_batch([(geoms[c.matrix], c) for _, _, c, _ in items[i : i + batch]])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     return len(items) / wall, len(items) / cpu
 
 
@@ -262,15 +290,119 @@ def print_rate_table(steps: int) -> None:
     print(f"# ingest rate: {n} reports of {RATE_MATRICES} matrices {RATE_SHAPE}, K={K}, r={R}, "
           f"store synchronous=FULL, torch threads {torch.get_num_threads()}")  # fmt: skip
     print()
-    print("| path | reports per commit | reports/s | × per-report commit | reports per CPU-s |")
+    print("| path | reports per batch | reports/s | × old path | reports per CPU-s |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for name, fn, count in (("Engine (geometry + store)", run_rate, steps),
-                            ("Store.commit_check alone", run_store_rate, 4 * n)):  # fmt: skip
+    paths = (
+        ("Engine (geometry + store)", run_rate, steps, (1, 16, 64, 256)),
+        ("geometry alone", run_geometry_rate, steps, (1, 64)),
+        ("Store.commit_check alone", run_store_rate, 4 * n, (1, 256)),
+    )
+    for name, fn, count, batches in paths:
         base = None
-        for batch in (1, 16, 64, 256):
+        for batch in batches:
             rate, per_cpu = fn(count, batch)
             base = base or rate
             print(f"| {name} | {batch} | {rate:,.0f} | {rate / base:.1f} | {per_cpu:,.0f} |")
+    print()
+
+
+# Qwen3-30B-A3B: 48 layers, hidden 2048, 32 query / 4 key-value heads of 128, 128 experts of
+# intermediate 768 per layer (gate, up [768, 2048], down [2048, 768]), the router [128, 2048].
+MOE_HIDDEN, MOE_INTERMEDIATE, MOE_EXPERTS = 2048, 768, 128
+MOE_DENSE = {
+    "self_attn.q_proj": (4096, MOE_HIDDEN),
+    "self_attn.k_proj": (512, MOE_HIDDEN),
+    "self_attn.v_proj": (512, MOE_HIDDEN),
+    "self_attn.o_proj": (MOE_HIDDEN, 4096),
+    "mlp.gate": (MOE_EXPERTS, MOE_HIDDEN),
+}
+MOE_EXPERT_MODULES = {
+    "gate_proj": (MOE_INTERMEDIATE, MOE_HIDDEN),
+    "up_proj": (MOE_INTERMEDIATE, MOE_HIDDEN),
+    "down_proj": (MOE_HIDDEN, MOE_INTERMEDIATE),
+}
+MOE_POOL = 4  # distinct synthetic matrices per shape; the experts share their sketches
+
+
+def moe_manifest(layers: int, experts: int) -> list[ManifestEntry]:
+    """The Qwen3-30B-A3B matrices as a hello declares them (expert names as DESIGN's MoE
+    contract spells them)."""
+    out = []
+    for layer in range(layers):
+        for module, (m, n) in MOE_DENSE.items():
+            name = f"model.layers.{layer}.{module}.weight"
+            out.append(ManifestEntry(name, (m, n), m * n, "bfloat16", layer, module,
+                                     "replicated", 0))  # fmt: skip
+        for proj, (m, n) in MOE_EXPERT_MODULES.items():
+            for e in range(experts):
+                name = f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                out.append(ManifestEntry(name, (m, n), m * n, "bfloat16", layer,
+                                         f"mlp.experts.{proj}", "replicated", 0, e))  # fmt: skip
+    return out
+
+
+def run_moe(layers: int, experts: int, checks: int) -> None:
+    """A Qwen3-30B-A3B-shaped run through `Engine.ingest_many` in the ingest's batches
+    (MAX_BATCH): the hello, the baselines, then `checks` checks timed one by one; the last check
+    also through `Engine.ingest` report by report (the path before this change) on a sample,
+    in the same engine; the Prometheus series the default and the per-expert detail export."""
+    entries = moe_manifest(layers, experts)
+    pool: dict[tuple[int, int], list[SyntheticMatrix]] = {}
+    for shape in {e.shape for e in entries}:
+        pool[shape] = [SyntheticMatrix(f"pool.{shape}.{i}", shape) for i in range(MOE_POOL)]
+    source = {e.matrix: pool[e.shape][i % MOE_POOL] for i, e in enumerate(entries)}
+    print(f"# Qwen3-30B-A3B-shaped run: {layers} layers, {len(entries)} matrices "
+          f"({layers * experts * 3} expert matrices), K={K}, r={R}, store synchronous=FULL, "
+          f"torch threads {torch.get_num_threads()}")  # fmt: skip
+    print()
+    rss0 = rss_mb()
+    rows = []
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        engine = Engine(Store(d), rank=K, device="cpu")
+        t0 = time.perf_counter()
+        engine.hello("moe", 1, None, entries, {"channel_rank": K, "oversample": P})
+        rows.append(("hello (manifest)", time.perf_counter() - t0, len(entries)))
+        t0 = time.perf_counter()
+        sketches = {id(m): m.sketch(m.W_weight, m.s) for ms in pool.values() for m in ms}
+        baselines = [("moe", 1, e.matrix, sketches[id(source[e.matrix])]) for e in entries]
+        for i in range(0, len(baselines), MAX_BATCH):
+            engine.baseline_many(baselines[i : i + MAX_BATCH])
+        rows.append(("baselines, Engine.baseline_many", time.perf_counter() - t0, len(entries)))
+        sample = min(len(entries) // 2, 512)
+        for step in range(1, checks + 1):
+            made = {id(m): m.check(step, lock_step=4) for ms in pool.values() for m in ms}
+            items = [
+                ("moe", 1, dataclasses.replace(made[id(source[e.matrix])], matrix=e.matrix), 0)
+                for e in entries
+            ]
+            last = step == checks
+            new, old = (items[sample:], items[:sample]) if last else (items, [])
+            t0 = time.perf_counter()
+            for i in range(0, len(new), MAX_BATCH):
+                engine.ingest_many(new[i : i + MAX_BATCH])
+            rows.append((f"check {step}, Engine.ingest_many", time.perf_counter() - t0, len(new)))
+            if old:
+                t0 = time.perf_counter()
+                for run, inc, check, _ in old:
+                    engine.ingest(run, inc, check)
+                rows.append((f"check {step}, Engine.ingest one by one (old path)",
+                             time.perf_counter() - t0, len(old)))  # fmt: skip
+        rss1 = rss_mb()
+        series = {}
+        for detail in ("matrix", "expert"):
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(EngineCollector(engine, detail=detail))
+            series[detail] = sum(len(f.samples) for f in registry.collect())
+        engine.store.close()
+    print("| what | reports | wall s | reports/s | s per 18,432 reports at this rate |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, wall, n in rows:
+        print(f"| {name} | {n:,} | {wall:.2f} | {n / wall:,.0f} | {18432 * wall / n:,.1f} |")
+    print()
+    print(f"Prometheus series (engine collector): {series['matrix']:,} with --metrics-detail "
+          f"matrix (the default), {series['expert']:,} with --metrics-detail expert")  # fmt: skip
+    print(f"RSS: {rss0:.0f} MB before the engine, {rss1:.0f} MB after {checks} checks "
+          f"(+{rss1 - rss0:.0f} MB: the engine's per-matrix state and SQLite cache)")  # fmt: skip
     print()
 
 
@@ -282,7 +414,15 @@ def median(xs: list[float]) -> float:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=0, help="Qwen3-8B layers (0: rate table only)")
-    ap.add_argument("--rate-steps", type=int, default=16, help="checks in the ingest-rate table")
+    ap.add_argument("--rate-steps", type=int, default=4, help="checks in the ingest-rate table")
+    ap.add_argument(
+        "--moe-layers",
+        type=int,
+        default=0,
+        help="Qwen3-30B-A3B layers in the MoE check (48 is the real model; 0: none)",
+    )
+    ap.add_argument("--moe-experts", type=int, default=MOE_EXPERTS)
+    ap.add_argument("--moe-checks", type=int, default=3)
     ap.add_argument("--checks", type=int, default=6)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -290,7 +430,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print_rate_table(args.rate_steps)
+    if args.rate_steps > 0:
+        print_rate_table(args.rate_steps)
+    if args.moe_layers > 0:
+        run_moe(args.moe_layers, args.moe_experts, args.moe_checks)
     if args.layers <= 0:
         return
     rss0 = rss_mb()

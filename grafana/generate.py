@@ -50,6 +50,20 @@ def run_metric(key: str) -> str:
     return M.run_metric(K.BINDING_BY_KEY[key].metric)
 
 
+def experts_metric(key: str) -> str:
+    """The per-(layer, module) aggregate over an MoE module's experts of a §2 key (labels run,
+    layer, module)."""
+    return M.experts_metric(K.BINDING_BY_KEY[key].metric)
+
+
+# (key, title, unit, min, max) of the MoE experts panels (aggregates over each module's experts).
+EXPERT_PANELS: tuple[tuple[str, str, str, float | None, float | None], ...] = (
+    ("stable_rank", "Stable rank, mean over the experts", "none", 0, None),
+    ("subspace_alignment", "Subspace alignment, mean over the experts", "percentunit", 0, 1),
+    ("bf16_visible_ratio", "bf16-visible share, pooled over the experts", "percentunit", 0, 1),
+)
+
+
 def service_metrics() -> dict[str, str]:
     """The service's own series names as the sidecar exposes them ({short: name}), read from a
     real ServiceCollector: counters gain their ``_total`` suffix."""
@@ -68,12 +82,26 @@ def exported_metrics() -> set[str]:
     names |= {M.run_metric(b.metric) for b in K.BINDINGS if b.key != "locked"}
     names |= {M.run_metric(K.VISIBLE_PARAMETERS_METRIC), M.run_metric(K.MATRIX_PARAMETERS_METRIC)}
     names |= {M.LOCKED_RATIO_METRIC, M.RUN_MATRICES_METRIC}
+    names |= {M.experts_metric(b.metric) for b in K.BINDINGS if b.key != "locked"}
+    names |= {M.experts_metric(K.VISIBLE_PARAMETERS_METRIC)}
+    names |= {M.experts_metric(K.MATRIX_PARAMETERS_METRIC)}
+    names |= {M.EXPERTS_LOCKED_RATIO_METRIC, M.EXPERTS_MATRICES_METRIC}
     names |= set(service_metrics().values())
     return names
 
 
 # Exported but deliberately on no panel, with the reason (the dashboards test reads this).
-NOT_SHOWN: dict[str, str] = {}
+NOT_SHOWN: dict[str, str] = {
+    M.experts_metric(b.metric): (
+        "the MoE experts row shows the stable rank, alignment, visibility and lock share over "
+        "each module's experts; the other keys' expert aggregates are for queries and alerts"
+    )
+    for b in K.BINDINGS
+    if b.key != "locked" and b.key not in {key for key, *_ in EXPERT_PANELS}
+} | {
+    M.experts_metric(K.VISIBLE_PARAMETERS_METRIC): "the counts behind the pooled visible share",
+    M.experts_metric(K.MATRIX_PARAMETERS_METRIC): "the counts behind the pooled visible share",
+}
 
 
 # ------------------------------------------------------------------------------------------
@@ -911,6 +939,35 @@ def matrices() -> dict[str, Any]:
             unit="short",
         ),
         8,
+        8,
+    )
+    L.row("MoE experts (per layer and module, over the experts)")
+    experts_sel = 'run="$run", layer=~"$layer"'
+    for key, title, unit, lo, hi in EXPERT_PANELS:
+        L.add(
+            timeseries(
+                title,
+                f"{K.BINDING_BY_KEY[key].help} The DESIGN §2 aggregate over each MoE expert "
+                "module's experts (one series per layer and module).",
+                targets((f"{experts_metric(key)}{{{experts_sel}}}", "{{layer}} {{module}}")),
+                unit=unit,
+                min_=lo,
+                max_=hi,
+            ),
+            6,
+            8,
+        )
+    L.add(
+        timeseries(
+            "Locked share of the experts",
+            "Share of each expert module's experts that are locked, and how many reported.",
+            targets(
+                (f"{M.EXPERTS_LOCKED_RATIO_METRIC}{{{experts_sel}}}", "{{layer}} {{module}}"),
+                (f"{M.EXPERTS_MATRICES_METRIC}{{{experts_sel}}}", "{{layer}} {{module}} experts"),
+            ),
+            unit="short",
+        ),
+        6,
         8,
     )
     return dashboard(

@@ -35,7 +35,8 @@ _HELP = {
     "tls_key": "PEM private key of --tls-cert",
     "tls_client_ca": "PEM CA: gRPC clients must present a certificate it signed (mutual TLS)",
     "log_level": "debug, info, warning or error",
-    "metrics_detail": "Prometheus cardinality: matrix (per matrix), layer (per layer), run",
+    "metrics_detail": "Prometheus cardinality: matrix (per matrix, MoE experts per module over "
+    "experts), expert (every expert too), layer (per layer), run",
     "metrics_require_token": "with --token-file, require the token on /metrics too",
     "ready_file": 'write {"grpc_port": .., "http_port": ..} here once both ports listen',
     "rank": "K, the channel rank, for runs whose hello does not say",

@@ -14,7 +14,7 @@ from deltawatch.client import wire
 
 DEVICES = ("auto", "cpu", "cuda")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-METRICS_DETAIL = ("matrix", "layer", "run")
+METRICS_DETAIL = ("matrix", "expert", "layer", "run")
 
 
 # `deltawatch serve --threads` default (docs/sidecar.md "Threads")

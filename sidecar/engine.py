@@ -39,7 +39,7 @@ from deltawatch.client.records import ManifestEntry
 
 from .alerts.state import rfc3339
 from .errors import RETRYABLE, ValidationError, invalid, precondition
-from .geometry import MatrixGeometry
+from .geometry import MatrixGeometry, ingest_batch
 from .keys import MATRIX_KEYS
 from .store import CheckCounts, StateUpdate, Store
 
@@ -98,6 +98,7 @@ class MatrixRow:
     visible_low_count: int
     visible_principal_count: int
     keys: Mapping[str, Any]
+    expert: int | None = None  # the MoE expert index (DESIGN §2 "Experts"), else None
 
 
 @dataclass
@@ -120,6 +121,8 @@ class _Run:
     matrices: dict[str, _Matrix]
     rows: dict[str, MatrixRow]
     dropped: int = 0
+    version: int = 0  # counts the changes of `rows` (the cached aggregate's key)
+    aggregate_cache: tuple[int, dict[str, Any]] | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -457,6 +460,7 @@ class Engine:
             self._persisted(mat, tensors, archived)
         with self._view:
             r.rows = {m: self._row(r, h) for m, h in latest.items() if m in r.manifest}
+            r.version += 1
 
     def _matrix_for(
         self, run: str, incarnation: int, matrix: str, what: str
@@ -496,6 +500,39 @@ class Engine:
                     raise invalid(f"matrix {matrix}: baseline refused: {e}") from e
                 raise
 
+    def baseline_many(
+        self, items: Iterable[tuple[str, int, str, Any]]
+    ) -> list[bool | ValidationError]:
+        """Group commit of baselines ((run, incarnation, matrix, sketch) items, each as
+        `baseline`, a SAVEPOINT of one transaction): True when stored, or the ValidationError
+        refusing it. When the store cannot write, every item gets the retryable error and its
+        matrix goes back to what the store holds. (An MoE model's first hello brings tens of
+        thousands of baselines: one fsync each would take minutes.)"""
+        items = list(items)
+        results: list[bool | ValidationError] = []
+        with self._write:
+            try:
+                with self.store.transaction():
+                    for run, incarnation, matrix, sketch in items:
+                        try:
+                            self.baseline(run, incarnation, matrix, sketch)
+                        except ValidationError as e:
+                            if e.code in RETRYABLE:
+                                raise
+                            results.append(e)
+                            continue
+                        results.append(True)
+            except ValidationError as e:
+                if e.code not in RETRYABLE:
+                    raise
+                for run, _, matrix, _ in items[: len(results) + 1]:
+                    mat = self._runs[run].matrices.get(matrix) if run in self._runs else None
+                    if mat is not None:
+                        self._reload_matrix(run, mat)
+                done = [r if isinstance(r, ValidationError) else e for r in results]
+                return done + [e] * (len(items) - len(results))
+        return results
+
     def ingest(self, run: str, incarnation: int, check: Any, dropped: int = 0) -> bool:
         """Validate, compute the §2 keys, persist; True when stored, False for a duplicate
         (run, matrix, step, incarnation), which is acknowledged but changes nothing. `dropped`:
@@ -513,55 +550,87 @@ class Engine:
         ValidationError in the result) rolls back alone. When the store cannot write (disk full,
         locked), every item that was to be stored gets the retryable error and the touched
         matrices go back to what the store holds. Readers and listeners see the checks only
-        after the commit."""
+        after the commit.
+
+        The geometry of the batch is computed in waves (`_waves`: runs of items that name each
+        matrix once), each wave's Rayleigh–Ritz batched over its sketches of one shape
+        (sidecar/geometry.py `ingest_batch`); a matrix's later check in the batch sees the
+        state its earlier one left."""
         items = list(items)
-        results: list[bool | ValidationError] = []
+        results: list[bool | ValidationError | None] = [None] * len(items)
         published: list[tuple[_Run, MatrixRow, int]] = []
         touched: dict[tuple[str, str], tuple[_Matrix, int | None]] = {}
         now = time.time()  # the batch's received_at and the runs' updated_at
         with self._write:
             try:
                 with self.store.transaction():
-                    for run, incarnation, check, dropped in items:
-                        try:
-                            row = self._ingest_one(run, incarnation, check, dropped, now, touched)
-                        except ValidationError as e:
-                            if e.code in RETRYABLE:
-                                raise
-                            results.append(e)
-                            continue
-                        results.append(row is not None)
-                        if row is not None:
-                            published.append((self._runs[run], row, dropped))
+                    for wave in _waves(items):
+                        self._ingest_wave(items, wave, results, published, touched, now)
             except ValidationError as e:
                 if e.code not in RETRYABLE:
                     raise
                 for (run, _), (mat, last_step) in touched.items():
                     self._reload_matrix(run, mat)
                     mat.last_step = last_step
-                return [r if isinstance(r, ValidationError) else e for r in results] + [e] * (
-                    len(items) - len(results)
-                )
+                return [r if isinstance(r, ValidationError) else e for r in results]
             with self._view:
                 for r, row, dropped in published:
                     r.rows[row.matrix] = row
+                    r.version += 1
                     r.updated_at = now
                     r.dropped += dropped
         for r, row, _ in published:
             self._emit(r.name, row.matrix, row.step, dict(row.keys))
-        return results
+        return results  # type: ignore[return-value]  # every item has its result now
 
-    def _ingest_one(
+    def _ingest_wave(
+        self,
+        items: list[tuple[str, int, Any, int]],
+        wave: list[int],
+        results: list[bool | ValidationError | None],
+        published: list[tuple[_Run, MatrixRow, int]],
+        touched: dict[tuple[str, str], tuple[_Matrix, int | None]],
+        now: float,
+    ) -> None:
+        """One wave inside the batch transaction: admit each item, the wave's geometry at once,
+        then each admitted check stored in its own savepoint. A retryable refusal is raised (the
+        whole batch is retried); any other refusal is the item's result."""
+        admitted: list[tuple[int, _Matrix]] = []
+        for i in wave:
+            run, incarnation, check, dropped = items[i]
+            try:
+                mat = self._admit(run, incarnation, check, dropped, touched)
+            except ValidationError as e:
+                if e.code in RETRYABLE:
+                    raise
+                results[i] = e
+                continue
+            if mat is None:
+                results[i] = False
+            else:
+                admitted.append((i, mat))
+        computed = ingest_batch([(mat.geometry, items[i][2]) for i, mat in admitted])
+        for (i, mat), keys in zip(admitted, computed, strict=True):
+            run, incarnation, check, dropped = items[i]
+            try:
+                row = self._store_one(run, incarnation, check, dropped, now, mat, keys)
+            except ValidationError as e:
+                if e.code in RETRYABLE:
+                    raise
+                results[i] = e
+                continue
+            results[i] = True
+            published.append((self._runs[run], row, dropped))
+
+    def _admit(
         self,
         run: str,
         incarnation: int,
         check: Any,
         dropped: int,
-        now: float,
         touched: dict[tuple[str, str], tuple[_Matrix, int | None]],
-    ) -> MatrixRow | None:
-        """One check inside the batch transaction (its own savepoint); the row to publish after
-        the commit, None for a duplicate."""
+    ) -> _Matrix | None:
+        """A check's matrix once the check is valid for it; None for a duplicate."""
         r, mat = self._matrix_for(run, incarnation, check.matrix, f"report of step {check.step}")
         _check_report(r.name, mat.entry, check, self.rank)
         self._checked(lambda v: wire.check_int("report.dropped_reports", v), dropped)
@@ -574,8 +643,24 @@ class Engine:
                 "a new incarnation and resume_step"
             )
         touched.setdefault((run, check.matrix), (mat, mat.last_step))
+        return mat
+
+    def _store_one(
+        self,
+        run: str,
+        incarnation: int,
+        check: Any,
+        dropped: int,
+        now: float,
+        mat: _Matrix,
+        computed: dict[str, Any] | Exception,
+    ) -> MatrixRow:
+        """One admitted check with its computed keys (or the exception computing them raised),
+        inside the batch transaction (its own savepoint); the row to publish after the commit."""
         try:
-            keys = {k: json_value(v) for k, v in mat.geometry.ingest(check).items()}
+            if isinstance(computed, Exception):
+                raise computed
+            keys = {k: json_value(v) for k, v in computed.items()}
             missing = [k for k in MATRIX_KEYS if k not in keys]
             if missing:
                 raise RuntimeError(f"geometry returned no {missing}")
@@ -625,6 +710,7 @@ class Engine:
             counts.visible_low_count,
             counts.visible_principal_count,
             keys,
+            mat.entry.expert,
         )
 
     def record_dropped(self, run: str, count: int) -> None:
@@ -659,6 +745,7 @@ class Engine:
             h.visible_low_count,
             h.visible_principal_count,
             keys,
+            e.expert,
         )
 
     def _snapshot(self) -> list[tuple[_Run, list[MatrixRow]]]:
@@ -687,19 +774,34 @@ class Engine:
             )
         return out
 
-    def run_detail(
-        self, run: str, *, offset: int = 0, limit: int | None = None
-    ) -> dict[str, Any] | None:
-        """DESIGN §4 `/api/v1/runs/{run}`; matrices in manifest order, unreported ones all null.
-        One page of the matrices: `offset`, at most `limit` (None: all); the aggregate and
-        last_step are over the whole run. A page that is not the whole manifest says so:
-        `page: {offset, limit, total, next_offset}` (next_offset null on the last page)."""
+    def _published(self, run: str) -> tuple[dict[str, MatrixRow], list[ManifestEntry]] | None:
+        """A run's latest rows by matrix and its manifest in hello order (None: unknown run)."""
         with self._view:
             r = self._runs.get(run)
             if r is None:
                 return None
-            rows = dict(r.rows)
-            manifest = list(r.manifest.values())
+            return dict(r.rows), list(r.manifest.values())
+
+    def run_detail(
+        self,
+        run: str,
+        *,
+        offset: int = 0,
+        limit: int | None = None,
+        where: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any] | None:
+        """DESIGN §4 `/api/v1/runs/{run}`; matrices in manifest order, unreported ones all null.
+        `where`: only the matrices whose manifest fields equal these (`layer`, `module`,
+        `expert`). One page of them: `offset`, at most `limit` (None: all); the aggregate and
+        last_step are over the whole run. A page that is not every matching matrix says so:
+        `page: {offset, limit, total, next_offset}` (total: the matching matrices; next_offset
+        null on the last page)."""
+        published = self._published(run)
+        if published is None:
+            return None
+        rows, manifest = published
+        if where:
+            manifest = [e for e in manifest if all(getattr(e, k) == v for k, v in where.items())]
         total = len(manifest)
         end = total if limit is None else min(total, offset + limit)
         matrices = []
@@ -709,6 +811,7 @@ class Engine:
                 "matrix": e.matrix,
                 "layer": e.layer,
                 "module": e.module,
+                "expert": e.expert,
                 "shape": list(e.shape),
                 "step": row.step if row else None,
             }
@@ -718,7 +821,7 @@ class Engine:
         out = {
             "run": run,
             "last_step": max((row.step for row in rows.values()), default=None),
-            "aggregate": aggregate_rows(rows.values()),
+            "aggregate": self.aggregate(run),
             "matrices": matrices,
         }
         if offset > 0 or end < total:
@@ -729,6 +832,36 @@ class Engine:
                 "next_offset": end if end < total else None,
             }
         return out
+
+    def modules(self, run: str, layer: int | None = None) -> dict[str, Any] | None:
+        """`/api/v1/runs/{run}/modules`: one item per (layer, module) of the run's manifest (only
+        `layer`'s when given), in manifest order, with the DESIGN §2 aggregate over its matrices'
+        latest checks (`aggregate_rows`): over the experts for an MoE expert module, the matrix
+        itself otherwise. `matrices`: in the manifest, `reported`: with a check, `experts`: the
+        distinct expert indices, `step`: the latest step of any of them. None for an unknown run."""
+        published = self._published(run)
+        if published is None:
+            return None
+        rows, manifest = published
+        groups: dict[tuple[int | None, str], list[ManifestEntry]] = {}
+        for e in manifest:
+            if layer is None or e.layer == layer:
+                groups.setdefault((e.layer, e.module), []).append(e)
+        items = []
+        for (lay, module), entries in groups.items():
+            members = [rows[e.matrix] for e in entries if e.matrix in rows]
+            items.append(
+                {
+                    "layer": lay,
+                    "module": module,
+                    "matrices": len(entries),
+                    "experts": len({e.expert for e in entries if e.expert is not None}),
+                    "reported": len(members),
+                    "step": max((m.step for m in members), default=None),
+                    "aggregate": aggregate_rows(members),
+                }
+            )
+        return {"run": run, "modules": items}
 
     def history(self, run: str, matrix: str) -> dict[str, Any] | None:
         """DESIGN §4 `/api/v1/runs/{run}/history?matrix=NAME`; None for an unknown run/matrix."""
@@ -749,13 +882,21 @@ class Engine:
         return [row for _, rows in self._snapshot() for row in rows]
 
     def aggregate(self, run: str) -> dict[str, Any] | None:
-        """The run aggregates of DESIGN §2 (None for an unknown run)."""
+        """The run aggregates of DESIGN §2 (None for an unknown run); computed once per change
+        of the run's rows (a 100k-matrix run's aggregate is a second of Python)."""
         with self._view:
             r = self._runs.get(run)
             if r is None:
                 return None
+            version, cached = r.version, r.aggregate_cache
+            if cached is not None and cached[0] == version:
+                return dict(cached[1])
             rows = list(r.rows.values())
-        return aggregate_rows(rows)
+        agg = aggregate_rows(rows)
+        with self._view:
+            if r.version == version:
+                r.aggregate_cache = (version, agg)
+        return dict(agg)
 
     def dropped_reports(self) -> dict[str, int]:
         """run -> reports its clients dropped (queue full), as they reported."""
@@ -767,6 +908,20 @@ class Engine:
         with self._view:
             r = self._runs.get(run)
             return None if r is None else list(r.manifest.values())
+
+
+def _waves(items: list[tuple[str, int, Any, int]]) -> list[list[int]]:
+    """The batch's item indices cut, in order, into runs that name each (run, matrix) once."""
+    waves: list[list[int]] = []
+    seen: set[tuple[str, str]] = set()
+    for i, (run, _, check, _) in enumerate(items):
+        key = (run, getattr(check, "matrix", None))
+        if not waves or key in seen:
+            waves.append([])
+            seen = set()
+        waves[-1].append(i)
+        seen.add(key)
+    return waves
 
 
 # -------------------------------------------------------------------- validation

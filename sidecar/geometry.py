@@ -12,6 +12,7 @@ subspace_alignment and channel_energy_ratio null before the lock.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from deltawatch.client.lock import Horizon, pad_columns
@@ -33,6 +34,46 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
     """(σ (≤k,), V_k (n, ≤k), θ) of a sketch, float64."""
     theta, Z = rayleigh_ritz(sketch.G, sketch.C, cutoff)
     return singular_values(theta[:k]), ritz_vectors(sketch.G, Z, k), theta
+
+
+def batched_ritz_pairs(
+    Gs: Sequence[torch.Tensor], C: torch.Tensor, k: int, cutoff: float = DEFAULT_CUTOFF
+) -> list[tuple[torch.Tensor, ...] | None]:
+    """`ritz_pairs` of B sketches of one shape at once: Gs B tensors (n, r), C (B, r, r).
+
+    The same float64 algebra as `rayleigh_ritz` (client/sketch.py): H = GᵀG where G lives, then
+    on the host C = U diag(d) Uᵀ, W = U diag(d^{-1/2}), WᵀHW y = θ y, Z = W y, and V_k = the
+    normalised columns of G·Z[:, :k]. The r×r work, a few LAPACK calls of microseconds each, is
+    batched (one call per step for the B sketches); the n-sized products stay one matrix each
+    (a batched float64 product of tall blocks is slower than B plain ones). An item with an
+    eigenvalue of C at or below cutoff·d_max (a rank-deficient sketch) is None: `ritz_pairs`
+    drops those directions, which changes the item's shapes, so the caller takes it alone.
+    Every other item's pairs are bitwise those of `ritz_pairs` (same products, same layouts)."""
+    G64 = [G.double() for G in Gs]
+    H = torch.stack([_symmetric((G.T @ G).cpu()) for G in G64])
+    d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
+    full = (d[:, 0] > cutoff * d[:, -1]).tolist()
+    # row-major, as `generalized_eigh`'s U[:, keep] is: the products then round alike
+    W = (U / torch.sqrt(d.clamp_min(torch.finfo(d.dtype).tiny))[:, None, :]).contiguous()
+    theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H @ W))
+    theta = theta.flip(-1).clamp_min(0)
+    Z = W @ Y.flip(-1)
+    sigma = singular_values(theta[:, :k])
+    out: list[tuple[torch.Tensor, ...] | None] = []
+    for b, ok in enumerate(full):
+        if ok:
+            V = G64[b] @ Z[b, :, :k].to(G64[b].device)
+            norms = torch.linalg.vector_norm(V, dim=0)
+            out.append(
+                (sigma[b], V / torch.where(norms > 0, norms, torch.ones_like(norms)), theta[b])
+            )
+        else:
+            out.append(None)
+    return out
+
+
+def _symmetric(M: torch.Tensor) -> torch.Tensor:
+    return (M + M.mT) / 2
 
 
 class MatrixGeometry:
@@ -67,8 +108,11 @@ class MatrixGeometry:
         sigma, V, _ = ritz_pairs(self._on_device(sketch), self.rank, self.cutoff)
         self.base_sigma, self.base_V = sigma, V
 
-    def ingest(self, check: MatrixCheck) -> dict[str, float | bool | int | None]:
-        """The §2 keys for one check (None where DESIGN §2 says null)."""
+    def ingest(
+        self, check: MatrixCheck, pairs: tuple[tuple | None, tuple | None] = (None, None)
+    ) -> dict[str, float | bool | int | None]:
+        """The §2 keys for one check (None where DESIGN §2 says null). `pairs`: the update's and
+        the weight's Ritz pairs when computed beforehand (`ingest_batch`), else computed here."""
         K = self.rank
         frob_sq = float(check.frobenius_sq)
         keys: dict[str, float | bool | int | None] = dict.fromkeys(MATRIX_KEYS)
@@ -81,7 +125,11 @@ class MatrixGeometry:
             keys["spectral_norm"] = 0.0
             self.horizon.observe(check.step, None)
         else:
-            sigma, V_K, theta = ritz_pairs(self._on_device(check.update), K, self.cutoff)
+            sigma, V_K, theta = (
+                pairs[0]
+                if pairs[0] is not None
+                else ritz_pairs(self._on_device(check.update), K, self.cutoff)
+            )
             converged = check.update.convergence <= self.tolerance
             energy = float(theta[:K].sum()) / frob_sq if frob_sq > 0 else None
             alignment, self.last_horizon_step = self.horizon.observe(check.step, V_K.float())
@@ -108,10 +156,10 @@ class MatrixGeometry:
         if check.visible_count > 0:
             keys["low_magnitude_overlap"] = check.visible_low_count / check.visible_count
             keys["principal_overlap"] = check.visible_principal_count / check.visible_count
-        self._rotation(check, keys)
+        self._rotation(check, keys, pairs[1])
         return keys
 
-    def _rotation(self, check: MatrixCheck, keys: dict) -> None:
+    def _rotation(self, check: MatrixCheck, keys: dict, pairs: tuple | None = None) -> None:
         """Principal angles between W0's and W_t's top-k Ritz vectors, and the top-k shift."""
         if check.update is None:  # W_t = W0 in this view
             keys["rotation_max_degrees"] = keys["rotation_mean_degrees"] = 0.0
@@ -119,7 +167,9 @@ class MatrixGeometry:
             return
         if self.base_V is None or check.weight.convergence > self.tolerance:
             return
-        sigma, V, _ = ritz_pairs(self._on_device(check.weight), self.rank, self.cutoff)
+        if pairs is None:
+            pairs = ritz_pairs(self._on_device(check.weight), self.rank, self.cutoff)
+        sigma, V, _ = pairs
         k = min(V.shape[1], self.base_V.shape[1])
         angles = principal_angles_degrees(self.base_V[:, :k], V[:, :k])
         keys["rotation_max_degrees"] = float(angles.max())
@@ -182,3 +232,50 @@ class MatrixGeometry:
             if name in tensors:
                 setattr(g, name, tensors[name].to(g.device, torch.float64))
         return g
+
+
+def ingest_batch(
+    items: Sequence[tuple[MatrixGeometry, MatrixCheck]],
+) -> list[dict[str, float | bool | int | None] | Exception]:
+    """`MatrixGeometry.ingest` of many checks, each of a different matrix, with the
+    Rayleigh–Ritz of every group of sketches of one (device, n, r, K, cutoff) run as one batched
+    call (`batched_ritz_pairs`): the update's sketches, and the weight's where the rotation will
+    read them. Per item: its keys, or the exception that refused it (the others go on)."""
+    update = _batched_pairs(items, lambda g, c: c.update)
+    weight = _batched_pairs(items, _rotation_sketch)
+    out: list[dict[str, float | bool | int | None] | Exception] = []
+    for i, (geometry, check) in enumerate(items):
+        try:
+            out.append(geometry.ingest(check, (update.get(i), weight.get(i))))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+def _rotation_sketch(g: MatrixGeometry, c: MatrixCheck) -> Sketch | None:
+    """The weight sketch `_rotation` will read (None where it reads none)."""
+    ok = c.update is not None and g.base_V is not None and c.weight.convergence <= g.tolerance
+    return c.weight if ok else None
+
+
+def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
+    """item index -> Ritz pairs of `sketch_of(geometry, check)`, for the groups of two or more
+    sketches of one shape (a group whose batched call fails is left to the items alone)."""
+    groups: dict[tuple, list[tuple[int, Sketch]]] = {}
+    for i, (g, c) in enumerate(items):
+        sketch = sketch_of(g, c)
+        if sketch is not None:
+            key = (g.device, tuple(sketch.G.shape), tuple(sketch.C.shape), g.rank, g.cutoff)
+            groups.setdefault(key, []).append((i, sketch))
+    out: dict[int, tuple[torch.Tensor, ...]] = {}
+    for (device, _, _, k, cutoff), members in groups.items():
+        if len(members) < 2:
+            continue
+        try:
+            Gs = [s.G.to(device) for _, s in members]
+            C = torch.stack([s.C for _, s in members])
+            pairs = batched_ritz_pairs(Gs, C, k, cutoff)
+        except Exception:  # e.g. an eigendecomposition that did not converge: each alone
+            continue
+        out.update((i, p) for (i, _), p in zip(members, pairs, strict=True) if p is not None)
+    return out

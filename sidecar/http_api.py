@@ -2,10 +2,16 @@
 
     GET /api/v1/runs                          {"runs": [{run, last_step, matrices, locked_ratio,
                                                           created_at, updated_at}]}
-    GET /api/v1/runs/{run}?offset=&limit=     {run, last_step, aggregate: {keys}, matrices: [...]}
-                                              one page of matrices (default limit PAGE_SIZE);
-                                              a partial page adds page: {offset, limit, total,
-                                              next_offset}
+    GET /api/v1/runs/{run}?offset=&limit=&layer=&module=&expert=
+                                              {run, last_step, aggregate: {keys}, matrices: [...]}
+                                              one page of matrices in manifest order (default
+                                              limit PAGE_SIZE), only those with that layer /
+                                              module / expert when given; a partial page adds
+                                              page: {offset, limit, total, next_offset}
+    GET /api/v1/runs/{run}/modules?layer=     {run, modules: [{layer, module, matrices, experts,
+                                              reported, step, aggregate: {keys}}]}: the §2
+                                              aggregate per (layer, module), over the experts of
+                                              an MoE expert module
     GET /api/v1/runs/{run}/history?matrix=M   {matrix, points: [{step, keys}]}
     GET /api/v1/alerts                        {"alerts": [...]} from the alerts provider
     GET /metrics                              Prometheus / OpenMetrics text of the registry
@@ -95,6 +101,17 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     return value
 
 
+def _matrix_filter(request: web.Request) -> dict[str, Any]:
+    """The manifest fields `?layer=&module=&expert=` ask for (those given)."""
+    where: dict[str, Any] = {}
+    for name in ("layer", "expert"):
+        if request.query.get(name, "") != "":
+            where[name] = _query_int(request, name, 0, 0, None)
+    if request.query.get("module", "") != "":
+        where["module"] = request.query["module"]
+    return where
+
+
 def make_app(
     engine: Engine,
     *,
@@ -120,12 +137,26 @@ def make_app(
         try:
             offset = _query_int(request, "offset", 0, 0, None)
             limit = _query_int(request, "limit", PAGE_SIZE, 1, MAX_PAGE_SIZE)
+            where = _matrix_filter(request)
         except ValueError as exc:
             return json_error(400, str(exc))
-        detail = await asyncio.to_thread(engine.run_detail, run, offset=offset, limit=limit)
+        detail = await asyncio.to_thread(
+            engine.run_detail, run, offset=offset, limit=limit, where=where
+        )
         if detail is None:
             return json_error(404, f"unknown run {run!r}")
-        return json_response(detail)
+        return await asyncio.to_thread(json_response, detail)
+
+    async def modules(request: web.Request) -> web.Response:
+        run = request.match_info["run"]
+        try:
+            layer = _query_int(request, "layer", -1, 0, None)
+        except ValueError as exc:
+            return json_error(400, str(exc))
+        body = await asyncio.to_thread(engine.modules, run, None if layer < 0 else layer)
+        if body is None:
+            return json_error(404, f"unknown run {run!r}")
+        return await asyncio.to_thread(json_response, body)
 
     async def history(request: web.Request) -> web.Response:
         run = request.match_info["run"]
@@ -172,6 +203,7 @@ def make_app(
     app.router.add_get("/api/v1/runs", list_runs)
     app.router.add_get("/api/v1/runs/{run}", run_detail)
     app.router.add_get("/api/v1/runs/{run}/history", history)
+    app.router.add_get("/api/v1/runs/{run}/modules", modules)
     app.router.add_get("/api/v1/alerts", list_alerts)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)

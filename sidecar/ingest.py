@@ -5,7 +5,8 @@ Each stream has one reader task (frames -> `wire.Assembler` -> complete messages
 and baselines of every stream go to one commit queue; one task takes what is queued (waiting at
 most `commit_window_s` for more) and hands the batch to the engine's worker thread, which decodes
 them (`wire.check_from`: ranges, finiteness) and stores them with one COMMIT
-(`Engine.ingest_many`); the acks follow the commit, in order. The event loop runs no linear
+(`Engine.ingest_many`, and `Engine.baseline_many` for baselines); the acks follow the commit, in
+order. The event loop runs no linear
 algebra, no SQLite, no manifest check.
 
 Who asks what (each question once): `client/wire.py` the framing, every field's range and
@@ -83,6 +84,7 @@ class IngestStats:
     last_lag_seconds: float = 0.0  # receipt of a report's last frame -> its ack
     streams_open: int = 0
     inflight_bytes: int = 0  # every stream's received, unanswered message bytes (the loop's)
+    loop_lag_max_seconds: float = 0.0  # the event loop's largest delay seen (server.py's probe)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
 
@@ -223,14 +225,20 @@ class IngestService(pb_grpc.IngestServicer):
         )
         try:
             async for frame in frames:
-                nbytes = frame.ByteSize()
+                kind = frame.WhichOneof("body")
+                # a hello carries the manifest (100k matrices: 5 MB, 50 ms to size): off the loop
+                big = kind == "hello" and not assembler.incomplete
+                nbytes = await asyncio.to_thread(frame.ByteSize) if big else frame.ByteSize()
                 with self.stats.lock:
                     self.stats.bytes_total += nbytes
-                    self.stats.messages[frame.WhichOneof("body") or "empty"] += 1
+                    self.stats.messages[kind or "empty"] += 1
                 while not assembler.incomplete and state.inflight >= self.limits.max_stream_bytes:
                     state.room.clear()
                     await state.room.wait()  # backpressure: gRPC flow control holds the client
-                msg = self._feed(assembler, frame, state, out)
+                if big:
+                    msg = wire.Assembled(frame.id, kind, frame.hello, {}, nbytes)
+                else:
+                    msg = self._feed(assembler, frame, state, out)
                 if msg is None:
                     continue
                 if msg.kind == "goodbye":
@@ -380,7 +388,7 @@ class IngestService(pb_grpc.IngestServicer):
             raise _abort(exc.code, exc.message) from None
         state.run = h.run
         state.incarnation = h.incarnation
-        state.manifest = {e.matrix: e for e in h.manifest}
+        state.manifest = await asyncio.to_thread(lambda: {e.matrix: e for e in h.manifest})
         state.rank_k = wire.config_value(h.config, "channel_rank")
         state.r_max = min(
             wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample")
@@ -436,38 +444,51 @@ class IngestService(pb_grpc.IngestServicer):
                 self._fan_out(run, frame)
 
     def _store_batch(self, batch: list[_Job]) -> tuple[list[Any], list[tuple[str, Any]]]:
-        """On the engine's thread: decode each message (`wire`), store the reports of the batch
-        in one group commit and the baselines one by one, in order. Per message: True (stored),
-        False (a duplicate), or the exception refusing it; and the run aggregates to send."""
+        """On the engine's thread: decode each message (`wire`), store each run of consecutive
+        reports in one group commit (`Engine.ingest_many`) and each run of consecutive baselines
+        in another (`Engine.baseline_many`), in order. Per message: True (stored), False (a
+        duplicate), or the exception refusing it; and the run aggregates to send."""
         results: list[Any] = [None] * len(batch)
         reports: list[tuple[int, tuple]] = []
+        baselines: list[tuple[int, tuple]] = []
         aggregates: list[tuple[str, Any]] = []
 
-        def flush() -> None:
+        def flush_reports() -> None:
+            if not reports:
+                return  # an empty transaction would mark a full disk writable again
             stored = self.engine.ingest_many([x for _, x in reports])
             for (i, _), r in zip(reports, stored, strict=True):
                 results[i] = r
             aggregates.extend(self._aggregates([x for _, x in reports], stored))
             reports.clear()
 
+        def flush_baselines() -> None:
+            if not baselines:
+                return  # an empty transaction would mark a full disk writable again
+            stored = self.engine.baseline_many([x for _, x in baselines])
+            for (i, _), r in zip(baselines, stored, strict=True):
+                results[i] = r
+            baselines.clear()
+
         for i, job in enumerate(batch):
             msg, st = job.msg, job.state
             try:
                 if msg.kind == "report":
+                    flush_baselines()
                     check = wire.check_from(msg)
                     reports.append(
                         (i, (st.run, st.incarnation, check, int(msg.body.dropped_reports)))
                     )
                     continue
-                flush()
+                flush_reports()
                 if not msg.body.HasField("weight"):
                     raise wire.invalid("baseline.weight: missing, expected W0's sketch")
                 sketch = wire.sketch_from(msg, "weight", msg.body.weight)
-                self.engine.baseline(st.run, st.incarnation, msg.body.matrix, sketch)
-                results[i] = True
+                baselines.append((i, (st.run, st.incarnation, msg.body.matrix, sketch)))
             except Exception as exc:
                 results[i] = exc
-        flush()
+        flush_baselines()
+        flush_reports()
         return results, aggregates
 
     def _aggregates(self, reports: list[tuple], stored: list[Any]) -> list[tuple[str, Any]]:

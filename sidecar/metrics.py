@@ -4,7 +4,15 @@ table of sidecar/keys.py, plus the service's own metrics.
 Series scheme (documented in docs/sidecar.md):
 
 * per matrix (`--metrics-detail matrix`, the default): the binding table's metric names with labels
-  `run`, `matrix`, `layer`, `module` (layer "" when a name has no block index);
+  `run`, `matrix`, `layer`, `module` (layer "" when a name has no block index) for every matrix
+  that is not an MoE expert; expert matrices are exported per (layer, module) over their experts
+  instead (below), so a 128-expert model stays within what Prometheus holds;
+* per expert (`--metrics-detail expert`): every matrix's series, experts included, with the
+  label `expert` added ("" for a matrix that is not an expert);
+* per module over experts (`matrix` and `expert` detail): `deltawatch_experts_<name>` with labels
+  `run`, `layer`, `module`, the aggregate of DESIGN §2 over the module's experts (geometry keys:
+  mean; count ratios: pooled; counts: sums), plus `deltawatch_experts_subspace_locked_ratio` and
+  `deltawatch_experts_matrices` (the experts that have reported);
 * per layer (`--metrics-detail layer`): the same metric names with labels `run`, `layer` only, the
   aggregate of DESIGN §2 over the layer's matrices (geometry keys: mean; count ratios: pooled;
   counts: sums);
@@ -23,6 +31,7 @@ ingest's stats object, duck-typed: `messages`, `bytes_total`, `errors`, `last_la
 survives restarts), `deltawatch_store_writable` (1 while the store's last write succeeded, 0 while
 it cannot write: disk full, locked), `deltawatch_runs_quarantined` (runs whose stored rows could not
 be loaded at start-up), `deltawatch_ingest_inflight_bytes` (received, unacknowledged report bytes),
+`deltawatch_event_loop_lag_max_seconds` (the event loop's largest delay since start),
 `deltawatch_alerts_firing{run,rule}` (from a provider returning
 {(run, rule): count}, e.g. `AlertEngine.firing_counts`).
 """
@@ -43,12 +52,16 @@ from .keys import BINDINGS, MATRIX_PARAMETERS_METRIC, VISIBLE_PARAMETERS_METRIC
 
 log = logging.getLogger("deltawatch.metrics")
 
-DETAILS = ("matrix", "layer", "run")
+DETAILS = ("matrix", "expert", "layer", "run")
 MATRIX_LABELS = ("run", "matrix", "layer", "module")
+EXPERT_LABELS = (*MATRIX_LABELS, "expert")
 LAYER_LABELS = ("run", "layer")
+MODULE_LABELS = ("run", "layer", "module")
 RUN_LABELS = ("run",)
 LOCKED_RATIO_METRIC = "deltawatch_run_subspace_locked_ratio"
 RUN_MATRICES_METRIC = "deltawatch_run_matrices"
+EXPERTS_LOCKED_RATIO_METRIC = "deltawatch_experts_subspace_locked_ratio"
+EXPERTS_MATRICES_METRIC = "deltawatch_experts_matrices"
 
 AlertsFiring = Callable[[], Mapping[tuple[str, str], int]]
 
@@ -57,6 +70,13 @@ def run_metric(metric: str) -> str:
     """The run-level name of a binding's metric: deltawatch_X -> deltawatch_run_X."""
     assert metric.startswith("deltawatch_")
     return "deltawatch_run_" + metric[len("deltawatch_") :]
+
+
+def experts_metric(metric: str) -> str:
+    """The per-module-over-experts name of a binding's metric: deltawatch_X ->
+    deltawatch_experts_X."""
+    assert metric.startswith("deltawatch_")
+    return "deltawatch_experts_" + metric[len("deltawatch_") :]
 
 
 def _number(v: Any) -> float | None:
@@ -95,32 +115,79 @@ class EngineCollector(Collector):
         for row in rows:
             by_run.setdefault(row.run, []).append(row)
         if self.detail == "matrix":
-            yield from self._per_matrix(rows)
+            yield from self._per_matrix([r for r in rows if r.expert is None], MATRIX_LABELS)
+        elif self.detail == "expert":
+            yield from self._per_matrix(rows, EXPERT_LABELS)
         elif self.detail == "layer":
             yield from self._per_layer(by_run)
+        if self.detail in ("matrix", "expert"):
+            yield from self._per_module_over_experts(by_run)
         yield from self._per_run(by_run)
 
-    def _per_matrix(self, rows: list[MatrixRow]) -> Iterator[Metric]:
+    def _per_matrix(self, rows: list[MatrixRow], labels: tuple[str, ...]) -> Iterator[Metric]:
+        def values(row: MatrixRow) -> list[str]:
+            if labels == MATRIX_LABELS:
+                return _matrix_labels(row)
+            return [*_matrix_labels(row), "" if row.expert is None else str(row.expert)]
+
         for b in BINDINGS:
-            fam = GaugeMetricFamily(b.metric, b.help, labels=MATRIX_LABELS)
+            fam = GaugeMetricFamily(b.metric, b.help, labels=labels)
             for row in rows:
                 v = _row_value(row, b.key)
                 if v is not None:
-                    fam.add_metric(_matrix_labels(row), v)
+                    fam.add_metric(values(row), v)
             yield fam
         vis = GaugeMetricFamily(
             VISIBLE_PARAMETERS_METRIC,
             "Weights whose bf16 value differs from the anchor's.",
-            labels=MATRIX_LABELS,
+            labels=labels,
         )
         par = GaugeMetricFamily(
-            MATRIX_PARAMETERS_METRIC, "Parameters in the matrix.", labels=MATRIX_LABELS
+            MATRIX_PARAMETERS_METRIC, "Parameters in the matrix.", labels=labels
         )
         for row in rows:
-            vis.add_metric(_matrix_labels(row), float(row.visible_count))
-            par.add_metric(_matrix_labels(row), float(row.numel))
+            vis.add_metric(values(row), float(row.visible_count))
+            par.add_metric(values(row), float(row.numel))
         yield vis
         yield par
+
+    def _per_module_over_experts(self, by_run: dict[str, list[MatrixRow]]) -> Iterator[Metric]:
+        """deltawatch_experts_*{run, layer, module}: DESIGN §2 aggregates over each expert
+        module's experts (`aggregate_rows`)."""
+        groups: list[tuple[list[str], dict[str, Any], list[MatrixRow]]] = []
+        for run, rows in sorted(by_run.items()):
+            modules: dict[tuple[str, str], list[MatrixRow]] = {}
+            for row in rows:
+                if row.expert is not None:
+                    modules.setdefault((_layer_label(row.layer), row.module), []).append(row)
+            for (layer, module), members in sorted(modules.items()):
+                agg = aggregate_rows(members)
+                agg["step"] = max(r.step for r in members)
+                groups.append(([run, layer, module], agg, members))
+        for b in BINDINGS:
+            if b.key == "locked":
+                continue  # exported as the share of locked experts below
+            fam = GaugeMetricFamily(
+                experts_metric(b.metric),
+                b.help + " (over the module's experts)",
+                labels=MODULE_LABELS,
+            )
+            for labels, agg, _ in groups:
+                v = _number(agg.get(b.key))
+                if v is not None:
+                    fam.add_metric(labels, v)
+            yield fam
+        yield from _count_families(
+            (EXPERTS_LOCKED_RATIO_METRIC, EXPERTS_MATRICES_METRIC, experts_metric),
+            MODULE_LABELS,
+            groups,
+            (
+                "Share of the module's experts that are locked.",
+                "Experts of the module that have reported.",
+                "Weights whose bf16 value differs from the anchor's (sum over the experts).",
+                "Parameters (sum over the module's reported experts).",
+            ),
+        )
 
     def _per_layer(self, by_run: dict[str, list[MatrixRow]]) -> Iterator[Metric]:
         groups: list[tuple[tuple[str, str], dict[str, Any], list[MatrixRow]]] = []
@@ -182,34 +249,42 @@ class EngineCollector(Collector):
                 if v is not None:
                     fam.add_metric([run], v)
             yield fam
-        locked = GaugeMetricFamily(
-            LOCKED_RATIO_METRIC,
-            "Share of the run's reported matrices that are locked.",
-            labels=RUN_LABELS,
+        yield from _count_families(
+            (LOCKED_RATIO_METRIC, RUN_MATRICES_METRIC, run_metric),
+            RUN_LABELS,
+            [([run], agg, rows) for run, (agg, rows) in aggs.items()],
+            (
+                "Share of the run's reported matrices that are locked.",
+                "Matrices of the run that have reported.",
+                "Weights whose bf16 value differs from the anchor's (sum over the run).",
+                "Monitored parameters (sum over the run's reported matrices).",
+            ),
         )
-        matrices = GaugeMetricFamily(
-            RUN_MATRICES_METRIC, "Matrices of the run that have reported.", labels=RUN_LABELS
-        )
-        vis = GaugeMetricFamily(
-            run_metric(VISIBLE_PARAMETERS_METRIC),
-            "Weights whose bf16 value differs from the anchor's (sum over the run).",
-            labels=RUN_LABELS,
-        )
-        par = GaugeMetricFamily(
-            run_metric(MATRIX_PARAMETERS_METRIC),
-            "Monitored parameters (sum over the run's reported matrices).",
-            labels=RUN_LABELS,
-        )
-        for run, (agg, rows) in aggs.items():
-            if agg["locked_ratio"] is not None:
-                locked.add_metric([run], float(agg["locked_ratio"]))
-            matrices.add_metric([run], float(len(rows)))
-            vis.add_metric([run], float(sum(r.visible_count for r in rows)))
-            par.add_metric([run], float(sum(r.numel for r in rows)))
-        yield locked
-        yield matrices
-        yield vis
-        yield par
+
+
+def _count_families(
+    names: tuple[str, str, Callable[[str], str]],
+    labels: tuple[str, ...],
+    groups: list[tuple[list[str], dict[str, Any], list[MatrixRow]]],
+    helps: tuple[str, str, str, str],
+) -> Iterator[Metric]:
+    """A group level's locked share, reported-matrix count and the visible / parameter counts
+    (names: the locked-ratio and count metrics, and the level's name of a per-matrix metric)."""
+    locked_name, matrices_name, level = names
+    locked = GaugeMetricFamily(locked_name, helps[0], labels=labels)
+    matrices = GaugeMetricFamily(matrices_name, helps[1], labels=labels)
+    vis = GaugeMetricFamily(level(VISIBLE_PARAMETERS_METRIC), helps[2], labels=labels)
+    par = GaugeMetricFamily(level(MATRIX_PARAMETERS_METRIC), helps[3], labels=labels)
+    for values, agg, members in groups:
+        if agg["locked_ratio"] is not None:
+            locked.add_metric(values, float(agg["locked_ratio"]))
+        matrices.add_metric(values, float(len(members)))
+        vis.add_metric(values, float(sum(r.visible_count for r in members)))
+        par.add_metric(values, float(sum(r.numel for r in members)))
+    yield locked
+    yield matrices
+    yield vis
+    yield par
 
 
 def _matrix_labels(row: MatrixRow) -> list[str]:
@@ -311,6 +386,13 @@ class ServiceCollector(Collector):
             )
             quarantined.add_metric([], float(len(self.engine.quarantined)))
             yield quarantined
+        if stats is not None and hasattr(stats, "loop_lag_max_seconds"):
+            lag_max = GaugeMetricFamily(
+                "deltawatch_event_loop_lag_max_seconds",
+                "Largest delay of the sidecar's event loop seen since start (a 10 ms probe).",
+            )
+            lag_max.add_metric([], float(stats.loop_lag_max_seconds))
+            yield lag_max
         if stats is not None and hasattr(stats, "inflight_bytes"):
             inflight = GaugeMetricFamily(
                 "deltawatch_ingest_inflight_bytes",
@@ -342,9 +424,12 @@ __all__ = [
     "AGGREGATE_KEYS",
     "DETAILS",
     "EngineCollector",
+    "EXPERTS_LOCKED_RATIO_METRIC",
+    "EXPERTS_MATRICES_METRIC",
     "LOCKED_RATIO_METRIC",
     "RUN_MATRICES_METRIC",
     "ServiceCollector",
+    "experts_metric",
     "make_registry",
     "run_metric",
 ]

@@ -18,6 +18,11 @@ or of the run for a run-level alert) received at or before its `started_at`, `en
 for `ended_at` (null while firing). The series is computed in a thread from the store's visible
 history (O(checks stored) per request); the page asks for it again only when the run changed.
 
+The run page shows the first page of the matrices (`PAGE_SIZE`) and a per-(layer, module) table
+from `/api/v1/runs/{run}/modules` (the §2 aggregate over an MoE module's experts), filterable by
+layer; choosing a module lists its matrices (its experts) through the API's `layer` / `module`
+filters, so an 18k-matrix run never sends every matrix to the browser.
+
 The HTML embeds the first data it shows (so the page draws without waiting for a fetch) and then
 polls the JSON API every few seconds while the tab is visible.
 """
@@ -222,12 +227,13 @@ def register(app: web.Application, engine: Engine, alerts: AlertsProvider | None
 
     async def run_page(request: web.Request) -> web.Response:
         run = request.match_info["run"]
-        detail = engine.run_detail(run)
+        detail = await asyncio.to_thread(engine.run_detail, run, limit=http_api.PAGE_SIZE)
         if detail is None:
             return http_api.json_error(404, f"unknown run {run!r}")
         body = await asyncio.to_thread(series, engine, run, alerts)
-        data = {"page": "run", "run": run, "detail": detail, "series": body}
-        return _html(_document(run, data))
+        modules = await asyncio.to_thread(engine.modules, run)
+        data = {"page": "run", "run": run, "detail": detail, "series": body, "modules": modules}
+        return _html(await asyncio.to_thread(_document, run, data))
 
     async def run_series_json(request: web.Request) -> web.Response:
         run = request.match_info["run"]

@@ -101,6 +101,7 @@ class Sidecar:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self._serving = False
+        self._lag_probe: asyncio.Task | None = None
 
     @property
     def external_url(self) -> str:
@@ -157,6 +158,7 @@ class Sidecar:
 
         for name in ("", INGEST_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        self._lag_probe = asyncio.create_task(probe_loop_lag(self.ingest.stats))
         self._serving = True
         log.info(
             "deltawatch serving gRPC on %s:%d, HTTP on %s:%d, data in %s",
@@ -176,6 +178,8 @@ class Sidecar:
 
     async def stop(self) -> None:
         self._serving = False
+        if self._lag_probe is not None:
+            self._lag_probe.cancel()
         await self.health.enter_graceful_shutdown()
         self.ingest.close()
         if self.grpc_server is not None:
@@ -185,6 +189,22 @@ class Sidecar:
             await self.runner.cleanup()
         self.store.close()
         log.info("deltawatch stopped")
+
+
+LAG_PROBE_SECONDS = 0.01
+
+
+async def probe_loop_lag(stats, period: float = LAG_PROBE_SECONDS) -> None:
+    """Sleep `period` again and again; how much later than asked the loop woke up is how long
+    something on it ran without yielding: the largest is `stats.loop_lag_max_seconds`
+    (`deltawatch_event_loop_lag_max_seconds`)."""
+    loop = asyncio.get_running_loop()
+    while True:
+        t0 = loop.time()
+        await asyncio.sleep(period)
+        lag = loop.time() - t0 - period
+        if lag > stats.loop_lag_max_seconds:
+            stats.loop_lag_max_seconds = lag
 
 
 def write_ready_file(path: str, grpc_port: int, http_port: int) -> None:

@@ -6,7 +6,9 @@ Layout (`deltawatch.sqlite3`, schema version in `meta`):
                   count reported by clients.
 * `incarnations`  every (run, incarnation) with its resume step: a newer incarnation with resume
                   step s hides the older incarnations' history from step s on.
-* `manifests`     every run's matrices: shape, numel, dtype, layer, module, shard layout, owner.
+* `manifests`     every run's matrices: shape, numel, dtype, layer, module, shard layout, owner,
+                  expert (MoE expert index, NULL otherwise; a data dir written before the column
+                  existed gets it, NULL, when it is opened: `_COLUMNS_ADDED`).
 * `history`       one row per (run, matrix, step, incarnation): every §2 key (JSON object, floats
                   written with `repr`, so they round-trip exactly) and the counts behind the ratios.
 * `tensors`       the geometry state needed to resume, per (run, matrix, name): raw little-endian
@@ -90,6 +92,7 @@ CREATE TABLE IF NOT EXISTS manifests (
     module TEXT NOT NULL,
     shard_layout TEXT NOT NULL,
     owner_rank INTEGER NOT NULL,
+    expert INTEGER,
     PRIMARY KEY (run, matrix)
 );
 CREATE TABLE IF NOT EXISTS history (
@@ -154,6 +157,11 @@ CREATE TABLE IF NOT EXISTS kv (
     PRIMARY KEY (namespace, key)
 );
 """
+
+# Nullable columns added after a table's first layout: (table, column, SQL type). A data dir
+# written before them gets them (NULL in every old row) when it is opened; the schema version
+# stays, since an older deltawatch reads such a file by column name and ignores them.
+_COLUMNS_ADDED: tuple[tuple[str, str, str], ...] = (("manifests", "expert", "INTEGER"),)
 
 # dtypes a stored tensor may carry (name -> torch dtype); anything else is refused on load.
 _DTYPES: dict[str, torch.dtype] = {
@@ -311,6 +319,11 @@ class Store:
                     f"{self.path} has schema version {row[0]}, this deltawatch reads "
                     f"{SCHEMA_VERSION}; use a new --data-dir"
                 )
+            for table, column, kind in _COLUMNS_ADDED:
+                have = {r[1] for r in self._w.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._w.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+                    log.info("%s: added the column %s.%s", self.path, table, column)
         self._r = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -436,12 +449,14 @@ class Store:
             ).fetchone()
             c.executemany(
                 "INSERT INTO manifests (run, matrix, position, rows, cols, numel, dtype, layer, "
-                "module, shard_layout, owner_rank) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "module, shard_layout, owner_rank, expert) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (run, matrix) DO UPDATE SET dtype = excluded.dtype, "
-                "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank",
+                "shard_layout = excluded.shard_layout, owner_rank = excluded.owner_rank, "
+                "expert = excluded.expert",
                 [
                     (run, e.matrix, start + i, e.shape[0], e.shape[1], e.numel, e.dtype, e.layer,
-                     e.module, e.shard_layout, e.owner_rank)
+                     e.module, e.shard_layout, e.owner_rank, getattr(e, "expert", None))
                     for i, e in enumerate(manifest)
                 ],
             )  # fmt: skip
@@ -496,10 +511,10 @@ class Store:
 
     def manifest(self, run: str) -> list[dict[str, Any]]:
         """A run's manifest rows in hello order: matrix, shape, numel, dtype, layer, module,
-        shard_layout, owner_rank."""
+        shard_layout, owner_rank, expert."""
         rows = self._read(
-            "SELECT matrix, rows, cols, numel, dtype, layer, module, shard_layout, owner_rank "
-            "FROM manifests WHERE run = ? ORDER BY position",
+            "SELECT matrix, rows, cols, numel, dtype, layer, module, shard_layout, owner_rank, "
+            "expert FROM manifests WHERE run = ? ORDER BY position",
             (run,),
         )
         return [
@@ -512,6 +527,7 @@ class Store:
                 "module": r[6],
                 "shard_layout": r[7],
                 "owner_rank": r[8],
+                "expert": r[9],
             }
             for r in rows
         ]

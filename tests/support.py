@@ -136,6 +136,67 @@ class SyntheticRun:
         return result
 
 
+def stream_run(
+    endpoint: str,
+    run: SyntheticRun,
+    manifest: list[dict],
+    steps: list[int],
+    *,
+    incarnation: int = 1,
+    config: dict | None = None,
+) -> dict[int, dict[str, MatrixCheck]]:
+    """Send `run` over one real gRPC stream, as a trainer would: a hello with `manifest` (wire
+    dicts, e.g. with `expert`), every baseline, the checks of `steps`; every message must be
+    acknowledged. Returns the checks sent, by step and matrix."""
+    import grpc
+    from deltawatch.client import wire
+    from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
+
+    frames = wire.encode_hello(
+        1, run=run.run, incarnation=incarnation, resume_step=None, client_version="test",
+        config=run.config() if config is None else config, manifest=manifest,
+    )  # fmt: skip
+    msg_id = 2
+    for name, sketch in run.baselines().items():
+        frames += wire.encode_baseline(
+            msg_id, run=run.run, incarnation=incarnation, matrix=name, sketch=sketch
+        )
+        msg_id += 1
+    checks = {}
+    for step in steps:
+        checks[step] = {c.matrix: c for c in run.checks(step)}
+        for check in checks[step].values():
+            frames += wire.encode_report(msg_id, run=run.run, incarnation=incarnation, check=check)
+            msg_id += 1
+    with grpc.insecure_channel(endpoint) as ch:
+        out = list(pb_grpc.IngestStub(ch).Stream(iter(frames), timeout=120))
+    errors = [m.error for m in out if m.WhichOneof("body") == "error"]
+    acked = sorted(i for m in out if m.WhichOneof("body") == "ack" for i in m.ack.ids)
+    assert not errors and acked == list(range(1, msg_id)), errors
+    return checks
+
+
+def expert_manifest(
+    layers: int, experts: int, shapes: dict[str, tuple[int, int]], dense: dict[str, tuple]
+) -> list[dict]:
+    """Wire manifest dicts of `layers` blocks: the `dense` modules (module -> shape), then
+    `experts` experts of every `shapes` projection (proj -> shape), named as DESIGN's MoE
+    contract spells them (model.layers.L.mlp.experts.E.PROJ.weight: module mlp.experts.PROJ)."""
+    out = []
+    for layer in range(layers):
+        for module, (m, n) in dense.items():
+            out.append({"matrix": f"model.layers.{layer}.{module}.weight", "shape": [m, n],
+                        "layer": layer, "module": module, "expert": None})  # fmt: skip
+        for proj, (m, n) in shapes.items():
+            for e in range(experts):
+                out.append({"matrix": f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight",
+                            "shape": [m, n], "layer": layer, "module": f"mlp.experts.{proj}",
+                            "expert": e})  # fmt: skip
+    for item in out:
+        item.update(numel=item["shape"][0] * item["shape"][1], dtype="float32")
+    return out
+
+
 TINY_M, TINY_N = 64, 128
 TINY_LAYERS = 2
 
@@ -277,7 +338,7 @@ def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: di
         tol = max(0.1 * ref["rotation_mean_degrees"], 0.05)
         assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol
         assert got["locked"] is True and got["lock_step"] == lock_steps[name]
-        assert set(got) == {"matrix", "layer", "module", "shape", "step", *MATRIX_KEYS}
+        assert set(got) == {"matrix", "layer", "module", "expert", "shape", "step", *MATRIX_KEYS}
         assert got["shape"] == [m, n]
 
 

@@ -1,5 +1,6 @@
 """Every dashboard query returns data from a real Prometheus scraping a real `deltawatch serve`
-process fed by a monitored run (a real Monitor on a torch model), after at least two scrapes,
+process fed by a monitored run (a real Monitor on a torch model, plus MoE expert matrices of the
+same run over a second real gRPC stream), after at least two scrapes,
 with the template variables substituted as Grafana would (the first value of each variable's
 label_values query, and "All"). The Prometheus rules file loads in the same Prometheus.
 Run-level series read back through Prometheus equal the sidecar's JSON API exactly."""
@@ -19,7 +20,14 @@ from typing import Any
 import pytest
 import torch
 from deltawatch.client import Monitor
-from support import PrometheusServer, SidecarProcess, get_json
+from support import (
+    PrometheusServer,
+    SidecarProcess,
+    SyntheticRun,
+    expert_manifest,
+    get_json,
+    stream_run,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 M, N = 64, 128
@@ -74,6 +82,15 @@ def live(tmp_path_factory) -> Any:
                     p.add_(3e-4 * d + 3e-6 * torch.randn(M, N, generator=g))
                 mon.step(step)
         assert mon.close(timeout=DEADLINE)
+        # MoE experts in the same run (a second stream of its incarnation), for the experts row
+        experts = expert_manifest(LAYERS, 2, {"gate_proj": (24, 40), "down_proj": (40, 24)}, {})
+        config = mon.config.to_json_dict() | {"incarnation": mon.incarnation}
+        moe = SyntheticRun(
+            run="dash-opd", shapes={e["matrix"]: tuple(e["shape"]) for e in experts},
+            rank=16, oversample=16, lock_at_step=2,
+        )  # fmt: skip
+        stream_run(sidecar.endpoint, moe, experts, [2, 4], incarnation=mon.incarnation,
+                   config=config)  # fmt: skip
 
         prometheus = PrometheusServer(
             tmp,

@@ -305,7 +305,7 @@ function runPage(app, data) {
   const summary = h("dl", { class: "summary", id: "summary" });
   const item = (label, v, key) => summary.append(h("div", {}, h("dt", {}, label), h("dd", { "data-key": key }, value(v))));
   item("last step", d.last_step, "last_step");
-  item("matrices", d.matrices.length, "matrices");
+  item("matrices", d.page ? d.page.total : d.matrices.length, "matrices");
   item("locked share", agg.locked_ratio, "locked_ratio");
   item("lock step (median)", agg.lock_step, "lock_step");
   item("stable rank (mean)", agg.stable_rank, "stable_rank");
@@ -335,18 +335,64 @@ function runPage(app, data) {
   app.append(h("section", { class: "panel wide", id: "alerts" }, h("h2", {}, "alerts on the step axis (shaded on the charts, ▼ where one starts)"),
     runAlerts.length ? alertStrip(runAlerts, steps) : null, alertTable(runAlerts, false)));
 
-  const t = h("table", { class: "matrices", id: "matrices" });
-  const cols = ["stable_rank", "horizon_alignment", "subspace_alignment", "channel_energy_ratio", "bf16_visible_ratio", "rotation_max_degrees"];
-  t.append(h("tr", {}, ...["matrix", "layer", "module", "shape", "step", "locked", ...cols].map((x) => h("th", {}, x))));
-  for (const m of d.matrices) {
-    const link = h("a", { href: `#matrix=${encodeURIComponent(m.matrix)}` }, m.matrix);
-    t.append(h("tr", { class: "matrix", "data-matrix": m.matrix },
-      h("td", { class: "name" }, link), h("td", {}, value(m.layer)), h("td", {}, m.module), h("td", {}, m.shape.join("×")),
-      h("td", {}, value(m.step)), h("td", {}, value(m.locked)), ...cols.map((k) => h("td", { "data-key": k }, value(m[k])))));
-  }
-  app.append(h("section", { class: "panel wide" }, h("h2", {}, "matrices (latest check; click one for its history)"), t));
+  app.append(modulesPanel(data));
+  const shown = data.matrices || d;
+  const title = shown.where ? `matrices of layer ${value(shown.where.layer)} ${shown.where.module}` : "matrices";
+  const more = shown.page && shown.page.next_offset !== null ? ` (first ${shown.matrices.length} of ${shown.page.total})` : "";
+  app.append(h("section", { class: "panel wide" }, h("h2", {}, `${title}${more} (latest check; click one for its history)`), matrixTable(shown.matrices)));
   app.append(h("section", { class: "panel wide", id: "drill" }));
   drill(data.run, sr.alerts);
+}
+
+const MATRIX_COLS = ["stable_rank", "horizon_alignment", "subspace_alignment", "channel_energy_ratio", "bf16_visible_ratio", "rotation_max_degrees"];
+
+function matrixTable(matrices) {
+  const t = h("table", { class: "matrices", id: "matrices" });
+  t.append(h("tr", {}, ...["matrix", "layer", "module", "expert", "shape", "step", "locked", ...MATRIX_COLS].map((x) => h("th", {}, x))));
+  for (const m of matrices) {
+    const link = h("a", { href: `#matrix=${encodeURIComponent(m.matrix)}` }, m.matrix);
+    t.append(h("tr", { class: "matrix", "data-matrix": m.matrix },
+      h("td", { class: "name" }, link), h("td", {}, value(m.layer)), h("td", {}, m.module), h("td", {}, value(m.expert)), h("td", {}, m.shape.join("×")),
+      h("td", {}, value(m.step)), h("td", {}, value(m.locked)), ...MATRIX_COLS.map((k) => h("td", { "data-key": k }, value(m[k])))));
+  }
+  return t;
+}
+
+let moduleLayer = "";
+
+// One row per (layer, module): the §2 aggregate over its matrices (an MoE module's experts).
+function modulesPanel(data) {
+  const items = (data.modules && data.modules.modules) || [];
+  const layers = [...new Set(items.map((m) => m.layer))];
+  const select = h("select", { id: "module-layer" }, h("option", { value: "" }, "every layer"),
+    ...layers.map((l) => h("option", String(l) === moduleLayer ? { value: String(l), selected: "" } : { value: String(l) }, `layer ${value(l)}`)));
+  const t = h("table", { class: "modules", id: "modules" });
+  const cols = ["stable_rank", "horizon_alignment", "subspace_alignment", "bf16_visible_ratio", "locked_ratio"];
+  const fill = () => {
+    t.replaceChildren(h("tr", {}, ...["layer", "module", "matrices", "experts", "step", ...cols].map((x) => h("th", {}, x))));
+    for (const m of items.filter((x) => moduleLayer === "" || String(x.layer) === moduleLayer)) {
+      const link = h("a", { href: "#" }, m.module);
+      link.addEventListener("click", (ev) => { ev.preventDefault(); showModule(data, m.layer, m.module); });
+      t.append(h("tr", { class: "module", "data-layer": String(m.layer), "data-module": m.module },
+        h("td", {}, value(m.layer)), h("td", { class: "name" }, link), h("td", {}, value(m.matrices)), h("td", {}, value(m.experts)),
+        h("td", {}, value(m.step)), ...cols.map((k) => h("td", { "data-key": k }, value(m.aggregate[k])))));
+    }
+  };
+  select.addEventListener("change", () => { moduleLayer = select.value; fill(); });
+  fill();
+  return h("section", { class: "panel wide", id: "modules-panel" },
+    h("h2", {}, "modules: the run aggregate per layer and module (over the experts of an MoE module) ", select), t);
+}
+
+async function showModule(data, layer, module) {
+  const q = new URLSearchParams({ module, limit: "1000" });
+  if (layer !== null) q.set("layer", String(layer));
+  const body = await getJSON(`/api/v1/runs/${encodeURIComponent(data.run)}?${q}`);
+  if (!body) return;
+  data.matrices = { ...body, where: { layer, module } };
+  const y = window.scrollY;
+  runPage(document.getElementById("app"), data);
+  window.scrollTo(0, y);
 }
 
 async function drill(run, alerts) {
@@ -404,15 +450,15 @@ async function poll() {
     indexPage(app, DATA);
   } else {
     const base = `/api/v1/runs/${encodeURIComponent(DATA.run)}`;
-    const [detail, alerts] = await Promise.all([getJSON(base), getJSON("/api/v1/alerts")]);
-    if (!detail || !alerts) return;
+    const [detail, alerts, modules] = await Promise.all([getJSON(base), getJSON("/api/v1/alerts"), getJSON(`${base}/modules`)]);
+    if (!detail || !alerts || !modules) return;
     const key = (list) => JSON.stringify(list.filter((a) => a.run === DATA.run).map((a) => [a.id, a.state]));
     const changed = JSON.stringify(detail) !== JSON.stringify(DATA.detail) || key(alerts.alerts) !== key(DATA.series.alerts);
     if (!changed) { stamp(); return; }
     const series = await getJSON(`${base}/series`);
     if (!series) return;
     const y = window.scrollY;
-    DATA.detail = detail; DATA.series = series;
+    DATA.detail = detail; DATA.series = series; DATA.modules = modules;
     runPage(app, DATA);
     window.scrollTo(0, y);
   }
