@@ -37,6 +37,7 @@ from .sketch import (
     orth,
     power_step,
     rayleigh_ritz,
+    ritz_subspace_sine,
     ritz_value_change,
     ritz_vectors,
 )
@@ -136,15 +137,21 @@ class Anchor:
             gram = self._gram(A) if min(self.shape) <= EXACT_LIMIT else None
             self._principal_mask(A, gram)
             self.V0 = self._weight_basis(A, gram)
-            del gram
             _, G, C = power_step(A, self.V0, spec)
-            theta, _ = rayleigh_ritz(G, C)
+            theta, Z = rayleigh_ritz(G, C)
             self.exact = min(self.shape) <= sketch.r
             self.baseline_G, self.baseline_C = G, C
             # the error bound of one step from the orthonormal V0: X = V0, M = C, N = I
+            k, M = sketch.channel_rank, C.double().cpu()
             eye = torch.eye(C.shape[0], dtype=torch.float64)
-            bound = error_bound(theta, gram_matrix(G), C.double().cpu(), eye, sketch.channel_rank)
-            self.baseline_convergence = 0.0 if self.exact else min(bound, NO_BOUND)
+            bound = error_bound(theta, gram_matrix(G), M, eye, k)
+            sine, upper = ritz_subspace_sine([self.V0], G, M, None, Z, k)
+            # λ_{k+1}(W0ᵀW0) from above: exact on the Gram route, else the Ritz pairs' own bound
+            lam = gram[2] if gram is not None else None
+            exact_next = lam is not None and k < lam.numel()
+            self.next_eigenvalue_upper = float(lam[k]) if exact_next else upper
+            del gram, lam
+            self.baseline_convergence = 0.0 if self.exact else min(max(bound, sine), NO_BOUND)
 
     # -- access at check time -------------------------------------------------------------
 

@@ -19,7 +19,8 @@ class Sketch:  # one tracked subspace iteration's output
     G: torch.Tensor  # (n, r) float32: AᵀA·Y for the tracked matrix A (ΔW or W_t)
     C: torch.Tensor  # (r, r) float32: PᵀP, P = A·Y (Y: the check's top-r Krylov Ritz basis)
     # the error bound (client/sketch.py error_bound): never below the relative error of σ1 ≈ √θ_1
-    # and of the stable rank ‖A‖_F²/θ_1; 0.0 on the exact path
+    # and of the stable rank ‖A‖_F²/θ_1; for W_t and W0 (weight, baseline) also never below the
+    # sine bound of the top-K Ritz subspace (ritz_subspace_sine); 0.0 on the exact path
     convergence: float
     power_steps: int
     exact: bool  # min(m, n) <= r: Rayleigh–Ritz on span(P) is exact

@@ -64,6 +64,10 @@ CHOLESKY_QR_MAX_CONDITION = 1e6
 # rounding, so the error bound never claims less, and a residual bound is consistent with θ_1
 # within it.
 ROUNDING = 1e-6
+# The stated accuracy of the live rotation (DESIGN §2 `rotation_*_degrees`, issue 2): within 10%
+# of the angle or 0.05°, whichever is larger; a rotation whose bound does not show that is null.
+ROTATION_RELATIVE = 0.1
+ROTATION_FLOOR_DEGREES = 0.05
 # What a sketch's `convergence` says when no bound could be formed (error_bound's inf: the residual
 # bound's assumption failed and ‖A‖_F² was not given): finite, as the wire requires, and above
 # any tolerance, so the estimates are null.
@@ -324,6 +328,73 @@ def error_bound(
     if not bounds:
         return math.inf
     return max(min(bounds) / t1 - 1.0, 0.0)
+
+
+def ritz_subspace_sine(
+    Vs: list[torch.Tensor],
+    G: torch.Tensor,
+    M: torch.Tensor,
+    N: torch.Tensor | None,
+    Z: torch.Tensor,
+    k: int,
+    next_upper: float | None = None,
+    cutoff: float = DEFAULT_CUTOFF,
+) -> tuple[float, float]:
+    """A bound on sin θ_max between the reported top-k right Ritz vectors V̂_k (the normalised
+    columns of G·Z_k, what the sidecar's Rayleigh–Ritz returns) and the true top-k right singular
+    subspace V_k of A, and λ_{k+1}⁺ from the check's own Ritz pairs. No product with A.
+
+    Davis–Kahan sin θ theorem (Davis & Kahan 1970; Parlett, "The Symmetric Eigenvalue Problem"
+    §11.7) on S = AᵀA: the Ritz pairs (Λ, X·Y) of S on span(X), Y from M y = λ N y, have the
+    residual R_k = G·Y_k − X·Y_k·Λ_k (n×k, formed directly: the Gram form YᵀHY − Λ² cancels to
+    √float32-rounding), and sin θ_max(X·Y_k, V_k) ≤ ‖R_k‖₂/δ with the gap δ = λ_k − λ_{k+1}⁺
+    between the k-th Ritz value and an upper bound on S's (k+1)-th eigenvalue: the smaller of
+    `next_upper` (the caller's, from Weyl's inequality) and max_{i>k}(λ_i + ‖r_i‖) (the
+    assumption of `error_bound`'s residual bound: the basis is not orthogonal to S's top
+    directions). ‖R_k‖₂ is widened by ROUNDING·λ_1·√k for G's float32 products. Then the angle
+    between span(X·Y_k) and span(V̂_k) is added (the largest principal angle obeys the triangle
+    inequality), plus `ROUNDING` for the float32 sketch. Returns (the sine bound, clamped to 1;
+    λ_{k+1}⁺); (1, inf) when δ ≤ 0 or span(X) has at most k directions.
+
+    The bound is first order in the gap: on the flat spectra of pretrained weights λ_k − λ_{k+1}
+    is a fraction of a percent of λ_1, so the bound certifies only rotations well above the
+    basis error (docs/geometry.md "Rotation")."""
+    lam, Y = generalized_eigh(M, N, cutoff)
+    if lam.numel() <= k:
+        return 1.0, math.inf
+    X = torch.cat(Vs, dim=1).double()
+    Yd = Y.to(X.device)
+    R = G.double() @ Yd - (X @ Yd) * lam.to(X.device)  # every Ritz pair's residual, n×k'
+    eps = torch.linalg.vector_norm(R, dim=0).cpu()
+    upper = float((lam[k:] + eps[k:]).max())
+    if next_upper is not None:
+        upper = min(upper, float(next_upper))
+    delta = float(lam[k - 1]) - upper
+    if not delta > 0:
+        return 1.0, upper
+    rounding = ROUNDING * float(lam[0]) * math.sqrt(k)
+    dk = (float(torch.linalg.matrix_norm(R[:, :k], ord=2)) + rounding) / delta
+    Q = X @ Yd[:, :k]  # orthonormal: YᵀNY = I
+    V_hat = ritz_vectors(G, Z, k)
+    beside = float(torch.linalg.matrix_norm(V_hat - Q @ (Q.T @ V_hat), ord=2))
+    angle = math.asin(min(dk, 1.0)) + math.asin(min(beside, 1.0))
+    return min(math.sin(min(angle, math.pi / 2)) + ROUNDING, 1.0), upper
+
+
+def rotation_bound_degrees(sine_weight: float, sine_anchor: float) -> float:
+    """A bound on the error of every principal angle (so of their mean and maximum) between the
+    reported top-k subspaces of W0 and W_t: θ_max(V̂0, V0) + θ_max(V̂t, Vt), since each angle
+    moves by at most the largest angle between the perturbed subspace and the true one
+    (Knyazev & Argentati, "Majorization for changes in angles between subspaces", SIMAX 2006);
+    the sines come from `ritz_subspace_sine`. Degrees."""
+    return math.degrees(math.asin(min(sine_weight, 1.0)) + math.asin(min(sine_anchor, 1.0)))
+
+
+def rotation_within_accuracy(angle: float, bound: float) -> bool:
+    """Whether an estimated angle (degrees) with error at most `bound` is within the stated
+    accuracy of the true angle θ: bound ≤ max(ROTATION_RELATIVE·(angle − bound),
+    ROTATION_FLOOR_DEGREES), as θ ≥ angle − bound."""
+    return bound <= max(ROTATION_RELATIVE * (angle - bound), ROTATION_FLOOR_DEGREES)
 
 
 def _residual_margin(lam: torch.Tensor, RtR: torch.Tensor, k: int) -> float:

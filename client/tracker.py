@@ -37,9 +37,17 @@ from .sketch import (
     krylov_products,
     orth,
     power_step,
+    principal_angles_degrees,
     rayleigh_ritz,
+    ritz_subspace_sine,
     ritz_vectors,
+    rotation_bound_degrees,
+    rotation_within_accuracy,
 )
+
+# The W_t tracker takes another power step for the rotation only while its subspace bound shrinks
+# at least this much per step (ritz_subspace_sine).
+ROTATION_PROGRESS = 0.5
 
 
 def _to_wire(G: torch.Tensor, C: torch.Tensor, conv: float, steps: int, exact: bool) -> Sketch:
@@ -182,7 +190,10 @@ class MatrixTracker:
         else:
             # dense: view(W_t); adapters: D already holds view(W0 + ΔW)
             A = s.local(lambda: self._weight_view(W, D) if isinstance(W, torch.Tensor) else D)
-            weight, _, _, V_w, _, _ = self._iterate(A, V_w, layout, s, fresh=False)
+            rotation = self._rotation_target(theta, indicator, frobenius_sq)
+            weight, _, _, V_w, _, _ = self._iterate(
+                A, V_w, layout, s, fresh=False, rotation=rotation
+            )
         s.seam("end")
         check = s.local(
             lambda: MatrixCheck(
@@ -248,6 +259,7 @@ class MatrixTracker:
         s: CheckSession,
         frobenius_sq: float | None = None,
         fresh: bool | None = None,
+        rotation: tuple[torch.Tensor, float, float] | None = None,
     ) -> tuple[Sketch | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, float]:
         """Power steps from V, Rayleigh–Ritz on the block Krylov space of all of them, until the
         error bound ≤ tolerance (or the budget). Returns the sketch of the top-r Ritz directions
@@ -255,7 +267,9 @@ class MatrixTracker:
         orth(G_w), the space's G = [G_1 … G_s] on the device (V_K = ritz_vectors(G, Z, k)) and
         the bound. `fresh` (default: the ΔW basis is still the seeded Gaussian) withholds the
         residual bound after one step. Every quantity the loop decides on comes from G and V,
-        identical on every rank (a failed rank's zeros included)."""
+        identical on every rank (a failed rank's zeros included). With `rotation` (the W_t
+        tracker, `_rotation_target`) the bound is also the sine bound of the top-k Ritz subspace,
+        and the steps go on until the rotation it implies is within its stated accuracy."""
         if self.exact:
             _, G, C = power_step(A, V, layout, s)
             theta, Z = rayleigh_ritz(G, C)
@@ -263,6 +277,7 @@ class MatrixTracker:
         fresh = self.fresh if fresh is None else fresh
         Vs: list[torch.Tensor] = []
         Gs: list[torch.Tensor] = []
+        previous_sine = math.inf
         while True:
             _, G_j, _ = power_step(A, V, layout, s)
             Vs.append(V)
@@ -271,12 +286,53 @@ class MatrixTracker:
             theta, Z = generalized_eigh(H, M)
             residual = not (fresh and len(Vs) == 1)
             bound = error_bound(theta, H, M, N, self.k, frobenius_sq, residual)
-            if bound <= self.tolerance or len(Vs) >= self.max_power_steps:
+            done = bound <= self.tolerance
+            if rotation is not None:  # the W_t tracker: the rotation's bound too
+                sine, accurate = self._rotation_bound(Vs, G, M, N, Z, rotation)
+                # more steps while the bound still halves: a gap too small to certify the
+                # rotation within the budget costs no more than one extra step
+                halving = sine <= ROTATION_PROGRESS * previous_sine
+                bound, done = max(bound, sine), done and (accurate or not halving)
+                previous_sine = sine
+            if done or len(Vs) >= self.max_power_steps:
                 break
             V = orth(G_j)
         G_w, C_w = compress(G, M, Z, self.r)
         sketch = s.local(lambda: _to_wire(G_w, C_w, bound, len(Vs), False))
         return sketch, theta, Z, orth(G_w), G, bound
+
+    def _rotation_target(
+        self, theta: torch.Tensor, indicator: float, frobenius_sq: float
+    ) -> tuple[torch.Tensor, float, float]:
+        """What the W_t tracker's rotation bound needs: W0's reported top-k Ritz vectors V̂0 (the
+        sidecar's baseline), the baseline's sine bound, and λ_{k+1}⁺ of W_tᵀW_t by Weyl's
+        inequality σ_{k+1}(W_t) ≤ σ_{k+1}(W0) + σ1(ΔW), with σ1(ΔW)² ≤ min(‖ΔW‖_F²,
+        θ_1·(1 + bound)) (the ΔW tracker's own bound)."""
+        a = self.anchor
+        theta0, Z0 = rayleigh_ritz(a.baseline_G, a.baseline_C)
+        V0k = ritz_vectors(a.baseline_G, Z0, self.k)
+        s1_sq = float(frobenius_sq)
+        if theta.numel() and math.isfinite(indicator):
+            s1_sq = min(s1_sq, float(theta[0]) * (1.0 + indicator))
+        upper = (math.sqrt(max(a.next_eigenvalue_upper, 0.0)) + math.sqrt(s1_sq)) ** 2
+        return V0k, a.baseline_convergence, upper
+
+    def _rotation_bound(
+        self,
+        Vs: list[torch.Tensor],
+        G: torch.Tensor,
+        M: torch.Tensor,
+        N: torch.Tensor | None,
+        Z: torch.Tensor,
+        rotation: tuple[torch.Tensor, float, float],
+    ) -> tuple[float, bool]:
+        """(the sine bound of W_t's reported top-k subspace, whether the mean rotation against
+        V̂0 it implies is within its stated accuracy, `rotation_within_accuracy`)."""
+        V0k, base_sine, upper = rotation
+        sine, _ = ritz_subspace_sine(Vs, G, M, N, Z, self.k, upper)
+        angles = principal_angles_degrees(V0k, ritz_vectors(G, Z, self.k))
+        bound = rotation_bound_degrees(sine, base_sine)
+        return sine, rotation_within_accuracy(float(angles.mean()), bound)
 
     def _channel_energy(
         self, D: torch.Tensor | None, v_ref: torch.Tensor, layout: ShardSpec, s: CheckSession

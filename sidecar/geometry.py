@@ -5,7 +5,10 @@ Every formula is the client's (deltawatch.client.sketch / .lock): Rayleigh–Rit
 Degenerate cases (DESIGN §2): ΔW = 0 -> ratios and stable rank null, spectral norm 0, rotation and
 spectral shift 0 (W_t = W0 in the view); M_vis empty -> overlaps null; estimates (spectral norm,
 stable rank, top-K energy, alignments) null while the update's error bound is above tolerance;
-rotation and spectral shift null while the W_t tracker's error bound is above tolerance;
+rotation and spectral shift null while the W_t tracker's error bound is above tolerance, and
+each rotation key null unless the bound of both top-k subspaces (`rotation_bound_degrees` of
+the W_t and the baseline sketch's convergence, which include their subspaces' sine bounds) shows
+it within its stated accuracy (`rotation_within_accuracy`: 10% or 0.05°);
 subspace_alignment and channel_energy_ratio null before the lock.
 """
 
@@ -23,6 +26,8 @@ from deltawatch.client.sketch import (
     principal_angles_degrees,
     rayleigh_ritz,
     ritz_vectors,
+    rotation_bound_degrees,
+    rotation_within_accuracy,
     sim_k,
     singular_values,
 )
@@ -99,6 +104,7 @@ class MatrixGeometry:
         self.horizon = Horizon(rank, max_rank=min(self.shape))
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
+        self.base_convergence = 0.0  # the baseline's bound (its top-k subspace's sine too)
         self.lock_step: int | None = None
         self.v_ref: torch.Tensor | None = None
         self.last_horizon_step: int | None = None  # h(t) of the last ingested check
@@ -107,6 +113,7 @@ class MatrixGeometry:
         """W0's sketch from the W_t tracker (once per incarnation)."""
         sigma, V, _ = ritz_pairs(self._on_device(sketch), self.rank, self.cutoff)
         self.base_sigma, self.base_V = sigma, V
+        self.base_convergence = float(sketch.convergence)
 
     def ingest(
         self, check: MatrixCheck, pairs: tuple[tuple | None, tuple | None] = (None, None)
@@ -172,8 +179,13 @@ class MatrixGeometry:
         sigma, V, _ = pairs
         k = min(V.shape[1], self.base_V.shape[1])
         angles = principal_angles_degrees(self.base_V[:, :k], V[:, :k])
-        keys["rotation_max_degrees"] = float(angles.max())
-        keys["rotation_mean_degrees"] = float(angles.mean())
+        bound = rotation_bound_degrees(check.weight.convergence, self.base_convergence)
+        for key, angle in (
+            ("rotation_max_degrees", angles.max()),
+            ("rotation_mean_degrees", angles.mean()),
+        ):
+            if rotation_within_accuracy(float(angle), bound):
+                keys[key] = float(angle)
         s0 = self.base_sigma[:k]
         keys["spectral_shift_topk"] = float(
             torch.linalg.vector_norm(sigma[:k] - s0) / torch.linalg.vector_norm(s0)
@@ -204,6 +216,7 @@ class MatrixGeometry:
             "tolerance": self.tolerance,
             "cutoff": self.cutoff,
             "lock_step": self.lock_step,
+            "base_convergence": self.base_convergence,
             "lock": {k: v for k, v in lock.items() if not isinstance(v, torch.Tensor)},
         }
         for name in ("base_sigma", "base_V", "v_ref"):
@@ -228,6 +241,7 @@ class MatrixGeometry:
         lock.update({k[len("lock.") :]: v for k, v in tensors.items() if k.startswith("lock.")})
         g.horizon.load_state_dict(lock, g.device)
         g.lock_step = meta["lock_step"]
+        g.base_convergence = float(meta.get("base_convergence", 1.0))  # unknown: null
         for name in ("base_sigma", "base_V", "v_ref"):
             if name in tensors:
                 setattr(g, name, tensors[name].to(g.device, torch.float64))

@@ -311,11 +311,19 @@ class ServerThread:
         return status, json.loads(body)
 
 
+def assert_rotation_within_bound(got: dict, ref: dict) -> None:
+    """The live rotation keys are null (their bound does not show them within the stated
+    accuracy, sketch.rotation_within_accuracy) or within 10% or 0.05° of the float64 value."""
+    for key in ("rotation_mean_degrees", "rotation_max_degrees"):
+        if got[key] is not None:
+            assert abs(got[key] - ref[key]) <= max(0.1 * ref[key], 0.05), (key, got[key], ref[key])
+
+
 def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: dict, step: int):
     """The API's matrices at `step` against the exact float64 reference, with the issue-2 bounds
     for an OPD-like run after >= 3 checks: ‖ΔW‖_F relative 1e-4; visible count and both overlaps
     exactly the reference's; stable rank 2%; σ1 1%; top-K energy, Sim_K against V_ref and channel
-    energy 0.02; rotation within 10% or 0.05°."""
+    energy 0.02; rotation null or within 10% or 0.05°."""
     by_name = {m["matrix"]: m for m in matrices}
     v_refs = {c.matrix: c.v_ref for s in checks for c in checks[s] if c.locked_now}
     lock_steps = {c.matrix: c.step for s in checks for c in checks[s] if c.locked_now}
@@ -335,8 +343,7 @@ def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: di
         assert abs(got["topk_energy_ratio"] - ref["topk_energy_ratio"]) <= 0.02
         assert abs(got["subspace_alignment"] - ref["subspace_alignment"]) <= 0.02
         assert abs(got["channel_energy_ratio"] - ref["channel_energy_ratio"]) <= 0.02
-        tol = max(0.1 * ref["rotation_mean_degrees"], 0.05)
-        assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol
+        assert_rotation_within_bound(got, ref)
         assert got["locked"] is True and got["lock_step"] == lock_steps[name]
         assert set(got) == {"matrix", "layer", "module", "expert", "shape", "step", *MATRIX_KEYS}
         assert got["shape"] == [m, n]

@@ -81,6 +81,9 @@ def test_engine_aggregate_follows_design_rules(toy, fed):
     agg, mats = detail["aggregate"], detail["matrices"]
     for key in ("stable_rank", "horizon_alignment", "rotation_mean_degrees", "frobenius_norm"):
         values = [m[key] for m in mats if m[key] is not None]
+        if not values:  # the rotation is null where its bound cannot certify it
+            assert agg[key] is None, key
+            continue
         assert agg[key] == pytest.approx(sum(values) / len(values), rel=1e-12)
     counts = [exact_counts(run.W0[n], run.weight(n, STEPS)) for n in run.shapes]
     numel = sum(m * n for m, n in run.shapes.values())
