@@ -70,7 +70,7 @@ from .sketch import (
     krylov_products,
     orth,
 )
-from .tracker import MatrixTracker, _to_wire
+from .tracker import ROTATION_PROGRESS, MatrixTracker, _to_wire
 
 # The fused expert parameters whose row halves are separate projections (module docstring).
 FUSED_PARTS = {"gate_up_proj": ("gate_proj", "up_proj")}
@@ -391,7 +391,11 @@ class ExpertGroup:
             for c in self._slices(len(idx)):
                 A[c].copy_(Wm[c].to(self.dtype))
             V_w = torch.stack([trackers[i].V_w for i in idx])
-            weighted = self._iterate(A, V_w, [False] * len(idx), [None] * len(idx))
+            targets = [
+                (trackers[i], trackers[i]._rotation_target(out[i][1], out[i][4], frob[i]))
+                for i in idx
+            ]
+            weighted = self._iterate(A, V_w, [False] * len(idx), [None] * len(idx), targets)
             weights = {i: weighted[j] for j, i in enumerate(idx)}
         checks, states = [], []
         for i, t in enumerate(trackers):
@@ -453,12 +457,19 @@ class ExpertGroup:
         return [slice(c, min(c + step, B)) for c in range(0, B, step)]
 
     def _iterate(
-        self, A: torch.Tensor, V: torch.Tensor, fresh: list[bool], frob: list[float | None]
+        self,
+        A: torch.Tensor,
+        V: torch.Tensor,
+        fresh: list[bool],
+        frob: list[float | None],
+        rotation: list[tuple[MatrixTracker, tuple]] | None = None,
     ) -> list[tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
         """The tracker's `_iterate` for each matrix of the batch A ([B, m, n]) from its basis
         V[b]: power steps while its own error bound is above the tolerance (at most
-        `max_power_steps`), Rayleigh–Ritz on its block Krylov space. Returns per matrix (the
-        sketch, θ, the next basis, V_K (n × min(K, k')), the bound)."""
+        `max_power_steps`), Rayleigh–Ritz on its block Krylov space. With `rotation` (the W_t
+        trackers: per matrix its tracker and `_rotation_target`) the bound is also the sine bound
+        of the top-k subspace and the steps go on by the tracker's own rule (`ROTATION_PROGRESS`).
+        Returns per matrix (the sketch, θ, the next basis, V_K (n × min(K, k')), the bound)."""
         B = A.shape[0]
         if self.exact:  # min(m, n) <= r: one step, span(P) is exact, V is kept
             P, G = batched_power_step(A, V)
@@ -468,6 +479,7 @@ class ExpertGroup:
             return self._finish(list(range(B)), G, C, ritz, [0.0] * B, 1, V)
         results: list[Any] = [None] * B
         active, Vs, Gs, Aa, Vj = list(range(B)), [], [], A, V
+        previous_sine = [math.inf] * B
         while active:
             _, G_j = batched_power_step(Aa, Vj)
             Vs.append(Vj)
@@ -479,7 +491,15 @@ class ExpertGroup:
                 residual = not (fresh[b] and len(Vs) == 1)
                 Nj = None if N is None else N[j]
                 bound = error_bound(theta, H[j], M[j], Nj, self.k, frob[b], residual)
-                if bound <= self.tolerance or len(Vs) >= self.max_power_steps:
+                done = bound <= self.tolerance
+                if rotation is not None:  # the W_t tracker's rule (client/tracker.py `_iterate`)
+                    tracker, target = rotation[b]
+                    Vs_j = [v[j] for v in Vs]
+                    sine, accurate = tracker._rotation_bound(Vs_j, G[j], M[j], Nj, Z, target)
+                    halving = sine <= ROTATION_PROGRESS * previous_sine[b]
+                    bound, done = max(bound, sine), done and (accurate or not halving)
+                    previous_sine[b] = sine
+                if done or len(Vs) >= self.max_power_steps:
                     stop.append(j)
                     ritz.append((theta, Z))
                     bounds.append(bound)
