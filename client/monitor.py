@@ -239,6 +239,8 @@ class Monitor:
             manifest=self.manifest,
             rank=self.rank,
             world_size=self.world_size,
+            channel_rank=self.config.sketch.channel_rank,
+            oversample=self.config.sketch.oversample,
         )
 
     def _new_channel(self):

@@ -80,6 +80,7 @@ class HelloResult:
     created: bool  # the run was new
     lock_references: dict[str, tuple[int, torch.Tensor]]  # matrix -> (lock_step, V_ref (n, K))
     last_steps: dict[str, int]  # matrix -> its last visible step
+    channel_rank: int  # the run's K
 
 
 @dataclass(frozen=True)
@@ -290,18 +291,26 @@ class Engine:
         resume_step: int | None,
         manifest: list[ManifestEntry],
         config: dict,
+        channel_rank: int | None = None,
     ) -> HelloResult:
         """Register a run (or a new incarnation of one) with its manifest and config.
 
+        K is the hello's `channel_rank` field; when it is None (an older client), the config's
+        `channel_rank`, else the engine's default. The run's stored config records a field's K.
         Refused (nothing changes): a bad run name or manifest (INVALID_ARGUMENT); an incarnation
-        older than the run's latest, or a matrix whose shape differs from the run's first hello
-        (FAILED_PRECONDITION). A newer incarnation with resume step s rewinds the run to s."""
+        older than the run's latest, a K other than the run's, or a matrix whose shape differs
+        from the run's first hello (FAILED_PRECONDITION). A newer incarnation with resume step s
+        rewinds the run to s."""
         _check_run_name(run)
         self._checked(lambda v: wire.check_int("hello.incarnation", v, 1), incarnation)
         if resume_step is not None:
             self._checked(lambda v: wire.check_int("hello.resume_step", v), resume_step)
         entries = self._checked(wire.check_manifest, manifest)
         config = self._checked(wire.check_config, dict(config))
+        if channel_rank is not None:
+            config["channel_rank"] = self._checked(
+                lambda v: wire.check_int("hello.channel_rank", v, 1, wire.MAX_COLUMNS), channel_rank
+            )
         if run in self.quarantined:
             raise precondition(
                 f"run {run}: its stored rows could not be loaded at start-up "
@@ -319,8 +328,9 @@ class Engine:
                 k_old, k_new = run_rank(old.config, self.rank), run_rank(config, self.rank)
                 if k_old != k_new:
                     raise precondition(
-                        f"run {run}: hello.config.channel_rank is {k_new}, but the run was started with "
-                        f"rank {k_old}; K must stay the same within a run (use a new run name)"
+                        f"run {run}: the hello's channel_rank (K) is {k_new}, but the run was "
+                        f"started with K = {k_old}; K must stay the same within a run (use a new "
+                        "run name)"
                     )
                 for e in entries:
                     known = old.manifest.get(e.matrix)
@@ -364,6 +374,7 @@ class Engine:
                 last_steps={
                     m: x.last_step for m, x in r.matrices.items() if x.last_step is not None
                 },
+                channel_rank=run_rank(r.config, self.rank),
             )
 
     def _geometry(self, entry: ManifestEntry, config: Mapping[str, Any]) -> MatrixGeometry:

@@ -374,16 +374,22 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             h = await asyncio.to_thread(wire.hello_from, hello)
             result = await self._call(
-                self.engine.hello, h.run, h.incarnation, h.resume_step, h.manifest, h.config
+                self.engine.hello,
+                h.run,
+                h.incarnation,
+                h.resume_step,
+                h.manifest,
+                h.config,
+                h.channel_rank,
             )
         except (ValidationError, wire.WireError) as exc:
             raise _abort(exc.code, exc.message) from None
         state.run = h.run
         state.incarnation = h.incarnation
         state.manifest = {e.matrix: e for e in h.manifest}
-        state.rank_k = wire.config_value(h.config, "channel_rank")
+        state.rank_k = result.channel_rank
         state.r_max = min(
-            wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample")
+            wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample", h.oversample)
         )
         self._subscribers.setdefault(h.run, set()).add(out)
         for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):

@@ -256,6 +256,8 @@ class ReplaySender:
             manifest=self.manifest,
             rank=0,
             world_size=1,
+            channel_rank=self.config.sketch.channel_rank,
+            oversample=self.config.sketch.oversample,
         )
 
     def _refused(self) -> None:
