@@ -38,7 +38,7 @@ _HELP = {
     "metrics_detail": "Prometheus cardinality: matrix (per matrix), layer (per layer), run",
     "metrics_require_token": "with --token-file, require the token on /metrics too",
     "ready_file": 'write {"grpc_port": .., "http_port": ..} here once both ports listen',
-    "rank": "K, the channel rank, for runs whose hello does not say",
+    "channel_rank": "K, the channel rank, for runs whose hello does not say",
     "grace_seconds": "on SIGTERM, how long open streams get to finish",
     "threads": "torch compute threads of the geometry (default 1, beside a trainer; 0: all cores)",
     "max_stream_bytes": "a stream stops reading at this many unacknowledged report bytes; a "
@@ -48,6 +48,9 @@ _HELP = {
     "commit_window_ms": "group commit: how long a batch waits for more reports before its COMMIT",
 }
 _CHOICES = {"device": DEVICES, "log_level": LOG_LEVELS, "metrics_detail": METRICS_DETAIL}
+# Flags that were renamed: old ServeConfig field -> new one. The old flag (and its environment
+# variable) still parses, and fails naming the new one.
+_RENAMED = {"rank": "channel_rank"}
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -64,11 +67,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, choices=_CHOICES.get(f.name), help=help_text)
+    for old in _RENAMED:
+        parser.add_argument(
+            "--" + old.replace("_", "-"), dest=f"renamed_{old}", help=argparse.SUPPRESS
+        )
+
+
+def _refuse_renamed(args: argparse.Namespace, environ: dict[str, str]) -> None:
+    """A renamed flag or environment variable fails with the new name (`_RENAMED`)."""
+    for old, new in _RENAMED.items():
+        flag, now = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+        if getattr(args, f"renamed_{old}", None) is not None:
+            raise ValueError(f"{flag} is now {now} ({_HELP[new]})")
+        if environ.get(env_name(old)):
+            raise ValueError(f"{env_name(old)} is now {env_name(new)} ({_HELP[new]})")
 
 
 def serve_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeConfig:
     """Flags over environment over defaults -> a validated ServeConfig (ValueError otherwise)."""
     environ = os.environ if environ is None else environ
+    _refuse_renamed(args, environ)
     values = {}
     for f in fields(ServeConfig):
         raw = getattr(args, f.name, None)

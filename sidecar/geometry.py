@@ -35,6 +35,12 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
     return singular_values(theta[:k]), ritz_vectors(sketch.G, Z, k), theta
 
 
+def stored_channel_rank(meta: dict) -> int:
+    """K of a stored geometry state (`MatrixGeometry.state`; state stored before K had one name
+    says `rank`)."""
+    return int(meta["channel_rank"] if "channel_rank" in meta else meta["rank"])
+
+
 class MatrixGeometry:
     """One matrix's engine state: W0's baseline Ritz pairs, the V_K snapshots (the horizon) and
     the lock the client decided."""
@@ -43,19 +49,19 @@ class MatrixGeometry:
         self,
         shape: tuple[int, int],
         *,
-        rank: int = 16,
+        channel_rank: int = 16,
         alpha: float = 0.5,
         tolerance: float | None = None,
         cutoff: float = DEFAULT_CUTOFF,
         device: torch.device | str = "cpu",
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
-        self.rank = rank
+        self.channel_rank = channel_rank
         self.alpha = alpha
         self.tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         self.cutoff = cutoff
         self.device = torch.device(device)
-        self.horizon = Horizon(rank, max_rank=min(self.shape))
+        self.horizon = Horizon(channel_rank, max_rank=min(self.shape))
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
         self.lock_step: int | None = None
@@ -64,12 +70,12 @@ class MatrixGeometry:
 
     def baseline(self, sketch: Sketch) -> None:
         """W0's sketch from the W_t tracker (once per incarnation)."""
-        sigma, V, _ = ritz_pairs(self._on_device(sketch), self.rank, self.cutoff)
+        sigma, V, _ = ritz_pairs(self._on_device(sketch), self.channel_rank, self.cutoff)
         self.base_sigma, self.base_V = sigma, V
 
     def ingest(self, check: MatrixCheck) -> dict[str, float | bool | int | None]:
         """The §2 keys for one check (None where DESIGN §2 says null)."""
-        K = self.rank
+        K = self.channel_rank
         frob_sq = float(check.frobenius_sq)
         keys: dict[str, float | bool | int | None] = dict.fromkeys(MATRIX_KEYS)
         keys["frobenius_norm"] = math.sqrt(frob_sq)
@@ -119,7 +125,7 @@ class MatrixGeometry:
             return
         if self.base_V is None or check.weight.convergence > self.tolerance:
             return
-        sigma, V, _ = ritz_pairs(self._on_device(check.weight), self.rank, self.cutoff)
+        sigma, V, _ = ritz_pairs(self._on_device(check.weight), self.channel_rank, self.cutoff)
         k = min(V.shape[1], self.base_V.shape[1])
         angles = principal_angles_degrees(self.base_V[:, :k], V[:, :k])
         keys["rotation_max_degrees"] = float(angles.max())
@@ -149,7 +155,7 @@ class MatrixGeometry:
         tensors = {f"lock.{k}": v for k, v in lock.items() if isinstance(v, torch.Tensor)}
         meta = {
             "shape": list(self.shape),
-            "rank": self.rank,
+            "channel_rank": self.channel_rank,
             "alpha": self.alpha,
             "tolerance": self.tolerance,
             "cutoff": self.cutoff,
@@ -168,7 +174,7 @@ class MatrixGeometry:
     ) -> MatrixGeometry:
         g = cls(
             tuple(meta["shape"]),
-            rank=meta["rank"],
+            channel_rank=stored_channel_rank(meta),
             alpha=meta["alpha"],
             tolerance=meta["tolerance"],
             cutoff=meta["cutoff"],

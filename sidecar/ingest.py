@@ -92,7 +92,7 @@ class _StreamState:
     incarnation: int = 0
     manifest: dict[str, ManifestEntry] = field(default_factory=dict)
     r_max: int = wire.MAX_COLUMNS
-    rank_k: int = 16
+    channel_rank: int = 16
     said_goodbye: bool = False
     reserving: int = 0  # declared bytes of the message being assembled
     inflight: int = 0  # bytes of this stream's messages not yet answered (incl. `reserving`)
@@ -335,7 +335,7 @@ class IngestService(pb_grpc.IngestServicer):
                     f"[c, c] with c <= {state.r_max}",
                 )
             elif fname == "v_ref":
-                ok, expected = shape == [n, state.rank_k], f"[{n}, {state.rank_k}]"
+                ok, expected = shape == [n, state.channel_rank], f"[{n}, {state.channel_rank}]"
             else:
                 ok, expected = shape[0] == n and shape[1] <= state.r_max, f"[{n}, <= {state.r_max}]"
             if not ok:
@@ -387,10 +387,9 @@ class IngestService(pb_grpc.IngestServicer):
         state.run = h.run
         state.incarnation = h.incarnation
         state.manifest = {e.matrix: e for e in h.manifest}
-        state.rank_k = result.channel_rank
-        state.r_max = min(
-            wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample", h.oversample)
-        )
+        state.channel_rank = result.channel_rank
+        oversample = wire.config_value(h.config, "oversample", h.oversample)
+        state.r_max = min(wire.MAX_COLUMNS, state.channel_rank + oversample)
         self._subscribers.setdefault(h.run, set()).add(out)
         for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):
             out.put_nowait(wire.encode_lock_reference(h.run, matrix, lock_step, v_ref))

@@ -338,7 +338,7 @@ def replay_matrix(
         )
         block = None
         if anchor is not None:
-            block, V_K = audit.audit_keys(anchor, Wt, rank=config.sketch.channel_rank)
+            block, V_K = audit.audit_keys(anchor, Wt, channel_rank=config.sketch.channel_rank)
             V_Ks.append(V_K)
         results.append(MatrixResult(counts, block))
         del Wt

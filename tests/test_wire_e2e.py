@@ -141,7 +141,7 @@ def test_numbers_through_the_real_path_equal_the_exact_reference(shared):
         assert sorted(hist) == [1, 2, 3, 4, 5]
         for t in (3, 5):  # after 3 checks the OPD-like bounds hold
             got = hist[t]
-            ref = exact_keys(W0[name], weights[t][name], view="bf16", rank=16)
+            ref = exact_keys(W0[name], weights[t][name], view="bf16", channel_rank=16)
             counts = exact_counts(W0[name], weights[t][name], view="bf16")
             numel = math.prod(SHAPES[name.split(".")[2]])
             assert rel(got["frobenius_norm"], ref["frobenius_norm"]) <= 1e-4
@@ -263,8 +263,8 @@ def test_resume_with_a_new_incarnation_replaces_reports_from_the_resume_step(sha
         hist = side.history("toy-resume", name)
         assert sorted(hist) == list(range(1, 7))
         for t in range(1, 7):
-            ref = exact_keys(W0[name], truth[t][name], view="bf16", rank=16)["frobenius_norm"]
-            assert rel(hist[t]["frobenius_norm"], ref) <= 1e-4, (name, t)
+            ref = exact_keys(W0[name], truth[t][name], view="bf16", channel_rank=16)
+            assert rel(hist[t]["frobenius_norm"], ref["frobenius_norm"]) <= 1e-4, (name, t)
 
 
 def test_the_hellos_channel_rank_field_sets_K_and_K_stays_within_a_run(shared):
@@ -306,7 +306,8 @@ def test_the_hellos_channel_rank_field_sets_K_and_K_stays_within_a_run(shared):
         ]
         got = shared.history(run, name)[5]
         ref = {
-            k: exact_keys(W0, weights[5], view="bf16", rank=k)["topk_energy_ratio"] for k in (4, 16)
+            k: exact_keys(W0, weights[5], view="bf16", channel_rank=k)["topk_energy_ratio"]
+            for k in (4, 16)
         }
         assert ref[16] - ref[4] > 0.2  # K = 16 would be told apart
         assert abs(got["topk_energy_ratio"] - ref[4]) <= 0.02, (got["topk_energy_ratio"], ref)

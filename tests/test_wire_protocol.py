@@ -184,6 +184,13 @@ def test_serve_flags_and_environment(tmp_path):
         serve_config(args, {"DELTAWATCH_TLS_CERT": __file__})
     with pytest.raises(ValueError, match="must be host:port"):
         serve_config(args, {"DELTAWATCH_HTTP_ADDRESS": "9400"})
+    parse = build_parser(with_demo=False).parse_args
+    assert serve_config(parse(["serve", "--channel-rank", "8"]), {}).channel_rank == 8
+    assert serve_config(args, {"DELTAWATCH_CHANNEL_RANK": "4"}).channel_rank == 4
+    with pytest.raises(ValueError, match="--rank is now --channel-rank"):
+        serve_config(parse(["serve", "--rank", "8"]), {})
+    with pytest.raises(ValueError, match="DELTAWATCH_RANK is now DELTAWATCH_CHANNEL_RANK"):
+        serve_config(args, {"DELTAWATCH_RANK": "8"})
     empty = tmp_path / "token"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="--token-file: .* is empty: write the token into it"):

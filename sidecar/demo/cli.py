@@ -349,8 +349,10 @@ def run_bottleneck(
 
     The free runs are the table's runs (the Monitor does not change training) or, when a regime
     was not in --regimes, a run made here."""
+    from deltawatch.client.settings import SketchSettings
+
     lock_at = max(args.every, math.ceil(0.2 * settings.steps))
-    rank = 16
+    channel_rank = SketchSettings().channel_rank
     entries: dict[str, Any] = {}
     for regime in BOTTLENECK_REGIMES:
         free = results.get(regime)
@@ -363,7 +365,7 @@ def run_bottleneck(
         held = monitored_run(
             regime, f"demo-{regime}-bottleneck", load_anchor, teacher, train_pairs, held_out,
             settings, sidecar, every=args.every, progress=progress,
-            monitor_kwargs={"enforce_channel": True, "lock_at_step": lock_at, "channel_rank": rank},
+            monitor_kwargs={"enforce_channel": True, "lock_at_step": lock_at, "channel_rank": channel_rank},
         )  # fmt: skip
         entries[regime] = {
             "accuracy_free": free["accuracy"],
@@ -373,4 +375,4 @@ def run_bottleneck(
             "projected_gradients": held["projected_gradients"],
             "run": f"demo-{regime}-bottleneck",
         }
-    return {"channel_rank": rank, "lock_at_step": lock_at, "regimes": entries}
+    return {"channel_rank": channel_rank, "lock_at_step": lock_at, "regimes": entries}

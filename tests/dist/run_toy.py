@@ -220,7 +220,7 @@ def real_step(mode, model, named, mon, step: int, W0: dict, counter) -> dict:
             for part in fused.split(name, tuple(W.shape), rules):
                 r0, r1 = part.rows or (0, W.shape[0])
                 w0, wt = W[r0:r1], full[name].detach()[r0:r1].clone()
-                ref = exact_keys(w0, wt, view="bf16", rank=MONITOR["channel_rank"])
+                ref = exact_keys(w0, wt, view="bf16", channel_rank=MONITOR["channel_rank"])
                 visible = exact_counts(w0, wt, view="bf16")["visible"]
                 exact[part.name] = {
                     "frobenius_norm": ref["frobenius_norm"],
