@@ -30,15 +30,13 @@ from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
     DEFAULT_TOLERANCE,
     NO_BOUND,
+    Space,
     compress,
     error_bound,
-    generalized_eigh,
     highest_precision,
-    krylov_products,
     orth,
-    power_step,
-    rayleigh_ritz,
     ritz_vectors,
+    subspace_iteration,
 )
 
 
@@ -256,27 +254,31 @@ class MatrixTracker:
         the bound. `fresh` (default: the ΔW basis is still the seeded Gaussian) withholds the
         residual bound after one step. Every quantity the loop decides on comes from G and V,
         identical on every rank (a failed rank's zeros included)."""
-        if self.exact:
-            _, G, C = power_step(A, V, layout, s)
-            theta, Z = rayleigh_ritz(G, C)
-            return s.local(lambda: _to_wire(G, C, 0.0, 1, True)), theta, Z, V, G, 0.0
+        if self.exact:  # one step spans the whole space: the sketch is exact
+            x, _ = subspace_iteration(
+                A, V, layout, s, max_steps=1, tolerance=0.0, measure=lambda _: 0.0
+            )
+            sketch = s.local(lambda: _to_wire(x.G, x.C_s, 0.0, 1, True))
+            return sketch, x.theta, x.Z, V, x.G, 0.0
         fresh = self.fresh if fresh is None else fresh
-        Vs: list[torch.Tensor] = []
-        Gs: list[torch.Tensor] = []
-        while True:
-            _, G_j, _ = power_step(A, V, layout, s)
-            Vs.append(V)
-            Gs.append(G_j)
-            G, H, M, N = krylov_products(Vs, Gs)
-            theta, Z = generalized_eigh(H, M)
-            residual = not (fresh and len(Vs) == 1)
-            bound = error_bound(theta, H, M, N, self.k, frobenius_sq, residual)
-            if bound <= self.tolerance or len(Vs) >= self.max_power_steps:
-                break
-            V = orth(G_j)
-        G_w, C_w = compress(G, M, Z, self.r)
-        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, len(Vs), False))
-        return sketch, theta, Z, orth(G_w), G, bound
+
+        def bound_of(x: Space) -> float:  # no residual bound from a fresh basis after one step
+            residual = not (fresh and x.steps == 1)
+            return error_bound(x.theta, x.H, x.M, x.N, self.k, frobenius_sq, residual)
+
+        x, bound = subspace_iteration(
+            A,
+            V,
+            layout,
+            s,
+            max_steps=self.max_power_steps,
+            tolerance=self.tolerance,
+            measure=bound_of,
+            krylov=True,
+        )
+        G_w, C_w = compress(x.G, x.M, x.Z, self.r)
+        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, x.steps, False))
+        return sketch, x.theta, x.Z, orth(G_w), x.G, bound
 
     def _channel_energy(
         self, D: torch.Tensor | None, v_ref: torch.Tensor, layout: ShardSpec, s: CheckSession
