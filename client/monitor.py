@@ -118,16 +118,15 @@ class Monitor:
             if m.placement.computes_here:
                 m.tracker = self._make_tracker(m, checkpoint)
         self.manifest = [
-            {
-                "matrix": m.name,
-                "shape": list(m.placement.shape),
-                "numel": int(m.placement.shape[0] * m.placement.shape[1]),
-                "dtype": str(m.param.dtype).replace("torch.", ""),
-                "layer": m.layer,
-                "module": m.module,
-                "shard_layout": m.placement.layout,
-                "owner_rank": m.placement.owner_rank,
-            }
+            manifest_entry(
+                m.name,
+                m.placement.shape,
+                str(m.param.dtype).replace("torch.", ""),
+                m.layer,
+                m.module,
+                m.placement.layout,
+                m.placement.owner_rank,
+            )
             for m in self.matrices
         ]
         self._channel = None
@@ -227,20 +226,8 @@ class Monitor:
         )
 
     def _hello_frames(self, msg_id: int) -> list:
-        from . import wire
-
-        return wire.encode_hello(
-            msg_id,
-            run=self.config.run,
-            incarnation=self.incarnation,
-            resume_step=self.config.resume_step,
-            client_version=CLIENT_VERSION,
-            config=self.config.to_json_dict() | {"incarnation": self.incarnation},
-            manifest=self.manifest,
-            rank=self.rank,
-            world_size=self.world_size,
-            channel_rank=self.config.sketch.channel_rank,
-            oversample=self.config.sketch.oversample,
+        return hello_frames(
+            msg_id, self.config, self.incarnation, self.manifest, self.rank, self.world_size
         )
 
     def _new_channel(self):
@@ -401,6 +388,56 @@ class Monitor:
             "connections": t.connections,
             "errors": dict(self.errors.counts),
         }
+
+
+def manifest_entry(
+    name: str,
+    shape: tuple[int, int],
+    dtype: str,
+    layer: int | None,
+    module: str,
+    shard_layout: str = "replicated",
+    owner_rank: int = 0,
+) -> dict[str, Any]:
+    """One matrix of a hello's manifest, as `wire.encode_hello` takes it (numel = m·n)."""
+    return {
+        "matrix": name,
+        "shape": list(shape),
+        "numel": int(shape[0] * shape[1]),
+        "dtype": dtype,
+        "layer": layer,
+        "module": module,
+        "shard_layout": shard_layout,
+        "owner_rank": owner_rank,
+    }
+
+
+def hello_frames(
+    msg_id: int,
+    config: MonitorConfig,
+    incarnation: int,
+    manifest: list[dict[str, Any]],
+    rank: int = 0,
+    world_size: int = 1,
+) -> list:
+    """The Hello frames of a run with these settings: every setting as config_json (with the
+    incarnation), K and p as their own fields, the manifest (`manifest_entry` items). The
+    Monitor's and `deltawatch replay`'s one hello."""
+    from . import wire
+
+    return wire.encode_hello(
+        msg_id,
+        run=config.run,
+        incarnation=incarnation,
+        resume_step=config.resume_step,
+        client_version=CLIENT_VERSION,
+        config=config.to_json_dict() | {"incarnation": incarnation},
+        manifest=manifest,
+        rank=rank,
+        world_size=world_size,
+        channel_rank=config.sketch.channel_rank,
+        oversample=config.sketch.oversample,
+    )
 
 
 def _close_at_exit(ref: weakref.ref) -> None:
