@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -476,31 +476,18 @@ class _CheckpointReader:
     """anchor_checkpoint: W0 from a safetensors file or a directory of them (never torch.load)."""
 
     def __init__(self, path: str):
+        from .checkpoint import model_files
+
         try:
-            from safetensors import safe_open
-        except ImportError as exc:
-            raise ValueError(
-                "anchor_checkpoint needs the safetensors package: pip install safetensors"
-            ) from exc
-        files = (
-            sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-            if os.path.isdir(path)
-            else [path]
-        )
-        if not files:
-            raise ValueError(f"anchor_checkpoint {path!r}: no .safetensors file in it")
-        self._where: dict[str, str] = {}
-        self._open = safe_open
-        for f in files:
-            with safe_open(f, framework="pt") as h:
-                for key in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    self._where[key] = f
+            self._files = model_files(Path(path))
+        except ValueError as exc:
+            raise ValueError(f"anchor_checkpoint {path!r}: {exc}") from None
         self.path = path
 
     def local(self, m: _Matrix) -> torch.Tensor:
         """This rank's block of W0 for matrix `m`, read from the checkpoint."""
         pname = next(
-            (n for n in self._candidates(m) if n in self._where),
+            (n for n in self._candidates(m) if n in self._files.where),
             None,
         )
         if pname is None:
@@ -508,8 +495,7 @@ class _CheckpointReader:
                 f"anchor_checkpoint {self.path!r} has no tensor for {m.name}; it must hold the "
                 f"model's parameters under the same names"
             )
-        with self._open(self._where[pname], framework="pt") as h:
-            W0 = h.get_tensor(pname)
+        W0 = self._files.get(pname)
         p = m.placement
         full = tuple(m.param.shape) if not sharding.is_dtensor(m.param) else None
         if full is not None and tuple(W0.shape) != full:
@@ -535,7 +521,7 @@ class _CheckpointReader:
         keys that differ only by a prefix (e.g. `model.` present on one side only)."""
         own = list(dict.fromkeys([m.param_name, adapters.base_name(m.param_name)]))
         names = list(own)
-        for key in self._where:
+        for key in self._files.where:
             if any(key.endswith("." + n) or n.endswith("." + key) for n in own):
                 names.append(key)
         return names
