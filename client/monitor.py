@@ -131,7 +131,7 @@ class Monitor:
         ]
         self._channel = None
         if c.enforce_channel:
-            self._channel = _install_channel_projection(self, model)
+            self._channel = _install_channel_projection(self)
         self._transport = Transport(
             run=c.run,
             incarnation=self.incarnation,
@@ -460,7 +460,7 @@ def _agree_incarnation() -> int:
     return value
 
 
-def _install_channel_projection(monitor: Monitor, model: torch.nn.Module):
+def _install_channel_projection(monitor: Monitor):
     """enforce_channel=True: project gradients onto each locked channel (client/channel.py): a
     post-accumulate-grad hook per parameter now, an optimizer step pre-hook once `attach` is
     called."""
@@ -468,7 +468,7 @@ def _install_channel_projection(monitor: Monitor, model: torch.nn.Module):
 
     trackers = {m.name: m for m in monitor.matrices if m.tracker is not None}
     projection = ChannelProjection(trackers, errors=monitor.errors, faults=monitor._faults)
-    projection.install(model)
+    projection.install()
     return projection
 
 

@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import fields
 
-from deltawatch.sidecar.config import DEVICES, LOG_LEVELS, METRICS_DETAIL, ServeConfig, env_name
+from .config import DEVICES, LOG_LEVELS, METRICS_DETAIL, ServeConfig, env_name
 
 _HELP = {
     "grpc_address": "host:port of the gRPC ingest (port 0: any free port)",
@@ -127,11 +127,11 @@ def build_parser(*, with_demo: bool = True) -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     demo = sub.add_parser("demo", help="tiny OPD, SFT and RLVR runs watched by a live sidecar")
     if with_demo:
-        from deltawatch.sidecar.demo.cli import add_arguments as add_demo_arguments
+        from .demo.cli import add_arguments as add_demo_arguments
 
         add_demo_arguments(demo)
     replay = sub.add_parser("replay", help="watch checkpoints on disk as a run (docs/replay.md)")
-    from deltawatch.sidecar.replay import add_arguments as add_replay_arguments
+    from .replay import add_arguments as add_replay_arguments
 
     add_replay_arguments(replay)
     return parser
@@ -150,17 +150,17 @@ def main(argv: list[str] | None = None) -> int:
             level=config.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        from deltawatch.sidecar.server import serve
+        from .server import serve
 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(config))
         return 0
     if args.command == "demo":
-        from deltawatch.sidecar.demo.cli import run as run_demo
+        from .demo.cli import run as run_demo
 
         return int(run_demo(args) or 0)
     if args.command == "replay":
-        from deltawatch.sidecar.replay import run as run_replay
+        from .replay import run as run_replay
 
         return int(run_replay(args) or 0)
     return 2

@@ -40,11 +40,12 @@ from typing import Any
 import grpc
 from deltawatch.client import wire
 from deltawatch.client.records import ManifestEntry
-from deltawatch.sidecar.errors import RESOURCE_EXHAUSTED, ValidationError
-from deltawatch.sidecar.progress import CheckProgress
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
+
+from .errors import RESOURCE_EXHAUSTED, ValidationError
+from .progress import CheckProgress
 
 log = logging.getLogger("deltawatch.sidecar.ingest")
 
@@ -391,11 +392,11 @@ class IngestService(pb_grpc.IngestServicer):
         oversample = wire.config_value(h.config, "oversample", h.oversample)
         state.r_max = min(wire.MAX_COLUMNS, state.channel_rank + oversample)
         self._subscribers.setdefault(h.run, set()).add(out)
-        for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):
+        for matrix, (lock_step, v_ref) in sorted(result.lock_references.items()):
             out.put_nowait(wire.encode_lock_reference(h.run, matrix, lock_step, v_ref))
         # Baselines are asked for again from every rank's first hello to this process once the
         # run was (re)created here: a new run (nothing to resend yet) or a lost store.
-        if getattr(result, "created", False):
+        if result.created:
             self._created_runs.add(h.run)
         key = (h.run, h.incarnation, h.rank)
         resend = h.run in self._created_runs and key not in self._hellos_seen

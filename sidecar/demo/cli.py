@@ -27,7 +27,7 @@ BOTTLENECK_REGIMES = ("opd", "sft")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags (the `deltawatch demo` subparser)."""
-    from deltawatch.sidecar.demo.regimes import Settings
+    from .regimes import Settings
 
     d = Settings()
     parser.add_argument(
@@ -109,8 +109,8 @@ def parse_regimes(text: str) -> list[str]:
 
 
 def _load_models(weights: Path | None):
-    from deltawatch.sidecar.demo import anchor
-    from deltawatch.sidecar.demo import model as demo_model
+    from . import anchor
+    from . import model as demo_model
 
     folder = weights or demo_model.WEIGHTS_DIR
     files = (folder / demo_model.ANCHOR_FILE, folder / demo_model.TEACHER_FILE)
@@ -168,8 +168,9 @@ def monitored_run(
 ) -> dict[str, Any]:
     """Post-train a fresh copy of the anchor with its own Monitor; read the run back."""
     from deltawatch.client import Monitor
-    from deltawatch.sidecar.demo import model as demo_model
-    from deltawatch.sidecar.demo import regimes
+
+    from . import model as demo_model
+    from . import regimes
 
     student = load_anchor()
     alerts: list[dict[str, Any]] = []
@@ -232,10 +233,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import torch
-    from deltawatch.sidecar.demo import model as demo_model
-    from deltawatch.sidecar.demo import report, task
-    from deltawatch.sidecar.demo.regimes import Settings
-    from deltawatch.sidecar.process import SidecarProcess
+
+    from ..process import SidecarProcess
+    from . import model as demo_model
+    from . import report, task
+    from .regimes import Settings
 
     names = parse_regimes(args.regimes)
     if args.steps < 1 or args.every < 1 or args.batch < 8 or args.batch % 8:
