@@ -71,11 +71,11 @@ def runs(sidecar, tmp_path_factory):
     """The reference process and the torchrun job side by side; every rank's output."""
     endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
-    common = ["--endpoint", endpoint, "--run-prefix", "faults", "--out", str(out)]
-    common += ["--steps", str(STEPS)]
     reference = ["--faults", json.dumps(REFERENCE)]
     jobs = [(2, ["--faults", json.dumps(PLANS)])]
-    return serve.torchrun_beside_reference(SCRIPT, out, common, reference, jobs, timeout=240)
+    return serve.torchrun_beside_reference(
+        SCRIPT, out, endpoint, "faults", STEPS, reference, jobs, timeout=240
+    )
 
 
 def _history(base: str, run: str, matrix: str) -> dict[int, dict]:

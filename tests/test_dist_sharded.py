@@ -59,14 +59,12 @@ def runs(sidecar, tmp_path_factory):
     """Run the single-process reference and the torchrun job side by side; their outputs."""
     endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
-    common = ["--endpoint", endpoint, "--run-prefix", "toy", "--out", str(out)]
-    common += ["--steps", str(STEPS)]
     jobs = [
         (nproc, ["--modes", ",".join(modes)])
         for nproc, modes in ((2, (*MODES, DOWN, *FLAT_2)), (4, (MESH_2D, HSDP, *FLAT_4)))
     ]
     result, _ = serve.torchrun_beside_reference(
-        SCRIPT, out, common, ["--modes", "single"], jobs, timeout=360
+        SCRIPT, out, endpoint, "toy", STEPS, ["--modes", "single"], jobs, timeout=360
     )
     return result
 

@@ -35,14 +35,19 @@ def sidecar(directory: Path) -> Iterator[tuple[str, str]]:
 def torchrun_beside_reference(
     script: Path,
     out: Path,
-    common: list[str],
+    endpoint: str,
+    run_prefix: str,
+    steps: int,
     reference: list[str],
     jobs: list[tuple[int, list[str]]],
     timeout: float,
 ) -> tuple[dict[str, Any], str]:
-    """The single-process reference (`script *reference *common`) in the background while each
-    torchrun job (nproc, its arguments) runs in turn, then both checked for exit 0. Returns every
-    rank's output (`out`/*.json by file stem) and the jobs' stderr."""
+    """The single-process reference (`script *reference`) in the background while each torchrun
+    job (nproc, its arguments) runs in turn, all sending to `endpoint` as runs `run_prefix`-...
+    for `steps` steps, then every process checked for exit 0. Returns every rank's output
+    (`out`/*.json by file stem) and the jobs' stderr."""
+    common = ["--endpoint", endpoint, "--run-prefix", run_prefix, "--out", str(out)]
+    common += ["--steps", str(steps)]
     env = quiet_env()
     single = subprocess.Popen(
         [sys.executable, str(script), *reference, *common],
