@@ -782,7 +782,7 @@ def header(results: dict) -> str:
     return (
         f"deltawatch sketch benchmark: {info.get('gpu', info.get('cpu'))}, torch {info['torch']}, "
         f"{info['threads']} threads, device {info['device']}, load average at start "
-        f"{info.get('load_average')}; K={st['rank']}, p={st['oversample']}, view={st['view']}, "
+        f"{info.get('load_average')}; K={st['channel_rank']}, p={st['oversample']}, view={st['view']}, "
         f"anchor={st['anchor']}, {st['checks']} checks; {results.get('seconds', 0):.0f} s in all"
         + (" (PARTIAL: stopped before the last shape)" if results.get("partial") else "")
     )
