@@ -181,6 +181,7 @@ def instrumented(split: Split, monitor):
     """Wrap the tracker's and anchor's functions and this monitor's queue for the duration."""
     from deltawatch.client import anchor as anchor_mod
     from deltawatch.client import lock as lock_mod
+    from deltawatch.client import sketch as sketch_mod
     from deltawatch.client import tracker as tracker_mod
 
     saved: list[tuple[object, str, object]] = []
@@ -189,10 +190,13 @@ def instrumented(split: Split, monitor):
         saved.append((obj, name, getattr(obj, name)))
         setattr(obj, name, split.wrap(getattr(obj, name), category))
 
-    patch(tracker_mod, "power_step", "power steps")
-    patch(tracker_mod, "rayleigh_ritz", "Rayleigh-Ritz + eigh")
-    patch(tracker_mod, "generalized_eigh", "Rayleigh-Ritz + eigh")
-    patch(tracker_mod, "krylov_products", "Rayleigh-Ritz + eigh")
+    # inside sketch.subspace_iteration (it calls its own module's functions)
+    patch(sketch_mod, "power_step", "power steps")
+    patch(sketch_mod, "gram_matrix", "Rayleigh-Ritz + eigh")
+    patch(sketch_mod, "generalized_eigh", "Rayleigh-Ritz + eigh")
+    patch(sketch_mod, "krylov_products", "Rayleigh-Ritz + eigh")
+    patch(sketch_mod, "orth", "orth (QR)")
+    # what the tracker calls itself
     patch(tracker_mod, "error_bound", "Rayleigh-Ritz + eigh")
     patch(tracker_mod, "compress", "Rayleigh-Ritz + eigh")
     patch(tracker_mod, "ritz_vectors", "Rayleigh-Ritz + eigh")
@@ -209,7 +213,7 @@ def instrumented(split: Split, monitor):
         yield
     finally:
         for obj, name, old in reversed(saved):
-            if isinstance(obj, type) or obj is tracker_mod:
+            if isinstance(obj, type) or obj in (tracker_mod, sketch_mod):
                 setattr(obj, name, old)
             else:  # an instance attribute shadowing the class's method
                 delattr(obj, name)

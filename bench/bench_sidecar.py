@@ -145,7 +145,7 @@ def rss_mb() -> float:
 def run_engine(entries, mats, checks: int, sync: str, device: str) -> tuple[list[float], int]:
     """Seconds per check of Engine.ingest over every matrix, and the bytes of one check."""
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
-        engine = Engine(Store(d, synchronous=sync), rank=K, device=device)
+        engine = Engine(Store(d, synchronous=sync), channel_rank=K, device=device)
         engine.hello("bench", 1, None, entries, {"channel_rank": K, "oversample": P})
         for mat in mats:
             engine.baseline("bench", 1, mat.name, mat.sketch(mat.W_weight, mat.s))
@@ -163,7 +163,7 @@ def run_engine(entries, mats, checks: int, sync: str, device: str) -> tuple[list
 
 
 def run_geometry(mats, checks: int, device: str) -> list[float]:
-    geoms = {m.name: MatrixGeometry(m.shape, rank=K, device=device) for m in mats}
+    geoms = {m.name: MatrixGeometry(m.shape, channel_rank=K, device=device) for m in mats}
     for m in mats:
         geoms[m.name].baseline(m.sketch(m.W_weight, m.s))
     times = []
@@ -214,7 +214,7 @@ RATE_MATRICES = 64
 def _rate_run(d: str, mats: list[SyntheticMatrix]) -> Engine:
     entries = [ManifestEntry(m.name, m.shape, m.shape[0] * m.shape[1], "float32", i, "w",
                              "replicated", 0) for i, m in enumerate(mats)]  # fmt: skip
-    engine = Engine(Store(d), rank=K, device="cpu")
+    engine = Engine(Store(d), channel_rank=K, device="cpu")
     engine.hello("rate", 1, None, entries, {"channel_rank": K, "oversample": P})
     for m in mats:
         engine.baseline("rate", 1, m.name, m.sketch(m.W_weight, m.s))
@@ -253,7 +253,7 @@ def run_geometry_rate(steps: int, batch: int) -> tuple[float, float]:
     `MatrixGeometry.ingest` report by report (the path before this change), else
     `ingest_batch` over the `batch` reports of one step's matrices at a time."""
     mats, items = _rate_items(steps)
-    geoms = {m.name: MatrixGeometry(m.shape, rank=K) for m in mats}
+    geoms = {m.name: MatrixGeometry(m.shape, channel_rank=K) for m in mats}
     for m in mats:
         geoms[m.name].baseline(m.sketch(m.W_weight, m.s))
     t0, c0 = time.perf_counter(), time.process_time()
@@ -358,7 +358,7 @@ def run_moe(layers: int, experts: int, checks: int) -> None:
     rss0 = rss_mb()
     rows = []
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
-        engine = Engine(Store(d), rank=K, device="cpu")
+        engine = Engine(Store(d), channel_rank=K, device="cpu")
         t0 = time.perf_counter()
         engine.hello("moe", 1, None, entries, {"channel_rank": K, "oversample": P})
         rows.append(("hello (manifest)", time.perf_counter() - t0, len(entries)))

@@ -230,7 +230,7 @@ def repeats_for(numel: int, device: torch.device, forced: int | None) -> int:
 
 
 def run_shape(args: argparse.Namespace, m: int, n: int, device: torch.device) -> dict:
-    K, r = args.rank, args.rank + args.oversample
+    K, r = args.channel_rank, args.channel_rank + args.oversample
     numel = m * n
     reps = repeats_for(numel, device, args.repeats)
     full_svd = args.skip_full_svd_above is None or numel <= args.skip_full_svd_above
@@ -298,9 +298,9 @@ def run_kind(
     full_svd: bool,
 ) -> dict:
     m, n = W0.shape
-    K, r = args.rank, args.rank + args.oversample
+    K, r = args.channel_rank, args.channel_rank + args.oversample
     tr = tracker(f"bench.{kind}")
-    geometry = MatrixGeometry((m, n), rank=K)
+    geometry = MatrixGeometry((m, n), channel_rank=K)
     geometry.baseline(tr.baseline())
     checks = []
     lowrank_times: dict[int, list[Timing]] = {k: [] for k in args.niters}
@@ -410,7 +410,7 @@ def profile_step(args: argparse.Namespace, m: int, n: int, device: torch.device)
     steps) on an SFT-like ΔW, the top ops by self time on the device (CUDA) or the CPU."""
     from torch.profiler import ProfilerActivity, profile
 
-    K, r = args.rank, args.rank + args.oversample
+    K, r = args.channel_rank, args.channel_rank + args.oversample
     W0 = pretrained_like(m, n, seed=args.seed, device=device)
     W = next(trajectory("sft", W0, steps=1, seed=args.seed + 2))
     D = delta_view(W, W0.to(torch.bfloat16))
@@ -718,7 +718,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--checks", type=int, default=10, help="checks per trajectory (every step)")
     p.add_argument("--report-at", type=parse_ints, default=[3, 10], help="checks to score")
     p.add_argument("--niters", type=parse_ints, default=[0, 1, 2, 4])
-    p.add_argument("--rank", type=int, default=16, help="K")
+    p.add_argument("--channel-rank", type=int, default=16, help="K")
     p.add_argument("--oversample", type=int, default=16, help="p")
     p.add_argument("--max-power-steps", type=int, default=4)
     p.add_argument("--view", choices=("bf16", "native"), default="bf16")
@@ -782,7 +782,7 @@ def header(results: dict) -> str:
     return (
         f"deltawatch sketch benchmark: {info.get('gpu', info.get('cpu'))}, torch {info['torch']}, "
         f"{info['threads']} threads, device {info['device']}, load average at start "
-        f"{info.get('load_average')}; K={st['rank']}, p={st['oversample']}, view={st['view']}, "
+        f"{info.get('load_average')}; K={st['channel_rank']}, p={st['oversample']}, view={st['view']}, "
         f"anchor={st['anchor']}, {st['checks']} checks; {results.get('seconds', 0):.0f} s in all"
         + (" (PARTIAL: stopped before the last shape)" if results.get("partial") else "")
     )

@@ -31,6 +31,7 @@ from .masks import kth_largest_abs, low_magnitude_threshold, mask_count, pack_bi
 from .settings import AnchorSettings, SketchSettings
 from .sketch import (
     NO_BOUND,
+    Space,
     error_bound,
     gram_matrix,
     highest_precision,
@@ -40,6 +41,7 @@ from .sketch import (
     ritz_subspace_sine,
     ritz_value_change,
     ritz_vectors,
+    subspace_iteration,
 )
 
 EXACT_LIMIT = (
@@ -75,25 +77,27 @@ def chunk_rows(n_cols: int) -> int:
     return max(8, (CHUNK_ELEMENTS // max(n_cols, 1)) // 8 * 8)
 
 
-def _subspace_iteration(
+def _attach_iteration(
     A: torch.Tensor,
     r: int,
     k: int,
     seed: int,
     spec: ShardSpec | None,
     tolerance: float = ATTACH_TOLERANCE,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Power steps from a seeded basis until ritz_value_change(k) ≤ tolerance (at most
-    ATTACH_MAX_STEPS). Returns the last (V, G, C): G, C are the sketch of the basis V."""
+) -> Space:
+    """Simultaneous iteration (`subspace_iteration`) from a seeded (n, r) basis until
+    ritz_value_change(k) ≤ tolerance (at most ATTACH_MAX_STEPS): the last basis V, its sketch
+    (G, C) and their Ritz pairs."""
     n = A.shape[1] if spec is None else spec.shape[1]
-    V = gaussian_basis(n, r, seed, A.device)
-    for _ in range(ATTACH_MAX_STEPS):
-        _, G, C = power_step(A, V, spec)
-        theta, _ = rayleigh_ritz(G, C)
-        if ritz_value_change(theta, C, k) <= tolerance:
-            break
-        V = orth(G)
-    return V, G, C
+    space, _ = subspace_iteration(
+        A,
+        gaussian_basis(n, r, seed, A.device),
+        spec,
+        max_steps=ATTACH_MAX_STEPS,
+        tolerance=tolerance,
+        measure=lambda x: ritz_value_change(x.theta, x.C_s, k),
+    )
+    return space
 
 
 class Anchor:
@@ -243,9 +247,8 @@ class Anchor:
                 return E_R[rows], P @ E_R, torch.float64
             return P @ E_R, E_R[cols], torch.float64  # [W0]_R = W0 V_R V_Rᵀ
         seed = stable_seed(self.sketch.seed, self.name + "#mask")
-        _, G, C = _subspace_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec, MASK_TOLERANCE)
-        theta, Z = rayleigh_ritz(G, C)
-        V_R = ritz_vectors(G, Z, R).float()
+        space = _attach_iteration(A, R + MASK_OVERSAMPLE, R, seed, spec, MASK_TOLERANCE)
+        V_R = ritz_vectors(space.G, space.Z, R).float()
         if isinstance(spec, flat.FlatSpec):  # whole rows of W0·V_R, partial rows summed
             return flat.row_products(A, V_R, spec)[spec.rows], V_R, torch.float32
         L = A @ V_R[cols]
@@ -273,5 +276,4 @@ class Anchor:
             V = V_local if spec is None else gather_cols(V_local, spec)
             return orth(V).float()
         seed = stable_seed(self.sketch.seed, self.name + "#weight")
-        V, _, _ = _subspace_iteration(A, r, self.sketch.channel_rank, seed, spec)
-        return V
+        return _attach_iteration(A, r, self.sketch.channel_rank, seed, spec).V

@@ -97,7 +97,7 @@ class ChannelProjection:
             by_param.setdefault(id(m.param), (m.param, []))[1].append(m)
         return by_param
 
-    def install(self, model: torch.nn.Module | None = None) -> ChannelProjection:
+    def install(self) -> ChannelProjection:
         """Register a post-accumulate-grad hook on each monitored parameter (single process)."""
         self.remove()
         for param, parts in self._parts_by_param().values():

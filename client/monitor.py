@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import atexit
 import logging
-import os
 import time
 import weakref
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -123,22 +123,21 @@ class Monitor:
                 m.tracker = self._make_tracker(m, checkpoint)
         self._expert_groups = self._make_expert_groups()
         self.manifest = [
-            {
-                "matrix": m.name,
-                "shape": list(m.placement.shape),
-                "numel": int(m.placement.shape[0] * m.placement.shape[1]),
-                "dtype": str(m.param.dtype).replace("torch.", ""),
-                "layer": m.layer,
-                "module": m.module,
-                "shard_layout": m.placement.layout,
-                "owner_rank": m.placement.owner_rank,
-                "expert": m.expert,
-            }
+            manifest_entry(
+                m.name,
+                m.placement.shape,
+                str(m.param.dtype).replace("torch.", ""),
+                m.layer,
+                m.module,
+                m.placement.layout,
+                m.placement.owner_rank,
+                m.expert,
+            )
             for m in self.matrices
         ]
         self._channel = None
         if c.enforce_channel:
-            self._channel = _install_channel_projection(self, model)
+            self._channel = _install_channel_projection(self)
         self._transport = Transport(
             run=c.run,
             incarnation=self.incarnation,
@@ -288,18 +287,8 @@ class Monitor:
         )
 
     def _hello_frames(self, msg_id: int) -> list:
-        from . import wire
-
-        return wire.encode_hello(
-            msg_id,
-            run=self.config.run,
-            incarnation=self.incarnation,
-            resume_step=self.config.resume_step,
-            client_version=CLIENT_VERSION,
-            config=self.config.to_json_dict() | {"incarnation": self.incarnation},
-            manifest=self.manifest,
-            rank=self.rank,
-            world_size=self.world_size,
+        return hello_frames(
+            msg_id, self.config, self.incarnation, self.manifest, self.rank, self.world_size
         )
 
     def _new_channel(self):
@@ -488,6 +477,59 @@ class Monitor:
         }
 
 
+def manifest_entry(
+    name: str,
+    shape: tuple[int, int],
+    dtype: str,
+    layer: int | None,
+    module: str,
+    shard_layout: str = "replicated",
+    owner_rank: int = 0,
+    expert: int | None = None,
+) -> dict[str, Any]:
+    """One matrix of a hello's manifest, as `wire.encode_hello` takes it (numel = m·n; `expert`
+    the expert index of a mixture-of-experts matrix, else None)."""
+    return {
+        "matrix": name,
+        "shape": list(shape),
+        "numel": int(shape[0] * shape[1]),
+        "dtype": dtype,
+        "layer": layer,
+        "module": module,
+        "shard_layout": shard_layout,
+        "owner_rank": owner_rank,
+        "expert": expert,
+    }
+
+
+def hello_frames(
+    msg_id: int,
+    config: MonitorConfig,
+    incarnation: int,
+    manifest: list[dict[str, Any]],
+    rank: int = 0,
+    world_size: int = 1,
+) -> list:
+    """The Hello frames of a run with these settings: every setting as config_json (with the
+    incarnation), K and p as their own fields, the manifest (`manifest_entry` items). The
+    Monitor's and `deltawatch replay`'s one hello."""
+    from . import wire
+
+    return wire.encode_hello(
+        msg_id,
+        run=config.run,
+        incarnation=incarnation,
+        resume_step=config.resume_step,
+        client_version=CLIENT_VERSION,
+        config=config.to_json_dict() | {"incarnation": incarnation},
+        manifest=manifest,
+        rank=rank,
+        world_size=world_size,
+        channel_rank=config.sketch.channel_rank,
+        oversample=config.sketch.oversample,
+    )
+
+
 def _close_at_exit(ref: weakref.ref) -> None:
     mon = ref()
     if mon is not None and not mon._closed:
@@ -508,7 +550,7 @@ def _agree_incarnation() -> int:
     return value
 
 
-def _install_channel_projection(monitor: Monitor, model: torch.nn.Module):
+def _install_channel_projection(monitor: Monitor):
     """enforce_channel=True: project gradients onto each locked channel (client/channel.py): a
     post-accumulate-grad hook per parameter now, an optimizer step pre-hook once `attach` is
     called."""
@@ -516,7 +558,7 @@ def _install_channel_projection(monitor: Monitor, model: torch.nn.Module):
 
     trackers = {m.name: m for m in monitor.matrices if m.tracker is not None}
     projection = ChannelProjection(trackers, errors=monitor.errors, faults=monitor._faults)
-    projection.install(model)
+    projection.install()
     return projection
 
 
@@ -524,31 +566,18 @@ class _CheckpointReader:
     """anchor_checkpoint: W0 from a safetensors file or a directory of them (never torch.load)."""
 
     def __init__(self, path: str):
+        from .checkpoint import model_files
+
         try:
-            from safetensors import safe_open
-        except ImportError as exc:
-            raise ValueError(
-                "anchor_checkpoint needs the safetensors package: pip install safetensors"
-            ) from exc
-        files = (
-            sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
-            if os.path.isdir(path)
-            else [path]
-        )
-        if not files:
-            raise ValueError(f"anchor_checkpoint {path!r}: no .safetensors file in it")
-        self._where: dict[str, str] = {}
-        self._open = safe_open
-        for f in files:
-            with safe_open(f, framework="pt") as h:
-                for key in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                    self._where[key] = f
+            self._files = model_files(Path(path))
+        except ValueError as exc:
+            raise ValueError(f"anchor_checkpoint {path!r}: {exc}") from None
         self.path = path
 
     def local(self, m: _Matrix) -> torch.Tensor:
         """This rank's block of W0 for matrix `m`, read from the checkpoint."""
         pname = next(
-            (n for n in self._candidates(m) if n in self._where),
+            (n for n in self._candidates(m) if n in self._files.where),
             None,
         )
         if pname is None:
@@ -556,8 +585,7 @@ class _CheckpointReader:
                 f"anchor_checkpoint {self.path!r} has no tensor for {m.name}; it must hold the "
                 f"model's parameters under the same names"
             )
-        with self._open(self._where[pname], framework="pt") as h:
-            W0 = h.get_tensor(pname)
+        W0 = self._files.get(pname)
         p = m.placement
         full = tuple(m.param.shape) if not sharding.is_dtensor(m.param) else None
         if full is not None and tuple(W0.shape) != full:
@@ -583,7 +611,7 @@ class _CheckpointReader:
         keys that differ only by a prefix (e.g. `model.` present on one side only)."""
         own = list(dict.fromkeys([m.param_name, adapters.base_name(m.param_name)]))
         names = list(own)
-        for key in self._where:
+        for key in self._files.where:
             if any(key.endswith("." + n) or n.endswith("." + key) for n in own):
                 names.append(key)
         return names

@@ -42,8 +42,9 @@ float32 with TF32 off (`highest_precision`), since TF32's 10-bit mantissa drowns
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -242,6 +243,70 @@ def krylov_products(
     M = _symmetric((X64.mT @ G64).cpu())
     N = _symmetric((X64.mT @ X64).cpu()) if len(Vs) > 1 else None
     return G, H, M, N
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    """The space Rayleigh–Ritz searched after `steps` power steps (`subspace_iteration`): V, the
+    basis of the last step; its sketch G_s, C_s; the space's G (n×r or n×sr, on the device),
+    H = GᵀG, M (C_s, or XᵀG) and N (XᵀX; None: I), float64 on the host; its Ritz pairs (θ, Z)."""
+
+    V: torch.Tensor
+    G_s: torch.Tensor
+    C_s: torch.Tensor
+    G: torch.Tensor
+    H: torch.Tensor
+    M: torch.Tensor
+    N: torch.Tensor | None
+    theta: torch.Tensor
+    Z: torch.Tensor
+    steps: int
+    X: list[
+        torch.Tensor
+    ]  # the blocks X = [V_1 … V_s] whose images span the space ([V] if not Krylov)
+
+
+def subspace_iteration(
+    A: torch.Tensor | None,
+    V: torch.Tensor,
+    spec: ShardSpec | None,
+    reductions: Reductions = PLAIN,
+    *,
+    max_steps: int,
+    tolerance: float,
+    measure: Callable[[Space], float],
+    krylov: bool = False,
+    done: Callable[[Space, float], bool] | None = None,
+) -> tuple[Space, float]:
+    """Power steps from the orthonormal basis V with Rayleigh–Ritz after each, until
+    `measure(space)` ≤ `tolerance` (or `done(space, measure)`, when given) or `max_steps` steps
+    (the one iteration of the client, as torch/_lowrank.py has one get_approximate_basis).
+    Returns the last space and its measure.
+
+    Step j: G_j, C_j = `power_step`(A, V_j), V_{j+1} = orth(G_j). `krylov` False: simultaneous
+    iteration (Halko, Martinsson, Tropp 2011, Alg. 4.4), Rayleigh–Ritz on span(A·V_s) alone,
+    GᵀG z = θ C_s z (`rayleigh_ritz`); True: the block Krylov space span(A·[V_1 … V_s]) of every
+    step (Musco & Musco 2015, Alg. 2), H z = θ M z (`krylov_products`, `generalized_eigh`).
+    Cost per step 4·m·n·r flops (local block) plus the r×r (sr×sr) host work."""
+    Vs: list[torch.Tensor] = []  # krylov: every block; else none are kept
+    Gs: list[torch.Tensor] = []
+    steps = 0
+    while True:
+        _, G_j, C_j = power_step(A, V, spec, reductions)
+        steps += 1
+        if krylov:
+            Vs.append(V)
+            Gs.append(G_j)
+            G, H, M, N = krylov_products(Vs, Gs)
+        else:
+            G, H, M, N = G_j, gram_matrix(G_j), C_j.double().cpu(), None
+        theta, Z = generalized_eigh(H, M)
+        space = Space(V, G_j, C_j, G, H, M, N, theta, Z, steps, list(Vs) if krylov else [V])
+        value = measure(space)
+        finished = value <= tolerance if done is None else done(space, value)
+        if finished or steps >= max_steps:
+            return space, value
+        V = orth(G_j)
 
 
 def compress(

@@ -30,19 +30,18 @@ from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
     DEFAULT_TOLERANCE,
     NO_BOUND,
+    Space,
     compress,
     error_bound,
-    generalized_eigh,
     highest_precision,
-    krylov_products,
     orth,
-    power_step,
     principal_angles_degrees,
     rayleigh_ritz,
     ritz_subspace_sine,
     ritz_vectors,
     rotation_bound_degrees,
     rotation_within_accuracy,
+    subspace_iteration,
 )
 
 # The W_t tracker takes another power step for the rotation only while its subspace bound shrinks
@@ -270,36 +269,46 @@ class MatrixTracker:
         identical on every rank (a failed rank's zeros included). With `rotation` (the W_t
         tracker, `_rotation_target`) the bound is also the sine bound of the top-k Ritz subspace,
         and the steps go on until the rotation it implies is within its stated accuracy."""
-        if self.exact:
-            _, G, C = power_step(A, V, layout, s)
-            theta, Z = rayleigh_ritz(G, C)
-            return s.local(lambda: _to_wire(G, C, 0.0, 1, True)), theta, Z, V, G, 0.0
+        if self.exact:  # one step spans the whole space: the sketch is exact
+            x, _ = subspace_iteration(
+                A, V, layout, s, max_steps=1, tolerance=0.0, measure=lambda _: 0.0
+            )
+            sketch = s.local(lambda: _to_wire(x.G, x.C_s, 0.0, 1, True))
+            return sketch, x.theta, x.Z, V, x.G, 0.0
         fresh = self.fresh if fresh is None else fresh
-        Vs: list[torch.Tensor] = []
-        Gs: list[torch.Tensor] = []
-        previous_sine = math.inf
-        while True:
-            _, G_j, _ = power_step(A, V, layout, s)
-            Vs.append(V)
-            Gs.append(G_j)
-            G, H, M, N = krylov_products(Vs, Gs)
-            theta, Z = generalized_eigh(H, M)
-            residual = not (fresh and len(Vs) == 1)
-            bound = error_bound(theta, H, M, N, self.k, frobenius_sq, residual)
-            done = bound <= self.tolerance
-            if rotation is not None:  # the W_t tracker: the rotation's bound too
-                sine, accurate = self._rotation_bound(Vs, G, M, N, Z, rotation)
-                # more steps while the bound still halves: a gap too small to certify the
-                # rotation within the budget costs no more than one extra step
-                halving = sine <= ROTATION_PROGRESS * previous_sine
-                bound, done = max(bound, sine), done and (accurate or not halving)
-                previous_sine = sine
-            if done or len(Vs) >= self.max_power_steps:
-                break
-            V = orth(G_j)
-        G_w, C_w = compress(G, M, Z, self.r)
-        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, len(Vs), False))
-        return sketch, theta, Z, orth(G_w), G, bound
+        previous_sine, accurate, converged = math.inf, True, False
+
+        def bound_of(x: Space) -> float:  # no residual bound from a fresh basis after one step
+            nonlocal previous_sine, accurate, converged
+            residual = not (fresh and x.steps == 1)
+            bound = error_bound(x.theta, x.H, x.M, x.N, self.k, frobenius_sq, residual)
+            converged = bound <= self.tolerance
+            if rotation is None:
+                return bound
+            # the W_t tracker: the rotation's bound too; more steps while it still halves, so a
+            # gap too small to certify the rotation within the budget costs one extra step at most
+            sine, accurate = self._rotation_bound(x.X, x.G, x.M, x.N, x.Z, rotation)
+            halving = sine <= ROTATION_PROGRESS * previous_sine
+            previous_sine, accurate = sine, accurate or not halving
+            return max(bound, sine)
+
+        def done(x: Space, value: float) -> bool:  # the ΔW bound, and the rotation's rule
+            return converged and accurate
+
+        x, bound = subspace_iteration(
+            A,
+            V,
+            layout,
+            s,
+            max_steps=self.max_power_steps,
+            tolerance=self.tolerance,
+            measure=bound_of,
+            krylov=True,
+            done=done,
+        )
+        G_w, C_w = compress(x.G, x.M, x.Z, self.r)
+        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, x.steps, False))
+        return sketch, x.theta, x.Z, orth(G_w), x.G, bound
 
     def _rotation_target(
         self, theta: torch.Tensor, indicator: float, frobenius_sq: float

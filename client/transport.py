@@ -296,7 +296,7 @@ class Transport:
                 if kind == "ack":
                     progressed = True
                     self.connected = True
-                    self._acked(msg.ack.ids, session)
+                    self._acked(msg.ack.ids)
                     if msg.ack.resend_baselines:
                         self._resend_baselines()
                 elif kind == "error":
@@ -328,7 +328,7 @@ class Transport:
             self._session_call = None
         return progressed
 
-    def _acked(self, ids, session: _Session) -> None:
+    def _acked(self, ids) -> None:
         with self._cv:
             self._retry_backoff = BACKOFF_INITIAL_S
             for i in ids:

@@ -160,10 +160,12 @@ def check_config(config: dict) -> dict:
     return config
 
 
-def config_value(config: dict, key: str):
-    """A setting of a validated hello config, or its default (`CONFIG_KEYS`)."""
+def config_value(config: dict, key: str, field: int | None = None):
+    """A setting of a hello: its own field when the hello has one and sent it (`channel_rank`,
+    `oversample`), else the validated config's value (an older client), else the default
+    (`CONFIG_KEYS`)."""
     kind, _, _, default = CONFIG_KEYS[key]
-    return kind(config.get(key, default))
+    return kind(field if field is not None else config.get(key, default))
 
 
 def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
@@ -268,9 +270,13 @@ def encode_hello(
     manifest: Iterable[dict],
     rank: int = 0,
     world_size: int = 1,
+    channel_rank: int = 0,
+    oversample: int = 0,
 ) -> list[pb.ClientMessage]:
     """The Hello frame. `manifest` items: matrix, shape, numel, dtype, layer, module,
-    shard_layout, owner_rank, and `expert` for a mixture-of-experts matrix."""
+    shard_layout, owner_rank, and `expert` for a mixture-of-experts matrix;
+    `channel_rank` and `oversample` are K and p (`SketchSettings`;
+    0 sends neither, as an older client did, and the sidecar reads config's)."""
     hello = pb.Hello(
         run=run,
         incarnation=incarnation,
@@ -278,6 +284,8 @@ def encode_hello(
         config_json=json.dumps(config, sort_keys=True, default=str),
         rank=rank,
         world_size=world_size,
+        channel_rank=channel_rank,
+        oversample=oversample,
     )
     if resume_step is not None:
         hello.resume_step = resume_step
@@ -625,12 +633,22 @@ class HelloFields:
     config: dict
     manifest: list[ManifestEntry]
     rank: int
+    channel_rank: int | None  # K from the hello's field; None: an older client did not send it
+    oversample: int | None  # p likewise
+
+
+def _sketch_field(hello: pb.Hello, field: str) -> int | None:
+    """hello.channel_rank or hello.oversample in 1..`MAX_COLUMNS`; 0 (an older client that
+    sends the setting only in config_json) is None."""
+    value = int(getattr(hello, field))
+    return check_int(f"hello.{field}", value, 1, MAX_COLUMNS) if value else None
 
 
 def hello_from(hello: pb.Hello) -> HelloFields:
     """A Hello -> `HelloFields`: the run name, the incarnation (1..2⁶³−1), the resume step, the
-    config (`config_from`) and the manifest as `ManifestEntry`s (`check_manifest` is the engine's
-    call, on its worker thread: a 100k-matrix manifest is checked off the event loop)."""
+    config (`config_from`), the manifest as `ManifestEntry`s (`check_manifest` is the engine's
+    call, on its worker thread: a 100k-matrix manifest is checked off the event loop), the rank,
+    K and p."""
     if not RUN_NAME.fullmatch(hello.run):
         raise invalid(
             f"hello.run: {hello.run[:200]!r}, expected a name matching [A-Za-z0-9._-]{{1,128}}"
@@ -650,6 +668,8 @@ def hello_from(hello: pb.Hello) -> HelloFields:
         config_from(hello.config_json),
         manifest_from(hello),
         int(hello.rank),
+        _sketch_field(hello, "channel_rank"),
+        _sketch_field(hello, "oversample"),
     )
 
 

@@ -20,87 +20,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from deltawatch.client.checkpoint import CONVERT_HINT, TensorFiles, model_files
 from deltawatch.client.lora import lora_scaling, lora_update
 
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-SAFETENSORS_SINGLE = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 TRAINER_STATE = "trainer_state.json"
-_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16"}
 _NAME_STEP = re.compile(r"[-_](\d+)$")
 # PEFT's saved factor names: base_model.model.<module>.lora_A[.<adapter>].weight
 _LORA_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$"
 )
-_CONVERT_HINT = (
-    "deltawatch reads safetensors only (never pickle): convert first, e.g. "
-    "`model.save_pretrained(dir, safe_serialization=True)`, or verl's model merger "
-    "(`python -m verl.model_merger merge --backend fsdp --local_dir ... --target_dir ...`)"
-)
-
-
-def _safe_open(path: Path):
-    from safetensors import safe_open
-
-    return safe_open(str(path), framework="pt")
-
-
-class TensorFiles:
-    """The tensors of one or more safetensors files, by name: shapes from the headers, tensors
-    read one at a time."""
-
-    def __init__(self, files: list[Path], where: dict[str, Path] | None = None) -> None:
-        if where is None:
-            where = {}
-            for f in files:
-                with _safe_open(f) as h:
-                    for key in h.keys():  # noqa: SIM118 - safe_open handles are not mappings
-                        where[key] = f
-        self.where = where
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        with _safe_open(self.where[name]) as h:
-            return tuple(h.get_slice(name).get_shape())
-
-    def dtype(self, name: str) -> str:
-        """The tensor's dtype as torch names it ("bfloat16", "float32", ...), from the header."""
-        with _safe_open(self.where[name]) as h:
-            code = h.get_slice(name).get_dtype()
-        return _DTYPES.get(code, code.lower())
-
-    def get(self, name: str) -> torch.Tensor:
-        with _safe_open(self.where[name]) as h:
-            return h.get_tensor(name)
-
-
-def model_files(path: Path) -> TensorFiles:
-    """The weights of a model directory (index, single file, or every *.safetensors) or file."""
-    if path.is_file():
-        if path.suffix != ".safetensors":
-            raise ValueError(f"{path}: not a .safetensors file. {_CONVERT_HINT}")
-        return TensorFiles([path])
-    index = path / SAFETENSORS_INDEX
-    if index.exists():
-        weight_map = json.loads(index.read_text()).get("weight_map")
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise ValueError(f"{index}: expected a non-empty 'weight_map' of tensor -> file")
-        where = {k: path / v for k, v in weight_map.items()}
-        missing = sorted({str(f) for f in where.values() if not f.exists()})
-        if missing:
-            raise ValueError(f"{index} names shard files that are missing: {missing}")
-        return TensorFiles(sorted(set(where.values())), where)
-    files = sorted(path.glob("*.safetensors"))
-    if (path / SAFETENSORS_SINGLE).exists():
-        files = [path / SAFETENSORS_SINGLE]
-    if not files:
-        other = sorted(p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth"))
-        found = f" (found {other})" if other else ""
-        raise ValueError(f"{path}: no .safetensors weights{found}. {_CONVERT_HINT}")
-    return TensorFiles(files)
 
 
 @dataclass
@@ -157,7 +87,7 @@ def load_adapter(path: Path) -> LoraAdapter:
             )
     weights = path / ADAPTER_WEIGHTS
     if not weights.exists():
-        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS}. {_CONVERT_HINT}")
+        raise ValueError(f"{path}: no {ADAPTER_WEIGHTS}. {CONVERT_HINT}")
     files = TensorFiles([weights])
     pairs: dict[str, dict[str, str]] = {}
     for key in files.names():

@@ -18,7 +18,7 @@ import re
 import sys
 from dataclasses import fields
 
-from deltawatch.sidecar.config import DEVICES, LOG_LEVELS, METRICS_DETAIL, ServeConfig, env_name
+from .config import DEVICES, LOG_LEVELS, METRICS_DETAIL, ServeConfig, env_name
 
 _HELP = {
     "grpc_address": "host:port of the gRPC ingest (port 0: any free port)",
@@ -39,7 +39,7 @@ _HELP = {
     "experts), expert (every expert too), layer (per layer), run",
     "metrics_require_token": "with --token-file, require the token on /metrics too",
     "ready_file": 'write {"grpc_port": .., "http_port": ..} here once both ports listen',
-    "rank": "K, the channel rank, for runs whose hello does not say",
+    "channel_rank": "K, the channel rank, for runs whose hello does not say",
     "grace_seconds": "on SIGTERM, how long open streams get to finish",
     "threads": "torch compute threads of the geometry (default 1, beside a trainer; 0: all cores)",
     "max_stream_bytes": "a stream stops reading at this many unacknowledged report bytes; a "
@@ -49,6 +49,9 @@ _HELP = {
     "commit_window_ms": "group commit: how long a batch waits for more reports before its COMMIT",
 }
 _CHOICES = {"device": DEVICES, "log_level": LOG_LEVELS, "metrics_detail": METRICS_DETAIL}
+# Flags that were renamed: old ServeConfig field -> new one. The old flag (and its environment
+# variable) still parses, and fails naming the new one.
+_RENAMED = {"rank": "channel_rank"}
 _TRUE = ("1", "true", "yes", "on")
 
 
@@ -65,11 +68,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, action="append", default=None, help=help_text)
         else:
             parser.add_argument(flag, default=None, choices=_CHOICES.get(f.name), help=help_text)
+    for old in _RENAMED:
+        parser.add_argument(
+            "--" + old.replace("_", "-"), dest=f"renamed_{old}", help=argparse.SUPPRESS
+        )
+
+
+def _refuse_renamed(args: argparse.Namespace, environ: dict[str, str]) -> None:
+    """A renamed flag or environment variable fails with the new name (`_RENAMED`)."""
+    for old, new in _RENAMED.items():
+        flag, now = "--" + old.replace("_", "-"), "--" + new.replace("_", "-")
+        if getattr(args, f"renamed_{old}", None) is not None:
+            raise ValueError(f"{flag} is now {now} ({_HELP[new]})")
+        if environ.get(env_name(old)):
+            raise ValueError(f"{env_name(old)} is now {env_name(new)} ({_HELP[new]})")
 
 
 def serve_config(args: argparse.Namespace, environ: dict[str, str] | None = None) -> ServeConfig:
     """Flags over environment over defaults -> a validated ServeConfig (ValueError otherwise)."""
     environ = os.environ if environ is None else environ
+    _refuse_renamed(args, environ)
     values = {}
     for f in fields(ServeConfig):
         raw = getattr(args, f.name, None)
@@ -110,11 +128,11 @@ def build_parser(*, with_demo: bool = True) -> argparse.ArgumentParser:
     add_serve_arguments(serve)
     demo = sub.add_parser("demo", help="tiny OPD, SFT and RLVR runs watched by a live sidecar")
     if with_demo:
-        from deltawatch.sidecar.demo.cli import add_arguments as add_demo_arguments
+        from .demo.cli import add_arguments as add_demo_arguments
 
         add_demo_arguments(demo)
     replay = sub.add_parser("replay", help="watch checkpoints on disk as a run (docs/replay.md)")
-    from deltawatch.sidecar.replay import add_arguments as add_replay_arguments
+    from .replay import add_arguments as add_replay_arguments
 
     add_replay_arguments(replay)
     return parser
@@ -133,17 +151,17 @@ def main(argv: list[str] | None = None) -> int:
             level=config.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         )
-        from deltawatch.sidecar.server import serve
+        from .server import serve
 
         with contextlib.suppress(KeyboardInterrupt):
             asyncio.run(serve(config))
         return 0
     if args.command == "demo":
-        from deltawatch.sidecar.demo.cli import run as run_demo
+        from .demo.cli import run as run_demo
 
         return int(run_demo(args) or 0)
     if args.command == "replay":
-        from deltawatch.sidecar.replay import run as run_replay
+        from .replay import run as run_replay
 
         return int(run_replay(args) or 0)
     return 2

@@ -41,7 +41,7 @@ class ServeConfig:
     metrics_detail: str = "matrix"
     metrics_require_token: bool = False
     ready_file: str | None = None  # receives {"grpc_port", "http_port"} once both listen
-    rank: int = 16  # K the geometry uses when a run's hello does not say
+    channel_rank: int = 16  # K the geometry uses when a run's hello does not say
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
     # torch compute threads of the engine; small by default, so a sidecar beside a trainer does not
     # spin its OpenMP threads against the trainer's; 0: torch's default (all cores)
@@ -99,8 +99,8 @@ class ServeConfig:
                 f"--external-url {self.external_url!r} must be an http:// or https:// URL, e.g. "
                 f"http://deltawatch.example:9400"
             )
-        if self.rank <= 0:
-            raise ValueError(f"--rank must be > 0, got {self.rank}")
+        if self.channel_rank <= 0:
+            raise ValueError(f"--channel-rank must be > 0, got {self.channel_rank}")
         if self.threads < 0:
             raise ValueError(f"--threads must be >= 0 (0: torch's default), got {self.threads}")
         if self.max_stream_bytes < wire.MAX_CHUNK_BYTES:

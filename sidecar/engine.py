@@ -39,7 +39,7 @@ from deltawatch.client.records import ManifestEntry
 
 from .alerts.state import rfc3339
 from .errors import RETRYABLE, ValidationError, invalid, precondition
-from .geometry import MatrixGeometry, ingest_batch
+from .geometry import MatrixGeometry, ingest_batch, stored_channel_rank
 from .keys import MATRIX_KEYS
 from .store import CheckCounts, StateUpdate, Store
 
@@ -80,6 +80,7 @@ class HelloResult:
     created: bool  # the run was new
     lock_references: dict[str, tuple[int, torch.Tensor]]  # matrix -> (lock_step, V_ref (n, K))
     last_steps: dict[str, int]  # matrix -> its last visible step
+    channel_rank: int  # the run's K
 
 
 @dataclass(frozen=True)
@@ -166,8 +167,9 @@ def aggregate_rows(rows: Iterable[MatrixRow]) -> dict[str, Any]:
     return {k: out[k] for k in AGGREGATE_KEYS}
 
 
-def run_rank(config: Mapping[str, Any], default: int) -> int:
-    """K of a run: the client's `channel_rank` from its hello config, else the engine's default."""
+def run_channel_rank(config: Mapping[str, Any], default: int) -> int:
+    """K of a run: its config's `channel_rank` (the hello's field, recorded there, or an older
+    client's config_json value), else the engine's default."""
     k = config.get("channel_rank", default)
     return k if isinstance(k, int) and not isinstance(k, bool) and k > 0 else default
 
@@ -186,12 +188,12 @@ class Engine:
         self,
         store: Store,
         *,
-        rank: int = 16,
+        channel_rank: int = 16,
         tolerance: float | None = None,
         device: str = "cpu",
     ) -> None:
         self.store = store
-        self.rank = rank
+        self.channel_rank = channel_rank
         self.tolerance = tolerance
         self.device = resolve_device(device)
         self._write = threading.RLock()  # serialises hello / baseline / ingest / record_dropped
@@ -293,18 +295,26 @@ class Engine:
         resume_step: int | None,
         manifest: list[ManifestEntry],
         config: dict,
+        channel_rank: int | None = None,
     ) -> HelloResult:
         """Register a run (or a new incarnation of one) with its manifest and config.
 
+        K is the hello's `channel_rank` field; when it is None (an older client), the config's
+        `channel_rank`, else the engine's default. The run's stored config records a field's K.
         Refused (nothing changes): a bad run name or manifest (INVALID_ARGUMENT); an incarnation
-        older than the run's latest, or a matrix whose shape differs from the run's first hello
-        (FAILED_PRECONDITION). A newer incarnation with resume step s rewinds the run to s."""
+        older than the run's latest, a K other than the run's, or a matrix whose shape differs
+        from the run's first hello (FAILED_PRECONDITION). A newer incarnation with resume step s
+        rewinds the run to s."""
         _check_run_name(run)
         self._checked(lambda v: wire.check_int("hello.incarnation", v, 1), incarnation)
         if resume_step is not None:
             self._checked(lambda v: wire.check_int("hello.resume_step", v), resume_step)
         entries = self._checked(wire.check_manifest, manifest)
         config = self._checked(wire.check_config, dict(config))
+        if channel_rank is not None:
+            config["channel_rank"] = self._checked(
+                lambda v: wire.check_int("hello.channel_rank", v, 1, wire.MAX_COLUMNS), channel_rank
+            )
         if run in self.quarantined:
             raise precondition(
                 f"run {run}: its stored rows could not be loaded at start-up "
@@ -319,11 +329,13 @@ class Engine:
                         f"{old.incarnation} has already said hello; a restarted trainer uses a "
                         "newer incarnation"
                     )
-                k_old, k_new = run_rank(old.config, self.rank), run_rank(config, self.rank)
+                k_old = run_channel_rank(old.config, self.channel_rank)
+                k_new = run_channel_rank(config, self.channel_rank)
                 if k_old != k_new:
                     raise precondition(
-                        f"run {run}: hello.config.channel_rank is {k_new}, but the run was started with "
-                        f"rank {k_old}; K must stay the same within a run (use a new run name)"
+                        f"run {run}: the hello's channel_rank (K) is {k_new}, but the run was "
+                        f"started with K = {k_old}; K must stay the same within a run (use a new "
+                        "run name)"
                     )
                 for e in entries:
                     known = old.manifest.get(e.matrix)
@@ -367,12 +379,13 @@ class Engine:
                 last_steps={
                     m: x.last_step for m, x in r.matrices.items() if x.last_step is not None
                 },
+                channel_rank=run_channel_rank(r.config, self.channel_rank),
             )
 
     def _geometry(self, entry: ManifestEntry, config: Mapping[str, Any]) -> MatrixGeometry:
         return MatrixGeometry(
             tuple(entry.shape),
-            rank=run_rank(config, self.rank),
+            channel_rank=run_channel_rank(config, self.channel_rank),
             alpha=wire.config_value(config, "alpha"),
             tolerance=self.tolerance,
             device=self.device,
@@ -387,7 +400,7 @@ class Engine:
         stored = dict(live)  # a stored SNAPSHOT_V (older layout) is deleted on the next write
         steps = [int(s) for s in live[SNAPSHOT_STEP].tolist()] if SNAPSHOT_STEP in live else None
         if steps is not None and all(s in archive for s in steps):
-            n, k = mat.entry.shape[1], int(meta.get("lock", {}).get("k", meta.get("rank", 0)))
+            n, k = mat.entry.shape[1], int(meta.get("lock", {}).get("k", stored_channel_rank(meta)))
             live[SNAPSHOT_V] = (
                 torch.stack([archive[s] for s in steps]) if steps else torch.zeros((0, n, k))
             )
@@ -632,7 +645,7 @@ class Engine:
     ) -> _Matrix | None:
         """A check's matrix once the check is valid for it; None for a duplicate."""
         r, mat = self._matrix_for(run, incarnation, check.matrix, f"report of step {check.step}")
-        _check_report(r.name, mat.entry, check, self.rank)
+        _check_report(r.name, mat.entry, check)
         self._checked(lambda v: wire.check_int("report.dropped_reports", v), dropped)
         if self.store.has_check(run, check.matrix, check.step, incarnation):
             return None
@@ -974,7 +987,7 @@ def _check_sketch(where: str, sketch: Any, n: int) -> None:
         raise invalid(f"{where}: convergence is {conv!r}; expected a finite number >= 0")
 
 
-def _check_report(run: str, e: ManifestEntry, check: Any, rank: int) -> None:
+def _check_report(run: str, e: ManifestEntry, check: Any) -> None:
     where = f"run {run}: matrix {e.matrix} step {check.step}"
     if not isinstance(check.step, int) or check.step < 0:
         raise invalid(f"{where}: step {check.step!r}; expected an integer >= 0")

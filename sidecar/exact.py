@@ -95,7 +95,7 @@ def exact_keys(
     Wt: torch.Tensor,
     *,
     view: str = "bf16",
-    rank: int = 16,
+    channel_rank: int = 16,
     alpha: float = 0.5,
     mask_rank: int = 64,
     k_rotation: int = 16,
@@ -118,12 +118,12 @@ def exact_keys(
     keys["frobenius_norm"] = math.sqrt(frob_sq)
     keys["convergence"] = 0.0
     if frob_sq > 0:
-        S, V_K = right_vectors(D, rank)
+        S, V_K = right_vectors(D, channel_rank)
         s1 = float(S[0])
         keys["spectral_norm"] = s1
         keys["stable_rank"] = frob_sq / (s1 * s1)
-        keys["topk_energy_ratio"] = float(S[:rank].square().sum()) / frob_sq
-        k_sim = min(rank, *D.shape)  # a matrix with fewer than K directions: Sim over them
+        keys["topk_energy_ratio"] = float(S[:channel_rank].square().sum()) / frob_sq
+        k_sim = min(channel_rank, *D.shape)  # a matrix with fewer than K directions: Sim over them
         if horizon_V is not None:
             keys["horizon_alignment"] = sim_k(V_K, horizon_V, k_sim)
         if v_ref is not None:
@@ -230,7 +230,7 @@ def audit_keys(
     anchor: dict,
     Wt: torch.Tensor,
     *,
-    rank: int = 16,
+    channel_rank: int = 16,
     k_rotation: int = 16,
 ) -> tuple[dict[str, float | None], torch.Tensor | None]:
     """The audit block of one matrix at one checkpoint, and V_K of ΔW (for `final_alignment`,
@@ -260,11 +260,11 @@ def audit_keys(
     U0, S0, V0 = anchor["U"], anchor["sigma"], anchor["V"]
     if frob_sq > 0:
         _, S, Vh = torch.linalg.svd(D, full_matrices=False)
-        V_K = Vh[: min(rank, S.numel())].T
+        V_K = Vh[: min(channel_rank, S.numel())].T
         s1 = float(S[0])
         keys["spectral_norm"] = s1
         keys["stable_rank"] = frob_sq / (s1 * s1)
-        keys["topk_energy_ratio"] = float(S[:rank].square().sum()) / frob_sq
+        keys["topk_energy_ratio"] = float(S[:channel_rank].square().sum()) / frob_sq
         P = U0[:, :k_paper].T @ D @ V0[:, :k_paper]
         keys["principal_projection_energy_ratio"] = float(P.square().sum()) / frob_sq
     vis = visible_mask(anchor["W0"], Wt.to(anchor["W0"].device))
@@ -292,10 +292,12 @@ def audit_keys(
     return keys, V_K
 
 
-def final_alignments(blocks: list[dict], V_Ks: list[torch.Tensor | None], rank: int) -> None:
+def final_alignments(
+    blocks: list[dict], V_Ks: list[torch.Tensor | None], channel_rank: int
+) -> None:
     """final_alignment = Sim_K(V_K(t), V_K(end)) for each checkpoint of one matrix, in place
     (null where ΔW = 0 at t or at the end)."""
     V_end = V_Ks[-1]
     for block, V_K in zip(blocks, V_Ks, strict=True):
         if V_K is not None and V_end is not None:
-            block["final_alignment"] = sim_k(V_K, V_end, min(rank, V_K.shape[1]))
+            block["final_alignment"] = sim_k(V_K, V_end, min(channel_rank, V_K.shape[1]))

@@ -81,6 +81,12 @@ def _symmetric(M: torch.Tensor) -> torch.Tensor:
     return (M + M.mT) / 2
 
 
+def stored_channel_rank(meta: dict) -> int:
+    """K of a stored geometry state (`MatrixGeometry.state`; state stored before K had one name
+    says `rank`)."""
+    return int(meta["channel_rank"] if "channel_rank" in meta else meta["rank"])
+
+
 class MatrixGeometry:
     """One matrix's engine state: W0's baseline Ritz pairs, the V_K snapshots (the horizon) and
     the lock the client decided."""
@@ -89,19 +95,19 @@ class MatrixGeometry:
         self,
         shape: tuple[int, int],
         *,
-        rank: int = 16,
+        channel_rank: int = 16,
         alpha: float = 0.5,
         tolerance: float | None = None,
         cutoff: float = DEFAULT_CUTOFF,
         device: torch.device | str = "cpu",
     ) -> None:
         self.shape = (int(shape[0]), int(shape[1]))
-        self.rank = rank
+        self.channel_rank = channel_rank
         self.alpha = alpha
         self.tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         self.cutoff = cutoff
         self.device = torch.device(device)
-        self.horizon = Horizon(rank, max_rank=min(self.shape))
+        self.horizon = Horizon(channel_rank, max_rank=min(self.shape))
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
         self.base_convergence = 0.0  # the baseline's bound (its top-k subspace's sine too)
@@ -111,7 +117,7 @@ class MatrixGeometry:
 
     def baseline(self, sketch: Sketch) -> None:
         """W0's sketch from the W_t tracker (once per incarnation)."""
-        sigma, V, _ = ritz_pairs(self._on_device(sketch), self.rank, self.cutoff)
+        sigma, V, _ = ritz_pairs(self._on_device(sketch), self.channel_rank, self.cutoff)
         self.base_sigma, self.base_V = sigma, V
         self.base_convergence = float(sketch.convergence)
 
@@ -120,7 +126,7 @@ class MatrixGeometry:
     ) -> dict[str, float | bool | int | None]:
         """The §2 keys for one check (None where DESIGN §2 says null). `pairs`: the update's and
         the weight's Ritz pairs when computed beforehand (`ingest_batch`), else computed here."""
-        K = self.rank
+        K = self.channel_rank
         frob_sq = float(check.frobenius_sq)
         keys: dict[str, float | bool | int | None] = dict.fromkeys(MATRIX_KEYS)
         keys["frobenius_norm"] = math.sqrt(frob_sq)
@@ -175,7 +181,7 @@ class MatrixGeometry:
         if self.base_V is None or check.weight.convergence > self.tolerance:
             return
         if pairs is None:
-            pairs = ritz_pairs(self._on_device(check.weight), self.rank, self.cutoff)
+            pairs = ritz_pairs(self._on_device(check.weight), self.channel_rank, self.cutoff)
         sigma, V, _ = pairs
         k = min(V.shape[1], self.base_V.shape[1])
         angles = principal_angles_degrees(self.base_V[:, :k], V[:, :k])
@@ -211,7 +217,7 @@ class MatrixGeometry:
         tensors = {f"lock.{k}": v for k, v in lock.items() if isinstance(v, torch.Tensor)}
         meta = {
             "shape": list(self.shape),
-            "rank": self.rank,
+            "channel_rank": self.channel_rank,
             "alpha": self.alpha,
             "tolerance": self.tolerance,
             "cutoff": self.cutoff,
@@ -231,7 +237,7 @@ class MatrixGeometry:
     ) -> MatrixGeometry:
         g = cls(
             tuple(meta["shape"]),
-            rank=meta["rank"],
+            channel_rank=stored_channel_rank(meta),
             alpha=meta["alpha"],
             tolerance=meta["tolerance"],
             cutoff=meta["cutoff"],
@@ -279,7 +285,7 @@ def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
     for i, (g, c) in enumerate(items):
         sketch = sketch_of(g, c)
         if sketch is not None:
-            key = (g.device, tuple(sketch.G.shape), tuple(sketch.C.shape), g.rank, g.cutoff)
+            key = (g.device, tuple(sketch.G.shape), tuple(sketch.C.shape), g.channel_rank, g.cutoff)
             groups.setdefault(key, []).append((i, sketch))
     out: dict[int, tuple[torch.Tensor, ...]] = {}
     for (device, _, _, k, cutoff), members in groups.items():

@@ -46,9 +46,6 @@ AlertsProvider = Callable[[], list[dict[str, Any]]]
 PAGE_SIZE = 1000  # matrices in one /api/v1/runs/{run} page unless ?limit= says otherwise
 MAX_PAGE_SIZE = 10_000
 
-ENGINE_KEY: web.AppKey[Engine] = web.AppKey("deltawatch_engine", Engine)
-REGISTRY_KEY: web.AppKey[CollectorRegistry] = web.AppKey("deltawatch_registry", CollectorRegistry)
-
 
 def _clean(v: Any) -> Any:
     """JSON-safe: non-finite floats become null (JSON has no NaN)."""
@@ -126,8 +123,6 @@ def make_app(
     `/api/v1/alerts` answers `{"alerts": []}`. `middlewares`: e.g. the bearer-token check of
     sidecar/auth.py. `ready`: extra readiness condition (e.g. the gRPC port is bound)."""
     app = web.Application(middlewares=[*middlewares, json_errors])
-    app[ENGINE_KEY] = engine
-    app[REGISTRY_KEY] = registry
 
     async def list_runs(request: web.Request) -> web.Response:
         return json_response({"runs": await asyncio.to_thread(engine.runs)})

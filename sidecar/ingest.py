@@ -41,11 +41,12 @@ from typing import Any
 import grpc
 from deltawatch.client import wire
 from deltawatch.client.records import ManifestEntry
-from deltawatch.sidecar.errors import RESOURCE_EXHAUSTED, ValidationError
-from deltawatch.sidecar.progress import CheckProgress
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
+
+from .errors import RESOURCE_EXHAUSTED, ValidationError
+from .progress import CheckProgress
 
 log = logging.getLogger("deltawatch.sidecar.ingest")
 
@@ -94,7 +95,7 @@ class _StreamState:
     incarnation: int = 0
     manifest: dict[str, ManifestEntry] = field(default_factory=dict)
     r_max: int = wire.MAX_COLUMNS
-    rank_k: int = 16
+    channel_rank: int = 16
     said_goodbye: bool = False
     reserving: int = 0  # declared bytes of the message being assembled
     inflight: int = 0  # bytes of this stream's messages not yet answered (incl. `reserving`)
@@ -343,7 +344,7 @@ class IngestService(pb_grpc.IngestServicer):
                     f"[c, c] with c <= {state.r_max}",
                 )
             elif fname == "v_ref":
-                ok, expected = shape == [n, state.rank_k], f"[{n}, {state.rank_k}]"
+                ok, expected = shape == [n, state.channel_rank], f"[{n}, {state.channel_rank}]"
             else:
                 ok, expected = shape[0] == n and shape[1] <= state.r_max, f"[{n}, <= {state.r_max}]"
             if not ok:
@@ -382,23 +383,28 @@ class IngestService(pb_grpc.IngestServicer):
         try:
             h = await asyncio.to_thread(wire.hello_from, hello)
             result = await self._call(
-                self.engine.hello, h.run, h.incarnation, h.resume_step, h.manifest, h.config
+                self.engine.hello,
+                h.run,
+                h.incarnation,
+                h.resume_step,
+                h.manifest,
+                h.config,
+                h.channel_rank,
             )
         except (ValidationError, wire.WireError) as exc:
             raise _abort(exc.code, exc.message) from None
         state.run = h.run
         state.incarnation = h.incarnation
         state.manifest = await asyncio.to_thread(lambda: {e.matrix: e for e in h.manifest})
-        state.rank_k = wire.config_value(h.config, "channel_rank")
-        state.r_max = min(
-            wire.MAX_COLUMNS, state.rank_k + wire.config_value(h.config, "oversample")
-        )
+        state.channel_rank = result.channel_rank
+        oversample = wire.config_value(h.config, "oversample", h.oversample)
+        state.r_max = min(wire.MAX_COLUMNS, state.channel_rank + oversample)
         self._subscribers.setdefault(h.run, set()).add(out)
-        for matrix, (lock_step, v_ref) in sorted(getattr(result, "lock_references", {}).items()):
+        for matrix, (lock_step, v_ref) in sorted(result.lock_references.items()):
             out.put_nowait(wire.encode_lock_reference(h.run, matrix, lock_step, v_ref))
         # Baselines are asked for again from every rank's first hello to this process once the
         # run was (re)created here: a new run (nothing to resend yet) or a lost store.
-        if getattr(result, "created", False):
+        if result.created:
             self._created_runs.add(h.run)
         key = (h.run, h.incarnation, h.rank)
         resend = h.run in self._created_runs and key not in self._hellos_seen

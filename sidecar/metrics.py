@@ -307,10 +307,6 @@ class ServiceCollector(Collector):
         self.alerts_firing = alerts_firing
         self._lock = threading.Lock()
 
-    def set_ingest_stats(self, stats: Any) -> None:
-        """Point the ingest counters at the gRPC servicer's stats object."""
-        self.ingest_stats = stats
-
     def set_alerts_firing(self, provider: AlertsFiring | None) -> None:
         """Point deltawatch_alerts_firing at a provider of {(run, rule): firing count}."""
         self.alerts_firing = provider
@@ -411,8 +407,8 @@ def make_registry(
 ) -> tuple[CollectorRegistry, ServiceCollector]:
     """A dedicated registry (never the global one) with the engine's and the service's collectors.
 
-    Returns the registry and the service collector, whose `set_ingest_stats` and
-    `set_alerts_firing` connect the parts that start later."""
+    Returns the registry and the service collector, whose `set_alerts_firing` connects the alert
+    engine, which starts later."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(engine, detail=detail))
     service = ServiceCollector(engine, ingest_stats=ingest_stats, alerts_firing=alerts_firing)

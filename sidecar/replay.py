@@ -209,25 +209,14 @@ class ReplaySender:
     when the queue is half full."""
 
     def __init__(self, config: Any, matrices: list[MatrixSpec], dtypes: dict[str, str]) -> None:
-        from deltawatch.client.monitor import CLIENT_VERSION
+        from deltawatch.client.monitor import manifest_entry
         from deltawatch.client.transport import CHANNEL_OPTIONS, Transport
 
         self.config = config
         self.manifest = [
-            {
-                "matrix": m.name,
-                "shape": list(m.shape),
-                "numel": m.shape[0] * m.shape[1],
-                "dtype": dtypes[m.name],
-                "layer": m.layer,
-                "module": m.module,
-                "shard_layout": "replicated",
-                "owner_rank": 0,
-            }
-            for m in matrices
+            manifest_entry(m.name, m.shape, dtypes[m.name], m.layer, m.module) for m in matrices
         ]
         self.incarnation = int(time.time() * 1000)
-        self._version = CLIENT_VERSION
 
         def channel():
             import grpc
@@ -244,19 +233,9 @@ class ReplaySender:
         )
 
     def _hello(self, msg_id: int) -> list:
-        from deltawatch.client import wire
+        from deltawatch.client.monitor import hello_frames
 
-        return wire.encode_hello(
-            msg_id,
-            run=self.config.run,
-            incarnation=self.incarnation,
-            resume_step=None,
-            client_version=self._version,
-            config=self.config.to_json_dict() | {"incarnation": self.incarnation},
-            manifest=self.manifest,
-            rank=0,
-            world_size=1,
-        )
+        return hello_frames(msg_id, self.config, self.incarnation, self.manifest)
 
     def _refused(self) -> None:
         """Fail fast when the sidecar ended the stream over the run itself (a bad hello, a
@@ -336,7 +315,7 @@ def replay_matrix(
         )
         block = None
         if anchor is not None:
-            block, V_K = audit.audit_keys(anchor, Wt, rank=config.sketch.channel_rank)
+            block, V_K = audit.audit_keys(anchor, Wt, channel_rank=config.sketch.channel_rank)
             V_Ks.append(V_K)
         results.append(MatrixResult(counts, block))
         del Wt

@@ -24,19 +24,20 @@ import tempfile
 import grpc
 from aiohttp import web
 from deltawatch.client.wire import MAX_FRAME_BYTES
-from deltawatch.sidecar import auth
-from deltawatch.sidecar.alerts.config import load_alert_config
-from deltawatch.sidecar.alerts.engine import AlertEngine, AlertService, StoreAlertState
-from deltawatch.sidecar.config import ServeConfig
-from deltawatch.sidecar.engine import Engine
-from deltawatch.sidecar.http_api import make_app
-from deltawatch.sidecar.ingest import IngestLimits, IngestService
-from deltawatch.sidecar.metrics import make_registry
-from deltawatch.sidecar.store import Store
 from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from . import auth
+from .alerts.config import load_alert_config
+from .alerts.engine import AlertEngine, AlertService, StoreAlertState
+from .config import ServeConfig
+from .engine import Engine
+from .http_api import make_app
+from .ingest import IngestLimits, IngestService
+from .metrics import make_registry
+from .store import Store
 
 log = logging.getLogger("deltawatch.sidecar")
 
@@ -65,7 +66,9 @@ class Sidecar:
 
             torch.set_num_threads(config.threads)
         self.store = Store(config.data_dir)
-        self.engine = Engine(self.store, rank=config.rank, device=config.resolved_device)
+        self.engine = Engine(
+            self.store, channel_rank=config.channel_rank, device=config.resolved_device
+        )
         alert_config = load_alert_config(config.alert_config) if config.alert_config else None
         self.alert_engine = AlertEngine(
             alert_config,

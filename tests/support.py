@@ -52,7 +52,7 @@ SHAPES: dict[str, tuple[int, int]] = {
     "model.layers.0.mlp.down_proj.weight": (64, 128),
     "model.layers.1.self_attn.k_proj.weight": (24, 64),  # min(m, n) <= r: the exact path
 }
-RANK = 8
+CHANNEL_RANK = 8
 OVERSAMPLE = 8
 
 
@@ -76,7 +76,7 @@ class SyntheticRun:
 
     run: str = "toy-opd"
     shapes: dict[str, tuple[int, int]] = field(default_factory=lambda: dict(SHAPES))
-    rank: int = RANK
+    channel_rank: int = CHANNEL_RANK
     oversample: int = OVERSAMPLE
     scale: float = 2e-3
     noise: float = 2e-5
@@ -86,8 +86,8 @@ class SyntheticRun:
         self.W0 = {name: decaying_weight(m, n, name) for name, (m, n) in self.shapes.items()}
         self.channel = {
             name: (
-                torch.randn(m, self.rank, generator=_gen("A", name)),
-                torch.randn(self.rank, n, generator=_gen("B", name)),
+                torch.randn(m, self.channel_rank, generator=_gen("A", name)),
+                torch.randn(self.channel_rank, n, generator=_gen("B", name)),
             )
             for name, (m, n) in self.shapes.items()
         }
@@ -98,7 +98,7 @@ class SyntheticRun:
             name: MatrixTracker.attach(
                 name,
                 W0.clone(),
-                sketch=SketchSettings(channel_rank=self.rank, oversample=self.oversample),
+                sketch=SketchSettings(channel_rank=self.channel_rank, oversample=self.oversample),
                 lock=LockSettings(at_step=self.lock_at_step),
             )
             for name, W0 in self.W0.items()
@@ -108,7 +108,11 @@ class SyntheticRun:
         A, B = self.channel[name]
         m, n = self.shapes[name]
         N = torch.randn(m, n, generator=_gen("N", name, step))
-        return self.W0[name] + self.scale * step * (A @ B) / self.rank + self.noise * step**0.5 * N
+        return (
+            self.W0[name]
+            + self.scale * step * (A @ B) / self.channel_rank
+            + self.noise * step**0.5 * N
+        )
 
     def checks(self, step: int) -> list[MatrixCheck]:
         return [tr.check(self.weight(name, step), step) for name, tr in self.trackers.items()]
@@ -126,7 +130,7 @@ class SyntheticRun:
         return out
 
     def config(self) -> dict:
-        return {"channel_rank": self.rank, "oversample": self.oversample, "view": "bf16"}
+        return {"channel_rank": self.channel_rank, "oversample": self.oversample, "view": "bf16"}
 
     def start(self, engine, incarnation: int = 1, resume_step: int | None = None):
         """hello + baselines, as the ingest would call them."""
@@ -332,7 +336,9 @@ def assert_matches_reference(run: SyntheticRun, matrices: list[dict], checks: di
         got = by_name[name]
         assert got["step"] == step
         W0, Wt = run.W0[name], run.weight(name, step)
-        ref = exact_keys(W0, Wt, rank=run.rank, k_rotation=run.rank, v_ref=v_refs[name])
+        ref = exact_keys(
+            W0, Wt, channel_rank=run.channel_rank, k_rotation=run.channel_rank, v_ref=v_refs[name]
+        )
         counts = exact_counts(W0, Wt)
         assert abs(got["frobenius_norm"] - ref["frobenius_norm"]) <= 1e-4 * ref["frobenius_norm"]
         assert got["bf16_visible_ratio"] == counts["visible"] / (m * n)

@@ -67,7 +67,7 @@ def check_against_reference(traj, results: dict) -> None:
             if str(step) not in data["at"]:
                 continue
             point = data["at"][str(step)]
-            ref = exact_keys(W0, W, view="bf16", rank=16)
+            ref = exact_keys(W0, W, view="bf16", channel_rank=16)
             exact = point["exact"]
             for key in ("stable_rank", "spectral_norm", "topk_energy_ratio"):
                 assert math.isclose(exact[key], ref[key], rel_tol=1e-9), (kind, step, key)

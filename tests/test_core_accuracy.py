@@ -41,7 +41,7 @@ def run(kind: str, shape: tuple[int, int], dtype: torch.dtype, checks: int, view
     """Yield (step, W_t, check, keys, reference keys at the same horizon and V_ref)."""
     W0 = pretrained_like(*shape, seed=0, dtype=dtype)
     tracker = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(view=view))
-    geometry = MatrixGeometry(shape, rank=K)
+    geometry = MatrixGeometry(shape, channel_rank=K)
     geometry.baseline(tracker.baseline())
     anchor = exact_anchor(W0, view=view)
     masks = anchor["masks"]
@@ -69,7 +69,7 @@ def run(kind: str, shape: tuple[int, int], dtype: torch.dtype, checks: int, view
             check,
             keys,
             lambda W=W, h=h, v=v_ref: exact_keys(
-                W0, W, view=view, rank=K, horizon_V=exact_VK.get(h), v_ref=v
+                W0, W, view=view, channel_rank=K, horizon_V=exact_VK.get(h), v_ref=v
             ),
         )
 
@@ -142,7 +142,7 @@ def test_sft_never_locks_over_50_checks() -> None:
     reason is visible: the horizon alignment of a random walk stays far below the 0.9 threshold."""
     W0 = pretrained_like(128, 256, seed=0)
     tracker = MatrixTracker.attach(NAME, W0)
-    geometry = MatrixGeometry((128, 256), rank=K)
+    geometry = MatrixGeometry((128, 256), channel_rank=K)
     geometry.baseline(tracker.baseline())
     alignments = []
     for step, W in trajectory("sft", W0, 50):

@@ -46,7 +46,7 @@ def spectrum_with_tail(tail: float, seed: int = 0) -> torch.Tensor:
 def sweep(W0: torch.Tensor, scale: float, checks: int = 3):
     """(live keys, exact keys, the check) for `checks` dense random-walk steps of size `scale`."""
     tracker = MatrixTracker.attach(NAME, W0, anchor=AnchorSettings(view="native"))
-    geometry = MatrixGeometry(SHAPE, rank=K)
+    geometry = MatrixGeometry(SHAPE, channel_rank=K)
     geometry.baseline(tracker.baseline())
     anchor = exact_anchor(W0, view="native")
     g = torch.Generator().manual_seed(1)

@@ -67,7 +67,7 @@ def test_small_matrices_take_the_exact_path(shape: tuple[int, int]) -> None:
         assert check.update.exact and check.update.power_steps == 1
         assert check.update.convergence == 0.0 and check.weight.exact
         keys = geometry.ingest(check)
-        ref = exact_keys(W0, W, rank=16)
+        ref = exact_keys(W0, W, channel_rank=16)
         for key in ("spectral_norm", "stable_rank", "topk_energy_ratio"):
             assert keys[key] == pytest.approx(ref[key], rel=1e-4), key
         # σ(W_t) comes from float32 products: the shift has a floor of ~1e-6 (docs/geometry.md)

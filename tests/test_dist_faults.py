@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -72,27 +71,11 @@ def runs(sidecar, tmp_path_factory):
     """The reference process and the torchrun job side by side; every rank's output."""
     endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
-    common = ["--endpoint", endpoint, "--run-prefix", "faults", "--out", str(out)]
-    common += ["--steps", str(STEPS)]
-    single = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--faults", json.dumps(REFERENCE), *common],
-        env=serve.quiet_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    reference = ["--faults", json.dumps(REFERENCE)]
+    jobs = [(2, ["--faults", json.dumps(PLANS)])]
+    return serve.torchrun_beside_reference(
+        SCRIPT, out, endpoint, "faults", STEPS, reference, jobs, timeout=240
     )
-    job = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + [str(SCRIPT), "--faults", json.dumps(PLANS), *common],
-        env=serve.quiet_env(),
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    single_log, _ = single.communicate(timeout=240)
-    assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
-    assert single.returncode == 0, single_log
-    return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}, job.stderr
 
 
 def _history(base: str, run: str, matrix: str) -> dict[int, dict]:

@@ -15,8 +15,6 @@ ranks must issue the same sequence of collectives; DDP issues none.
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import urllib.parse
 import urllib.request
@@ -39,7 +37,7 @@ FLAT = FLAT_2 + FLAT_4
 WORLD = {"single": 1, "fsdp2": 2, "tp": 2, "ddp": 2, MESH_2D: 4, HSDP: 4}
 WORLD |= dict.fromkeys(FLAT_2, 2) | dict.fromkeys(FLAT_4, 4)
 DOWN = "fsdp2_down"  # fsdp2 with rank 1's sidecar down
-R = 4 + 4  # rank + oversample in tests/dist/run_toy.py MONITOR
+R = 4 + 4  # K + p (channel_rank + oversample) in tests/dist/run_toy.py MONITOR
 STEPS = 5
 REL = 1e-4
 # the error bound is meaningful to float32 rounding only (sketch.ROUNDING): it subtracts Ritz
@@ -61,30 +59,13 @@ def runs(sidecar, tmp_path_factory):
     """Run the single-process reference and the torchrun job side by side; their outputs."""
     endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
-    common = ["--endpoint", endpoint, "--run-prefix", "toy", "--out", str(out)]
-    common += ["--steps", str(STEPS)]
-    single = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--modes", "single", *common],
-        env=serve.quiet_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    jobs = [
+        (nproc, ["--modes", ",".join(modes)])
+        for nproc, modes in ((2, (*MODES, DOWN, *FLAT_2)), (4, (MESH_2D, HSDP, *FLAT_4)))
+    ]
+    result, _ = serve.torchrun_beside_reference(
+        SCRIPT, out, endpoint, "toy", STEPS, ["--modes", "single"], jobs, timeout=360
     )
-    for nproc, modes in ((2, (*MODES, DOWN, *FLAT_2)), (4, (MESH_2D, HSDP, *FLAT_4))):
-        job = subprocess.run(
-            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-            + ["--nproc-per-node", str(nproc), str(SCRIPT), "--modes", ",".join(modes), *common],
-            env=serve.quiet_env(),
-            capture_output=True,
-            text=True,
-            timeout=360,
-        )
-        assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
-    single_log, _ = single.communicate(timeout=360)
-    assert single.returncode == 0, single_log
-    result = {}
-    for f in out.glob("*.json"):
-        result[f.stem] = json.loads(f.read_text())
     return result
 
 

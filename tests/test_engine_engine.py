@@ -46,7 +46,7 @@ DEVICE = os.environ.get("DELTAWATCH_TEST_DEVICE", "cpu")
 
 
 def _engine(path) -> Engine:
-    return Engine(Store(path), rank=8, device=DEVICE)
+    return Engine(Store(path), channel_rank=8, device=DEVICE)
 
 
 def _table_counts(path) -> dict[str, int]:
@@ -124,7 +124,7 @@ def test_engine_state_survives_a_new_engine_on_the_same_data_dir(toy, fed):
     refs = again.hello(run.run, 1, None, run.manifest(), run.config()).lock_references
     assert set(refs) == set(run.shapes)
     for lock_step, v_ref in refs.values():
-        assert lock_step <= STEPS and v_ref.shape[1] == run.rank
+        assert lock_step <= STEPS and v_ref.shape[1] == run.channel_rank
 
 
 def test_engine_restart_mid_run_continues_exactly(toy, tmp_path):

@@ -33,7 +33,7 @@ def served(tmp_path_factory):
     """An engine fed a toy OPD-like run (STEPS checks) plus a second run with one matrix
     reported once (so keys before the lock are null), served over HTTP."""
     run = SyntheticRun(scale=2e-4, noise=2e-6)
-    engine = Engine(Store(tmp_path_factory.mktemp("http")), rank=run.rank)
+    engine = Engine(Store(tmp_path_factory.mktemp("http")), channel_rank=run.channel_rank)
     run.start(engine)
     checks = {}
     for step in range(1, STEPS + 1):

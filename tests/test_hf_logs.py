@@ -28,8 +28,8 @@ EVERY, STEPS = 2, 8
 
 def test_trainer_logs_the_sidecars_aggregate(tmp_path):
     from deltawatch.client.hf import DeltawatchCallback
-    from run_hf import Tokens, tiny_qwen3
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from run_hf import Tokens, tiny_qwen3, training_args
+    from transformers import Trainer, TrainerCallback
 
     class Backend(TrainerCallback):
         """Sits where a report_to integration sits after the deltawatch callback: records the logs
@@ -60,22 +60,8 @@ def test_trainer_logs_the_sidecars_aggregate(tmp_path):
 
     torch.manual_seed(0)
     model = tiny_qwen3()
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=STEPS,
-        per_device_train_batch_size=4,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        save_strategy="no",
-        logging_strategy="steps",
-        logging_steps=1,
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
+    args = training_args(
+        str(tmp_path / "out"), max_steps=STEPS, logging_strategy="steps", logging_steps=1
     )
     with sidecar_process.sidecar(tmp_path) as (endpoint, base):
         callback = DeltawatchCallback(

@@ -35,44 +35,15 @@ MODULES = {
 }
 
 
-class Tokens(torch.utils.data.Dataset):
-    """Random token sequences: language modelling on noise is enough to move the weights."""
-
-    def __init__(self, n: int, length: int, vocab: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.ids = torch.randint(0, vocab, (n, length), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
-
-
 def test_trainer_checks_arrive_under_hf_names(tmp_path):
     from deltawatch.client.hf import DeltawatchCallback
-    from run_hf import tiny_qwen3
-    from transformers import Trainer, TrainingArguments
+    from run_hf import Tokens, tiny_qwen3, training_args
+    from transformers import Trainer
 
     torch.manual_seed(0)
     model = tiny_qwen3()
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
-    args = TrainingArguments(
-        output_dir=str(tmp_path / "out"),
-        max_steps=4,
-        per_device_train_batch_size=4,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        warmup_steps=0,
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
+    args = training_args(str(tmp_path / "out"))
     with sidecar_process.sidecar(tmp_path) as (endpoint, base):
         callback = DeltawatchCallback(
             run="hf-qwen3", endpoint=endpoint, every=2, channel_rank=4, oversample=4

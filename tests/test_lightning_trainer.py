@@ -19,8 +19,8 @@ pytest.importorskip("transformers")
 
 import test_adapters_lora  # noqa: E402
 from deltawatch.sidecar.process import SidecarProcess  # noqa: E402
-from run_hf import tiny_qwen3  # noqa: E402
-from test_hf_trainer import Tokens, check_arrivals  # noqa: E402
+from run_hf import Tokens, tiny_qwen3  # noqa: E402
+from test_hf_trainer import check_arrivals  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 one_thread = test_adapters_lora.one_thread  # fixture: one intra-op thread

@@ -95,7 +95,7 @@ def test_batched_check_equals_the_per_expert_loop_and_float64(shape):
         for e, (got, tracker) in enumerate(zip(checks, loop, strict=True)):
             _assert_same_check(got, tracker.check(W[e].clone(), t), f"{names[e]} step {t}")
     for e, got in enumerate(checks):  # the last check against the float64 SVD
-        ref = exact_keys(W0[e], trajectory[-1][e], rank=SKETCH.channel_rank)
+        ref = exact_keys(W0[e], trajectory[-1][e], channel_rank=SKETCH.channel_rank)
         frob = ref["frobenius_norm"]
         assert got.frobenius_sq**0.5 == pytest.approx(frob, rel=1e-5)
         if e == still:  # ΔW = 0: no update sketch, the degenerate values
@@ -174,7 +174,7 @@ def _weight(params: dict, name: str) -> torch.Tensor:
 
 
 def _assert_matches_float64(got: dict, W0: torch.Tensor, Wt: torch.Tensor, where: str) -> None:
-    ref = exact_keys(W0, Wt, rank=16)
+    ref = exact_keys(W0, Wt, channel_rank=16)
     counts = exact_counts(W0, Wt)
     visible = counts["visible"]
     assert got["bf16_visible_ratio"] == visible / W0.numel(), where

@@ -40,7 +40,7 @@ def moe(tmp_path_factory):
     """A sidecar that took the run over one gRPC stream; the run's last reports by matrix."""
     manifest = expert_manifest(LAYERS, EXPERTS, EXPERT_SHAPES, {"self_attn.q_proj": (48, 40)})
     run = SyntheticRun(
-        run=RUN, shapes={m["matrix"]: tuple(m["shape"]) for m in manifest}, rank=4, oversample=4
+        run=RUN, shapes={m["matrix"]: tuple(m["shape"]) for m in manifest}, channel_rank=4, oversample=4
     )
     data = tmp_path_factory.mktemp("moe")
     side = SidecarProcess(data).start()
@@ -175,7 +175,7 @@ def test_expert_detail_exports_every_expert_after_a_restart(moe, tmp_path):
 
 def test_a_data_dir_from_before_the_expert_column_migrates(tmp_path):
     run = SyntheticRun(run="old-run")
-    engine = Engine(Store(tmp_path), rank=run.rank)
+    engine = Engine(Store(tmp_path), channel_rank=run.channel_rank)
     run.start(engine)
     for check in run.checks(1):
         engine.ingest(run.run, 1, check)

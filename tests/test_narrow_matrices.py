@@ -76,7 +76,7 @@ def test_narrow_matrices_equal_the_float64_reference(tmp_path):
 def _assert_exact(got: dict, W0: torch.Tensor, Wt: torch.Tensor, where: str) -> None:
     """The exact path's keys equal float64's: norms, σ1, stable rank, top-K energy to 1e-5
     relative (float32 products), counts exactly, rotation to 1e-3°."""
-    ref = exact_keys(W0, Wt, view="bf16", rank=16)
+    ref = exact_keys(W0, Wt, view="bf16", channel_rank=16)
     counts = exact_counts(W0, Wt, view="bf16")
     numel = W0.numel()
     assert got["convergence"] == 0.0, where

@@ -142,7 +142,7 @@ def test_numbers_through_the_real_path_equal_the_exact_reference(shared):
         assert sorted(hist) == [1, 2, 3, 4, 5]
         for t in (3, 5):  # after 3 checks the OPD-like bounds hold
             got = hist[t]
-            ref = exact_keys(W0[name], weights[t][name], view="bf16", rank=16)
+            ref = exact_keys(W0[name], weights[t][name], view="bf16", channel_rank=16)
             counts = exact_counts(W0[name], weights[t][name], view="bf16")
             numel = math.prod(SHAPES[name.split(".")[2]])
             assert rel(got["frobenius_norm"], ref["frobenius_norm"]) <= 1e-4
@@ -263,8 +263,62 @@ def test_resume_with_a_new_incarnation_replaces_reports_from_the_resume_step(sha
         hist = side.history("toy-resume", name)
         assert sorted(hist) == list(range(1, 7))
         for t in range(1, 7):
-            ref = exact_keys(W0[name], truth[t][name], view="bf16", rank=16)["frobenius_norm"]
-            assert rel(hist[t]["frobenius_norm"], ref) <= 1e-4, (name, t)
+            ref = exact_keys(W0[name], truth[t][name], view="bf16", channel_rank=16)
+            assert rel(hist[t]["frobenius_norm"], ref["frobenius_norm"]) <= 1e-4, (name, t)
+
+
+def test_the_hellos_channel_rank_field_sets_K_and_K_stays_within_a_run(shared):
+    """K = 4 only in Hello.channel_rank (config_json says nothing of it, so the sidecar's
+    default would be 16): the top-K energy follows K = 4; a hello with another K is refused,
+    one from an older client (K only in config_json) with the same K is not."""
+    import grpc
+    from deltawatch.client import wire
+    from deltawatch.client.settings import SketchSettings
+    from deltawatch.client.tracker import MatrixTracker
+    from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
+
+    g = torch.Generator().manual_seed(21)
+    run, name, shape = "toy-k-field", "model.layers.0.q.weight", SHAPES["q"]
+    W0, D = pretrained_like(*shape, g), opd_direction(shape, g)
+    sketch = SketchSettings(channel_rank=4, oversample=4)
+    tracker = MatrixTracker.attach(name, W0, sketch=sketch)
+    manifest = [{"matrix": name, "shape": list(shape), "numel": math.prod(shape),
+                 "dtype": "float32", "layer": 0, "module": "q"}]  # fmt: skip
+
+    def hello(config: dict, **k) -> list:
+        return wire.encode_hello(
+            1, run=run, incarnation=1, resume_step=None, client_version="test", config=config,
+            manifest=manifest, **k,
+        )  # fmt: skip
+
+    weights = {t: (W0.double() + t * D).float() for t in range(1, 6)}
+    frames = [*hello({}, channel_rank=4, oversample=4)]
+    frames += wire.encode_baseline(
+        2, run=run, incarnation=1, matrix=name, sketch=tracker.baseline()
+    )
+    for t, Wt in weights.items():
+        frames += wire.encode_report(2 + t, run=run, incarnation=1, check=tracker.check(Wt, t))
+    with grpc.insecure_channel(shared.endpoint) as channel:
+        stub = pb_grpc.IngestStub(channel)
+        out = list(stub.Stream(iter(frames), timeout=60))
+        assert [i for m in out if m.WhichOneof("body") == "ack" for i in m.ack.ids] == [
+            *range(1, 8)
+        ]
+        got = shared.history(run, name)[5]
+        ref = {
+            k: exact_keys(W0, weights[5], view="bf16", channel_rank=k)["topk_energy_ratio"]
+            for k in (4, 16)
+        }
+        assert ref[16] - ref[4] > 0.2  # K = 16 would be told apart
+        assert abs(got["topk_energy_ratio"] - ref[4]) <= 0.02, (got["topk_energy_ratio"], ref)
+
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.Stream(iter(hello({}, channel_rank=8, oversample=4)), timeout=30))
+        assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+        assert "channel_rank (K) is 8" in err.value.details()
+        assert "K must stay the same" in err.value.details()
+        older = list(stub.Stream(iter(hello({"channel_rank": 4, "oversample": 4})), timeout=30))
+        assert [m.WhichOneof("body") for m in older] == ["ack"]
 
 
 # ---------------------------------------------------------------------------------------------

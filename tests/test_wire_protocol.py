@@ -11,7 +11,7 @@ import pytest
 import torch
 from deltawatch.client import wire
 from deltawatch.client.config import MonitorConfig
-from deltawatch.client.records import MatrixCheck
+from deltawatch.client.records import ManifestEntry, MatrixCheck
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.cli import build_parser, serve_config
 from deltawatch.v1 import deltawatch_pb2 as pb
@@ -184,6 +184,13 @@ def test_serve_flags_and_environment(tmp_path):
         serve_config(args, {"DELTAWATCH_TLS_CERT": __file__})
     with pytest.raises(ValueError, match="must be host:port"):
         serve_config(args, {"DELTAWATCH_HTTP_ADDRESS": "9400"})
+    parse = build_parser(with_demo=False).parse_args
+    assert serve_config(parse(["serve", "--channel-rank", "8"]), {}).channel_rank == 8
+    assert serve_config(args, {"DELTAWATCH_CHANNEL_RANK": "4"}).channel_rank == 4
+    with pytest.raises(ValueError, match="--rank is now --channel-rank"):
+        serve_config(parse(["serve", "--rank", "8"]), {})
+    with pytest.raises(ValueError, match="DELTAWATCH_RANK is now DELTAWATCH_CHANNEL_RANK"):
+        serve_config(args, {"DELTAWATCH_RANK": "8"})
     empty = tmp_path / "token"
     empty.write_text("\n")
     with pytest.raises(ValueError, match="--token-file: .* is empty: write the token into it"):
@@ -208,3 +215,21 @@ def test_frame_budget_counts_serialized_bytes(wide_check):
                                        wide_check.weight.G, wide_check.weight.C,
                                        wide_check.v_ref))  # fmt: skip
     assert raw <= wire.frames_size(frames) <= raw + 4096 * math.ceil(raw / wire.MAX_CHUNK_BYTES)
+
+
+def test_the_hello_carries_k_and_p_as_fields_and_the_manifest():
+    from deltawatch.client.monitor import hello_frames, manifest_entry
+
+    config = MonitorConfig.from_keywords("r", channel_rank=4, oversample=6)
+    entry = manifest_entry("model.layers.0.w", (3, 4), "bfloat16", 0, "w", "rows", 1)
+    [frame] = hello_frames(1, config, 7, [entry], rank=1, world_size=2)
+    assert (frame.hello.channel_rank, frame.hello.oversample) == (4, 6)
+    h = wire.hello_from(frame.hello)
+    assert (h.channel_rank, h.oversample, h.incarnation, h.rank) == (4, 6, 7, 1)
+    assert h.manifest == [
+        ManifestEntry("model.layers.0.w", (3, 4), 12, "bfloat16", 0, "w", "rows", 1)
+    ]
+    assert h.config["channel_rank"] == 4 and h.config["incarnation"] == 7
+    frame.hello.channel_rank = frame.hello.oversample = 0  # an older client: neither field
+    older = wire.hello_from(frame.hello)
+    assert (older.channel_rank, older.oversample) == (None, None)

@@ -14,8 +14,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from deltawatch.sidecar.demo import model as demo_model
-from deltawatch.sidecar.demo import task
+
+from . import model as demo_model
+from . import task
 
 SEED = 0
 ANCHOR_STEPS = 180

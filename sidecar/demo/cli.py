@@ -27,7 +27,7 @@ BOTTLENECK_REGIMES = ("opd", "sft")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The demo's flags (the `deltawatch demo` subparser)."""
-    from deltawatch.sidecar.demo.regimes import Settings
+    from .regimes import Settings
 
     d = Settings()
     parser.add_argument(
@@ -109,8 +109,8 @@ def parse_regimes(text: str) -> list[str]:
 
 
 def _load_models(weights: Path | None):
-    from deltawatch.sidecar.demo import anchor
-    from deltawatch.sidecar.demo import model as demo_model
+    from . import anchor
+    from . import model as demo_model
 
     folder = weights or demo_model.WEIGHTS_DIR
     files = (folder / demo_model.ANCHOR_FILE, folder / demo_model.TEACHER_FILE)
@@ -168,8 +168,9 @@ def monitored_run(
 ) -> dict[str, Any]:
     """Post-train a fresh copy of the anchor with its own Monitor; read the run back."""
     from deltawatch.client import Monitor
-    from deltawatch.sidecar.demo import model as demo_model
-    from deltawatch.sidecar.demo import regimes
+
+    from . import model as demo_model
+    from . import regimes
 
     student = load_anchor()
     alerts: list[dict[str, Any]] = []
@@ -232,10 +233,11 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     t_start = time.perf_counter()
     import torch
-    from deltawatch.sidecar.demo import model as demo_model
-    from deltawatch.sidecar.demo import report, task
-    from deltawatch.sidecar.demo.regimes import Settings
-    from deltawatch.sidecar.process import SidecarProcess
+
+    from ..process import SidecarProcess
+    from . import model as demo_model
+    from . import report, task
+    from .regimes import Settings
 
     names = parse_regimes(args.regimes)
     if args.steps < 1 or args.every < 1 or args.batch < 8 or args.batch % 8:
@@ -349,8 +351,10 @@ def run_bottleneck(
 
     The free runs are the table's runs (the Monitor does not change training) or, when a regime
     was not in --regimes, a run made here."""
+    from deltawatch.client.settings import SketchSettings
+
     lock_at = max(args.every, math.ceil(0.2 * settings.steps))
-    rank = 16
+    channel_rank = SketchSettings().channel_rank
     entries: dict[str, Any] = {}
     for regime in BOTTLENECK_REGIMES:
         free = results.get(regime)
@@ -363,7 +367,7 @@ def run_bottleneck(
         held = monitored_run(
             regime, f"demo-{regime}-bottleneck", load_anchor, teacher, train_pairs, held_out,
             settings, sidecar, every=args.every, progress=progress,
-            monitor_kwargs={"enforce_channel": True, "lock_at_step": lock_at, "channel_rank": rank},
+            monitor_kwargs={"enforce_channel": True, "lock_at_step": lock_at, "channel_rank": channel_rank},
         )  # fmt: skip
         entries[regime] = {
             "accuracy_free": free["accuracy"],
@@ -373,4 +377,4 @@ def run_bottleneck(
             "projected_gradients": held["projected_gradients"],
             "run": f"demo-{regime}-bottleneck",
         }
-    return {"channel_rank": rank, "lock_at_step": lock_at, "regimes": entries}
+    return {"channel_rank": channel_rank, "lock_at_step": lock_at, "regimes": entries}

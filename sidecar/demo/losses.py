@@ -22,7 +22,8 @@ from __future__ import annotations
 import math
 
 import torch
-from deltawatch.sidecar.demo.task import VOCAB_SIZE
+
+from .task import VOCAB_SIZE
 
 GRPO_EPSILON = 1e-4
 PPO_CLIP = 0.2

@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from deltawatch.sidecar.demo import task
 from safetensors.torch import load_file, save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
+
+from . import task
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 ANCHOR_FILE = "anchor.safetensors"

@@ -26,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from deltawatch.sidecar.demo import losses, task
-from deltawatch.sidecar.demo import model as demo_model
+
+from . import losses, task
+from . import model as demo_model
 
 REGIMES = ("opd", "sft", "rlvr", "opd-drift")
 DRIFT_CONFIDENCE = 0.9  # the rule teacher's probability of its target token after the drift

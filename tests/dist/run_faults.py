@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from deltawatch.client import sharding  # noqa: E402
 from deltawatch.client.collectives import FAULT_ENV  # noqa: E402
 from deltawatch.client.monitor import Monitor  # noqa: E402
-from run_toy import MONITOR, build, write_weights  # noqa: E402
+from run_toy import MONITOR, build, run_each, write_weights  # noqa: E402
 from toy import CollectiveCounter, initial_weights, weights_at  # noqa: E402
 
 
@@ -109,23 +109,16 @@ def main() -> None:
     a = ap.parse_args()
     faulthandler.dump_traceback_later(120, exit=True)  # a hung collective fails fast
     plans = json.loads(a.faults)
-    distributed = list(plans) != ["single"]
-    if distributed:
-        dist.init_process_group("gloo")
-    os.makedirs(a.out, exist_ok=True)
-    for mode, plan in plans.items():
-        os.environ[FAULT_ENV] = plan
+
+    def run_one(mode: str) -> dict:
+        os.environ[FAULT_ENV] = plans[mode]
         result = (run_project if mode == "tp_project" else run_checks)(mode, a)
         mon = result.pop("monitor")
-        rank = sharding.world()[0]
         result["acknowledged"] = mon.close(timeout=60)
         result["stats"] = mon.stats()
-        with open(os.path.join(a.out, f"{mode}-rank{rank}.json"), "w") as f:
-            json.dump(result, f)
-        if distributed:
-            dist.barrier()
-    if distributed:
-        dist.destroy_process_group()
+        return result
+
+    run_each(list(plans), a.out, run_one)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,28 @@ class Tokens(torch.utils.data.Dataset):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
 
 
+def training_args(output_dir: str, **over) -> TrainingArguments:
+    """The tests' TrainingArguments: 4 steps of SGD at a constant 0.05 on the CPU, batches of 4,
+    no saving, logging or reporting, seed 0; `over` changes any of them."""
+    settings = dict(
+        output_dir=output_dir,
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        save_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        seed=0,
+    )
+    return TrainingArguments(**(settings | over))
+
+
 class Probe(DeltawatchCallback):
     """The callback, keeping what its Monitor saw before closing it."""
 
@@ -78,21 +100,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = tiny_qwen3()
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}
-    args = TrainingArguments(
-        output_dir=os.path.join(a.out, "trainer"),
-        max_steps=4,
-        per_device_train_batch_size=2,
-        learning_rate=0.05,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        save_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        ddp_backend="gloo",
-        seed=0,
+    args = training_args(
+        os.path.join(a.out, "trainer"), per_device_train_batch_size=2, ddp_backend="gloo"
     )
     callback = Probe(run=a.run_name, endpoint=a.endpoint, every=2, channel_rank=4, oversample=4)
     trainer = Trainer(

@@ -220,7 +220,7 @@ def real_step(mode, model, named, mon, step: int, W0: dict, counter) -> dict:
             for part in fused.split(name, tuple(W.shape), rules):
                 r0, r1 = part.rows or (0, W.shape[0])
                 w0, wt = W[r0:r1], full[name].detach()[r0:r1].clone()
-                ref = exact_keys(w0, wt, view="bf16", rank=MONITOR["channel_rank"])
+                ref = exact_keys(w0, wt, view="bf16", channel_rank=MONITOR["channel_rank"])
                 visible = exact_counts(w0, wt, view="bf16")["visible"]
                 exact[part.name] = {
                     "frobenius_norm": ref["frobenius_norm"],
@@ -290,14 +290,21 @@ def main() -> None:
     a = ap.parse_args()
     # A hung collective prints every thread's stack and exits instead of waiting forever.
     faulthandler.dump_traceback_later(a.hang_timeout, exit=True)
-    modes = a.modes.split(",")
+    run_each(a.modes.split(","), a.out, lambda mode: run_mode(mode, a))
+
+
+def run_each(modes: list[str], out_dir: str, run_one) -> None:
+    """Each mode in turn (a gloo process group unless the only mode is "single"): `run_one(mode)`
+    returns this rank's output, written as <out_dir>/<mode>-rank<rank>.json; the ranks wait for
+    each other after each mode."""
     distributed = modes != ["single"]
     if distributed:
         dist.init_process_group("gloo")
-    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(out_dir, exist_ok=True)
     for mode in modes:
-        out = run_mode(mode, a)
-        with open(os.path.join(a.out, f"{mode}-rank{out['rank']}.json"), "w") as f:
+        out = run_one(mode)
+        rank = dist.get_rank() if distributed else 0
+        with open(os.path.join(out_dir, f"{mode}-rank{rank}.json"), "w") as f:
             json.dump(out, f, default=str)
         if distributed:
             dist.barrier()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -29,6 +30,47 @@ def sidecar(directory: Path) -> Iterator[tuple[str, str]]:
     (gRPC endpoint, HTTP base URL)."""
     with SidecarProcess(directory / "data") as side:
         yield side.endpoint, side.http_url
+
+
+def torchrun_beside_reference(
+    script: Path,
+    out: Path,
+    endpoint: str,
+    run_prefix: str,
+    steps: int,
+    reference: list[str],
+    jobs: list[tuple[int, list[str]]],
+    timeout: float,
+) -> tuple[dict[str, Any], str]:
+    """The single-process reference (`script *reference`) in the background while each torchrun
+    job (nproc, its arguments) runs in turn, all sending to `endpoint` as runs `run_prefix`-...
+    for `steps` steps, then every process checked for exit 0. Returns every rank's output
+    (`out`/*.json by file stem) and the jobs' stderr."""
+    common = ["--endpoint", endpoint, "--run-prefix", run_prefix, "--out", str(out)]
+    common += ["--steps", str(steps)]
+    env = quiet_env()
+    single = subprocess.Popen(
+        [sys.executable, str(script), *reference, *common],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    stderr = ""
+    for nproc, args in jobs:
+        job = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+            + ["--nproc-per-node", str(nproc), str(script), *args, *common],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
+        stderr += job.stderr
+    single_log, _ = single.communicate(timeout=timeout)
+    assert single.returncode == 0, single_log
+    return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}, stderr
 
 
 def get_json(base: str, path: str) -> Any:

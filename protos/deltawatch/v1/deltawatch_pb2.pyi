@@ -57,7 +57,7 @@ class ManifestEntry(_message.Message):
     def __init__(self, matrix: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., dtype: _Optional[str] = ..., layer: _Optional[int] = ..., module: _Optional[str] = ..., shard_layout: _Optional[str] = ..., owner_rank: _Optional[int] = ..., expert: _Optional[int] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("run", "incarnation", "resume_step", "client_version", "config_json", "manifest", "rank", "world_size")
+    __slots__ = ("run", "incarnation", "resume_step", "client_version", "config_json", "manifest", "rank", "world_size", "channel_rank", "oversample")
     RUN_FIELD_NUMBER: _ClassVar[int]
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     RESUME_STEP_FIELD_NUMBER: _ClassVar[int]
@@ -66,6 +66,8 @@ class Hello(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_RANK_FIELD_NUMBER: _ClassVar[int]
+    OVERSAMPLE_FIELD_NUMBER: _ClassVar[int]
     run: str
     incarnation: int
     resume_step: int
@@ -74,7 +76,9 @@ class Hello(_message.Message):
     manifest: _containers.RepeatedCompositeFieldContainer[ManifestEntry]
     rank: int
     world_size: int
-    def __init__(self, run: _Optional[str] = ..., incarnation: _Optional[int] = ..., resume_step: _Optional[int] = ..., client_version: _Optional[str] = ..., config_json: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    channel_rank: int
+    oversample: int
+    def __init__(self, run: _Optional[str] = ..., incarnation: _Optional[int] = ..., resume_step: _Optional[int] = ..., client_version: _Optional[str] = ..., config_json: _Optional[str] = ..., manifest: _Optional[_Iterable[_Union[ManifestEntry, _Mapping]]] = ..., rank: _Optional[int] = ..., world_size: _Optional[int] = ..., channel_rank: _Optional[int] = ..., oversample: _Optional[int] = ...) -> None: ...
 
 class Sketch(_message.Message):
     __slots__ = ("G", "C", "convergence", "power_steps", "exact")
