@@ -40,7 +40,10 @@ def moe(tmp_path_factory):
     """A sidecar that took the run over one gRPC stream; the run's last reports by matrix."""
     manifest = expert_manifest(LAYERS, EXPERTS, EXPERT_SHAPES, {"self_attn.q_proj": (48, 40)})
     run = SyntheticRun(
-        run=RUN, shapes={m["matrix"]: tuple(m["shape"]) for m in manifest}, channel_rank=4, oversample=4
+        run=RUN,
+        shapes={m["matrix"]: tuple(m["shape"]) for m in manifest},
+        channel_rank=4,
+        oversample=4,
     )
     data = tmp_path_factory.mktemp("moe")
     side = SidecarProcess(data).start()
