@@ -66,15 +66,12 @@ def runs(sidecar, tmp_path_factory):
     """The single-process runs and the torchrun job side by side: ({file stem: JSON}, out dir)."""
     endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
-    common = ["--endpoint", endpoint, "--run-prefix", "lora", "--out", str(out)]
-    common += ["--steps", str(STEPS)]
-    serve.side_by_side(
-        SCRIPT,
-        ["--faults", json.dumps(SINGLE), *common],
-        ["--faults", json.dumps(FSDP2), "--refusals", *common],
-        timeout=150,
+    reference = ["--faults", json.dumps(SINGLE)]
+    jobs = [(2, ["--faults", json.dumps(FSDP2), "--refusals"])]
+    outputs, _ = serve.torchrun_beside_reference(
+        SCRIPT, out, endpoint, "lora", STEPS, reference, jobs, timeout=150
     )
-    return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}, out
+    return outputs, out
 
 
 def _history(base: str, run: str, matrix: str) -> dict[int, dict]:

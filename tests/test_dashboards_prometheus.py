@@ -48,7 +48,9 @@ class Block(torch.nn.Module):
 def pretrained_like(g: torch.Generator) -> torch.Tensor:
     U, _ = torch.linalg.qr(torch.randn(M, M, generator=g))
     V, _ = torch.linalg.qr(torch.randn(N, N, generator=g))
-    return (U * torch.arange(1, M + 1, dtype=torch.float32) ** -0.7) @ V[:, :M].T
+    sigma = torch.arange(1, M + 1, dtype=torch.float32) ** -0.7
+    sigma[16:] *= 0.3  # a gap after σ16: the rotation panels' angles are then certified
+    return (U * sigma) @ V[:, :M].T
 
 
 def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
@@ -79,7 +81,7 @@ def live(tmp_path_factory) -> Any:
         with torch.no_grad():
             for step in range(1, 41):
                 for p, d in zip(params, directions, strict=True):
-                    p.add_(3e-4 * d + 3e-6 * torch.randn(M, N, generator=g))
+                    p.add_(3e-3 * d + 3e-6 * torch.randn(M, N, generator=g))
                 mon.step(step)
         assert mon.close(timeout=DEADLINE)
         # MoE experts in the same run (a second stream of its incarnation), for the experts row
@@ -87,7 +89,7 @@ def live(tmp_path_factory) -> Any:
         config = mon.config.to_json_dict() | {"incarnation": mon.incarnation}
         moe = SyntheticRun(
             run="dash-opd", shapes={e["matrix"]: tuple(e["shape"]) for e in experts},
-            rank=16, oversample=16, lock_at_step=2,
+            channel_rank=16, oversample=16, lock_at_step=2,
         )  # fmt: skip
         stream_run(sidecar.endpoint, moe, experts, [2, 4], incarnation=mon.incarnation,
                    config=config)  # fmt: skip

@@ -101,6 +101,11 @@ class _Stats:
         self.lock = threading.Lock()
 
 
+# the run's rotations (a fraction of a degree) are below what the Ritz-residual bound certifies,
+# so they are null in the API and absent from /metrics (docs/geometry.md)
+UNCERTIFIED = {"rotation_max_degrees", "rotation_mean_degrees"}
+
+
 def test_engine_http_runs_and_detail_shapes(served):
     http, run, engine = served["http"], served["run"], served["engine"]
     status, body = http.get_json("/api/v1/runs")
@@ -285,7 +290,8 @@ def test_engine_real_prometheus_scrapes_every_matrix(served, tmp_path):
                 if (row.step if b.key == "step" else row.keys[b.key]) is not None
             }
             assert got == want, b.metric
-            assert set(got) == set(run.shapes), b.metric  # every matrix, every key (all locked)
+            if b.key not in UNCERTIFIED:  # every matrix, every other key (all locked)
+                assert set(got) == set(run.shapes), b.metric
         (item,) = prometheus.query(
             f'{run_metric("deltawatch_bf16_visible_ratio")}{{run="{run.run}"}}'
         )

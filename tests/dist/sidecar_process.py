@@ -76,27 +76,3 @@ def torchrun_beside_reference(
 def get_json(base: str, path: str) -> Any:
     """GET base + /api/v1 + path as JSON."""
     return _get_json(base + "/api/v1" + path)
-
-
-def side_by_side(script: Path, single: list[str], distributed: list[str], timeout: float) -> None:
-    """Run `script` with arguments `single` in one plain process while `torchrun --standalone
-    --nproc-per-node 2` runs it with `distributed` (quiet_env, each within `timeout` s); fails the
-    test with their output when either exits non-zero."""
-    plain = subprocess.Popen(
-        [sys.executable, str(script), *single],
-        env=quiet_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    job = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
-        + [str(script), *distributed],
-        env=quiet_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    plain_log, _ = plain.communicate(timeout=timeout)
-    assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
-    assert plain.returncode == 0, plain_log
