@@ -370,32 +370,28 @@ class ServiceCollector(Collector):
         yield firing
 
         if self.engine is not None:
-            writable = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "deltawatch_store_writable",
                 "1 while the store can write, 0 while it cannot (disk full, locked); /readyz 503.",
+                value=1.0 if self.engine.store.writable else 0.0,
             )
-            writable.add_metric([], 1.0 if self.engine.store.writable else 0.0)
-            yield writable
-            quarantined = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "deltawatch_runs_quarantined",
                 "Runs whose stored rows could not be loaded at start-up (see /readyz).",
+                value=float(len(self.engine.quarantined)),
             )
-            quarantined.add_metric([], float(len(self.engine.quarantined)))
-            yield quarantined
         if stats is not None and hasattr(stats, "loop_lag_max_seconds"):
-            lag_max = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "deltawatch_event_loop_lag_max_seconds",
                 "Largest delay of the sidecar's event loop seen since start (a 10 ms probe).",
+                value=float(stats.loop_lag_max_seconds),
             )
-            lag_max.add_metric([], float(stats.loop_lag_max_seconds))
-            yield lag_max
         if stats is not None and hasattr(stats, "inflight_bytes"):
-            inflight = GaugeMetricFamily(
+            yield GaugeMetricFamily(
                 "deltawatch_ingest_inflight_bytes",
                 "Report bytes received and not yet acknowledged, over every stream.",
+                value=float(stats.inflight_bytes),
             )
-            inflight.add_metric([], float(stats.inflight_bytes))
-            yield inflight
 
 
 def make_registry(
