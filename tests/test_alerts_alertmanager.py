@@ -112,7 +112,10 @@ def test_a_drift_reaches_alertmanager_survives_restarts_and_resolves(tmp_path, o
     receiver = WebhookReceiver()
     am = AlertmanagerServer(tmp_path / "am", receiver.url).start()
     config = tmp_path / "alerts.yaml"
-    config.write_text(yaml.safe_dump({"alertmanager": {"resend_every_seconds": RESEND_SECONDS}}))
+    # the re-send and the retry backoff shortened alike: an Alertmanager that is restarting refuses
+    # posts, and the default backoff (up to 60 s) would outlast the test's wait
+    alertmanager = {"resend_every_seconds": RESEND_SECONDS, "max_backoff_seconds": 2.0}
+    config.write_text(yaml.safe_dump({"alertmanager": alertmanager}))
     side = SidecarProcess(
         tmp_path / "data", "--alertmanager-url", am.url, "--alert-config", str(config)
     )
