@@ -1,0 +1,66 @@
+"""The live self-audit's arithmetic (sidecar/audit.py) against numpy float64: ΔW assembled from
+blocks equals the whole bf16 ΔW; the exact keys match an independent SVD; a real tracker's live
+keys are within their stated bounds (error ratio ≤ 1) and a scaled estimate is not."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from deltawatch.client.tracker import MatrixTracker
+from deltawatch.sidecar.audit import AuditError, assemble, error_ratios, exact_update_keys
+from deltawatch.sidecar.geometry import MatrixGeometry
+from test_core_trajectories import pretrained_like, trajectory
+
+NAME = "model.layers.0.mlp.up_proj.weight"
+K = 16
+
+
+def blocks_of(D: torch.Tensor, rows: int, cols: int) -> list[tuple[int, int, torch.Tensor]]:
+    """D split into a rows × cols grid of bf16 blocks, as the ranks of a 2-D mesh send it."""
+    out = []
+    for rb in torch.tensor_split(torch.arange(D.shape[0]), rows):
+        for cb in torch.tensor_split(torch.arange(D.shape[1]), cols):
+            out.append((int(rb[0]), int(cb[0]), D[rb][:, cb].to(torch.bfloat16)))
+    return out
+
+
+def test_live_keys_are_within_their_stated_bounds_and_a_scaled_one_is_not() -> None:
+    W0 = pretrained_like(256, 512, seed=3, dtype=torch.bfloat16)
+    tracker = MatrixTracker.attach(NAME, W0)
+    geometry = MatrixGeometry((256, 512), rank=K)
+    geometry.baseline(tracker.baseline())
+    audited = 0
+    for step, W in trajectory("opd", W0, 5):
+        keys = geometry.ingest(tracker.check(W, step))
+        D = W.double() - W0.double()  # both bf16: the visible update
+        pieces = blocks_of(D, 2, 2)
+        A = assemble((256, 512), pieces[:3])
+        assert A is None  # a block missing: not yet whole
+        A = assemble((256, 512), list(reversed(pieces)))
+        assert torch.equal(A, D.to(torch.bfloat16).double())  # the blocks, put back in place
+        # bf16 differences of bf16 values are exact within a factor 2 of each other (Sterbenz)
+        inexact = float((A != D).double().mean())
+        assert inexact < 0.05, inexact
+        assert float((A - D).norm()) <= 2.0**-9 * float(D.norm())
+        exact = exact_update_keys(A, K)
+        S = np.linalg.svd(A.numpy(), compute_uv=False)
+        fro2 = float((A.numpy() ** 2).sum())
+        assert exact["frobenius_norm"] == pytest.approx(np.sqrt(fro2), rel=1e-12)
+        assert exact["spectral_norm"] == pytest.approx(S[0], rel=1e-12)
+        assert exact["stable_rank"] == pytest.approx(fro2 / S[0] ** 2, rel=1e-12)
+        assert exact["topk_energy_ratio"] == pytest.approx((S[:K] ** 2).sum() / fro2, rel=1e-12)
+        ratios = error_ratios(keys, exact)
+        assert all(r <= 1 for r in ratios.values()), ratios
+        audited += len(ratios)
+        wrong = dict(keys, spectral_norm=keys["spectral_norm"] * 1.2)
+        assert error_ratios(wrong, exact)["spectral_norm"] > 1
+    assert audited >= 5 * 3  # σ1, stable rank, energy reported at least; ‖ΔW‖_F always
+
+
+def test_a_block_outside_the_matrix_or_overlapping_is_refused() -> None:
+    block = torch.zeros(4, 4, dtype=torch.bfloat16)
+    with pytest.raises(AuditError, match="outside the matrix of shape"):
+        assemble((8, 8), [(6, 0, block)])
+    with pytest.raises(AuditError, match="overlap"):
+        assemble((8, 8), [(0, 0, block), (2, 2, block)])
