@@ -20,7 +20,7 @@ import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
 from .config import RUN_NAME
-from .records import SHARD_LAYOUTS, ManifestEntry, MatrixCheck, Sketch
+from .records import SHARD_LAYOUTS, AuditPiece, ManifestEntry, MatrixCheck, Sketch
 from .settings import MAX_COLUMNS, AnchorSettings, LockSettings, SketchSettings
 
 # The protocol's limits: the one place the client, the ingest and the engine read them from.
@@ -52,6 +52,9 @@ _DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "float32": (torch.float32, "<f4"),
     "float64": (torch.float64, "<f8"),
 }
+# An AuditBlock's one tensor and its one dtype: bf16 bits as little-endian 16-bit words.
+AUDIT_FIELD, AUDIT_DTYPE = "delta", "bfloat16"
+_AUDIT_DTYPES: dict[str, tuple[torch.dtype, str]] = {AUDIT_DTYPE: (torch.bfloat16, "<i2")}
 SKETCH_FIELDS = ("G", "C")
 
 
@@ -217,10 +220,15 @@ def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
 # Encoding (client side)
 
 
-def tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """(dtype, shape, raw little-endian float32 bytes) of a tensor, copied to the host."""
-    a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-    return "float32", list(a.shape), a.tobytes()
+def tensor_bytes(t: torch.Tensor, dtype: str = "float32") -> tuple[str, list[int], bytes]:
+    """(dtype, shape, raw little-endian bytes) of a tensor, copied to the host: float32, or
+    bfloat16 (`AUDIT_DTYPE`: the bf16 bit patterns as 16-bit words)."""
+    if dtype == AUDIT_DTYPE:
+        bits = t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
+        a = bits.numpy().astype("<i2", copy=False)
+    else:
+        a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return dtype, list(a.shape), a.tobytes()
 
 
 class _Frames:
@@ -231,8 +239,8 @@ class _Frames:
         self.inline_bytes = 0
         self.chunks: list[pb.ClientMessage] = []
 
-    def put(self, target: pb.Tensor, field: str, t: torch.Tensor) -> None:
-        dtype, shape, raw = tensor_bytes(t)
+    def put(self, target: pb.Tensor, field: str, t: torch.Tensor, dtype: str = "float32") -> None:
+        dtype, shape, raw = tensor_bytes(t, dtype)
         target.dtype = dtype
         target.shape.extend(shape)
         target.chunk_index = 0
@@ -347,6 +355,24 @@ def encode_report(
     return [pb.ClientMessage(id=msg_id, report=r), *frames.chunks]
 
 
+def encode_audit(
+    msg_id: int, *, run: str, incarnation: int, piece: AuditPiece, skipped_audits: int = 0
+) -> list[pb.ClientMessage]:
+    """An `AuditPiece` as frames: the AuditBlock, then the chunks of its bf16 ΔW block."""
+    frames = _Frames(msg_id)
+    a = pb.AuditBlock(
+        run=run,
+        incarnation=incarnation,
+        matrix=piece.matrix,
+        step=int(piece.step),
+        row_offset=int(piece.row_offset),
+        col_offset=int(piece.col_offset),
+        skipped_audits=int(skipped_audits),
+    )
+    frames.put(a.delta, AUDIT_FIELD, piece.delta, AUDIT_DTYPE)
+    return [pb.ClientMessage(id=msg_id, audit=a), *frames.chunks]
+
+
 def frames_size(frames: Iterable[pb.ClientMessage]) -> int:
     """Serialized bytes of a message's frames (what the transport's byte budget counts)."""
     return sum(f.ByteSize() for f in frames)
@@ -359,17 +385,21 @@ def frames_size(frames: Iterable[pb.ClientMessage]) -> int:
 def decode_tensor(
     field: str, t: pb.Tensor, data: bytes | bytearray | None = None, *, check_finite: bool = True
 ) -> torch.Tensor:
-    """Raw little-endian bytes -> a float32 CPU tensor; validates dtype, size and finiteness.
-    A float32 tensor of a writable buffer (a chunked tensor's preallocated `bytearray`) is a view
-    of it, not a copy."""
+    """Raw little-endian bytes -> a float32 CPU tensor (an audit's bf16 block: bfloat16, exact
+    bits); validates dtype, size and finiteness. A float32 tensor of a writable buffer (a chunked
+    tensor's preallocated `bytearray`) is a view of it, not a copy."""
     expected = _declared_bytes(field, t)
     shape = list(t.shape)
     raw = t.data if data is None else data
     if len(raw) != expected:
         raise invalid(f"{field}: {len(raw)} bytes, expected {expected} for {t.dtype} shape {shape}")
-    a = np.frombuffer(raw, dtype=_DTYPES[t.dtype][1]).reshape(shape)
     writable = isinstance(raw, bytearray)
-    out = torch.from_numpy(a.astype(np.float32, copy=not writable))
+    if field == AUDIT_FIELD:
+        bits = np.frombuffer(raw, dtype="<i2").reshape(shape).astype(np.int16)
+        out = torch.from_numpy(bits).view(torch.bfloat16)
+    else:
+        a = np.frombuffer(raw, dtype=_DTYPES[t.dtype][1]).reshape(shape)
+        out = torch.from_numpy(a.astype(np.float32, copy=not writable))
     if check_finite and not finite(out):
         bad = int((~torch.isfinite(out)).sum())
         raise invalid(f"{field}: {bad} non-finite values, expected all finite")
@@ -377,8 +407,10 @@ def decode_tensor(
 
 
 def declared_tensors(body) -> list[tuple[str, pb.Tensor]]:
-    """The (field, Tensor) pairs a Baseline or MatrixReport declares, in wire order."""
+    """The (field, Tensor) pairs a Baseline, MatrixReport or AuditBlock declares, in wire order."""
     out: list[tuple[str, pb.Tensor]] = []
+    if isinstance(body, pb.AuditBlock):
+        return [(AUDIT_FIELD, body.delta)] if body.HasField("delta") else []
     if isinstance(body, pb.Baseline):
         if body.HasField("weight"):
             out += [("weight.G", body.weight.G), ("weight.C", body.weight.C)]
@@ -394,7 +426,8 @@ def declared_tensors(body) -> list[tuple[str, pb.Tensor]]:
 
 @dataclass
 class Assembled:
-    """A complete client message: its id, kind ("hello" | "baseline" | "report" | "goodbye"),
+    """A complete client message: its id, kind ("hello" | "baseline" | "report" | "audit" |
+    "goodbye"),
     the protobuf body and its tensors by field name (float32 CPU)."""
 
     id: int
@@ -456,7 +489,7 @@ class Assembler:
                 refused_id=pending.id,
                 refeed=True,
             )
-        if kind not in ("baseline", "report"):
+        if kind not in ("baseline", "report", "audit"):
             return Assembled(frame.id, kind, getattr(frame, kind), {}, frame.ByteSize())
         try:
             return self._declare(frame, kind)
@@ -545,12 +578,13 @@ class Assembler:
 
 
 def _declared_bytes(field: str, t: pb.Tensor) -> int:
-    if t.dtype not in _DTYPES:
-        raise invalid(f"{field}: dtype {t.dtype[:40]!r}, expected one of {sorted(_DTYPES)}")
+    dtypes = _AUDIT_DTYPES if field == AUDIT_FIELD else _DTYPES
+    if t.dtype not in dtypes:
+        raise invalid(f"{field}: dtype {t.dtype[:40]!r}, expected one of {sorted(dtypes)}")
     shape = list(t.shape)
     if not shape or len(shape) > 2 or any(s <= 0 for s in shape):
         raise invalid(f"{field}: shape {shape[:8]}, expected 1 or 2 positive dimensions")
-    n = math.prod(shape) * np.dtype(_DTYPES[t.dtype][1]).itemsize
+    n = math.prod(shape) * np.dtype(dtypes[t.dtype][1]).itemsize
     if n > MAX_TENSOR_BYTES:
         raise invalid(
             f"{field}: {n} bytes declared (shape {shape}), expected at most {MAX_TENSOR_BYTES}"
@@ -621,6 +655,20 @@ def check_from(msg: Assembled) -> MatrixCheck:
 
 
 COUNT_FIELDS = ("visible_count", "visible_low_count", "visible_principal_count")
+
+
+def audit_from(msg: Assembled) -> AuditPiece:
+    """A decoded AuditBlock -> an `AuditPiece`: step and offsets within signed 64 bits, a 2-D bf16
+    block, every value finite. Whether the block fits the matrix is the ingest's question (at
+    declaration), whether it fits the other blocks the engine's."""
+    a: pb.AuditBlock = msg.body
+    for name in ("step", "row_offset", "col_offset", "skipped_audits"):
+        check_int(f"audit.{name}", getattr(a, name))
+    delta = msg.tensors.get(AUDIT_FIELD)
+    if delta is None or delta.ndim != 2:
+        raise invalid(f"audit.delta: {'missing' if delta is None else 'not 2-D'}, expected (h, w)")
+    _finite(f"audit.{AUDIT_FIELD}", delta)
+    return AuditPiece(a.matrix, int(a.step), int(a.row_offset), int(a.col_offset), delta)
 
 
 @dataclass(frozen=True)

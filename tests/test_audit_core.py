@@ -28,10 +28,10 @@ def blocks_of(D: torch.Tensor, rows: int, cols: int) -> list[tuple[int, int, tor
 def test_live_keys_are_within_their_stated_bounds_and_a_scaled_one_is_not() -> None:
     W0 = pretrained_like(256, 512, seed=3, dtype=torch.bfloat16)
     tracker = MatrixTracker.attach(NAME, W0)
-    geometry = MatrixGeometry((256, 512), rank=K)
+    geometry = MatrixGeometry((256, 512), channel_rank=K)
     geometry.baseline(tracker.baseline())
     audited = 0
-    for step, W in trajectory("opd", W0, 5):
+    for step, W in trajectory("opd", W0, 3):
         keys = geometry.ingest(tracker.check(W, step))
         D = W.double() - W0.double()  # both bf16: the visible update
         pieces = blocks_of(D, 2, 2)
@@ -55,7 +55,7 @@ def test_live_keys_are_within_their_stated_bounds_and_a_scaled_one_is_not() -> N
         audited += len(ratios)
         wrong = dict(keys, spectral_norm=keys["spectral_norm"] * 1.2)
         assert error_ratios(wrong, exact)["spectral_norm"] > 1
-    assert audited >= 5 * 3  # σ1, stable rank, energy reported at least; ‖ΔW‖_F always
+    assert audited >= 3 * 3  # σ1, stable rank, energy reported at least; ‖ΔW‖_F always
 
 
 def test_a_block_outside_the_matrix_or_overlapping_is_refused() -> None:
