@@ -2,7 +2,8 @@
 check audits, and this rank's blocks of its update ΔW.
 
 Every `audit_every`-th check (by check index t = step // every, a number every rank holds), one
-matrix travels as its full bf16 ΔW: the auditable matrices in manifest order, in rotation
+matrix travels as its full ΔW (float32, the tracker's own D = view(W_t) − view(W0), which in the
+bf16 view is the exact difference of two bf16 values): the auditable matrices in manifest order, in rotation
 (matrix number (t / audit_every) mod count). The same choice on every rank, from data every rank
 holds. Each rank holding part of it sends its own block with its global offsets, never a gathered
 matrix: a dense block (replicated, FSDP2 / TP rows or columns) as one piece at (row, column
@@ -49,7 +50,7 @@ def flat_rectangles(start: int, stop: int, n: int) -> list[tuple[int, int, int, 
 
 def pieces(matrix: str, step: int, D: torch.Tensor, placement) -> list[AuditPiece]:
     """This rank's blocks of ΔW (`D`, the local block as the tracker forms it) for `placement`
-    (sharding.Placement), rounded to bf16 on the host; none for an empty block."""
+    (sharding.Placement), copied to the host; none for an empty block."""
     if placement.flat is not None:
         start, stop = placement.flat
         values = flat.entries(D, placement.spec)
@@ -57,12 +58,12 @@ def pieces(matrix: str, step: int, D: torch.Tensor, placement) -> list[AuditPiec
         for row, col, h, w in flat_rectangles(start, stop, placement.shape[1]):
             block = values[at : at + h * w].reshape(h, w)
             at += h * w
-            out.append(AuditPiece(matrix, step, row, col, _host_bf16(block)))
+            out.append(AuditPiece(matrix, step, row, col, _host(block)))
         return out
     if D.numel() == 0:
         return []
-    return [AuditPiece(matrix, step, placement.rows[0], placement.cols[0], _host_bf16(D))]
+    return [AuditPiece(matrix, step, placement.rows[0], placement.cols[0], _host(D))]
 
 
-def _host_bf16(block: torch.Tensor) -> torch.Tensor:
-    return block.detach().to("cpu", torch.bfloat16).contiguous()
+def _host(block: torch.Tensor) -> torch.Tensor:
+    return block.detach().to("cpu", torch.float32, copy=True).contiguous()

@@ -373,7 +373,7 @@ class Monitor:
         return None if i is None else self._auditable[i]
 
     def _send_audit(self, m: _Matrix, step: int) -> None:
-        """This rank's blocks of m's bf16 ΔW at `step` to the sender's queue (skipped and
+        """This rank's blocks of m's ΔW at `step` to the sender's queue (skipped and
         counted there when the queue is full); the trainer never gathers."""
         D = m.tracker.update_block(_local(m))
         for piece in audit.pieces(m.name, step, D, m.placement):

@@ -62,10 +62,10 @@ class ManifestEntry:
 @dataclass(frozen=True)
 class AuditPiece:
     """One rank's block of a matrix's update ΔW at a check (the live self-audit, docs/audit.md):
-    ΔW[row_offset : row_offset + h, col_offset : col_offset + w] in bf16."""
+    ΔW[row_offset : row_offset + h, col_offset : col_offset + w], as the tracker forms it."""
 
     matrix: str
     step: int
     row_offset: int
     col_offset: int
-    delta: torch.Tensor  # (h, w) bfloat16
+    delta: torch.Tensor  # (h, w) float32

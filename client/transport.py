@@ -9,7 +9,7 @@ they are resent after reconnecting (the sidecar de-duplicates on (run, matrix, s
 The queue holds at most `max_queue_bytes` of unacknowledged items (sent or not). When a new item
 does not fit, the oldest audit block goes first, then the oldest report (baselines only when
 nothing else is left), counted, and the count travels with the next report (`dropped_reports`) or
-audit block (`skipped_audits`). An audit block (`submit_audit`, the self-audit's bf16 ΔW) that does
+audit block (`skipped_audits`). An audit block (`submit_audit`, the self-audit's ΔW) that does
 not fit is never queued: it is skipped and counted (`audits_skipped`), so audits never push a
 report out.
 

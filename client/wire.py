@@ -52,9 +52,9 @@ _DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "float32": (torch.float32, "<f4"),
     "float64": (torch.float64, "<f8"),
 }
-# An AuditBlock's one tensor and its one dtype: bf16 bits as little-endian 16-bit words.
-AUDIT_FIELD, AUDIT_DTYPE = "delta", "bfloat16"
-_AUDIT_DTYPES: dict[str, tuple[torch.dtype, str]] = {AUDIT_DTYPE: (torch.bfloat16, "<i2")}
+# An AuditBlock's one tensor and its one dtype: float32, which holds the view's ΔW exactly.
+AUDIT_FIELD, AUDIT_DTYPE = "delta", "float32"
+_AUDIT_DTYPES = {AUDIT_DTYPE: _DTYPES[AUDIT_DTYPE]}
 SKETCH_FIELDS = ("G", "C")
 
 
@@ -220,15 +220,10 @@ def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
 # Encoding (client side)
 
 
-def tensor_bytes(t: torch.Tensor, dtype: str = "float32") -> tuple[str, list[int], bytes]:
-    """(dtype, shape, raw little-endian bytes) of a tensor, copied to the host: float32, or
-    bfloat16 (`AUDIT_DTYPE`: the bf16 bit patterns as 16-bit words)."""
-    if dtype == AUDIT_DTYPE:
-        bits = t.detach().to("cpu", torch.bfloat16).contiguous().view(torch.int16)
-        a = bits.numpy().astype("<i2", copy=False)
-    else:
-        a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-    return dtype, list(a.shape), a.tobytes()
+def tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """(dtype, shape, raw little-endian float32 bytes) of a tensor, copied to the host."""
+    a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
+    return "float32", list(a.shape), a.tobytes()
 
 
 class _Frames:
@@ -239,8 +234,8 @@ class _Frames:
         self.inline_bytes = 0
         self.chunks: list[pb.ClientMessage] = []
 
-    def put(self, target: pb.Tensor, field: str, t: torch.Tensor, dtype: str = "float32") -> None:
-        dtype, shape, raw = tensor_bytes(t, dtype)
+    def put(self, target: pb.Tensor, field: str, t: torch.Tensor) -> None:
+        dtype, shape, raw = tensor_bytes(t)
         target.dtype = dtype
         target.shape.extend(shape)
         target.chunk_index = 0
@@ -358,7 +353,7 @@ def encode_report(
 def encode_audit(
     msg_id: int, *, run: str, incarnation: int, piece: AuditPiece, skipped_audits: int = 0
 ) -> list[pb.ClientMessage]:
-    """An `AuditPiece` as frames: the AuditBlock, then the chunks of its bf16 ΔW block."""
+    """An `AuditPiece` as frames: the AuditBlock, then the chunks of its float32 ΔW block."""
     frames = _Frames(msg_id)
     a = pb.AuditBlock(
         run=run,
@@ -369,7 +364,7 @@ def encode_audit(
         col_offset=int(piece.col_offset),
         skipped_audits=int(skipped_audits),
     )
-    frames.put(a.delta, AUDIT_FIELD, piece.delta, AUDIT_DTYPE)
+    frames.put(a.delta, AUDIT_FIELD, piece.delta)
     return [pb.ClientMessage(id=msg_id, audit=a), *frames.chunks]
 
 
@@ -385,21 +380,17 @@ def frames_size(frames: Iterable[pb.ClientMessage]) -> int:
 def decode_tensor(
     field: str, t: pb.Tensor, data: bytes | bytearray | None = None, *, check_finite: bool = True
 ) -> torch.Tensor:
-    """Raw little-endian bytes -> a float32 CPU tensor (an audit's bf16 block: bfloat16, exact
-    bits); validates dtype, size and finiteness. A float32 tensor of a writable buffer (a chunked
-    tensor's preallocated `bytearray`) is a view of it, not a copy."""
+    """Raw little-endian bytes -> a float32 CPU tensor; validates dtype, size and finiteness.
+    A float32 tensor of a writable buffer (a chunked tensor's preallocated `bytearray`) is a view
+    of it, not a copy."""
     expected = _declared_bytes(field, t)
     shape = list(t.shape)
     raw = t.data if data is None else data
     if len(raw) != expected:
         raise invalid(f"{field}: {len(raw)} bytes, expected {expected} for {t.dtype} shape {shape}")
+    a = np.frombuffer(raw, dtype=_DTYPES[t.dtype][1]).reshape(shape)
     writable = isinstance(raw, bytearray)
-    if field == AUDIT_FIELD:
-        bits = np.frombuffer(raw, dtype="<i2").reshape(shape).astype(np.int16)
-        out = torch.from_numpy(bits).view(torch.bfloat16)
-    else:
-        a = np.frombuffer(raw, dtype=_DTYPES[t.dtype][1]).reshape(shape)
-        out = torch.from_numpy(a.astype(np.float32, copy=not writable))
+    out = torch.from_numpy(a.astype(np.float32, copy=not writable))
     if check_finite and not finite(out):
         bad = int((~torch.isfinite(out)).sum())
         raise invalid(f"{field}: {bad} non-finite values, expected all finite")
@@ -658,8 +649,8 @@ COUNT_FIELDS = ("visible_count", "visible_low_count", "visible_principal_count")
 
 
 def audit_from(msg: Assembled) -> AuditPiece:
-    """A decoded AuditBlock -> an `AuditPiece`: step and offsets within signed 64 bits, a 2-D bf16
-    block, every value finite. Whether the block fits the matrix is the ingest's question (at
+    """A decoded AuditBlock -> an `AuditPiece`: step and offsets within signed 64 bits, a 2-D
+    float32 block, every value finite. Whether the block fits the matrix is the ingest's question (at
     declaration), whether it fits the other blocks the engine's."""
     a: pb.AuditBlock = msg.body
     for name in ("step", "row_offset", "col_offset", "skipped_audits"):

@@ -1,5 +1,5 @@
 """The live self-audit (DESIGN §2 audit tier, `Monitor(audit_every=N)`, docs/audit.md): a matrix's
-full ΔW, assembled from the bf16 blocks its ranks sent, gives exact float64 keys to hold the live
+full ΔW, assembled from the blocks its ranks sent, gives exact float64 keys to hold the live
 estimates of the same (matrix, step) against.
 
 Only the keys that need ΔW alone are audited (`AUDITED_KEYS`): ‖ΔW‖_F, σ1, the stable rank and the
@@ -8,10 +8,13 @@ weights), the alignments need V_K of earlier checks, the counts need W0's bits a
 
 Each key's error is reported as a ratio to its stated bound (`STATED_BOUNDS`): 1 is the bound, so
 an audit error ratio above 1 is a live estimate outside its stated accuracy (the `AuditError`
-rule). The ΔW travels in bf16 (2·m·n bytes): in the bf16 view ΔW = bf16(W_t) − bf16(W0) is exact in
-bf16 wherever the two values are within a factor 2 of each other (Sterbenz), i.e. everywhere but
-at sign changes and entries that more than doubled; in the native view the reference carries
-bf16 rounding (≤ 2⁻⁹ relative per entry).
+rule). The ΔW travels in float32 (4·m·n bytes), as the tracker forms it: in the bf16 view
+D = f32(bf16(W_t)) − f32(bf16(W0)), the exact difference of two bf16 values (their 8-bit
+significands fit float32's 24 unless the exponents are 16 apart), so the reference is the very
+matrix the tracker iterates on. Rounding it to bf16 would not do: a difference is a bf16 number
+only where the two values are within a factor 2 of each other (Sterbenz), and the toy trajectory
+of tests/dist/toy.py, whose updates are as large as its small weights, showed a bf16-rounded ΔW
+3.7e-4 off in ‖ΔW‖_F — over that key's 1e-4 bound.
 
 `Auditor` holds the incomplete assemblies of every run (bounded in bytes and in age, evictions
 counted), runs the float64 SVD of a complete one on its own worker thread (never the event loop,
@@ -52,8 +55,9 @@ STATED_BOUNDS = {
 }
 # What the alert rule and the metric read: the worst ratio of an audit, and which key it is.
 WORST_RATIO, WORST_KEY = "audit_error_ratio", "audit_key"
-DEFAULT_MAX_BYTES = 512 << 20  # bf16 bytes of every incomplete assembly together
+DEFAULT_MAX_BYTES = 1 << 30  # bytes of every incomplete assembly's blocks together
 DEFAULT_TIMEOUT_S = 600.0  # an assembly missing a block this long is evicted
+MAX_AWAITING = 10_000  # audits waiting for their check's report (the oldest forgotten)
 
 
 class AuditError(ValueError):
@@ -192,6 +196,10 @@ class Auditor:
             max_workers=1, thread_name_prefix="deltawatch-audit"
         )
         self._listeners: list[Callable[[str, str, int, dict], Any]] = []
+        # audits stored before their check's report: (run, matrix, step) -> exact keys
+        self._awaiting: collections.OrderedDict[tuple[str, str, int], dict] = (
+            collections.OrderedDict()
+        )
         self.evicted = 0  # incomplete assemblies dropped (timeout or memory cap)
         self.completed = 0  # audits computed and stored
         self.failed = 0  # audits whose computation failed (logged)
@@ -233,7 +241,7 @@ class Auditor:
         if self.store.has_audit(run, piece.matrix, piece.step):
             return False
         key = (run, incarnation, piece.matrix, piece.step)
-        nbytes = 2 * h * w
+        nbytes = piece.delta.element_size() * h * w
         with self._lock:
             self._evict_expired()
             a = self._pending.get(key)
@@ -251,7 +259,7 @@ class Auditor:
             if a is None:
                 a = self._pending[key] = Assembly(shape, self._clock())
             self.skipped[run] += skipped
-            a.blocks[rect] = piece.delta.to(torch.bfloat16)
+            a.blocks[rect] = piece.delta
             a.covered += h * w
             a.nbytes += nbytes
             if a.covered < shape[0] * shape[1]:
@@ -294,19 +302,42 @@ class Auditor:
             D = assemble(a.shape, blocks)
             exact = exact_update_keys(D, self._channel_rank(run))
             seconds = time.perf_counter() - start
-            live = self.store.check_keys(run, matrix, step)
-            ratios = error_ratios(live or {}, exact)
-            live_keys = {k: (live or {}).get(k) for k in AUDITED_KEYS}
-            stored = self.store.save_audit(
-                run, matrix, step, incarnation, seconds, exact, live_keys, ratios
-            )
+            with self._lock:  # against on_check: the live check is read, or awaited, not both
+                live = self.store.check_keys(run, matrix, step)
+                ratios = error_ratios(live or {}, exact)
+                live_keys = {k: (live or {}).get(k) for k in AUDITED_KEYS}
+                stored = self.store.save_audit(
+                    run, matrix, step, incarnation, seconds, exact, live_keys, ratios
+                )
+                if stored and live is None:
+                    self._awaiting[(run, matrix, step)] = exact
+                    while len(self._awaiting) > MAX_AWAITING:
+                        self._awaiting.popitem(last=False)
         except Exception:
             self.failed += 1
             log.exception("the audit of %s/%s step %d failed", run, matrix, step)
             return
         self.completed += 1
         self.last_seconds = seconds
-        if not (stored and ratios):
+        if stored:
+            self._tell(run, matrix, step, ratios)
+
+    def on_check(self, run: str, matrix: str, step: int, keys: dict[str, Any]) -> None:
+        """The engine's listener after every stored check: an audit that completed before the
+        report of its check was stored (the owner's block may be empty, so another rank's block
+        can complete it first) gets its live keys and ratios now."""
+        with self._lock:
+            exact = self._awaiting.pop((run, matrix, step), None)
+            if exact is None:
+                return
+            ratios = error_ratios(keys, exact)
+            live = {k: keys.get(k) for k in AUDITED_KEYS}
+            self.store.set_audit_live(run, matrix, step, live, ratios)
+        self._tell(run, matrix, step, ratios)
+
+    def _tell(self, run: str, matrix: str, step: int, ratios: dict[str, float]) -> None:
+        """The listeners get the audit's worst ratio (nothing when no key has one)."""
+        if not ratios:
             return
         worst = max(ratios, key=ratios.get)
         for cb in list(self._listeners):

@@ -205,6 +205,7 @@ class Engine:
         self._load()
         # the live self-audit's assemblies, exact keys and results (sidecar/audit.py)
         self.audit = Auditor(store, self.manifest, self.run_channel_rank)
+        self.subscribe(self.audit.on_check)
 
     # ---------------------------------------------------------------- start-up
 

@@ -449,7 +449,7 @@ class AuditCollector(Collector):
             (GaugeMetricFamily, "audit_assemblies_pending", "Audits waiting for blocks.",
              "pending"),
             (GaugeMetricFamily, "audit_pending_bytes",
-             "bf16 bytes held by incomplete audit assemblies.", "pending_bytes"),
+             "Bytes held by incomplete audit assemblies.", "pending_bytes"),
             (GaugeMetricFamily, "audit_last_seconds",
              "Seconds the latest audit's float64 SVD took.", "last_seconds"),
         ):  # fmt: skip

@@ -755,6 +755,21 @@ class Store:
             )  # fmt: skip
             return cur.rowcount == 1
 
+    def set_audit_live(
+        self,
+        run: str,
+        matrix: str,
+        step: int,
+        live: Mapping[str, Any],
+        ratios: Mapping[str, Any],
+    ) -> None:
+        """The live keys and error ratios of an audit stored before its check's report."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE audits SET live = ?, ratios = ? WHERE run = ? AND matrix = ? AND step = ?",
+                (dumps_keys(live), dumps_keys(ratios), run, matrix, step),
+            )
+
     def latest_audits(self, run: str) -> list[dict[str, Any]]:
         """Each matrix's latest audit of `run` (by step), in matrix order."""
         rows = self._read(

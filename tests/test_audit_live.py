@@ -1,5 +1,5 @@
 """The live self-audit end to end, against a real `deltawatch serve` over real gRPC: a Monitor with
-`audit_every` on a model trained by a real optimizer sends its matrices' bf16 ΔW in rotation; the
+`audit_every` on a model trained by a real optimizer sends its matrices' ΔW in rotation; the
 sidecar's exact keys equal an independent float64 numpy computation from W_t − W0 and the live
 estimates are within their stated bounds; a report with a wrong σ1 makes the AuditError rule
 fire; hostile AuditBlocks are refused by name and change nothing; audits that do not fit the
@@ -53,10 +53,9 @@ def numpy_keys(D: np.ndarray, k: int) -> dict[str, float]:
     }
 
 
-def as_sent(W_t: torch.Tensor, W0: torch.Tensor) -> np.ndarray:
-    """bf16(f32(bf16(W_t)) − f32(bf16(W0))): the bf16 view's ΔW, rounded to bf16 as it travels."""
-    D = W_t.to(torch.bfloat16).double() - W0.to(torch.bfloat16).double()
-    return D.to(torch.bfloat16).double().numpy()
+def bf16_view_delta(W_t: torch.Tensor, W0: torch.Tensor) -> np.ndarray:
+    """bf16(W_t) − bf16(W0) in float64: the bf16 view's ΔW (DESIGN §2), formed independently."""
+    return (W_t.to(torch.bfloat16).double() - W0.to(torch.bfloat16).double()).numpy()
 
 
 def test_audits_equal_float64_and_live_keys_are_within_their_bounds(side):
@@ -89,7 +88,7 @@ def test_audits_equal_float64_and_live_keys_are_within_their_bounds(side):
     assert sorted(item["step"] for item in block["matrices"]) == [5, 6]
     for item in block["matrices"]:
         name, step = item["matrix"], item["step"]
-        ref = numpy_keys(as_sent(weights[step][name], W0[name]), 8)
+        ref = numpy_keys(bf16_view_delta(weights[step][name], W0[name]), 8)
         history = get_json(f"{side.http_url}/api/v1/runs/audit-live/history?matrix={name}")
         live = next(p for p in history["points"] if p["step"] == step)
         for key in AUDITED_KEYS:
@@ -123,7 +122,7 @@ def synthetic_frames(run: SyntheticRun, steps: list[int], wrong: dict[int, float
                 check = replace(check, update=update)
             frames += wire.encode_report(msg_id, run=run.run, incarnation=1, check=check)
             msg_id += 1
-        piece = AuditPiece(Q, step, 0, 0, D.to(torch.bfloat16))
+        piece = AuditPiece(Q, step, 0, 0, D)
         frames += wire.encode_audit(msg_id, run=run.run, incarnation=1, piece=piece)
         msg_id += 1
     return frames
@@ -161,20 +160,20 @@ def hostile(run: SyntheticRun) -> list[tuple[pb.AuditBlock, bytes | None, str]]:
     """(AuditBlock, data or None for the right bytes, what the refusal must say)."""
     m, n = run.shapes[Q]
 
-    def block(shape, row=0, col=0, matrix=Q, dtype="bfloat16"):
+    def block(shape, row=0, col=0, matrix=Q, dtype="float32"):
         t = pb.Tensor(dtype=dtype, shape=shape, chunk_index=0, chunk_count=1)
         return pb.AuditBlock(run=run.run, incarnation=1, matrix=matrix, step=1, row_offset=row,
                              col_offset=col, delta=t)  # fmt: skip
 
-    nan = torch.full((4, n), float("nan"), dtype=torch.bfloat16)
+    nan = torch.full((4, n), float("nan"))
     return [
         (block([m + 1, n]), None, "expected at most the manifest's"),
         (block([10, n], row=m - 5), None, "lie outside the matrix"),
         (block([4, n], col=-1), None, "lie outside the matrix"),
         (block([4, n], matrix="model.layers.9.nope.weight"), None, "is not in the manifest"),
-        (block([4, n]), wire.tensor_bytes(nan, "bfloat16")[2], "non-finite"),
-        (block([4, n]), b"\0" * (4 * n * 2 + 2), "bytes, expected"),
-        (block([4, n], dtype="float32"), None, "expected one of ['bfloat16']"),
+        (block([4, n]), wire.tensor_bytes(nan)[2], "non-finite"),
+        (block([4, n]), b"\0" * (4 * n * 4 + 2), "bytes, expected"),
+        (block([4, n], dtype="float64"), None, "expected one of ['float32']"),
         (block([m, n, 2]), None, "expected 1 or 2 positive dimensions"),
     ]
 
@@ -187,10 +186,10 @@ def test_hostile_audit_blocks_are_refused_by_name_and_change_nothing(side):
     cases = hostile(run)
     for i, (body, data, _) in enumerate(cases):
         h, w = (list(body.delta.shape) + [1])[:2]
-        body.delta.data = data if data is not None else b"\0" * (2 * max(h, 1) * max(w, 1))
+        body.delta.data = data if data is not None else b"\0" * (4 * max(h, 1) * max(w, 1))
         frames.append(pb.ClientMessage(id=10 + i, audit=body))
     n = run.shapes[Q][1]
-    top = torch.ones(48, n, dtype=torch.bfloat16)
+    top = torch.ones(48, n)
     for i, row in enumerate((0, 40)):  # the second overlaps the first's rows 40..47
         piece = AuditPiece(Q, 1, row, 0, top)
         frames += wire.encode_audit(100 + i, run=run.run, incarnation=1, piece=piece)
@@ -207,15 +206,15 @@ def test_hostile_audit_blocks_are_refused_by_name_and_change_nothing(side):
 
 
 class TwoSizes(torch.nn.Module):
-    """A 64×128 matrix whose bf16 ΔW fits a 1 MiB queue, and a 4096×130 one (1.06 MB) that never
-    does."""
+    """A 64×128 matrix whose ΔW (32 KiB in float32) fits a 1 MiB queue, and a 2048×130 one
+    (1.06 MB) that never does."""
 
     def __init__(self) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(3)
         self.model = torch.nn.Module()
         self.model.layers = torch.nn.ModuleList(
-            torch.nn.Linear(n, m, bias=False) for m, n in ((64, 128), (4096, 130))
+            torch.nn.Linear(n, m, bias=False) for m, n in ((64, 128), (2048, 130))
         )
         with torch.no_grad():
             for layer in self.model.layers:
