@@ -7,9 +7,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from deltawatch.client.records import AuditPiece, ManifestEntry
 from deltawatch.client.tracker import MatrixTracker
-from deltawatch.sidecar.audit import AuditError, assemble, error_ratios, exact_update_keys
+from deltawatch.sidecar.audit import (
+    AuditError,
+    Auditor,
+    assemble,
+    error_ratios,
+    exact_update_keys,
+)
+from deltawatch.sidecar.errors import ValidationError
 from deltawatch.sidecar.geometry import MatrixGeometry
+from deltawatch.sidecar.store import Store
 from test_core_trajectories import pretrained_like, trajectory
 
 NAME = "model.layers.0.mlp.up_proj.weight"
@@ -63,3 +72,46 @@ def test_a_block_outside_the_matrix_or_overlapping_is_refused() -> None:
         assemble((8, 8), [(6, 0, block)])
     with pytest.raises(AuditError, match="overlap"):
         assemble((8, 8), [(0, 0, block), (2, 2, block)])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def auditor(tmp_path, **limits) -> tuple[Auditor, Clock]:
+    """An Auditor over a real Store with a one-matrix 8×8 manifest of run "r"."""
+    entry = ManifestEntry("m", (8, 8), 64, "float32", 0, "mlp.up_proj", "rows", 0)
+    clock = Clock()
+    a = Auditor(Store(tmp_path), lambda run: [entry], lambda run: 4, clock=clock, **limits)
+    return a, clock
+
+
+def half(step: int, row: int) -> AuditPiece:
+    return AuditPiece("m", step, row, 0, torch.ones(4, 8))
+
+
+def test_incomplete_assemblies_are_bounded_in_age_and_bytes_and_counted(tmp_path) -> None:
+    a, clock = auditor(tmp_path, max_bytes=3 * 4 * 8 * 4, timeout_s=60.0)
+    assert a.add("r", 1, half(1, 0)) and not a.add(
+        "r", 1, half(1, 0)
+    )  # a resent block: a duplicate
+    clock.now = 61.0
+    assert a.add("r", 1, half(2, 0)) and a.pending() == 1 and a.evicted == 1  # step 1 too old
+    assert a.add("r", 1, half(3, 0)) and a.add("r", 1, half(4, 0))  # 3 halves: at the cap
+    assert a.pending() == 3 and a.pending_bytes == 3 * 128
+    assert a.add("r", 1, half(5, 0))  # over the cap: the oldest (step 2) goes
+    assert a.pending() == 3 and a.evicted == 2
+    with pytest.raises(ValidationError, match="over the sidecar's audit memory cap"):
+        auditor(tmp_path / "small", max_bytes=100)[0].add("r", 1, half(1, 0))
+    assert a.add("r", 1, half(5, 4))  # step 5's other half needs room too: step 3 goes
+    a.drain(60)  # step 5 complete, audited on the auditor's thread
+    assert a.completed == 1 and a.evicted == 3 and a.pending() == 1
+    (row,) = a.store.latest_audits("r")
+    assert row["step"] == 5 and row["exact"]["frobenius_norm"] == pytest.approx(8.0)
+    assert row["live"]["spectral_norm"] is None and row["ratios"] == {}  # no report stored
+    assert not a.add("r", 1, half(5, 0))  # a block of an audit already stored: a duplicate
+    a.close()
