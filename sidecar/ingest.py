@@ -12,7 +12,9 @@ algebra, no SQLite, no manifest check.
 Who asks what (each question once): `client/wire.py` the framing, every field's range and
 finiteness; this module whether a message belongs to its stream (after the hello, its run and
 incarnation, a matrix of the manifest, declared tensor shapes that fit the manifest and r, the
-in-flight byte budgets); the engine what it means against the run's state.
+in-flight byte budgets; for an AuditBlock, a float32 block inside the manifest's shape); the
+engine what it means against the run's state (an AuditBlock: its auditor, sidecar/audit.py,
+whether it fits the blocks already held).
 
 What is refused and how:
 * stream-level faults end the stream with a status: a report or baseline before the hello or a
