@@ -38,6 +38,8 @@ class TransportSettings:
     max_queue_bytes: int = DEFAULT_MAX_QUEUE_BYTES
     connect_timeout: float = 20.0  # seconds for one connection attempt (never on the trainer)
     close_timeout: float = 10.0  # default bounded wait of close()
+    # every N checks one matrix also travels as its bf16 ΔW for an exact audit (docs/audit.md)
+    audit_every: int | None = None  # None or 0: off
 
     def __post_init__(self) -> None:
         _validate_transport(self)
@@ -257,6 +259,8 @@ def _validate_transport(c: TransportSettings) -> None:
             f"max_queue_bytes={c.max_queue_bytes} is below 1 MiB, too small to hold one report; "
             f"use at least {1024 * 1024} (the default is {DEFAULT_MAX_QUEUE_BYTES})"
         )
+    if c.audit_every not in (None, 0):
+        positive_int("audit_every", c.audit_every)
     if c.token is not None and c.token_file is not None:
         raise ValueError("give token or token_file, not both")
     if c.token is not None and (not isinstance(c.token, str) or not c.token.strip()):

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import adapters, experts, flat, naming, sharding
+from . import adapters, audit, experts, flat, naming, sharding
 from . import fused as fused_mod
 from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
@@ -122,6 +122,10 @@ class Monitor:
             if m.placement.computes_here and not m.packed:
                 m.tracker = self._make_tracker(m, checkpoint)
         self._expert_groups = self._make_expert_groups()
+        # the self-audit's rotation: dense matrices (an adapter's or a packed expert's update is
+        # not a block of the weight); the same list on every rank
+        self._auditable = [m.name for m in self.matrices if not m.packed and m.adapter is None]
+        self._audited: str | None = None  # the matrix the current check audits
         self.manifest = [
             manifest_entry(
                 m.name,
@@ -322,6 +326,7 @@ class Monitor:
             if self._closed or step % self.config.every != 0 or step == self._last_check:
                 return
             self._last_check = step
+            self._audited = self._audit_choice(step)
             self._apply_lock_references()
             units = [m for m in self.matrices if m.tracker is not None and not m.packed]
             units += self._expert_groups
@@ -342,6 +347,8 @@ class Monitor:
         if check is not None:
             if m.owned:
                 self._guard("submit", lambda: self._transport.submit_report(check))
+            if m.name == self._audited:
+                self._guard("audit", lambda: self._send_audit(m, step))
             return
         self.checks_dropped += 1
         if s.failure is not None:
@@ -357,6 +364,20 @@ class Monitor:
         )
         if m.owned:
             self._transport.count_unsent()
+
+    def _audit_choice(self, step: int) -> str | None:
+        """The matrix this check audits (client/audit.py), or None."""
+        i = audit.audited_index(
+            step, self.config.every, self.config.transport.audit_every, len(self._auditable)
+        )
+        return None if i is None else self._auditable[i]
+
+    def _send_audit(self, m: _Matrix, step: int) -> None:
+        """This rank's blocks of m's ΔW at `step` to the sender's queue (skipped and
+        counted there when the queue is full); the trainer never gathers."""
+        D = m.tracker.update_block(_local(m))
+        for piece in audit.pieces(m.name, step, D, m.placement):
+            self._transport.submit_audit(piece)
 
     def _check_experts(self, g: experts.ExpertGroup, step: int, last: bool) -> None:
         """One batched check of an expert group (no collective: this rank holds its experts);
@@ -468,6 +489,7 @@ class Monitor:
             "unacknowledged": t.unacknowledged(),
             "acknowledged": t.acked_total,
             "dropped_reports": t.dropped_total,
+            "audits_skipped": t.audits_skipped,
             "refused": t.refused_total,
             "checks_dropped": self.checks_dropped,
             "projections_dropped": getattr(self._channel, "dropped_total", 0),

@@ -57,3 +57,15 @@ class ManifestEntry:
     shard_layout: str  # one of SHARD_LAYOUTS
     owner_rank: int
     expert: int | None = None  # the expert index of a mixture-of-experts matrix, else None
+
+
+@dataclass(frozen=True)
+class AuditPiece:
+    """One rank's block of a matrix's update ΔW at a check (the live self-audit, docs/audit.md):
+    ΔW[row_offset : row_offset + h, col_offset : col_offset + w], as the tracker forms it."""
+
+    matrix: str
+    step: int
+    row_offset: int
+    col_offset: int
+    delta: torch.Tensor  # (h, w) float32

@@ -151,6 +151,12 @@ class MatrixTracker:
         self.V, self.V_w, self.lock, self.fresh = state
         return check
 
+    @torch.no_grad()
+    def update_block(self, W_t_local: torch.Tensor) -> torch.Tensor:
+        """ΔW = view(W_t) − view(W0) of the local block (float32), by the check's own pass
+        (`_delta`): what the live self-audit sends (client/audit.py)."""
+        return self._delta(W_t_local)[1]
+
     # -- the check ------------------------------------------------------------------------
 
     def _check(

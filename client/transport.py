@@ -7,8 +7,11 @@ what it persisted. A broken stream puts the unacknowledged items back in front o
 they are resent after reconnecting (the sidecar de-duplicates on (run, matrix, step, incarnation)).
 
 The queue holds at most `max_queue_bytes` of unacknowledged items (sent or not). When a new item
-does not fit, the oldest report is dropped (baselines only when no report is left), counted, and
-the count travels with the next report (`dropped_reports`).
+does not fit, the oldest audit block goes first, then the oldest report (baselines only when
+nothing else is left), counted, and the count travels with the next report (`dropped_reports`) or
+audit block (`skipped_audits`). An audit block (`submit_audit`, the self-audit's ΔW) that does
+not fit is never queued: it is skipped and counted (`audits_skipped`), so audits never push a
+report out.
 
 A refusal with a retryable status (`RETRYABLE`: RESOURCE_EXHAUSTED, the sidecar's disk is full or
 it is over its in-flight budget; UNAVAILABLE, its store is locked or busy) keeps the item: it goes
@@ -54,10 +57,10 @@ CHANNEL_OPTIONS = [
 @dataclass
 class _Item:
     id: int
-    kind: str  # "baseline" | "report"
-    payload: object  # the tracker's Sketch (baseline: (matrix, Sketch)) or MatrixCheck
+    kind: str  # "baseline" | "report" | "audit"
+    payload: object  # baseline: (matrix, Sketch); report: MatrixCheck; audit: AuditPiece
     nbytes: int
-    carried_dropped: int = 0  # drop count encoded into this report's frames
+    carried_dropped: int = 0  # drop (report) or skip (audit) count encoded into its frames
     frames: list | None = field(default=None, repr=False)
 
 
@@ -69,7 +72,7 @@ def payload_nbytes(*tensors) -> int:
 def _describe(item: _Item) -> tuple[str, str, int | None]:
     if item.kind == "baseline":
         return ("baseline", item.payload[0], None)
-    return ("report", item.payload.matrix, int(item.payload.step))
+    return (item.kind, item.payload.matrix, int(item.payload.step))
 
 
 class ErrorLog:
@@ -121,6 +124,8 @@ class Transport:
         self._next_id = 1
         self._dropped_unreported = 0
         self.dropped_total = 0
+        self._skipped_unreported = 0  # audit blocks skipped since the last audit block sent
+        self.audits_skipped = 0
         self.acked_total = 0
         # (kind, matrix, step) of the latest acknowledged items, for tests and debugging.
         self.acked_log: collections.deque[tuple[str, str, int | None]] = collections.deque(
@@ -153,6 +158,20 @@ class Transport:
             tensors += [check.update.G, check.update.C]
         self._submit("report", check, payload_nbytes(*tensors))
 
+    def submit_audit(self, piece) -> None:
+        """Queue one audit block (`AuditPiece`) when it fits the byte budget as it stands;
+        otherwise skip it and count it (never drops a report to make room)."""
+        nbytes = 512 + int(piece.delta.numel()) * piece.delta.element_size()
+        with self._cv:
+            if self._bytes + nbytes > self.max_queue_bytes:
+                self.audits_skipped += 1
+                self._skipped_unreported += 1
+                self.errors(
+                    "audit_skipped", "queue full: skipped an audit block of %s", piece.matrix
+                )
+                return
+        self._submit("audit", piece, nbytes)
+
     def count_unsent(self) -> None:
         """Count a report that was never queued (its check was dropped on every rank after a
         failure): like a queue drop, the count travels with the next report."""
@@ -173,8 +192,9 @@ class Transport:
             self._cv.notify_all()
 
     def _drop_oldest(self, keep: _Item) -> bool:
-        """Drop the oldest unacknowledged report (else baseline); False when nothing is left."""
-        for kind in ("report", "baseline"):
+        """Drop the oldest unacknowledged audit block (else report, else baseline); False when
+        nothing is left."""
+        for kind in ("audit", "report", "baseline"):
             for source in (self._inflight.values(), self._pending):
                 victim = next((i for i in source if i.kind == kind and i is not keep), None)
                 if victim is not None:
@@ -189,6 +209,9 @@ class Transport:
             if kind == "report":
                 self.dropped_total += 1
                 self._dropped_unreported += 1 + victim.carried_dropped
+            elif kind == "audit":
+                self.audits_skipped += 1
+                self._skipped_unreported += 1 + victim.carried_dropped
             self.errors("queue_full", "queue full (%d bytes): dropped the oldest", self._bytes)
             return True
         return False
@@ -427,14 +450,19 @@ class Transport:
                     item.id, run=self.run, incarnation=self.incarnation, matrix=matrix,
                     sketch=sketch,
                 )  # fmt: skip
-            else:
+            else:  # a report carries the drops since the last one, an audit block the skips
+                report = item.kind == "report"
+                counter = "_dropped_unreported" if report else "_skipped_unreported"
                 with self._cv:
-                    dropped, self._dropped_unreported = self._dropped_unreported, 0
-                item.carried_dropped = dropped
-                item.frames = wire.encode_report(
-                    item.id, run=self.run, incarnation=self.incarnation, check=item.payload,
-                    dropped_reports=dropped,
-                )  # fmt: skip
+                    count = getattr(self, counter)
+                    setattr(self, counter, 0)
+                item.carried_dropped = count
+                if report:
+                    fields = {"check": item.payload, "dropped_reports": count}
+                else:
+                    fields = {"piece": item.payload, "skipped_audits": count}
+                encode = wire.encode_report if report else wire.encode_audit
+                item.frames = encode(item.id, run=self.run, incarnation=self.incarnation, **fields)
         return item.frames
 
 

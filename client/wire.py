@@ -20,7 +20,7 @@ import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
 from .config import RUN_NAME
-from .records import SHARD_LAYOUTS, ManifestEntry, MatrixCheck, Sketch
+from .records import SHARD_LAYOUTS, AuditPiece, ManifestEntry, MatrixCheck, Sketch
 from .settings import MAX_COLUMNS, AnchorSettings, LockSettings, SketchSettings
 
 # The protocol's limits: the one place the client, the ingest and the engine read them from.
@@ -52,6 +52,9 @@ _DTYPES: dict[str, tuple[torch.dtype, str]] = {
     "float32": (torch.float32, "<f4"),
     "float64": (torch.float64, "<f8"),
 }
+# An AuditBlock's one tensor and its one dtype: float32, which holds the view's ΔW exactly.
+AUDIT_FIELD, AUDIT_DTYPE = "delta", "float32"
+_AUDIT_DTYPES = {AUDIT_DTYPE: _DTYPES[AUDIT_DTYPE]}
 SKETCH_FIELDS = ("G", "C")
 
 
@@ -347,6 +350,24 @@ def encode_report(
     return [pb.ClientMessage(id=msg_id, report=r), *frames.chunks]
 
 
+def encode_audit(
+    msg_id: int, *, run: str, incarnation: int, piece: AuditPiece, skipped_audits: int = 0
+) -> list[pb.ClientMessage]:
+    """An `AuditPiece` as frames: the AuditBlock, then the chunks of its float32 ΔW block."""
+    frames = _Frames(msg_id)
+    a = pb.AuditBlock(
+        run=run,
+        incarnation=incarnation,
+        matrix=piece.matrix,
+        step=int(piece.step),
+        row_offset=int(piece.row_offset),
+        col_offset=int(piece.col_offset),
+        skipped_audits=int(skipped_audits),
+    )
+    frames.put(a.delta, AUDIT_FIELD, piece.delta)
+    return [pb.ClientMessage(id=msg_id, audit=a), *frames.chunks]
+
+
 def frames_size(frames: Iterable[pb.ClientMessage]) -> int:
     """Serialized bytes of a message's frames (what the transport's byte budget counts)."""
     return sum(f.ByteSize() for f in frames)
@@ -377,8 +398,10 @@ def decode_tensor(
 
 
 def declared_tensors(body) -> list[tuple[str, pb.Tensor]]:
-    """The (field, Tensor) pairs a Baseline or MatrixReport declares, in wire order."""
+    """The (field, Tensor) pairs a Baseline, MatrixReport or AuditBlock declares, in wire order."""
     out: list[tuple[str, pb.Tensor]] = []
+    if isinstance(body, pb.AuditBlock):
+        return [(AUDIT_FIELD, body.delta)] if body.HasField("delta") else []
     if isinstance(body, pb.Baseline):
         if body.HasField("weight"):
             out += [("weight.G", body.weight.G), ("weight.C", body.weight.C)]
@@ -394,7 +417,8 @@ def declared_tensors(body) -> list[tuple[str, pb.Tensor]]:
 
 @dataclass
 class Assembled:
-    """A complete client message: its id, kind ("hello" | "baseline" | "report" | "goodbye"),
+    """A complete client message: its id, kind ("hello" | "baseline" | "report" | "audit" |
+    "goodbye"),
     the protobuf body and its tensors by field name (float32 CPU)."""
 
     id: int
@@ -456,7 +480,7 @@ class Assembler:
                 refused_id=pending.id,
                 refeed=True,
             )
-        if kind not in ("baseline", "report"):
+        if kind not in ("baseline", "report", "audit"):
             return Assembled(frame.id, kind, getattr(frame, kind), {}, frame.ByteSize())
         try:
             return self._declare(frame, kind)
@@ -545,12 +569,13 @@ class Assembler:
 
 
 def _declared_bytes(field: str, t: pb.Tensor) -> int:
-    if t.dtype not in _DTYPES:
-        raise invalid(f"{field}: dtype {t.dtype[:40]!r}, expected one of {sorted(_DTYPES)}")
+    dtypes = _AUDIT_DTYPES if field == AUDIT_FIELD else _DTYPES
+    if t.dtype not in dtypes:
+        raise invalid(f"{field}: dtype {t.dtype[:40]!r}, expected one of {sorted(dtypes)}")
     shape = list(t.shape)
     if not shape or len(shape) > 2 or any(s <= 0 for s in shape):
         raise invalid(f"{field}: shape {shape[:8]}, expected 1 or 2 positive dimensions")
-    n = math.prod(shape) * np.dtype(_DTYPES[t.dtype][1]).itemsize
+    n = math.prod(shape) * np.dtype(dtypes[t.dtype][1]).itemsize
     if n > MAX_TENSOR_BYTES:
         raise invalid(
             f"{field}: {n} bytes declared (shape {shape}), expected at most {MAX_TENSOR_BYTES}"
@@ -621,6 +646,20 @@ def check_from(msg: Assembled) -> MatrixCheck:
 
 
 COUNT_FIELDS = ("visible_count", "visible_low_count", "visible_principal_count")
+
+
+def audit_from(msg: Assembled) -> AuditPiece:
+    """A decoded AuditBlock -> an `AuditPiece`: step and offsets within signed 64 bits, a 2-D
+    float32 block, every value finite. Whether the block fits the matrix is the ingest's question (at
+    declaration), whether it fits the other blocks the engine's."""
+    a: pb.AuditBlock = msg.body
+    for name in ("step", "row_offset", "col_offset", "skipped_audits"):
+        check_int(f"audit.{name}", getattr(a, name))
+    delta = msg.tensors.get(AUDIT_FIELD)
+    if delta is None or delta.ndim != 2:
+        raise invalid(f"audit.delta: {'missing' if delta is None else 'not 2-D'}, expected (h, w)")
+    _finite(f"audit.{AUDIT_FIELD}", delta)
+    return AuditPiece(a.matrix, int(a.step), int(a.row_offset), int(a.col_offset), delta)
 
 
 @dataclass(frozen=True)

@@ -87,7 +87,14 @@ def exported_metrics() -> set[str]:
     names |= {M.experts_metric(K.MATRIX_PARAMETERS_METRIC)}
     names |= {M.EXPERTS_LOCKED_RATIO_METRIC, M.EXPERTS_MATRICES_METRIC}
     names |= set(service_metrics().values())
+    names |= set(audit_metrics())
     return names
+
+
+def audit_metrics() -> list[str]:
+    """The live self-audit's series names (sidecar/metrics.py `AuditCollector`)."""
+    families = M.AuditCollector(None).collect()
+    return [f.name + ("_total" if f.type == "counter" else "") for f in families]
 
 
 # Exported but deliberately on no panel, with the reason (the dashboards test reads this).
@@ -102,6 +109,11 @@ NOT_SHOWN: dict[str, str] = {
     M.experts_metric(K.VISIBLE_PARAMETERS_METRIC): "the counts behind the pooled visible share",
     M.experts_metric(K.MATRIX_PARAMETERS_METRIC): "the counts behind the pooled visible share",
 }
+NOT_SHOWN |= dict.fromkeys(
+    audit_metrics(),
+    "the live self-audit is read in the API's audit block and the AuditError alert "
+    "(docs/audit.md); audits are rare (one matrix every audit_every checks), a poor time series",
+)
 
 
 # ------------------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from deltawatch.client.config import RUN_NAME
 from deltawatch.client.records import ManifestEntry
 
 from .alerts.state import rfc3339
+from .audit import Auditor
 from .errors import RETRYABLE, ValidationError, invalid, precondition
 from .geometry import MatrixGeometry, ingest_batch, stored_channel_rank
 from .keys import MATRIX_KEYS
@@ -202,6 +203,9 @@ class Engine:
         self.quarantined: dict[str, str] = {}  # run -> why its stored rows could not be loaded
         self._listeners: list[Listener] = []
         self._load()
+        # the live self-audit's assemblies, exact keys and results (sidecar/audit.py)
+        self.audit = Auditor(store, self.manifest, self.run_channel_rank)
+        self.subscribe(self.audit.on_check)
 
     # ---------------------------------------------------------------- start-up
 
@@ -836,6 +840,7 @@ class Engine:
             "last_step": max((row.step for row in rows.values()), default=None),
             "aggregate": self.aggregate(run),
             "matrices": matrices,
+            "audit": self.audit.latest(run),  # the live self-audit (sidecar/audit.py)
         }
         if offset > 0 or end < total:
             out["page"] = {
@@ -915,6 +920,12 @@ class Engine:
         """run -> reports its clients dropped (queue full), as they reported."""
         with self._view:
             return {name: r.dropped for name, r in self._runs.items()}
+
+    def run_channel_rank(self, run: str) -> int:
+        """K of a run (the engine's default for an unknown one)."""
+        with self._view:
+            r = self._runs.get(run)
+            return run_channel_rank(r.config if r else {}, self.channel_rank)
 
     def manifest(self, run: str) -> list[ManifestEntry] | None:
         """A run's manifest in hello order (None for an unknown run)."""

@@ -69,6 +69,17 @@ def right_vectors(W: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return S, Vh[:k].T
 
 
+def spectrum_keys(S: torch.Tensor, frob_sq: float, channel_rank: int) -> dict[str, float]:
+    """σ1, the stable rank ‖ΔW‖_F²/σ1² and the top-K energy Σ_{i≤K}σ_i²/‖ΔW‖_F² from ΔW's singular
+    values S (descending) and ‖ΔW‖_F² > 0."""
+    s1 = float(S[0])
+    return {
+        "spectral_norm": s1,
+        "stable_rank": frob_sq / (s1 * s1),
+        "topk_energy_ratio": float(S[:channel_rank].square().sum()) / frob_sq,
+    }
+
+
 def exact_anchor(
     W0: torch.Tensor,
     *,
@@ -119,10 +130,7 @@ def exact_keys(
     keys["convergence"] = 0.0
     if frob_sq > 0:
         S, V_K = right_vectors(D, channel_rank)
-        s1 = float(S[0])
-        keys["spectral_norm"] = s1
-        keys["stable_rank"] = frob_sq / (s1 * s1)
-        keys["topk_energy_ratio"] = float(S[:channel_rank].square().sum()) / frob_sq
+        keys.update(spectrum_keys(S, frob_sq, channel_rank))
         k_sim = min(channel_rank, *D.shape)  # a matrix with fewer than K directions: Sim over them
         if horizon_V is not None:
             keys["horizon_alignment"] = sim_k(V_K, horizon_V, k_sim)
@@ -261,10 +269,7 @@ def audit_keys(
     if frob_sq > 0:
         _, S, Vh = torch.linalg.svd(D, full_matrices=False)
         V_K = Vh[: min(channel_rank, S.numel())].T
-        s1 = float(S[0])
-        keys["spectral_norm"] = s1
-        keys["stable_rank"] = frob_sq / (s1 * s1)
-        keys["topk_energy_ratio"] = float(S[:channel_rank].square().sum()) / frob_sq
+        keys.update(spectrum_keys(S, frob_sq, channel_rank))
         P = U0[:, :k_paper].T @ D @ V0[:, :k_paper]
         keys["principal_projection_energy_ratio"] = float(P.square().sum()) / frob_sq
     vis = visible_mask(anchor["W0"], Wt.to(anchor["W0"].device))

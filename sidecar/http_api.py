@@ -3,7 +3,8 @@
     GET /api/v1/runs                          {"runs": [{run, last_step, matrices, locked_ratio,
                                                           created_at, updated_at}]}
     GET /api/v1/runs/{run}?offset=&limit=&layer=&module=&expert=
-                                              {run, last_step, aggregate: {keys}, matrices: [...]}
+                                              {run, last_step, aggregate: {keys}, matrices: [...],
+                                              audit: {matrices, pending, skipped}} (docs/audit.md)
                                               one page of matrices in manifest order (default
                                               limit PAGE_SIZE), only those with that layer /
                                               module / expert when given; a partial page adds

@@ -12,7 +12,9 @@ algebra, no SQLite, no manifest check.
 Who asks what (each question once): `client/wire.py` the framing, every field's range and
 finiteness; this module whether a message belongs to its stream (after the hello, its run and
 incarnation, a matrix of the manifest, declared tensor shapes that fit the manifest and r, the
-in-flight byte budgets); the engine what it means against the run's state.
+in-flight byte budgets; for an AuditBlock, a float32 block inside the manifest's shape); the
+engine what it means against the run's state (an AuditBlock: its auditor, sidecar/audit.py,
+whether it fits the blocks already held).
 
 What is refused and how:
 * stream-level faults end the stream with a status: a report or baseline before the hello or a
@@ -45,6 +47,7 @@ from deltawatch.v1 import deltawatch_pb2 as pb
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from google.protobuf.message import DecodeError
 
+from .audit import AuditError, check_block
 from .errors import RESOURCE_EXHAUSTED, ValidationError
 from .progress import CheckProgress
 
@@ -333,8 +336,10 @@ class IngestService(pb_grpc.IngestServicer):
                 f"{kind}.matrix: {body.matrix[:200]!r} is not in the manifest of run "
                 f"{state.run!r} ({len(state.manifest)} matrices)"
             )
+        if kind == "audit":
+            self._audit_fits(entry, body)
         n = entry.shape[1]
-        for fname, t in wire.declared_tensors(body):
+        for fname, t in wire.declared_tensors(body) if kind != "audit" else ():
             shape = list(t.shape)
             if len(shape) != 2:
                 ok, expected = False, "2 dimensions"
@@ -369,6 +374,20 @@ class IngestService(pb_grpc.IngestServicer):
         state.reserving = nbytes
         state.inflight += nbytes
         self.stats.inflight_bytes += nbytes
+
+    @staticmethod
+    def _audit_fits(entry: ManifestEntry, body: pb.AuditBlock) -> None:
+        """An AuditBlock's delta is declared 2-D and lies inside the manifest's [m, n]."""
+        shape = list(body.delta.shape)
+        if not body.HasField("delta") or len(shape) != 2:
+            raise wire.invalid(
+                f"audit of {body.matrix[:200]}: delta declared with shape {shape[:8]}, expected "
+                f"[h, w] inside the manifest's {list(entry.shape)}"
+            )
+        try:
+            check_block(body.matrix, entry.shape, body.row_offset, body.col_offset, *shape)
+        except AuditError as exc:
+            raise wire.invalid(str(exc)) from None
 
     # -- messages ----------------------------------------------------------------------------
 
@@ -479,6 +498,13 @@ class IngestService(pb_grpc.IngestServicer):
         for i, job in enumerate(batch):
             msg, st = job.msg, job.state
             try:
+                if msg.kind == "audit":  # after the reports before it: its live keys are stored
+                    flush_baselines()
+                    flush_reports()
+                    piece = wire.audit_from(msg)
+                    skipped = int(msg.body.skipped_audits)
+                    results[i] = self.engine.audit.add(st.run, st.incarnation, piece, skipped)
+                    continue
                 if msg.kind == "report":
                     flush_baselines()
                     check = wire.check_from(msg)

@@ -34,6 +34,13 @@ be loaded at start-up), `deltawatch_ingest_inflight_bytes` (received, unacknowle
 `deltawatch_event_loop_lag_max_seconds` (the event loop's largest delay since start),
 `deltawatch_alerts_firing{run,rule}` (from a provider returning
 {(run, rule): count}, e.g. `AlertEngine.firing_counts`).
+
+The live self-audit (`AuditCollector`, docs/audit.md): `deltawatch_audit_error_ratio{run,matrix,key}`
+(each matrix's latest audit: the live estimate's error over its stated bound, > 1 out of bound),
+`deltawatch_audits_total`, `deltawatch_audit_assemblies_evicted_total`,
+`deltawatch_audit_assemblies_pending`, `deltawatch_audit_pending_bytes`,
+`deltawatch_audit_last_seconds` (the latest audit's float64 SVD time) and
+`deltawatch_client_skipped_audits_total{run}` (audit blocks clients skipped, queue full).
 """
 
 from __future__ import annotations
@@ -394,6 +401,61 @@ class ServiceCollector(Collector):
             )
 
 
+class AuditCollector(Collector):
+    """The live self-audit's series (see the module docstring), read from `engine.audit`
+    (engine None: every family, empty or zero, as grafana/generate.py lists them)."""
+
+    def __init__(self, engine: Engine | None) -> None:
+        self.engine = engine
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        ratio = GaugeMetricFamily(
+            "deltawatch_audit_error_ratio",
+            "Latest audit per matrix: |live - exact| over the key's stated bound (> 1: out).",
+            labels=["run", "matrix", "key"],
+        )
+        skipped = CounterMetricFamily(
+            "deltawatch_client_skipped_audits",
+            "Audit blocks clients skipped because their send queue was full.",
+            labels=["run"],
+        )
+        auditor = None if self.engine is None else self.engine.audit
+        for run in [] if self.engine is None else self.engine.run_names():
+            for row in self.engine.store.latest_audits(run):
+                for key, value in sorted(row["ratios"].items()):
+                    ratio.add_metric([run, row["matrix"], key], float(value))
+            skipped.add_metric([run], float(auditor.skipped[run]))
+        yield ratio
+        yield skipped
+        counts = dict.fromkeys(
+            ("completed", "evicted", "pending", "pending_bytes", "last_seconds"), 0
+        )
+        if auditor is not None:
+            counts = {
+                "completed": auditor.completed,
+                "evicted": auditor.evicted,
+                "pending": auditor.pending(),
+                "pending_bytes": auditor.pending_bytes,
+                "last_seconds": auditor.last_seconds,
+            }
+        for kind, name, text, key in (
+            (CounterMetricFamily, "audits", "Audits computed and stored.", "completed"),
+            (CounterMetricFamily, "audit_assemblies_evicted",
+             "Incomplete audit assemblies evicted (a block never came, or the memory cap).",
+             "evicted"),
+            (GaugeMetricFamily, "audit_assemblies_pending", "Audits waiting for blocks.",
+             "pending"),
+            (GaugeMetricFamily, "audit_pending_bytes",
+             "Bytes held by incomplete audit assemblies.", "pending_bytes"),
+            (GaugeMetricFamily, "audit_last_seconds",
+             "Seconds the latest audit's float64 SVD took.", "last_seconds"),
+        ):  # fmt: skip
+            yield kind(f"deltawatch_{name}", text, value=float(counts[key]))
+
+
 def make_registry(
     engine: Engine,
     *,
@@ -407,6 +469,7 @@ def make_registry(
     engine, which starts later."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(EngineCollector(engine, detail=detail))
+    registry.register(AuditCollector(engine))
     service = ServiceCollector(engine, ingest_stats=ingest_stats, alerts_firing=alerts_firing)
     registry.register(service)
     return registry, service
@@ -414,6 +477,7 @@ def make_registry(
 
 __all__ = [
     "AGGREGATE_KEYS",
+    "AuditCollector",
     "DETAILS",
     "EngineCollector",
     "EXPERTS_LOCKED_RATIO_METRIC",

@@ -76,6 +76,7 @@ class Sidecar:
             run_matrices=lambda run: len(self.engine.manifest(run) or []) or None,
         )
         self.engine.subscribe(self.alert_engine.observe)
+        self.engine.audit.subscribe(self.alert_engine.observe)
         self.ingest = IngestService(
             self.engine,
             limits=IngestLimits(
@@ -190,6 +191,7 @@ class Sidecar:
         await self.alerts.close()
         if self.runner is not None:
             await self.runner.cleanup()
+        self.engine.audit.close()  # an audit still being computed is lost (docs/audit.md)
         self.store.close()
         log.info("deltawatch stopped")
 

@@ -16,6 +16,10 @@ Layout (`deltawatch.sqlite3`, schema version in `meta`):
                   log-spaced V_K snapshots and the lock reference V_ref, not every G or V.
 * `geometry`      the JSON half of each matrix's geometry state.
 * `lock_refs`     (run, matrix) -> lock_step, incarnation and V_ref, for `HelloResult`.
+* `audits`        the live self-audit (sidecar/audit.py), one row per (run, matrix, step): the
+                  exact float64 keys, the live ones of that check, the error ratios (JSON) and
+                  the SVD's seconds; a data dir written before the table gets it when opened
+                  (CREATE TABLE IF NOT EXISTS, like every table).
 * `alerts`, `kv`  alert state/history and a generic namespaced key/value table for the alert engine.
 
 Durability: `PRAGMA journal_mode=WAL` and `synchronous=FULL` by default. In WAL mode a commit
@@ -150,6 +154,18 @@ CREATE TABLE IF NOT EXISTS alerts (
     updated_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS alerts_by_state ON alerts (state, run, rule);
+CREATE TABLE IF NOT EXISTS audits (
+    run TEXT NOT NULL,
+    matrix TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    incarnation INTEGER NOT NULL,
+    computed_at REAL NOT NULL,
+    seconds REAL NOT NULL,
+    exact TEXT NOT NULL,
+    live TEXT NOT NULL,
+    ratios TEXT NOT NULL,
+    PRIMARY KEY (run, matrix, step)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS kv (
     namespace TEXT NOT NULL,
     key TEXT NOT NULL,
@@ -704,6 +720,70 @@ class Store:
             rows = self._read(sql, (run, matrix))
             if rows:
                 out[matrix] = _history_row(rows[0])
+        return out
+
+    def check_keys(self, run: str, matrix: str, step: int) -> dict[str, Any] | None:
+        """The §2 keys of the visible check of (run, matrix, step), or None when none is stored."""
+        sql = _VISIBLE_SQL.format(matrix_filter="AND h.matrix = ? AND h.step = ?", order="h.step")
+        rows = self._read(sql, (run, matrix, step))
+        return _history_row(rows[0]).keys if rows else None
+
+    # ---------------------------------------------------------------- audits
+
+    def has_audit(self, run: str, matrix: str, step: int) -> bool:
+        """Whether the audit of (run, matrix, step) is stored already."""
+        sql = "SELECT 1 FROM audits WHERE run = ? AND matrix = ? AND step = ?"
+        return bool(self._read(sql, (run, matrix, step), writer=True))
+
+    def save_audit(
+        self,
+        run: str,
+        matrix: str,
+        step: int,
+        incarnation: int,
+        seconds: float,
+        exact: Mapping[str, Any],
+        live: Mapping[str, Any],
+        ratios: Mapping[str, Any],
+    ) -> bool:
+        """Store one audit; idempotent on (run, matrix, step): the first stays (False after)."""
+        with self.transaction() as c:
+            cur = c.execute(
+                "INSERT OR IGNORE INTO audits VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run, matrix, step, incarnation, time.time(), seconds, dumps_keys(exact),
+                 dumps_keys(live), dumps_keys(ratios)),
+            )  # fmt: skip
+            return cur.rowcount == 1
+
+    def set_audit_live(
+        self,
+        run: str,
+        matrix: str,
+        step: int,
+        live: Mapping[str, Any],
+        ratios: Mapping[str, Any],
+    ) -> None:
+        """The live keys and error ratios of an audit stored before its check's report."""
+        with self.transaction() as c:
+            c.execute(
+                "UPDATE audits SET live = ?, ratios = ? WHERE run = ? AND matrix = ? AND step = ?",
+                (dumps_keys(live), dumps_keys(ratios), run, matrix, step),
+            )
+
+    def latest_audits(self, run: str) -> list[dict[str, Any]]:
+        """Each matrix's latest audit of `run` (by step), in matrix order."""
+        rows = self._read(
+            "SELECT matrix, step, incarnation, computed_at, seconds, exact, live, ratios "
+            "FROM audits a WHERE run = ? AND step = (SELECT MAX(step) FROM audits b "
+            "WHERE b.run = a.run AND b.matrix = a.matrix) ORDER BY matrix",
+            (run,),
+        )
+        names = ("matrix", "step", "incarnation", "computed_at", "seconds")
+        out = []
+        for r in rows:
+            item = dict(zip(names, r[:5], strict=True))
+            item.update(zip(("exact", "live", "ratios"), map(json.loads, r[5:]), strict=True))
+            out.append(item)
         return out
 
     # ---------------------------------------------------------------- alerts

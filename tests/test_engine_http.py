@@ -122,7 +122,7 @@ def test_engine_http_runs_and_detail_shapes(served):
         }
     status, detail = http.get_json(f"/api/v1/runs/{run.run}")
     assert status == 200
-    assert set(detail) == {"run", "last_step", "aggregate", "matrices"}
+    assert set(detail) == {"run", "last_step", "aggregate", "matrices", "audit"}
     assert detail["last_step"] == STEPS and detail["run"] == run.run
     assert detail == json.loads(json.dumps(engine.run_detail(run.run)))
     assert_matches_reference(run, detail["matrices"], served["checks"], STEPS)

@@ -2,7 +2,7 @@
 describes itself. `@register` puts a rule in `REGISTRY`; the config, the engine, the webhook and
 Alertmanager read every rule from there, so adding a rule is one class in this file.
 
-Five rules (defaults documented in docs/alerts.md):
+Six rules (defaults documented in docs/alerts.md):
 
 * SubspaceDrift        after lock, ``subspace_alignment < threshold``
 * ChannelLeak          after lock, ``channel_energy_ratio < threshold``
@@ -11,6 +11,8 @@ Five rules (defaults documented in docs/alerts.md):
 * VisibilitySpike      the per-step rise of ``bf16_visible_ratio`` since the previous check above
                        ``factor ×`` the median rise of the last ``window`` checks, and the check's
                        rise at least ``min_increase`` (so the fast rise at the start never fires)
+* AuditError           a live self-audit (docs/audit.md) found a live estimate outside its stated
+                       bound: the audit's worst error ratio ``> threshold`` (1 = the bound)
 * RunStalled           run level, on a timer: no report for longer than
                        ``max(min_seconds, factor · median check interval) + grace_seconds``
 
@@ -226,6 +228,37 @@ class VisibilitySpikeRule(CheckRule):
         return (
             f"{matrix} (run {run}, step {step}): bf16_visible_ratio rose by {_fmt(value)} in one "
             f"check, over {self.factor}× its recent typical rise"
+        )
+
+
+@register
+@dataclass(frozen=True)
+class AuditErrorRule(CheckRule):
+    """The worst |live − exact| / stated bound over the audited keys of a matrix's audit
+    (sidecar/audit.py) above ``threshold``. Evaluated only on audits (a check without one leaves
+    the rule's state alone); fires on the first breaching audit, resolves on the first one within
+    bound (audits are rare: every ``audit_every`` checks, one matrix in rotation)."""
+
+    name: ClassVar[str] = "AuditError"
+    section: ClassVar[str] = "audit_error"
+    description: ClassVar[str] = (
+        "The exact float64 audit of a matrix found a live estimate outside its stated accuracy."
+    )
+    fire_after: int = 1
+    resolve_after: int = 1
+    threshold: float = setting(1.0, AT_LEAST_ZERO)
+
+    def evaluate(self, keys, step, memory):
+        """Breach when keys["audit_error_ratio"] > threshold; None on a check without an audit."""
+        v = _num(keys, "audit_error_ratio")
+        if v is None:
+            return None, None
+        return v > self.threshold, v
+
+    def summary(self, run, matrix, step, value):
+        return (
+            f"{matrix} (run {run}, step {step}): the audit's error ratio {_fmt(value)} > "
+            f"{self.threshold} — a live estimate is outside its stated bound"
         )
 
 

@@ -144,6 +144,26 @@ class MatrixReport(_message.Message):
     dropped_reports: int
     def __init__(self, run: _Optional[str] = ..., incarnation: _Optional[int] = ..., matrix: _Optional[str] = ..., step: _Optional[int] = ..., shape: _Optional[_Iterable[int]] = ..., numel: _Optional[int] = ..., frobenius_sq: _Optional[float] = ..., visible_count: _Optional[int] = ..., visible_low_count: _Optional[int] = ..., visible_principal_count: _Optional[int] = ..., channel_energy_sq: _Optional[float] = ..., update: _Optional[_Union[Sketch, _Mapping]] = ..., weight: _Optional[_Union[Sketch, _Mapping]] = ..., lock_step: _Optional[int] = ..., locked_now: _Optional[bool] = ..., v_ref: _Optional[_Union[Tensor, _Mapping]] = ..., dropped_reports: _Optional[int] = ...) -> None: ...
 
+class AuditBlock(_message.Message):
+    __slots__ = ("run", "incarnation", "matrix", "step", "row_offset", "col_offset", "delta", "skipped_audits")
+    RUN_FIELD_NUMBER: _ClassVar[int]
+    INCARNATION_FIELD_NUMBER: _ClassVar[int]
+    MATRIX_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
+    ROW_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    COL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_AUDITS_FIELD_NUMBER: _ClassVar[int]
+    run: str
+    incarnation: int
+    matrix: str
+    step: int
+    row_offset: int
+    col_offset: int
+    delta: Tensor
+    skipped_audits: int
+    def __init__(self, run: _Optional[str] = ..., incarnation: _Optional[int] = ..., matrix: _Optional[str] = ..., step: _Optional[int] = ..., row_offset: _Optional[int] = ..., col_offset: _Optional[int] = ..., delta: _Optional[_Union[Tensor, _Mapping]] = ..., skipped_audits: _Optional[int] = ...) -> None: ...
+
 class Goodbye(_message.Message):
     __slots__ = ("run", "reason")
     RUN_FIELD_NUMBER: _ClassVar[int]
@@ -153,20 +173,22 @@ class Goodbye(_message.Message):
     def __init__(self, run: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class ClientMessage(_message.Message):
-    __slots__ = ("id", "hello", "baseline", "report", "chunk", "goodbye")
+    __slots__ = ("id", "hello", "baseline", "report", "chunk", "goodbye", "audit")
     ID_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
     REPORT_FIELD_NUMBER: _ClassVar[int]
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     GOODBYE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
     id: int
     hello: Hello
     baseline: Baseline
     report: MatrixReport
     chunk: TensorChunk
     goodbye: Goodbye
-    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., report: _Optional[_Union[MatrixReport, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ...) -> None: ...
+    audit: AuditBlock
+    def __init__(self, id: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., baseline: _Optional[_Union[Baseline, _Mapping]] = ..., report: _Optional[_Union[MatrixReport, _Mapping]] = ..., chunk: _Optional[_Union[TensorChunk, _Mapping]] = ..., goodbye: _Optional[_Union[Goodbye, _Mapping]] = ..., audit: _Optional[_Union[AuditBlock, _Mapping]] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("ids", "resend_baselines")
