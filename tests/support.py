@@ -23,9 +23,11 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 from aiohttp import web
 from deltawatch.client.naming import parse_name
@@ -54,6 +56,35 @@ SHAPES: dict[str, tuple[int, int]] = {
 }
 CHANNEL_RANK = 8
 OVERSAMPLE = 8
+
+
+def sidecar_fixture(*flags: str, **kwargs: Any) -> Callable[..., Any]:
+    """A module-scoped fixture: one real `deltawatch serve` (`SidecarProcess` with `flags` and
+    `kwargs`) for the tests of a module, its data directory (and log) in a fresh temporary
+    directory; stopped after them. In a test module: `sidecar = sidecar_fixture()`."""
+
+    @pytest.fixture(scope="module")
+    def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+        with SidecarProcess(tmp_path_factory.mktemp("sidecar") / "data", *flags, **kwargs) as side:
+            yield side
+
+    return sidecar
+
+
+def one_thread_fixture(scope: str = "module", autouse: bool = True) -> Callable[..., Any]:
+    """A fixture running torch on one intra-op thread (the count before restored after): for a
+    module-scoped one, the module's fixtures too. Tiny matrices on a shared 2-core box spend more
+    time synchronising two threads than computing, and a small host eigendecomposition runs ~50x
+    slower beside a busy sidecar child (which runs its own single thread)."""
+
+    @pytest.fixture(scope=scope, autouse=autouse)
+    def one_thread() -> Iterator[None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
+
+    return one_thread
 
 
 def _gen(*parts: object) -> torch.Generator:

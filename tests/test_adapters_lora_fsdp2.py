@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from deltawatch.client.sketch import ROUNDING
+from support import sidecar_fixture
 
 pytest.importorskip("peft")  # the "peft" extra
 pytest.importorskip("transformers")
@@ -54,22 +55,17 @@ NAMES = sorted(f"model.layers.{i}.{mod}.weight" for i in (0, 1) for mod in ADAPT
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    """A real sidecar on ephemeral loopback ports: (grpc endpoint, http base URL)."""
-    with serve.sidecar(tmp_path_factory.mktemp("sidecar")) as ports:
-        yield ports
+sidecar = sidecar_fixture()
 
 
 @pytest.fixture(scope="module")
 def runs(sidecar, tmp_path_factory):
     """The single-process runs and the torchrun job side by side: ({file stem: JSON}, out dir)."""
-    endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
     reference = ["--faults", json.dumps(SINGLE)]
     jobs = [(2, ["--faults", json.dumps(FSDP2), "--refusals"])]
     outputs, _ = serve.torchrun_beside_reference(
-        SCRIPT, out, endpoint, "lora", STEPS, reference, jobs, timeout=150
+        SCRIPT, out, sidecar.endpoint, "lora", STEPS, reference, jobs, timeout=150
     )
     return outputs, out
 
@@ -145,7 +141,7 @@ def test_the_fsdp2_fine_tune_equals_the_single_process(runs, sidecar):
     """The same trajectory (final factors bit-identical), the same names, every key of every
     check within 1e-4 relative."""
     _, out = runs
-    _, base = sidecar
+    base = sidecar.http_url
     single, sharded = load_file(out / "single.safetensors"), load_file(out / "fsdp2.safetensors")
     factors = [n for n in single if ".lora_" in n and not n.startswith("merged.")]
     assert len(factors) == 2 * 2 * 6  # A and B, 2 blocks, 6 adapted (layer, adapter) pairs
@@ -162,7 +158,7 @@ def test_the_update_is_sBA_and_the_counts_those_of_the_merged_weights(runs, side
     relative), σ1 and the stable rank within 1e-4 (rank ΔW ≤ 4 < r = 8: the sketch spans it), and
     the bf16-visible ratio is exactly that of PEFT's merged weights against W0."""
     _, out = runs
-    _, base = sidecar
+    base = sidecar.http_url
     state = load_file(out / f"{mode}.safetensors")
     merged = load_file(out / "single.safetensors")
     for name in NAMES:
@@ -202,7 +198,7 @@ def test_a_fault_on_one_rank_leaves_training_running(runs, sidecar):
     on (final factors those of the run without faults), stay in lockstep, and every other check
     equals the single process under the same plan."""
     ranks, out = runs
-    _, base = sidecar
+    base = sidecar.http_url
     for k in (0, 1):
         r = ranks[f"fsdp2_faults-rank{k}"]
         assert r["acknowledged"] is True, r

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 from deltawatch.client.sketch import ROUNDING
+from support import sidecar_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -47,24 +48,19 @@ BOUND_ABS = ROUNDING
 pytestmark = pytest.mark.timeout(400)
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    """A real sidecar on ephemeral loopback ports: (grpc endpoint, http base URL)."""
-    with serve.sidecar(tmp_path_factory.mktemp("sidecar")) as ports:
-        yield ports
+sidecar = sidecar_fixture()
 
 
 @pytest.fixture(scope="module")
 def runs(sidecar, tmp_path_factory):
     """Run the single-process reference and the torchrun job side by side; their outputs."""
-    endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
     jobs = [
         (nproc, ["--modes", ",".join(modes)])
         for nproc, modes in ((2, (*MODES, DOWN, *FLAT_2)), (4, (MESH_2D, HSDP, *FLAT_4)))
     ]
     result, _ = serve.torchrun_beside_reference(
-        SCRIPT, out, endpoint, "toy", STEPS, ["--modes", "single"], jobs, timeout=360
+        SCRIPT, out, sidecar.endpoint, "toy", STEPS, ["--modes", "single"], jobs, timeout=360
     )
     return result
 
@@ -88,7 +84,7 @@ def test_every_rank_delivered_every_report(runs):
 
 @pytest.mark.parametrize("mode", (*MODES, MESH_2D, HSDP, *FLAT))
 def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
-    _, base = sidecar
+    base = sidecar.http_url
     single = _get(base, "/runs/toy-single")
     sharded = _get(base, f"/runs/toy-{mode}")
     names = sorted(m["matrix"] for m in single["matrices"])
@@ -171,7 +167,7 @@ def test_flat_shards_read_the_weights_the_optimizer_stepped(runs, sidecar, mode)
     engine.step() for ZeRO-3) and a check: ‖ΔW‖_F within 1e-4 relative and the bf16-visible ratio
     exactly the float64 values from the framework's own gathered weights (summon_full_params,
     GatheredParameters); layouts are "flat" under the original names."""
-    _, base = sidecar
+    base = sidecar.http_url
     r0 = runs[f"{mode}-rank0"]
     assert {e["shard_layout"] for e in r0["manifest"]} == {"flat"}
     assert [e["owner_rank"] for e in r0["manifest"]] == [i % WORLD[mode] for i in range(7)]
@@ -192,7 +188,7 @@ def test_a_sidecar_down_on_one_node_never_stalls_the_job(runs, sidecar):
     """Rank 1's sidecar refuses connections (the Monitor's connect timeout is 20 s): every step of
     both ranks still returns far below it, the collectives stay in lockstep (the job finished),
     and rank 0's matrices arrive at every step."""
-    _, base = sidecar
+    base = sidecar.http_url
     r0, r1 = runs[f"{DOWN}-rank0"], runs[f"{DOWN}-rank1"]
     assert max(r0["step_seconds"] + r1["step_seconds"]) < 5.0
     assert r0["acknowledged"] is True
