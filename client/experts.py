@@ -57,10 +57,11 @@ from typing import Any
 import torch
 
 from . import flat, naming, sharding
-from .anchor import CHUNK_ELEMENTS, Anchor
+from .anchor import Anchor
 from .collectives import CheckSession
 from .fused import part_name
 from .lock import LockState
+from .masks import CHUNK_ELEMENTS
 from .records import MatrixCheck, Sketch
 from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
