@@ -71,6 +71,16 @@ def sidecar_fixture(*flags: str, **kwargs: Any) -> Callable[..., Any]:
     return sidecar
 
 
+def assert_agrees(va: Any, vb: Any, where: str, rel: float, slack: float = 0.0) -> bool:
+    """One key of two runs' points: nulls and flags equal, numbers within `rel` of the larger
+    plus `slack`. Returns whether two numbers were compared."""
+    if va is None or vb is None or isinstance(va, bool):
+        assert va == vb, where
+        return False
+    assert abs(va - vb) <= rel * max(abs(va), abs(vb)) + slack, where
+    return True
+
+
 def one_thread_fixture(scope: str = "module", autouse: bool = True) -> Callable[..., Any]:
     """A fixture running torch on one intra-op thread (the count before restored after): for a
     module-scoped one, the module's fixtures too. Tiny matrices on a shared 2-core box spend more
