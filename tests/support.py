@@ -268,6 +268,17 @@ class TinyModel(torch.nn.Module):
                 block.mlp.up_proj.weight.copy_((U * s) @ V[:, :TINY_M].T)
 
 
+class AttentionMlpBlock(torch.nn.Module):
+    """A block with two [m, n] matrices: self_attn.o_proj and mlp.up_proj."""
+
+    def __init__(self, m: int, n: int) -> None:
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.o_proj = torch.nn.Linear(n, m, bias=False)
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj = torch.nn.Linear(n, m, bias=False)
+
+
 def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
     U, _ = torch.linalg.qr(torch.randn(TINY_M, k, generator=g))
     V, _ = torch.linalg.qr(torch.randn(TINY_N, k, generator=g))
@@ -516,17 +527,9 @@ def _drifting_run(
         V, _ = torch.linalg.qr(torch.randn(n, 16, generator=g))
         return U @ torch.diag(torch.linspace(1.0, 0.5, 16)) @ V.T
 
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.self_attn = torch.nn.Module()
-            self.self_attn.o_proj = torch.nn.Linear(n, m, bias=False)
-            self.mlp = torch.nn.Module()
-            self.mlp.up_proj = torch.nn.Linear(n, m, bias=False)
-
     model = torch.nn.Module()
     model.model = torch.nn.Module()
-    model.model.layers = torch.nn.ModuleList(Block() for _ in range(layers))
+    model.model.layers = torch.nn.ModuleList(AttentionMlpBlock(m, n) for _ in range(layers))
     named = sorted(model.named_parameters())
     with torch.no_grad():
         for _, p in named:
