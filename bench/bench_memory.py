@@ -30,10 +30,11 @@ import ctypes
 import gc
 import json
 import os
-import socket
 
 import torch
 import torch.distributed as dist
+from deltawatch.client.settings import VIEWS
+from deltawatch.sidecar.process import free_port
 from torch import nn
 
 
@@ -101,12 +102,6 @@ class Stack(nn.Module):
         self.layers = nn.ModuleList([Block(h, f, kv, dtype) for _ in range(layers)])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def local_numel(model: nn.Module) -> int:
     from deltawatch.client import sharding
 
@@ -149,7 +144,7 @@ def main() -> None:
     ap.add_argument("--ffn", type=int, default=2048)
     ap.add_argument("--kv", type=int, default=256)
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    ap.add_argument("--view", choices=("bf16", "native"), default="bf16")
+    ap.add_argument("--view", choices=VIEWS, default="bf16")
     ap.add_argument("--anchor", choices=("host", "device"), default="host")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--checks", type=int, default=2)

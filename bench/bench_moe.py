@@ -30,8 +30,8 @@ import time
 
 import torch
 from deltawatch.client.collectives import CheckSession
-from deltawatch.client.experts import ExpertGroup, batched_power_step
-from deltawatch.client.sketch import highest_precision
+from deltawatch.client.experts import ExpertGroup
+from deltawatch.client.sketch import batched_power_step, highest_precision
 from deltawatch.client.tracker import MatrixTracker
 
 

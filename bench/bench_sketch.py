@@ -51,7 +51,7 @@ from typing import NamedTuple
 import torch
 from deltawatch.client.anchor import Anchor
 from deltawatch.client.records import MatrixCheck
-from deltawatch.client.settings import AnchorSettings, SketchSettings
+from deltawatch.client.settings import VIEWS, AnchorSettings, SketchSettings
 from deltawatch.client.sketch import (
     compress,
     error_bound,
@@ -721,7 +721,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--channel-rank", type=int, default=16, help="K")
     p.add_argument("--oversample", type=int, default=16, help="p")
     p.add_argument("--max-power-steps", type=int, default=4)
-    p.add_argument("--view", choices=("bf16", "native"), default="bf16")
+    p.add_argument("--view", choices=VIEWS, default="bf16")
     p.add_argument("--anchor", choices=("host", "device"), default="host")
     p.add_argument(
         "--repeats", type=int, default=None, help="default: by size (3, 2, 1 on the CPU; 5 on CUDA)"

@@ -27,7 +27,14 @@ import torch
 
 from . import flat
 from .collectives import ShardSpec, all_reduce_sum, gather_cols
-from .masks import kth_largest_abs, low_magnitude_threshold, mask_count, pack_bits, unpack_bits
+from .masks import (
+    CHUNK_ELEMENTS,
+    kth_largest_abs,
+    low_magnitude_threshold,
+    mask_count,
+    pack_bits,
+    unpack_bits,
+)
 from .settings import AnchorSettings, SketchSettings
 from .sketch import (
     NO_BOUND,
@@ -51,7 +58,6 @@ ATTACH_TOLERANCE = 1e-5  # indicator target of the attach-time iteration for W0'
 MASK_TOLERANCE = 1e-7  # for [W0]_R: Ritz vectors converge more slowly than Ritz values
 ATTACH_MAX_STEPS = 50
 MASK_OVERSAMPLE = 16
-CHUNK_ELEMENTS = 1 << 22
 
 
 def stable_seed(seed: int, name: str) -> int:

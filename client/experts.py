@@ -28,12 +28,13 @@ sends exactly those, with no collective at all (manifest layout "expert"). Any o
 
 The batched check (`ExpertGroup`): the experts of one part run as one computation over the
 [B, m, n] stack: ΔW and the exact statistics in one pass (norms, bitwise bf16 counts, both masks
-per expert), `bmm`-shaped power steps P = ΔW·V, G = ΔWᵀ·P, the block Krylov products of every
-expert at once (client/sketch.py `krylov_products` with a batch dimension), one batched
-eigendecomposition for every expert's Rayleigh–Ritz (`batched_generalized_eigh`), the r×r error
-bound of each expert on the host (the unbatched tracker's `error_bound`), and, per group of experts that stopped after the same number of steps, the compressed
-sketch, the Ritz vectors V_K and the next basis batched again. An expert keeps iterating only while
-its own bound is above the tolerance, so each expert's `MatrixCheck` is the one its own
+per expert), then the client's one iteration, client/sketch.py `subspace_iteration`, with a batch
+dimension: `bmm`-shaped power steps P = ΔW·V, G = ΔWᵀ·P, the block Krylov products of every
+expert at once, one batched eigendecomposition for every expert's Rayleigh–Ritz, each expert's
+own stopping rule (its tracker's `_stopping_rule`: the r×r error bound on the host, and the
+rotation's rule on W_t), and, per group of experts that stopped after the same number of steps,
+the compressed sketch, the Ritz vectors V_K and the next basis batched again. An expert keeps
+iterating only while its own rule says so, so each expert's `MatrixCheck` is the one its own
 `MatrixTracker` would produce (tests/test_moe.py checks it); the state (bases, lock) lives in one
 `MatrixTracker` per expert, so baselines, checkpoints and lock references work unchanged. At most
 `BATCH_ELEMENTS` entries of ΔW are formed at once; on the CPU the elementwise passes run in
@@ -49,28 +50,30 @@ gate_proj expert (768×2048, r = 32) 3.35 MB of anchor and 1.05 MB of bases.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from . import flat, naming, sharding
-from .anchor import CHUNK_ELEMENTS, Anchor
+from .anchor import Anchor
 from .collectives import CheckSession
 from .fused import part_name
 from .lock import LockState
+from .masks import CHUNK_ELEMENTS
 from .records import MatrixCheck, Sketch
 from .settings import AnchorSettings, LockSettings, SketchSettings
 from .sketch import (
-    DEFAULT_CUTOFF,
-    _symmetric,
-    error_bound,
-    generalized_eigh,
+    Space,
+    compress,
     highest_precision,
-    krylov_products,
     orth,
+    pad_columns,
+    ritz_vectors,
+    subspace_iteration,
 )
-from .tracker import ROTATION_PROGRESS, MatrixTracker, _to_wire
+from .tracker import MatrixTracker, _to_wire
 
 # The fused expert parameters whose row halves are separate projections (module docstring).
 FUSED_PARTS = {"gate_up_proj": ("gate_proj", "up_proj")}
@@ -216,30 +219,6 @@ def unpack_rows(packed: torch.Tensor, count: int) -> torch.Tensor:
     return bits.reshape(packed.shape[0], -1)[:, :count].bool()
 
 
-def batched_generalized_eigh(
-    H: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """client/sketch.py `generalized_eigh` (H z = θ C z, θ descending, ZᵀCZ = I) for each matrix
-    of a batch ([B, k, k], host): one batched eigendecomposition of C, and one of the whitened
-    Wᵀ H W for the matrices whose C keeps every eigenvalue above the cutoff (the usual case; the
-    same arithmetic as the per-matrix routine); the others take the per-matrix routine."""
-    d, U = torch.linalg.eigh(_symmetric(C.double()))
-    d_max = d[:, -1:]
-    full = ((d > cutoff * d_max).all(-1) & (d_max[:, 0] > 0)).tolist()
-    out: list[Any] = [None] * H.shape[0]
-    idx = [b for b, ok in enumerate(full) if ok]
-    if idx:
-        W = U[idx] / torch.sqrt(d[idx]).unsqueeze(-2)
-        theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H.double()[idx] @ W))
-        theta, Z = theta.flip(-1).clamp_min(0), W @ Y.flip(-1)
-        for j, b in enumerate(idx):
-            out[b] = (theta[j], Z[j])
-    for b, ok in enumerate(full):
-        if not ok:
-            out[b] = generalized_eigh(H[b], C[b], cutoff)
-    return out
-
-
 def per_matrix(reduce, X: torch.Tensor) -> torch.Tensor:
     """`reduce` (a full reduction, e.g. torch.sum) of each matrix of X [B, m, n], as a [B]
     tensor. On the CPU one full reduction per matrix: PyTorch's CPU reductions over trailing
@@ -251,13 +230,6 @@ def per_matrix(reduce, X: torch.Tensor) -> torch.Tensor:
 
 def _norm64(X: torch.Tensor, **dim) -> torch.Tensor:
     return torch.linalg.vector_norm(X, dtype=torch.float64, **dim)
-
-
-def batched_power_step(A: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One power step of each matrix of a batch: P = A·V, G = Aᵀ·P ([B, m, n], [B, n, r]).
-    Cost 4·m·n·r flops per matrix, as two `bmm`s."""
-    P = torch.bmm(A, V)
-    return P, torch.bmm(A.mT, P)
 
 
 class ExpertGroup:
@@ -371,8 +343,8 @@ class ExpertGroup:
         out: dict[int, tuple] = {}
         if idx:
             V = torch.stack([trackers[i].V for i in idx])
-            fresh = [trackers[i].fresh for i in idx]
-            update = self._iterate(A, V, fresh, [frob[i] for i in idx])
+            rules = [trackers[i]._stopping_rule(frob[i], trackers[i].fresh) for i in idx]
+            update = self._iterate(A, V, rules)
             for j, i in enumerate(idx):
                 out[i] = update[j]
         locks = [t.lock.copy() for t in trackers]
@@ -391,11 +363,13 @@ class ExpertGroup:
             for c in self._slices(len(idx)):
                 A[c].copy_(Wm[c].to(self.dtype))
             V_w = torch.stack([trackers[i].V_w for i in idx])
-            targets = [
-                (trackers[i], trackers[i]._rotation_target(out[i][1], out[i][4], frob[i]))
+            rules = [
+                trackers[i]._stopping_rule(
+                    None, False, trackers[i]._rotation_target(out[i][1], out[i][4], frob[i])
+                )
                 for i in idx
             ]
-            weighted = self._iterate(A, V_w, [False] * len(idx), [None] * len(idx), targets)
+            weighted = self._iterate(A, V_w, rules)
             weights = {i: weighted[j] for j, i in enumerate(idx)}
         checks, states = [], []
         for i, t in enumerate(trackers):
@@ -460,105 +434,55 @@ class ExpertGroup:
         self,
         A: torch.Tensor,
         V: torch.Tensor,
-        fresh: list[bool],
-        frob: list[float | None],
-        rotation: list[tuple[MatrixTracker, tuple]] | None = None,
+        rules: list[tuple[Callable[[Space], float], Callable[[Space, float], bool]]],
     ) -> list[tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
         """The tracker's `_iterate` for each matrix of the batch A ([B, m, n]) from its basis
-        V[b]: power steps while its own error bound is above the tolerance (at most
-        `max_power_steps`), Rayleigh–Ritz on its block Krylov space. With `rotation` (the W_t
-        trackers: per matrix its tracker and `_rotation_target`) the bound is also the sine bound
-        of the top-k subspace and the steps go on by the tracker's own rule (`ROTATION_PROGRESS`).
-        Returns per matrix (the sketch, θ, the next basis, V_K (n × min(K, k')), the bound)."""
-        B = A.shape[0]
+        V[b]: `subspace_iteration` over the batch on the block Krylov space, each matrix stopping
+        by its own tracker's rule (`rules[b]`, `MatrixTracker._stopping_rule`: the error bound,
+        and for the W_t trackers the rotation's), at most `max_power_steps`. Returns per matrix
+        (the sketch, θ, the next basis, V_K (n × min(K, k')), the bound)."""
         if self.exact:  # min(m, n) <= r: one step, span(P) is exact, V is kept
-            P, G = batched_power_step(A, V)
-            C = torch.bmm(P.mT, P)
-            H = krylov_products([V], [G])[1]
-            ritz = batched_generalized_eigh(H, C.double().cpu())
-            return self._finish(list(range(B)), G, C, ritz, [0.0] * B, 1, V)
-        results: list[Any] = [None] * B
-        active, Vs, Gs, Aa, Vj = list(range(B)), [], [], A, V
-        previous_sine = [math.inf] * B
-        while active:
-            _, G_j = batched_power_step(Aa, Vj)
-            Vs.append(Vj)
-            Gs.append(G_j)
-            G, H, M, N = krylov_products(Vs, Gs)
-            stop, keep, ritz, bounds = [], [], [], []
-            ritz_all = batched_generalized_eigh(H, M)
-            for j, (b, (theta, Z)) in enumerate(zip(active, ritz_all, strict=True)):
-                residual = not (fresh[b] and len(Vs) == 1)
-                Nj = None if N is None else N[j]
-                bound = error_bound(theta, H[j], M[j], Nj, self.k, frob[b], residual)
-                done = bound <= self.tolerance
-                if rotation is not None:  # the W_t tracker's rule (client/tracker.py `_iterate`)
-                    tracker, target = rotation[b]
-                    Vs_j = [v[j] for v in Vs]
-                    sine, accurate = tracker._rotation_bound(Vs_j, G[j], M[j], Nj, Z, target)
-                    halving = sine <= ROTATION_PROGRESS * previous_sine[b]
-                    bound, done = max(bound, sine), done and (accurate or not halving)
-                    previous_sine[b] = sine
-                if done or len(Vs) >= self.max_power_steps:
-                    stop.append(j)
-                    ritz.append((theta, Z))
-                    bounds.append(bound)
-                else:
-                    keep.append(j)
-            if stop:
-                sel = torch.tensor(stop, device=G.device)
-                done = self._finish([active[j] for j in stop], G[sel], M[stop], ritz, bounds,
-                                    len(Vs), None)  # fmt: skip
-                for j, item in zip(stop, done, strict=True):
-                    results[active[j]] = item
-            if not keep:
-                break
-            sel = torch.tensor(keep, device=G.device)
-            Vs, Gs = [v[sel] for v in Vs], [g[sel] for g in Gs]
-            Vj = orth(G_j[sel])
-            Aa = Aa[sel] if len(keep) < len(active) else Aa
-            active = [active[j] for j in keep]
-        return results
+            spaces = subspace_iteration(
+                A, V, None, max_steps=1, tolerance=0.0, measure=lambda _: 0.0
+            )
+            return self._finish(spaces, exact=True)
+        spaces = subspace_iteration(
+            A,
+            V,
+            None,
+            max_steps=self.max_power_steps,
+            tolerance=self.tolerance,
+            measure=lambda x: rules[x.member][0](x),
+            krylov=True,
+            done=lambda x, value: rules[x.member][1](x, value),
+        )
+        return self._finish(spaces, exact=False)
 
-    def _finish(
-        self,
-        which: list[int],
-        G: torch.Tensor,
-        M: torch.Tensor,
-        ritz: list[tuple[torch.Tensor, torch.Tensor]],
-        bounds: list[float],
-        steps: int,
-        V: torch.Tensor | None,
-    ) -> list[tuple]:
-        """The matrices `which` that stopped after `steps` power steps (G [b, n, s·r] their
-        Krylov G's, M their XᵀG on the host (on the exact path C = PᵀP), (θ, Z) their Ritz
-        pairs): the compressed sketch
-        G_w = G·Z_r, C_w = Z_rᵀ·M·Z_r (client/sketch.py `compress`), V_K = the normalised first K
-        columns of G·Z (`ritz_vectors`) and the next basis orth(G_w), batched. On the exact path
-        (V given) the sketch is (G, C = M) itself and the basis V is kept."""
-        r = V.shape[-1] if V is not None else self.trackers[0].r
-        Zr = torch.zeros((len(which), G.shape[-1], r), dtype=torch.float64)
-        for j, (_, Z) in enumerate(ritz):
-            c = min(r, Z.shape[1])
-            Zr[j, :, :c] = Z[:, :c]
-        Y = G.double() @ Zr.to(G.device)
-        V_K = Y[..., : self.k]
-        norms = torch.linalg.vector_norm(V_K, dim=-2, keepdim=True)
-        V_K = (V_K / torch.where(norms > 0, norms, torch.ones_like(norms))).float()
-        if V is None:
-            G_w = Y.to(G.dtype)
-            C_w = _symmetric(Zr.mT @ M @ Zr).to(G.dtype)
-            V_next = orth(G_w)
-        out = []
-        for j, (theta, Z) in enumerate(ritz):
-            k = min(self.k, Z.shape[1])
-            if V is None:
-                sketch = _to_wire(G_w[j], C_w[j], bounds[j], steps, False)
-                basis = V_next[j]
-            else:
-                sketch = _to_wire(G[j], M[j], 0.0, 1, True)
-                basis = V[which[j]]
-            out.append((sketch, theta, basis, V_K[j, :, :k], bounds[j]))
+    def _finish(self, spaces: list[tuple[Space, float]], exact: bool) -> list[tuple]:
+        """What the tracker makes of its last space (client/tracker.py `_iterate`), batched over
+        the matrices that stopped after the same number of steps: the compressed sketch
+        G_w = G·Z_r, C_w = Z_rᵀ·M·Z_r (`compress`), the next basis orth(G_w) and V_K = the
+        normalised first K columns of G·Z (`ritz_vectors`). On the exact path the sketch is
+        (G, C) itself and the basis V is kept."""
+        r = spaces[0][0].V.shape[-1]
+        out: list[Any] = [None] * len(spaces)
+        for steps in sorted({x.steps for x, _ in spaces}):
+            which = [b for b, (x, _) in enumerate(spaces) if x.steps == steps]
+            xs = [spaces[b][0] for b in which]
+            G = torch.stack([x.G for x in xs])
+            Z = torch.stack([pad_columns(x.Z, r) for x in xs])
+            V_K = ritz_vectors(G, Z, self.k).float()
+            if not exact:
+                G_w, C_w = compress(G, torch.stack([x.M for x in xs]), Z, r)
+                V_next = orth(G_w)
+            for j, (b, x) in enumerate(zip(which, xs, strict=True)):
+                bound = spaces[b][1]
+                if exact:
+                    sketch, basis = _to_wire(x.G, x.C_s, 0.0, 1, True), x.V
+                else:
+                    sketch, basis = _to_wire(G_w[j], C_w[j], bound, steps, False), V_next[j]
+                k = min(self.k, x.Z.shape[1])
+                out[b] = (sketch, x.theta, basis, V_K[j, :, :k], bound)
         return out
 
     def _channel_energy(self, D: torch.Tensor, locks: list[LockState]) -> list[float]:

@@ -22,7 +22,7 @@ import torch
 
 from .collectives import ShardSpec, reduce_over_matrix
 
-CHUNK_ELEMENTS = 1 << 22
+CHUNK_ELEMENTS = 1 << 22  # entries per elementwise pass over a weight (cache-sized temporaries)
 _BITS = 16
 _BINS = 1 << _BITS
 _INT_OF_WIDTH = {2: torch.int16, 4: torch.int32, 8: torch.int64}

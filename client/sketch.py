@@ -134,6 +134,8 @@ def power_step(
     """
     if isinstance(spec, flat.FlatSpec):
         return flat.power_step(A, V, spec, reductions)
+    if V.dim() == 3:
+        return batched_power_step(A, V, spec)
     spec = spec if spec is not None else ShardSpec.whole(tuple(A.shape))
     (m_local, n_local), r, dtype = spec.local_shape, V.shape[1], V.dtype
     rows, cols = (spec.row_group,), (spec.col_group,)
@@ -143,6 +145,18 @@ def power_step(
     G = gather_cols(G, spec)
     C = all_reduce_sum(P.T @ P, spec.row_group)
     return P, G, C
+
+
+def batched_power_step(
+    A: torch.Tensor, V: torch.Tensor, spec: ShardSpec | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One power step of each matrix of a batch: P = A·V, G = Aᵀ·P, C = PᵀP ([B, m, n],
+    [B, n, r]; whole matrices on this rank, as packed experts are). Cost 4·m·n·r flops per matrix,
+    as `bmm`s."""
+    if spec is not None:
+        raise ValueError(f"a batch of matrices is checked whole: got a layout {spec}")
+    P = torch.bmm(A, V)
+    return P, torch.bmm(A.mT, P), torch.bmm(P.mT, P)
 
 
 def orth(G: torch.Tensor) -> torch.Tensor:
@@ -202,9 +216,9 @@ def rayleigh_ritz(
 
 
 def gram_matrix(G: torch.Tensor) -> torch.Tensor:
-    """GᵀG in float64, on the host (symmetrised)."""
+    """GᵀG in float64, on the host (symmetrised; of each matrix of a batch [B, n, r])."""
     G64 = G.double()
-    return _symmetric((G64.T @ G64).cpu())
+    return _symmetric((G64.mT @ G64).cpu())
 
 
 def generalized_eigh(
@@ -229,6 +243,30 @@ def generalized_eigh(
     return theta.flip(0).clamp_min(0), W @ Y.flip(1)
 
 
+def batched_generalized_eigh(
+    H: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`generalized_eigh` (H z = θ C z, θ descending, ZᵀCZ = I) for each matrix of a batch
+    ([B, k, k], host): one batched eigendecomposition of C, and one of the whitened Wᵀ H W for the
+    matrices whose C keeps every eigenvalue above the cutoff (the usual case; the same arithmetic
+    as the per-matrix routine); the others take the per-matrix routine."""
+    d, U = torch.linalg.eigh(_symmetric(C.double()))
+    d_max = d[:, -1:]
+    full = ((d > cutoff * d_max).all(-1) & (d_max[:, 0] > 0)).tolist()
+    out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * H.shape[0]
+    idx = [b for b, ok in enumerate(full) if ok]
+    if idx:
+        W = U[idx] / torch.sqrt(d[idx]).unsqueeze(-2)
+        theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H.double()[idx] @ W))
+        theta, Z = theta.flip(-1).clamp_min(0), W @ Y.flip(-1)
+        for j, b in enumerate(idx):
+            out[b] = (theta[j], Z[j])
+    for b, ok in enumerate(full):
+        if not ok:
+            out[b] = generalized_eigh(H[b], C[b], cutoff)
+    return out
+
+
 def krylov_products(
     Vs: list[torch.Tensor], Gs: list[torch.Tensor]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -249,7 +287,10 @@ def krylov_products(
 class Space:
     """The space Rayleigh–Ritz searched after `steps` power steps (`subspace_iteration`): V, the
     basis of the last step; its sketch G_s, C_s; the space's G (n×r or n×sr, on the device),
-    H = GᵀG, M (C_s, or XᵀG) and N (XᵀX; None: I), float64 on the host; its Ritz pairs (θ, Z)."""
+    H = GᵀG, M (C_s, or XᵀG) and N (XᵀX; None: I), float64 on the host; its Ritz pairs (θ, Z);
+    the blocks X = [V_1 … V_s] whose images span it ([V] if not Krylov); `member`, its index in
+    the batch (0 for one matrix). Each member of a batch has its own Space (views of the batch's
+    tensors)."""
 
     V: torch.Tensor
     G_s: torch.Tensor
@@ -261,9 +302,8 @@ class Space:
     theta: torch.Tensor
     Z: torch.Tensor
     steps: int
-    X: list[
-        torch.Tensor
-    ]  # the blocks X = [V_1 … V_s] whose images span the space ([V] if not Krylov)
+    X: list[torch.Tensor]
+    member: int = 0
 
 
 def subspace_iteration(
@@ -277,7 +317,7 @@ def subspace_iteration(
     measure: Callable[[Space], float],
     krylov: bool = False,
     done: Callable[[Space, float], bool] | None = None,
-) -> tuple[Space, float]:
+) -> tuple[Space, float] | list[tuple[Space, float]]:
     """Power steps from the orthonormal basis V with Rayleigh–Ritz after each, until
     `measure(space)` ≤ `tolerance` (or `done(space, measure)`, when given) or `max_steps` steps
     (the one iteration of the client, as torch/_lowrank.py has one get_approximate_basis).
@@ -287,7 +327,17 @@ def subspace_iteration(
     iteration (Halko, Martinsson, Tropp 2011, Alg. 4.4), Rayleigh–Ritz on span(A·V_s) alone,
     GᵀG z = θ C_s z (`rayleigh_ritz`); True: the block Krylov space span(A·[V_1 … V_s]) of every
     step (Musco & Musco 2015, Alg. 2), H z = θ M z (`krylov_products`, `generalized_eigh`).
-    Cost per step 4·m·n·r flops (local block) plus the r×r (sr×sr) host work."""
+    Cost per step 4·m·n·r flops (local block) plus the r×r (sr×sr) host work.
+
+    A leading batch dimension (A [B, m, n], V [B, n, r], whole matrices, spec None): the members
+    still iterating take each step together (`bmm` power steps, batched QR, one batched
+    eigendecomposition for their Rayleigh–Ritz, `batched_generalized_eigh`); `measure` and `done`
+    see each member's own Space (`Space.member` its index), and a member leaves the batch once
+    its own rule stops it, so each member's result is the one it would get alone. Returns then,
+    per member, (its last space, its measure)."""
+    batched = V.dim() == 3
+    members = list(range(V.shape[0])) if batched else [0]
+    results: list[tuple[Space, float] | None] = [None] * len(members)
     Vs: list[torch.Tensor] = []  # krylov: every block; else none are kept
     Gs: list[torch.Tensor] = []
     steps = 0
@@ -300,13 +350,34 @@ def subspace_iteration(
             G, H, M, N = krylov_products(Vs, Gs)
         else:
             G, H, M, N = G_j, gram_matrix(G_j), C_j.double().cpu(), None
-        theta, Z = generalized_eigh(H, M)
-        space = Space(V, G_j, C_j, G, H, M, N, theta, Z, steps, list(Vs) if krylov else [V])
-        value = measure(space)
-        finished = value <= tolerance if done is None else done(space, value)
-        if finished or steps >= max_steps:
-            return space, value
+        ritz = batched_generalized_eigh(H, M) if batched else [generalized_eigh(H, M)]
+        blocks = Vs if krylov else [V]
+        going = []
+        for j, member in enumerate(members):
+            at = j if batched else None
+            parts = [_member(t, at) for t in (V, G_j, C_j, G, H, M)]
+            N_j = None if N is None else _member(N, at)
+            X = [_member(x, at) for x in blocks]
+            space = Space(*parts, N_j, *ritz[j], steps, X, member)
+            value = measure(space)
+            finished = value <= tolerance if done is None else done(space, value)
+            if finished or steps >= max_steps:
+                results[member] = (space, value)
+            else:
+                going.append(j)
+        if not going:
+            return results if batched else results[0]
+        if len(going) < len(members):  # a batch: the stopped members leave it
+            sel = torch.tensor(going, device=G_j.device)
+            A, G_j = A[sel], G_j[sel]
+            Vs, Gs = [v[sel] for v in Vs], [g[sel] for g in Gs]
+            members = [members[j] for j in going]
         V = orth(G_j)
+
+
+def _member(t: torch.Tensor, j: int | None) -> torch.Tensor:
+    """Member j of a batch's tensor, or the one matrix's (j None)."""
+    return t if j is None else t[j]
 
 
 def compress(
@@ -314,12 +385,19 @@ def compress(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sketch of the top-r Ritz directions: G_w = G·Z_r (n×r), C_w = Z_rᵀ·M·Z_r (r×r, = I
     up to rounding), zero-padded to r columns when fewer than r directions were kept. (G_w, C_w)
-    is (AᵀA·Y, (AY)ᵀ(AY)) for Y = X·Z_r, so Rayleigh–Ritz on it gives back the top-r Ritz pairs."""
-    k = min(r, Z.shape[1])
-    Zr = torch.zeros((Z.shape[0], r), dtype=torch.float64)
-    Zr[:, :k] = Z[:, :k]
+    is (AᵀA·Y, (AY)ᵀ(AY)) for Y = X·Z_r, so Rayleigh–Ritz on it gives back the top-r Ritz pairs.
+    Of each matrix of a batch too (G [B, n, sr], M, Z [B, sr, ·])."""
+    Zr = pad_columns(Z, r)
     Gw = (G.double() @ Zr.to(G.device)).to(G.dtype)
-    return Gw, _symmetric(Zr.T @ M @ Zr).to(G.dtype)
+    return Gw, _symmetric(Zr.mT @ M @ Zr).to(G.dtype)
+
+
+def pad_columns(Z: torch.Tensor, r: int) -> torch.Tensor:
+    """Z's first r columns, zero-padded to r when it has fewer (float64, host)."""
+    k = min(r, Z.shape[-1])
+    Zr = torch.zeros((*Z.shape[:-1], r), dtype=torch.float64)
+    Zr[..., :k] = Z[..., :k]
+    return Zr
 
 
 def _symmetric(M: torch.Tensor) -> torch.Tensor:
@@ -328,9 +406,9 @@ def _symmetric(M: torch.Tensor) -> torch.Tensor:
 
 def ritz_vectors(G: torch.Tensor, Z: torch.Tensor, k: int) -> torch.Tensor:
     """The top-k right Ritz vectors: normalised columns of G·z_i (float64, n×min(k, k'), on G's
-    device)."""
-    Vk = G.double() @ Z[:, :k].to(G.device)
-    norms = torch.linalg.vector_norm(Vk, dim=0)
+    device; of each matrix of a batch too, a zero column staying zero)."""
+    Vk = G.double() @ Z[..., :k].to(G.device)
+    norms = torch.linalg.vector_norm(Vk, dim=-2, keepdim=True)
     return Vk / torch.where(norms > 0, norms, torch.ones_like(norms))
 
 

@@ -17,6 +17,7 @@ Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exac
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -282,17 +283,43 @@ class MatrixTracker:
             sketch = s.local(lambda: _to_wire(x.G, x.C_s, 0.0, 1, True))
             return sketch, x.theta, x.Z, V, x.G, 0.0
         fresh = self.fresh if fresh is None else fresh
+        measure, done = self._stopping_rule(frobenius_sq, fresh, rotation)
+        x, bound = subspace_iteration(
+            A,
+            V,
+            layout,
+            s,
+            max_steps=self.max_power_steps,
+            tolerance=self.tolerance,
+            measure=measure,
+            krylov=True,
+            done=done,
+        )
+        G_w, C_w = compress(x.G, x.M, x.Z, self.r)
+        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, x.steps, False))
+        return sketch, x.theta, x.Z, orth(G_w), x.G, bound
+
+    def _stopping_rule(
+        self,
+        frobenius_sq: float | None,
+        fresh: bool,
+        rotation: tuple[torch.Tensor, float, float] | None = None,
+    ) -> tuple[Callable[[Space], float], Callable[[Space, float], bool]]:
+        """`subspace_iteration`'s measure and done for one iteration of this tracker: the error
+        bound (no residual bound from a `fresh` basis after one step) at or below the tolerance.
+        With `rotation` (the W_t tracker, `_rotation_target`) the measure is also the sine bound
+        of the top-k Ritz subspace, and the steps go on until the rotation it implies is within
+        its stated accuracy, or while that bound still halves per step (`ROTATION_PROGRESS`), so a
+        gap too small to certify the rotation within the budget costs one extra step at most."""
         previous_sine, accurate, converged = math.inf, True, False
 
-        def bound_of(x: Space) -> float:  # no residual bound from a fresh basis after one step
+        def measure(x: Space) -> float:
             nonlocal previous_sine, accurate, converged
             residual = not (fresh and x.steps == 1)
             bound = error_bound(x.theta, x.H, x.M, x.N, self.k, frobenius_sq, residual)
             converged = bound <= self.tolerance
             if rotation is None:
                 return bound
-            # the W_t tracker: the rotation's bound too; more steps while it still halves, so a
-            # gap too small to certify the rotation within the budget costs one extra step at most
             sine, accurate = self._rotation_bound(x.X, x.G, x.M, x.N, x.Z, rotation)
             halving = sine <= ROTATION_PROGRESS * previous_sine
             previous_sine, accurate = sine, accurate or not halving
@@ -301,20 +328,7 @@ class MatrixTracker:
         def done(x: Space, value: float) -> bool:  # the ΔW bound, and the rotation's rule
             return converged and accurate
 
-        x, bound = subspace_iteration(
-            A,
-            V,
-            layout,
-            s,
-            max_steps=self.max_power_steps,
-            tolerance=self.tolerance,
-            measure=bound_of,
-            krylov=True,
-            done=done,
-        )
-        G_w, C_w = compress(x.G, x.M, x.Z, self.r)
-        sketch = s.local(lambda: _to_wire(G_w, C_w, bound, x.steps, False))
-        return sketch, x.theta, x.Z, orth(G_w), x.G, bound
+        return measure, done
 
     def _rotation_target(
         self, theta: torch.Tensor, indicator: float, frobenius_sq: float

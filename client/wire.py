@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -222,8 +223,47 @@ def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
 
 def tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
     """(dtype, shape, raw little-endian float32 bytes) of a tensor, copied to the host."""
-    a = t.detach().to("cpu", torch.float32).contiguous().numpy().astype("<f4", copy=False)
-    return "float32", list(a.shape), a.tobytes()
+    return tensor_to_bytes(t.detach().to(torch.float32))
+
+
+# dtypes a tensor's raw bytes may carry (name -> torch dtype): the store keeps any of them
+# (sidecar/store.py), the wire sends float32; anything else is refused.
+_RAW_DTYPES: dict[str, torch.dtype] = {
+    "float64": torch.float64,
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_RAW_NAMES = {v: k for k, v in _RAW_DTYPES.items()}
+
+
+def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
+    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes."""
+    if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
+        raise RuntimeError("deltawatch writes tensors little-endian; this host is big-endian")
+    t = t.detach().to("cpu").contiguous()
+    if t.dtype not in _RAW_NAMES:
+        raise TypeError(f"cannot write a tensor of dtype {t.dtype} as bytes")
+    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return _RAW_NAMES[t.dtype], list(t.shape), data
+
+
+def tensor_from_bytes(dtype: str, shape: Iterable[int], data: bytes) -> torch.Tensor:
+    """A CPU tensor from (dtype name, shape, raw little-endian bytes); refuses unknown dtypes."""
+    if dtype not in _RAW_DTYPES:
+        raise TypeError(f"stored tensor has unknown dtype {dtype!r}")
+    shape = [int(s) for s in shape]
+    torch_dtype = _RAW_DTYPES[dtype]
+    if not data:
+        return torch.empty(shape, dtype=torch_dtype)
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype)
+    return flat.reshape(shape)
 
 
 class _Frames:

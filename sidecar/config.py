@@ -118,15 +118,6 @@ class ServeConfig:
         if self.grace_seconds < 0:
             raise ValueError(f"--grace-seconds must be >= 0, got {self.grace_seconds}")
 
-    @property
-    def resolved_device(self) -> str:
-        """ "auto" -> "cuda" when a GPU is visible, else "cpu"."""
-        if self.device != "auto":
-            return self.device
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-
 
 def env_name(field_name: str) -> str:
     """The environment variable of a field: data_dir -> DELTAWATCH_DATA_DIR."""

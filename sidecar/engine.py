@@ -47,25 +47,17 @@ from .store import CheckCounts, StateUpdate, Store
 log = logging.getLogger("deltawatch.engine")
 
 
-# Geometry keys averaged over matrices (plain mean, nulls ignored).
-MEAN_KEYS: tuple[str, ...] = (
-    "frobenius_norm",
-    "spectral_norm",
-    "stable_rank",
-    "topk_energy_ratio",
-    "horizon_alignment",
-    "subspace_alignment",
-    "channel_energy_ratio",
-    "rotation_max_degrees",
-    "rotation_mean_degrees",
-    "spectral_shift_topk",
-)
 # Count ratios pooled over matrices: key -> (numerator count, denominator count).
 POOLED_KEYS: dict[str, tuple[str, str]] = {
     "bf16_visible_ratio": ("visible_count", "numel"),
     "low_magnitude_overlap": ("visible_low_count", "visible_count"),
     "principal_overlap": ("visible_principal_count", "visible_count"),
 }
+# Geometry keys averaged over matrices (plain mean, nulls ignored): the §2 keys but the pooled
+# ratios and those `aggregate_rows` takes otherwise (locked share, median lock step, worst bound).
+MEAN_KEYS: tuple[str, ...] = tuple(
+    k for k in MATRIX_KEYS if k not in {*POOLED_KEYS, "locked", "lock_step", "convergence"}
+)
 # A run has a share of locked matrices (`locked_ratio`), not a `locked` flag.
 AGGREGATE_KEYS: tuple[str, ...] = (*(k for k in MATRIX_KEYS if k != "locked"), "locked_ratio")
 

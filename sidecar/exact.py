@@ -15,25 +15,28 @@ import math
 
 import torch
 from deltawatch.client.masks import mask_count
+from deltawatch.client.settings import VIEWS, AnchorSettings, SketchSettings
 from deltawatch.client.sketch import principal_angles_degrees, sim_k
 
 from .keys import MATRIX_KEYS
 
+_ANCHOR, _SKETCH = AnchorSettings(), SketchSettings()  # the client's defaults are the reference's
+
 
 def view_of(W: torch.Tensor, view: str) -> torch.Tensor:
     """The weight as the view keeps it: bf16 in "bf16", the tensor's own dtype in "native"."""
-    if view not in ("bf16", "native"):
-        raise ValueError(f"view must be 'bf16' or 'native', got {view!r}")
+    if view not in VIEWS:
+        raise ValueError(f"view must be one of {VIEWS}, got {view!r}")
     return W.detach().to(torch.bfloat16) if view == "bf16" else W.detach()
 
 
-def truncation(W: torch.Tensor, rank: int, svd: tuple | None = None) -> torch.Tensor:
+def truncation(W: torch.Tensor, R: int, svd: tuple | None = None) -> torch.Tensor:
     """[W]_R = U_R Σ_R V_Rᵀ, the rank-R SVD reconstruction (float64); W itself when
     R ≥ min(m, n). `svd`: W's (U, S, Vᴴ) in float64 when already computed."""
-    if rank >= min(W.shape):
+    if min(W.shape) <= R:
         return W.double()
     U, S, Vh = torch.linalg.svd(W.double(), full_matrices=False) if svd is None else svd
-    R = min(rank, S.numel())
+    R = min(R, S.numel())
     return (U[:, :R] * S[:R]) @ Vh[:R]
 
 
@@ -83,10 +86,10 @@ def spectrum_keys(S: torch.Tensor, frob_sq: float, channel_rank: int) -> dict[st
 def exact_anchor(
     W0: torch.Tensor,
     *,
-    view: str = "bf16",
-    alpha: float = 0.5,
-    mask_rank: int = 64,
-    k_rotation: int = 16,
+    view: str = _ANCHOR.view,
+    alpha: float = _ANCHOR.alpha,
+    mask_rank: int = _ANCHOR.mask_rank,
+    k_rotation: int = _SKETCH.channel_rank,
 ) -> dict:
     """Everything the reference needs from W0 alone (thresholds, masks, σ and V_k of W0), so a
     trajectory's checks can share it: pass it to `exact_keys(..., anchor=...)`."""
@@ -105,11 +108,11 @@ def exact_keys(
     W0: torch.Tensor,
     Wt: torch.Tensor,
     *,
-    view: str = "bf16",
-    channel_rank: int = 16,
-    alpha: float = 0.5,
-    mask_rank: int = 64,
-    k_rotation: int = 16,
+    view: str = _ANCHOR.view,
+    channel_rank: int = _SKETCH.channel_rank,
+    alpha: float = _ANCHOR.alpha,
+    mask_rank: int = _ANCHOR.mask_rank,
+    k_rotation: int = _SKETCH.channel_rank,
     v_ref: torch.Tensor | None = None,
     horizon_V: torch.Tensor | None = None,
     anchor: dict | None = None,
@@ -162,9 +165,9 @@ def exact_counts(
     W0: torch.Tensor,
     Wt: torch.Tensor,
     *,
-    view: str = "bf16",
-    alpha: float = 0.5,
-    mask_rank: int = 64,
+    view: str = _ANCHOR.view,
+    alpha: float = _ANCHOR.alpha,
+    mask_rank: int = _ANCHOR.mask_rank,
 ) -> dict[str, int]:
     """The exact counts behind the ratios: visible, visible∩low, visible∩principal."""
     vis = visible_mask(W0, Wt)
@@ -214,9 +217,9 @@ def mean_sine(Ua: torch.Tensor, Ub: torch.Tensor) -> float:
 def audit_anchor(
     W0: torch.Tensor,
     *,
-    view: str = "bf16",
-    alpha: float = 0.5,
-    mask_rank: int = 64,
+    view: str = _ANCHOR.view,
+    alpha: float = _ANCHOR.alpha,
+    mask_rank: int = _ANCHOR.mask_rank,
     fraction: float = PAPER_FRACTION,
 ) -> dict:
     """W0's part of the audit: the view in float64, its full SVD and the masks of §2."""
@@ -238,8 +241,8 @@ def audit_keys(
     anchor: dict,
     Wt: torch.Tensor,
     *,
-    channel_rank: int = 16,
-    k_rotation: int = 16,
+    channel_rank: int = _SKETCH.channel_rank,
+    k_rotation: int = _SKETCH.channel_rank,
 ) -> tuple[dict[str, float | None], torch.Tensor | None]:
     """The audit block of one matrix at one checkpoint, and V_K of ΔW (for `final_alignment`,
     filled in by `final_alignments` once the last checkpoint is known). Two full float64 SVDs,

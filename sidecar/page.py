@@ -34,13 +34,13 @@ import html
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
 
 from . import http_api  # a module import: http_api imports this module too (make_app registers us)
+from .alerts.state import epoch_seconds
 from .engine import Engine, aggregate_rows
 
 STATIC_DIR = Path(__file__).with_name("static")
@@ -86,8 +86,7 @@ def _epoch_ms(rfc3339: str | None) -> int | None:
     """ "2026-11-26T15:00:00.123Z" -> Unix milliseconds (the alert items' precision)."""
     if not rfc3339:
         return None
-    d = datetime.strptime(rfc3339, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
-    return round(d.timestamp() * 1000)
+    return round(epoch_seconds(rfc3339) * 1000)
 
 
 def _step_at(times: list[tuple[int, int]], ms: int | None) -> int | None:

@@ -66,9 +66,7 @@ class Sidecar:
 
             torch.set_num_threads(config.threads)
         self.store = Store(config.data_dir)
-        self.engine = Engine(
-            self.store, channel_rank=config.channel_rank, device=config.resolved_device
-        )
+        self.engine = Engine(self.store, channel_rank=config.channel_rank, device=config.device)
         alert_config = load_alert_config(config.alert_config) if config.alert_config else None
         self.alert_engine = AlertEngine(
             alert_config,

@@ -48,7 +48,6 @@ import json
 import logging
 import math
 import sqlite3
-import sys
 import threading
 import time
 import uuid
@@ -59,6 +58,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deltawatch.client.wire import tensor_from_bytes, tensor_to_bytes
 
 from .errors import RESOURCE_EXHAUSTED, UNAVAILABLE, ValidationError
 
@@ -178,44 +178,6 @@ CREATE TABLE IF NOT EXISTS kv (
 # written before them gets them (NULL in every old row) when it is opened; the schema version
 # stays, since an older deltawatch reads such a file by column name and ignores them.
 _COLUMNS_ADDED: tuple[tuple[str, str, str], ...] = (("manifests", "expert", "INTEGER"),)
-
-# dtypes a stored tensor may carry (name -> torch dtype); anything else is refused on load.
-_DTYPES: dict[str, torch.dtype] = {
-    "float64": torch.float64,
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "int64": torch.int64,
-    "int32": torch.int32,
-    "int16": torch.int16,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "bool": torch.bool,
-}
-_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
-
-
-def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes."""
-    if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
-        raise RuntimeError("deltawatch stores tensors little-endian; this host is big-endian")
-    t = t.detach().to("cpu").contiguous()
-    if t.dtype not in _DTYPE_NAMES:
-        raise TypeError(f"cannot store a tensor of dtype {t.dtype}")
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return _DTYPE_NAMES[t.dtype], list(t.shape), data
-
-
-def tensor_from_bytes(dtype: str, shape: Iterable[int], data: bytes) -> torch.Tensor:
-    """A CPU tensor from (dtype name, shape, raw little-endian bytes); refuses unknown dtypes."""
-    if dtype not in _DTYPES:
-        raise TypeError(f"stored tensor has unknown dtype {dtype!r}")
-    shape = [int(s) for s in shape]
-    torch_dtype = _DTYPES[dtype]
-    if not data:
-        return torch.empty(shape, dtype=torch_dtype)
-    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8).view(torch_dtype)
-    return flat.reshape(shape)
 
 
 def dumps_keys(keys: Mapping[str, Any]) -> str:

@@ -1,15 +1,8 @@
-"""Fixtures shared by test files (helpers without pytest's machinery live in support.py)."""
+"""Fixtures shared by test files (helpers without pytest's machinery live in support.py, and so do
+the fixture factories, `sidecar_fixture` and `one_thread_fixture`)."""
 
 from __future__ import annotations
 
-import pytest
-import torch
+from support import one_thread_fixture
 
-
-@pytest.fixture
-def one_thread():
-    """torch on one thread for the test (a sidecar child runs its own single thread)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_fixture(scope="function", autouse=False)

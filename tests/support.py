@@ -23,9 +23,11 @@ import time
 import urllib.error
 import urllib.request
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 import torch
 from aiohttp import web
 from deltawatch.client.naming import parse_name
@@ -54,6 +56,45 @@ SHAPES: dict[str, tuple[int, int]] = {
 }
 CHANNEL_RANK = 8
 OVERSAMPLE = 8
+
+
+def sidecar_fixture(*flags: str, **kwargs: Any) -> Callable[..., Any]:
+    """A module-scoped fixture: one real `deltawatch serve` (`SidecarProcess` with `flags` and
+    `kwargs`) for the tests of a module, its data directory (and log) in a fresh temporary
+    directory; stopped after them. In a test module: `sidecar = sidecar_fixture()`."""
+
+    @pytest.fixture(scope="module")
+    def sidecar(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SidecarProcess]:
+        with SidecarProcess(tmp_path_factory.mktemp("sidecar") / "data", *flags, **kwargs) as side:
+            yield side
+
+    return sidecar
+
+
+def assert_agrees(va: Any, vb: Any, where: str, rel: float, slack: float = 0.0) -> bool:
+    """One key of two runs' points: nulls and flags equal, numbers within `rel` of the larger
+    plus `slack`. Returns whether two numbers were compared."""
+    if va is None or vb is None or isinstance(va, bool):
+        assert va == vb, where
+        return False
+    assert abs(va - vb) <= rel * max(abs(va), abs(vb)) + slack, where
+    return True
+
+
+def one_thread_fixture(scope: str = "module", autouse: bool = True) -> Callable[..., Any]:
+    """A fixture running torch on one intra-op thread (the count before restored after): for a
+    module-scoped one, the module's fixtures too. Tiny matrices on a shared 2-core box spend more
+    time synchronising two threads than computing, and a small host eigendecomposition runs ~50x
+    slower beside a busy sidecar child (which runs its own single thread)."""
+
+    @pytest.fixture(scope=scope, autouse=autouse)
+    def one_thread() -> Iterator[None]:
+        before = torch.get_num_threads()
+        torch.set_num_threads(1)
+        yield
+        torch.set_num_threads(before)
+
+    return one_thread
 
 
 def _gen(*parts: object) -> torch.Generator:
@@ -225,6 +266,17 @@ class TinyModel(torch.nn.Module):
                 V, _ = torch.linalg.qr(torch.randn(TINY_N, TINY_N, generator=g))
                 s = torch.arange(1, TINY_M + 1, dtype=torch.float32) ** -0.7
                 block.mlp.up_proj.weight.copy_((U * s) @ V[:, :TINY_M].T)
+
+
+class AttentionMlpBlock(torch.nn.Module):
+    """A block with two [m, n] matrices: self_attn.o_proj and mlp.up_proj."""
+
+    def __init__(self, m: int, n: int) -> None:
+        super().__init__()
+        self.self_attn = torch.nn.Module()
+        self.self_attn.o_proj = torch.nn.Linear(n, m, bias=False)
+        self.mlp = torch.nn.Module()
+        self.mlp.up_proj = torch.nn.Linear(n, m, bias=False)
 
 
 def channel(g: torch.Generator, k: int = 16) -> torch.Tensor:
@@ -475,17 +527,9 @@ def _drifting_run(
         V, _ = torch.linalg.qr(torch.randn(n, 16, generator=g))
         return U @ torch.diag(torch.linspace(1.0, 0.5, 16)) @ V.T
 
-    class Block(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.self_attn = torch.nn.Module()
-            self.self_attn.o_proj = torch.nn.Linear(n, m, bias=False)
-            self.mlp = torch.nn.Module()
-            self.mlp.up_proj = torch.nn.Linear(n, m, bias=False)
-
     model = torch.nn.Module()
     model.model = torch.nn.Module()
-    model.model.layers = torch.nn.ModuleList(Block() for _ in range(layers))
+    model.model.layers = torch.nn.ModuleList(AttentionMlpBlock(m, n) for _ in range(layers))
     named = sorted(model.named_parameters())
     with torch.no_grad():
         for _, p in named:

@@ -29,29 +29,18 @@ from deltawatch.client.adapters import (  # noqa: E402
     base_name,
 )
 from deltawatch.client.sketch import power_step  # noqa: E402
-from deltawatch.sidecar.process import SidecarProcess  # noqa: E402
 from run_hf import tiny_qwen3  # noqa: E402
+from support import one_thread_fixture, sidecar_fixture  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
 ADAPTED = ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these matrices are tiny, and on a busy 2-core machine two threads
-    spend more time synchronising than computing."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_thread_fixture()
 
 
-@pytest.fixture(scope="module")
-def side(tmp_path_factory):
-    """One real sidecar for the module's runs (it takes seconds to start)."""
-    with SidecarProcess(tmp_path_factory.mktemp("sidecar") / "data") as process:
-        yield process
+side = sidecar_fixture()  # one real sidecar for the module's runs (it takes seconds to start)
 
 
 def lora_model(**default) -> torch.nn.Module:

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import json
 import sys
-import urllib.parse
 from pathlib import Path
 
 import pytest
 import torch
 from deltawatch.client.sketch import ROUNDING
+from support import assert_agrees, sidecar_fixture
 
 pytest.importorskip("peft")  # the "peft" extra
 pytest.importorskip("transformers")
@@ -54,29 +54,19 @@ NAMES = sorted(f"model.layers.{i}.{mod}.weight" for i in (0, 1) for mod in ADAPT
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    """A real sidecar on ephemeral loopback ports: (grpc endpoint, http base URL)."""
-    with serve.sidecar(tmp_path_factory.mktemp("sidecar")) as ports:
-        yield ports
+sidecar = sidecar_fixture()
 
 
 @pytest.fixture(scope="module")
 def runs(sidecar, tmp_path_factory):
     """The single-process runs and the torchrun job side by side: ({file stem: JSON}, out dir)."""
-    endpoint, _ = sidecar
     out = tmp_path_factory.mktemp("ranks")
     reference = ["--faults", json.dumps(SINGLE)]
     jobs = [(2, ["--faults", json.dumps(FSDP2), "--refusals"])]
     outputs, _ = serve.torchrun_beside_reference(
-        SCRIPT, out, endpoint, "lora", STEPS, reference, jobs, timeout=150
+        SCRIPT, out, sidecar.endpoint, "lora", STEPS, reference, jobs, timeout=150
     )
     return outputs, out
-
-
-def _history(base: str, run: str, matrix: str) -> dict[int, dict]:
-    q = urllib.parse.quote(matrix)
-    return {p["step"]: p for p in serve.get_json(base, f"/runs/{run}/history?matrix={q}")["points"]}
 
 
 def _param(matrix: str, what: str) -> str:
@@ -85,23 +75,19 @@ def _param(matrix: str, what: str) -> str:
     return "base_model.model." + matrix.removesuffix(".weight") + f".{what}.weight"
 
 
-def _compare(base: str, run_a: str, run_b: str, dropped: set) -> int:
+def _compare(sidecar, run_a: str, run_b: str, dropped: set) -> int:
     """Every key of every stored check of run_b equals run_a's within REL; the steps are 1..STEPS
     less `dropped`. Returns how many numbers were compared."""
     compared = 0
     for name in NAMES:
-        a, b = _history(base, run_a, name), _history(base, run_b, name)
+        a, b = sidecar.history(run_a, name), sidecar.history(run_b, name)
         steps = [s for s in range(1, STEPS + 1) if (name, s) not in dropped]
         assert sorted(a) == sorted(b) == steps, (run_a, run_b, name)
         for step, pb in b.items():
             for key, vb in pb.items():
                 va = a[step][key]
                 where = f"{run_b} {name} step {step} {key}: {run_a} {va}, {run_b} {vb}"
-                if va is None or vb is None or isinstance(va, bool):
-                    assert va == vb, where
-                    continue
-                assert abs(va - vb) <= REL * max(abs(va), abs(vb)) + SLACK.get(key, 0.0), where
-                compared += 1
+                compared += assert_agrees(va, vb, where, REL, SLACK.get(key, 0.0))
     return compared
 
 
@@ -145,15 +131,14 @@ def test_the_fsdp2_fine_tune_equals_the_single_process(runs, sidecar):
     """The same trajectory (final factors bit-identical), the same names, every key of every
     check within 1e-4 relative."""
     _, out = runs
-    _, base = sidecar
     single, sharded = load_file(out / "single.safetensors"), load_file(out / "fsdp2.safetensors")
     factors = [n for n in single if ".lora_" in n and not n.startswith("merged.")]
     assert len(factors) == 2 * 2 * 6  # A and B, 2 blocks, 6 adapted (layer, adapter) pairs
     assert all(torch.equal(single[n], sharded[n]) for n in factors)
     assert all(single[n].abs().max() > 0 for n in factors if ".lora_B." in n)  # B moved from 0
-    stored = serve.get_json(base, "/runs/lora-fsdp2")["matrices"]
+    stored = sidecar.run("lora-fsdp2")["matrices"]
     assert sorted(m["matrix"] for m in stored) == NAMES
-    assert _compare(base, "lora-single", "lora-fsdp2", set()) > len(NAMES) * STEPS * 10
+    assert _compare(sidecar, "lora-single", "lora-fsdp2", set()) > len(NAMES) * STEPS * 10
 
 
 @pytest.mark.parametrize("mode", ("single", "fsdp2"))
@@ -162,7 +147,6 @@ def test_the_update_is_sBA_and_the_counts_those_of_the_merged_weights(runs, side
     relative), σ1 and the stable rank within 1e-4 (rank ΔW ≤ 4 < r = 8: the sketch spans it), and
     the bf16-visible ratio is exactly that of PEFT's merged weights against W0."""
     _, out = runs
-    _, base = sidecar
     state = load_file(out / f"{mode}.safetensors")
     merged = load_file(out / "single.safetensors")
     for name in NAMES:
@@ -172,7 +156,7 @@ def test_the_update_is_sBA_and_the_counts_those_of_the_merged_weights(runs, side
             B, A = state[f"{layer}.lora_B.{a}.weight"], state[f"{layer}.lora_A.{a}.weight"]
             D = D + state[f"{layer}.scaling.{a}"] * (B.double() @ A.double())
         sigma = torch.linalg.svdvals(D)
-        got = _history(base, f"lora-{mode}", name)[STEPS]
+        got = sidecar.history(f"lora-{mode}", name)[STEPS]
         assert got["frobenius_norm"] == pytest.approx(D.norm().item(), rel=1e-9), name
         assert got["spectral_norm"] == pytest.approx(sigma[0].item(), rel=1e-4), name
         stable = (D.norm() ** 2 / sigma[0] ** 2).item()
@@ -202,7 +186,6 @@ def test_a_fault_on_one_rank_leaves_training_running(runs, sidecar):
     on (final factors those of the run without faults), stay in lockstep, and every other check
     equals the single process under the same plan."""
     ranks, out = runs
-    _, base = sidecar
     for k in (0, 1):
         r = ranks[f"fsdp2_faults-rank{k}"]
         assert r["acknowledged"] is True, r
@@ -216,7 +199,7 @@ def test_a_fault_on_one_rank_leaves_training_running(runs, sidecar):
     assert clean.keys() == faulty.keys()
     assert all(torch.equal(clean[n], faulty[n]) for n in clean)
     assert ranks["single_faults-rank0"]["stats"]["checks_dropped"] == 2
-    assert _compare(base, "lora-single_faults", "lora-fsdp2_faults", DROPPED) > 0
+    assert _compare(sidecar, "lora-single_faults", "lora-fsdp2_faults", DROPPED) > 0
 
 
 def test_layouts_it_does_not_read_are_refused(runs):

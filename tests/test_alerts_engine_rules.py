@@ -10,7 +10,6 @@ checked against the exact float64 reference (sidecar/exact.py) of the same weigh
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +23,7 @@ from deltawatch.sidecar.alerts.engine import AlertEngine, StoreAlertState
 from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.exact import exact_keys
 from deltawatch.sidecar.store import Store
+from support import one_thread_fixture
 
 M, N = 64, 128
 NAMES = ("model.layers.0.mlp.up_proj.weight", "model.layers.1.self_attn.o_proj.weight")
@@ -31,13 +31,7 @@ LR = 3e-4  # the channel's growth per step: a few bf16 ulps of W0 spread over ma
 NOISE = 3e-6
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Small matrices: one intra-op thread is far faster than two on a shared 2-core box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+one_thread = one_thread_fixture(scope="function")
 
 
 def pretrained_like(g: torch.Generator) -> torch.Tensor:

@@ -21,6 +21,7 @@ import pytest
 import torch
 from deltawatch.client import Monitor
 from support import (
+    AttentionMlpBlock,
     PrometheusServer,
     SidecarProcess,
     SyntheticRun,
@@ -34,15 +35,6 @@ M, N = 64, 128
 LAYERS = 2
 DEADLINE = 60.0  # a bound on waiting for a process or a scrape; never a timing assertion
 RATE_INTERVAL = "4s"  # Grafana's $__rate_interval at a 1 s scrape interval: 4 x scrape interval
-
-
-class Block(torch.nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.self_attn = torch.nn.Module()
-        self.self_attn.o_proj = torch.nn.Linear(N, M, bias=False)
-        self.mlp = torch.nn.Module()
-        self.mlp.up_proj = torch.nn.Linear(N, M, bias=False)
 
 
 def pretrained_like(g: torch.Generator) -> torch.Tensor:
@@ -71,7 +63,7 @@ def live(tmp_path_factory) -> Any:
         g = torch.Generator().manual_seed(1)
         model = torch.nn.Module()
         model.model = torch.nn.Module()
-        model.model.layers = torch.nn.ModuleList(Block() for _ in range(LAYERS))
+        model.model.layers = torch.nn.ModuleList(AttentionMlpBlock(M, N) for _ in range(LAYERS))
         params = [p for _, p in sorted(model.named_parameters())]
         with torch.no_grad():
             for p in params:

@@ -7,21 +7,14 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
 import torch
 from deltawatch.client import Monitor
 from deltawatch.client.channel import project_gradient
 from deltawatch.client.collectives import ShardSpec
 from safetensors.torch import load_file, save_file
+from support import one_thread_fixture
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls on a shared 2-core box: one torch thread (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+_one_thread = one_thread_fixture(scope="function")
 
 
 def _orthonormal(n: int, k: int, seed: int) -> torch.Tensor:

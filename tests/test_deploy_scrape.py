@@ -15,7 +15,7 @@ import pytest
 from support import PrometheusServer
 from test_deploy_chart import MTLS_VALUES, by_kind, render
 from test_security_grpc_http import TOKEN, Pki, make_pki
-from test_security_serve import monitor, serve, train_one_check
+from test_security_serve import monitor, serve, token_and_tls_flags, train_one_check
 
 SERVICE_DNS = "deltawatch.ml.svc"  # what the chart's ServiceMonitor checks the certificate for
 
@@ -66,14 +66,8 @@ def test_prometheus_scrapes_the_sidecar_as_the_service_monitor_says(
     )
     (endpoint,) = service_monitor["spec"]["endpoints"]
     assert endpoint["scheme"] == "https" and endpoint["tlsConfig"]["serverName"] == SERVICE_DNS
+    flags = (*token_and_tls_flags(tmp_path, pki), "--metrics-require-token")
     token_file = tmp_path / "token"
-    token_file.write_text(TOKEN + "\n")
-    flags = (
-        f"--token-file={token_file}",
-        f"--tls-cert={pki.server_cert}",
-        f"--tls-key={pki.server_key}",
-        "--metrics-require-token",
-    )
     with serve(tmp_path / "sidecar", *flags) as ports:
         model, mon = monitor(ports["grpc_port"], "scraped", tls={"ca": str(pki.ca)}, token=TOKEN)
         reference = train_one_check(model, mon)

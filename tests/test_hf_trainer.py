@@ -35,6 +35,17 @@ MODULES = {
 }
 
 
+def _detail_and_histories(base: str, run: str) -> tuple[dict, dict[str, list[dict]]]:
+    """The run's detail and each of its matrices' history points, from the HTTP API."""
+    detail = sidecar_process.get_json(base, f"/runs/{run}")
+    path = f"/runs/{run}/history?matrix="
+    histories = {
+        m["matrix"]: sidecar_process.get_json(base, path + m["matrix"])["points"]
+        for m in detail["matrices"]
+    }
+    return detail, histories
+
+
 def test_trainer_checks_arrive_under_hf_names(tmp_path):
     from deltawatch.client.hf import DeltawatchCallback
     from run_hf import Tokens, tiny_qwen3, training_args
@@ -57,13 +68,7 @@ def test_trainer_checks_arrive_under_hf_names(tmp_path):
         trainer.train()
         assert callback.monitor is None  # closed at on_train_end
         assert trainer.state.global_step == 4
-        detail = sidecar_process.get_json(base, "/runs/hf-qwen3")
-        histories = {
-            m["matrix"]: sidecar_process.get_json(
-                base, f"/runs/hf-qwen3/history?matrix={m['matrix']}"
-            )["points"]
-            for m in detail["matrices"]
-        }
+        detail, histories = _detail_and_histories(base, "hf-qwen3")
 
     WT = {n: p.detach() for n, p in model.named_parameters() if p.dim() == 2}
     check_arrivals(detail, histories, W0, WT)
@@ -113,13 +118,7 @@ def test_trainer_under_torchrun_ddp_spreads_the_matrices(tmp_path):
             timeout=200,
         )
         assert job.returncode == 0, job.stdout[-5000:] + job.stderr[-10000:]
-        detail = sidecar_process.get_json(base, "/runs/hf-ddp")
-        histories = {
-            m["matrix"]: sidecar_process.get_json(
-                base, f"/runs/hf-ddp/history?matrix={m['matrix']}"
-            )["points"]
-            for m in detail["matrices"]
-        }
+        detail, histories = _detail_and_histories(base, "hf-ddp")
     ranks = [json.loads((out / f"rank{k}.json").read_text()) for k in (0, 1)]
     names = [e["matrix"] for e in ranks[0]["manifest"]]
     for k, r in enumerate(ranks):

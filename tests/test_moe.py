@@ -26,7 +26,7 @@ from deltawatch.client.naming import parse_expert, parse_name
 from deltawatch.client.settings import SketchSettings
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.exact import exact_counts, exact_keys
-from support import SidecarProcess
+from support import one_thread_fixture, sidecar_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -196,20 +196,10 @@ def _assert_matches_float64(got: dict, W0: torch.Tensor, Wt: torch.Tensor, where
     assert abs(got["rotation_mean_degrees"] - ref["rotation_mean_degrees"]) <= tol, where
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread, as the torchrun children have (tests/dist/sidecar_process.py): on 2
-    shared cores two threads make each small host eigendecomposition ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_thread = one_thread_fixture()  # as the torchrun children have (tests/dist/sidecar_process.py)
 
 
-@pytest.fixture(scope="module")
-def sidecar(tmp_path_factory):
-    with SidecarProcess(tmp_path_factory.mktemp("moe")) as side:
-        yield side
+sidecar = sidecar_fixture()
 
 
 @pytest.fixture(scope="module")

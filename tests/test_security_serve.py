@@ -122,14 +122,20 @@ def check_arrived(port: int, run: str, reference: dict[str, float], **http_kw) -
         assert got[name] == pytest.approx(value, rel=1e-6), name
 
 
-def test_serve_with_token_and_tls(tmp_path: Path, pki: Pki) -> None:
-    token_file = tmp_path / "token"
+def token_and_tls_flags(directory: Path, pki: Pki) -> tuple[str, ...]:
+    """`deltawatch serve` flags for the bearer token TOKEN (written to `directory`/token) and
+    TLS with the server certificate of `pki`."""
+    token_file = directory / "token"
     token_file.write_text(TOKEN + "\n")
-    flags = (
+    return (
         f"--token-file={token_file}",
         f"--tls-cert={pki.server_cert}",
         f"--tls-key={pki.server_key}",
     )
+
+
+def test_serve_with_token_and_tls(tmp_path: Path, pki: Pki) -> None:
+    flags = token_and_tls_flags(tmp_path, pki)
     with serve(tmp_path, *flags) as ports:
         grpc_port, http_port = ports["grpc_port"], ports["http_port"]
         tls = {"ca": str(pki.ca)}
@@ -173,7 +179,7 @@ def test_serve_with_token_and_tls(tmp_path: Path, pki: Pki) -> None:
         assert ingested_messages(metrics) == 0
         assert refused_unauthenticated(metrics) >= 2  # operators see the refused trainers
         # the right token over TLS: the reports arrive, with the right numbers
-        model, mon = monitor(grpc_port, "good", tls=tls, token_file=str(token_file))
+        model, mon = monitor(grpc_port, "good", tls=tls, token_file=str(tmp_path / "token"))
         reference = train_one_check(model, mon)
         assert mon.close(timeout=60) is True, mon.stats()
         check_arrived(http_port, "good", reference, ca=pki.ca, token=TOKEN)

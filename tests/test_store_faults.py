@@ -20,7 +20,7 @@ import urllib.request
 import pytest
 import torch
 from deltawatch.client import Monitor
-from support import SidecarProcess, wait_for
+from support import SidecarProcess, one_thread_fixture, wait_for
 
 SHAPES = {"q": (96, 128), "o": (128, 96)}
 
@@ -38,12 +38,7 @@ class _Toy(torch.nn.Module):
         self.layers = torch.nn.ModuleList([_Block(), _Block()])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_compute_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_compute_thread = one_thread_fixture()
 
 
 @pytest.fixture

@@ -19,7 +19,13 @@ import pytest
 import torch
 from deltawatch.client import Monitor
 from deltawatch.sidecar.exact import exact_counts, exact_keys
-from support import SidecarProcess, assert_rotation_within_bound, free_port, wait_for
+from support import (
+    SidecarProcess,
+    assert_rotation_within_bound,
+    free_port,
+    one_thread_fixture,
+    wait_for,
+)
 
 SHAPES = {"q": (96, 128), "o": (128, 96)}
 
@@ -81,14 +87,7 @@ def set_weights(model: Toy, W0: dict, directions: dict, t: int, g: torch.Generat
 # A real sidecar process
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_compute_thread():
-    """Two cores shared by the trainer (this process) and the sidecar: one compute thread each,
-    so OpenMP threads do not spin against each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+one_compute_thread = one_thread_fixture()  # the trainer (this process) beside the sidecar
 
 
 @pytest.fixture(scope="module")

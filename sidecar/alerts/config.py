@@ -144,10 +144,7 @@ def alert_config_from_mapping(data: Mapping[str, Any]) -> AlertConfig:
     """Build an AlertConfig from nested plain data; unknown keys are refused by name."""
     if not isinstance(data, Mapping):
         raise ValueError(f"alert config: expected a mapping at the top, got {type(data).__name__}")
-    top = {f.name for f in fields(AlertConfig)}
-    unknown = sorted(set(data) - top)
-    if unknown:
-        raise ValueError(f"alert config: unknown key(s) {unknown}; known keys: {sorted(top)}")
+    _refuse_unknown(data, AlertConfig, "")
     kwargs: dict[str, Any] = {}
     for key, value in data.items():
         cls = SECTIONS.get(key)
@@ -156,12 +153,17 @@ def alert_config_from_mapping(data: Mapping[str, Any]) -> AlertConfig:
             continue
         if not isinstance(value, Mapping):
             raise ValueError(f"alert config: {key} must be a mapping, got {value!r}")
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(value) - known)
-        if bad:
-            raise ValueError(f"alert config: unknown key(s) {bad} in {key}; known: {sorted(known)}")
+        _refuse_unknown(value, cls, f" in {key}")
         kwargs[key] = cls(**value)
     return AlertConfig(**kwargs)
+
+
+def _refuse_unknown(data: Mapping[str, Any], cls: type, where: str) -> None:
+    """A ValueError naming the keys of `data` that are not fields of `cls`, and the known ones."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"alert config: unknown key(s) {unknown}{where}; known: {sorted(known)}")
 
 
 def load_alert_config(path: str | Path) -> AlertConfig:

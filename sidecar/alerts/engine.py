@@ -514,23 +514,13 @@ class AlertService:
 
     async def _tick_forever(self) -> None:
         period = self.engine.config.run_stalled.evaluate_every_seconds
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await asyncio.to_thread(self.engine.tick)
-            except Exception:
-                log.exception("alert timer failed")
+        await _every(period, self.engine.tick, "alert timer failed")
 
     async def _flush_forever(self) -> None:
         period = self.engine.config.persist_every_seconds
         if period == 0:
             return  # every check is written as it is observed
-        while True:
-            await asyncio.sleep(period)
-            try:
-                await asyncio.to_thread(self.engine.flush)
-            except Exception:
-                log.exception("persisting alert state failed")
+        await _every(period, self.engine.flush, "persisting alert state failed")
 
     async def close(self) -> None:
         for task in (self._timer, self._flusher):
@@ -543,3 +533,14 @@ class AlertService:
             await self.webhook.close()
         if self.alertmanager is not None:
             await self.alertmanager.close()
+
+
+async def _every(period: float, work: Callable[[], object], failure: str) -> None:
+    """Run `work` on a worker thread every `period` seconds, forever; a failure is logged as
+    `failure` and the next period runs again."""
+    while True:
+        await asyncio.sleep(period)
+        try:
+            await asyncio.to_thread(work)
+        except Exception:
+            log.exception(failure)

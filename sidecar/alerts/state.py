@@ -17,10 +17,18 @@ from typing import Any, TypedDict
 ZERO_TIME = "0001-01-01T00:00:00Z"
 
 
+RFC3339_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # what `rfc3339` writes (%f: milliseconds there)
+
+
 def rfc3339(t: float) -> str:
     """Seconds since the epoch -> RFC 3339 UTC with milliseconds ("2026-11-26T15:04:05.123Z")."""
     d = datetime.fromtimestamp(t, tz=timezone.utc)
     return d.strftime("%Y-%m-%dT%H:%M:%S.") + f"{d.microsecond // 1000:03d}Z"
+
+
+def epoch_seconds(text: str) -> float:
+    """The inverse of `rfc3339`: "2026-11-26T15:04:05.123Z" -> seconds since the epoch."""
+    return datetime.strptime(text, RFC3339_FORMAT).replace(tzinfo=timezone.utc).timestamp()
 
 
 def alert_id(run: str, rule: str, matrix: str | None, started_at: float) -> str:

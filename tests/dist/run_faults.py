@@ -21,16 +21,15 @@ during checks, and (tp_project) the residuals.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import sys
 
 import torch
-import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import script_args  # noqa: E402
 from deltawatch.client import sharding  # noqa: E402
 from deltawatch.client.collectives import FAULT_ENV  # noqa: E402
 from deltawatch.client.monitor import Monitor  # noqa: E402
@@ -86,7 +85,7 @@ def run_project(mode: str, a: argparse.Namespace) -> dict:
             )
         v_refs = {n: m.tracker.v_ref for n, m in by_param.items()}  # before this step's check
         opt.step()
-        for n, m in by_param.items():
+        for n in by_param:
             dW = (params[n].full_tensor() - before[n]).double()
             v = v_refs[n]
             if v is None:
@@ -100,14 +99,9 @@ def run_project(mode: str, a: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = script_args.parser(steps=6)
     ap.add_argument("--faults", required=True, help="JSON: mode -> DELTAWATCH_FAULT value")
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--run-prefix", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=6)
-    a = ap.parse_args()
-    faulthandler.dump_traceback_later(120, exit=True)  # a hung collective fails fast
+    a = script_args.parse(ap, hang_seconds=120)
     plans = json.loads(a.faults)
 
     def run_one(mode: str) -> dict:

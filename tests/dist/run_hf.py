@@ -10,11 +10,10 @@ before and after training (w0.safetensors, wt.safetensors) for the float64 refer
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import json
 import os
 
+import script_args
 import torch
 from deltawatch.client.hf import DeltawatchCallback
 from safetensors.torch import save_file
@@ -91,12 +90,7 @@ def tiny_qwen3() -> Qwen3ForCausalLM:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--run-name", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    faulthandler.dump_traceback_later(150, exit=True)
+    a = script_args.parse(script_args.parser(run="--run-name"), hang_seconds=150)
     torch.manual_seed(0)
     model = tiny_qwen3()
     W0 = {n: p.detach().clone() for n, p in model.named_parameters() if p.dim() == 2}

@@ -27,7 +27,6 @@ each sharded layout it does not read.
 from __future__ import annotations
 
 import argparse
-import faulthandler
 import json
 import os
 import sys
@@ -37,6 +36,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import script_args  # noqa: E402
 from deltawatch.client import sharding  # noqa: E402
 from deltawatch.client.collectives import FAULT_ENV  # noqa: E402
 from deltawatch.client.monitor import Monitor  # noqa: E402
@@ -180,15 +180,10 @@ def refusals() -> dict[str, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = script_args.parser(steps=4)
     ap.add_argument("--faults", required=True, help='JSON: mode -> DELTAWATCH_FAULT ("" none)')
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--run-prefix", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--refusals", action="store_true", help="also write refusals-rank<k>.json")
-    a = ap.parse_args()
-    faulthandler.dump_traceback_later(120, exit=True)  # a hung collective fails fast
+    a = script_args.parse(ap, hang_seconds=120)
     plans = json.loads(a.faults)
     distributed = any(mode.startswith("fsdp2") for mode in plans)
     if distributed:

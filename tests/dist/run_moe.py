@@ -10,8 +10,6 @@ Monitor computed, its counters and whether close() saw every report acknowledged
 
 from __future__ import annotations
 
-import argparse
-import faulthandler
 import json
 import os
 import sys
@@ -21,17 +19,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import script_args  # noqa: E402
 from deltawatch.client.monitor import Monitor  # noqa: E402
 from moe import MONITOR, starve, tiny_qwen3_moe, tokens, train  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--run-name", required=True)
-    ap.add_argument("--out", required=True)
-    a = ap.parse_args()
-    faulthandler.dump_traceback_later(150, exit=True)
+    a = script_args.parse(script_args.parser(run="--run-name"), hang_seconds=150)
     dist.init_process_group("gloo")
     from torch.distributed.fsdp import fully_shard
 

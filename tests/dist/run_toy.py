@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import faulthandler
 import json
 import os
 import socket
@@ -31,6 +30,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+import script_args  # noqa: E402
 from deltawatch.client import sharding  # noqa: E402
 from deltawatch.client.monitor import Monitor  # noqa: E402
 from toy import FUSED, CollectiveCounter, Toy, initial_weights, weights_at  # noqa: E402
@@ -281,17 +281,10 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
+    ap = script_args.parser(steps=5)
     ap.add_argument("--modes", required=True, help="comma-separated: single | fsdp2,tp,ddp,fsdp1")
-    ap.add_argument("--endpoint", required=True)
-    ap.add_argument("--run-prefix", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=5)
-    ap.add_argument("--hang-timeout", type=float, default=150.0)
     ap.add_argument("--audit-every", type=int, default=0, help="Monitor(audit_every=), 0: off")
-    a = ap.parse_args()
-    # A hung collective prints every thread's stack and exits instead of waiting forever.
-    faulthandler.dump_traceback_later(a.hang_timeout, exit=True)
+    a = script_args.parse(ap, hang_seconds=150)
     run_each(a.modes.split(","), a.out, lambda mode: run_mode(mode, a))
 
 
