@@ -93,15 +93,8 @@ def _compare(base: str, run_a: str, run_b: str, dropped: set) -> int:
         a, b = _history(base, run_a, name), _history(base, run_b, name)
         steps = [s for s in range(1, STEPS + 1) if (name, s) not in dropped]
         assert sorted(a) == sorted(b) == steps, (run_a, run_b, name)
-        for step, pb in b.items():
-            for key, vb in pb.items():
-                va = a[step][key]
-                where = f"{run_b} {name} step {step} {key}: {run_a} {va}, {run_b} {vb}"
-                if va is None or vb is None or isinstance(va, bool):
-                    assert va == vb, where
-                    continue
-                assert abs(va - vb) <= REL * max(abs(va), abs(vb)) + SLACK.get(key, 0.0), where
-                compared += 1
+        points = [a[s] for s in steps], [b[s] for s in steps]
+        compared += serve.compare_points(*points, f"{run_a} vs {run_b} {name}", REL, SLACK)
     return compared
 
 

@@ -107,16 +107,7 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
         a = _history(base, "toy-single", name)
         b = [p for p in _history(base, f"toy-{mode}", name) if p["step"] <= STEPS]
         assert [p["step"] for p in a] == [p["step"] for p in b] == list(range(1, STEPS + 1))
-        for pa, pb in zip(a, b, strict=True):
-            for key, va in pa.items():
-                vb = pb[key]
-                where = f"{mode} {name} step {pa['step']} {key}: single {va}, sharded {vb}"
-                if va is None or vb is None or isinstance(va, bool):
-                    assert va == vb, where
-                    continue
-                slack = BOUND_ABS if key == "convergence" else 0.0
-                assert abs(va - vb) <= REL * max(abs(va), abs(vb)) + slack, where
-                compared += 1
+        compared += serve.compare_points(a, b, f"{mode} {name}", REL, {"convergence": BOUND_ABS})
     assert compared > 7 * STEPS * 10
 
 

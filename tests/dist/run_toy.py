@@ -245,7 +245,8 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
     if mode == "fsdp2_down" and rank == 1:  # this node's sidecar is down: nothing listens there
         endpoint = f"127.0.0.1:{free_port()}"
     try:
-        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=endpoint, **MONITOR)
+        settings = MONITOR | json.loads(a.settings)
+        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=endpoint, **settings)
     except ValueError as exc:
         out["refused"] = str(exc)
         return out
@@ -287,6 +288,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--hang-timeout", type=float, default=150.0)
+    ap.add_argument("--settings", default="{}", help="JSON object: Monitor keywords over MONITOR")
     a = ap.parse_args()
     # A hung collective prints every thread's stack and exits instead of waiting forever.
     faulthandler.dump_traceback_later(a.hang_timeout, exit=True)

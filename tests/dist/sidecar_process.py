@@ -73,6 +73,24 @@ def torchrun_beside_reference(
     return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}, stderr
 
 
+def compare_points(
+    a: list[dict], b: list[dict], where: str, rel: float, slack: dict[str, float]
+) -> int:
+    """Two histories of one matrix point by point: nulls and flags equal, numbers within `rel`
+    relative plus `slack[key]` absolute. Returns how many numbers were compared."""
+    compared = 0
+    for pa, pb in zip(a, b, strict=True):
+        for key, va in pa.items():
+            vb = pb[key]
+            at = f"{where} step {pa['step']} {key}: {va} vs {vb}"
+            if va is None or vb is None or isinstance(va, bool):
+                assert va == vb, at
+                continue
+            assert abs(va - vb) <= rel * max(abs(va), abs(vb)) + slack.get(key, 0.0), at
+            compared += 1
+    return compared
+
+
 def get_json(base: str, path: str) -> Any:
     """GET base + /api/v1 + path as JSON."""
     return _get_json(base + "/api/v1" + path)
