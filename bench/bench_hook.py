@@ -418,6 +418,7 @@ def run_config(
             "stored_frobenius": {s: got.get(s) for s in exact_fro},
         }
 
+    print(f"row {label!r} done: {len(check_wall)} checks", file=sys.stderr, flush=True)
     step_off = median(off_wall)
     noop = median(hook_noop) if hook_noop else 0.0
     chk = median(check_wall)
