@@ -47,6 +47,7 @@ timed per monitor.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import io
 import json
@@ -86,6 +87,69 @@ def closed_port() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"127.0.0.1:{s.getsockname()[1]}"
+
+
+# -- the flops-and-bytes bound ------------------------------------------------------------------
+
+
+def machine_rates(repeats: int = 3) -> dict[str, float]:
+    """This process's float32 matmul rate (GFLOP/s: a 2048² product, full IEEE precision) and
+    memory bandwidth (GB/s: a 128 MiB copy, bytes read + written), the best of `repeats`, at the
+    current torch thread count."""
+    from deltawatch.client.sketch import highest_precision
+
+    n = 2048
+    A, B = torch.randn(n, n), torch.randn(n, n)
+    src, dst = torch.randn(32 * 2**20), torch.empty(32 * 2**20)
+    with highest_precision():
+        A @ B
+        matmul = min(_seconds(lambda: A @ B) for _ in range(repeats))
+    dst.copy_(src)
+    copy = min(_seconds(lambda: dst.copy_(src)) for _ in range(repeats))
+    return {"matmul_gflops": 2 * n**3 / matmul / 1e9, "memory_gbps": 2 * src.nbytes / copy / 1e9}
+
+
+def _seconds(f) -> float:
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def check_bound_s(
+    shape: tuple[int, int], r: int, steps: int, weight_steps: int, rates: dict[str, float],
+    param_bytes: int = 4, anchor_bytes: int = 2,
+) -> float:  # fmt: skip
+    """The flops-and-bytes bound of one matrix's check (docs/overhead.md "The bound"): the power
+    steps' products, 4·m·n·r flops each (ΔW's and W_t's), at the measured matmul rate, plus the
+    bytes a check cannot avoid at the measured bandwidth: one pass reading W_t, W0's copy and the
+    packed principal mask (1 bit), and one read of the float32 operator per power step."""
+    m, n = shape
+    flops = 4 * m * n * r * (steps + weight_steps)
+    bytes_ = m * n * (param_bytes + anchor_bytes + 0.125 + 4 * (steps + weight_steps))
+    return flops / (rates["matmul_gflops"] * 1e9) + bytes_ / (rates["memory_gbps"] * 1e9)
+
+
+@contextmanager
+def recording_bounds(out: list[list[float]], rates: dict[str, float]):
+    """Each `mon.step` call's reports' summed bound (`check_bound_s`) appended to `out` (one list
+    per step that queued reports), by wrapping `Transport.submit_report` at class level (the
+    check split's instance-level wrapper calls through it)."""
+    from deltawatch.client.transport import Transport
+
+    original = Transport.submit_report
+
+    def submit(self, check) -> None:
+        weight = check.weight.power_steps if check.weight is not None else 0
+        steps = check.update.power_steps if check.update is not None else 0
+        r = (check.update or check.weight).G.shape[1] if (check.update or check.weight) else 0
+        out[-1].append(check_bound_s(check.shape, r, steps, weight, rates))
+        original(self, check)
+
+    Transport.submit_report = submit
+    try:
+        yield
+    finally:
+        Transport.submit_report = original
 
 
 # -- the toy trainer ----------------------------------------------------------------------------
@@ -239,13 +303,20 @@ def run_config(
     exact_matrix: str | None,
     profile_last: bool = False,
     check_threads: int | None = None,
+    settings: dict | None = None,
+    rates: dict[str, float] | None = None,
 ) -> dict:
-    """Interleaved rounds of `block` steps without and with a Monitor(every=every)."""
+    """Interleaved rounds of `block` steps without and with a Monitor(every=every, **settings);
+    with `rates`, each check's flops-and-bytes bound (`check_bound_s`) beside its time."""
     from deltawatch.client import Monitor
 
+    settings = settings or {}
+    spread = settings.get("schedule") == "spread"  # every step checks a slice
     run = "bench-" + re.sub(r"[^A-Za-z0-9._-]+", "-", label)
     t0, c0 = time.perf_counter(), time.process_time()
-    mon = Monitor(trainer.model, run=run, endpoint=endpoint, every=every, close_timeout=60.0)
+    mon = Monitor(
+        trainer.model, run=run, endpoint=endpoint, every=every, close_timeout=60.0, **settings
+    )
     attach_wall, attach_cpu = time.perf_counter() - t0, time.process_time() - c0
 
     params = dict(trainer.model.named_parameters())
@@ -260,6 +331,7 @@ def run_config(
     count = 0  # the steps the monitor saw
     side0 = cpu_seconds(sidecar.pid) if sidecar else float("nan")
     profile_text = None
+    bounds: list[list[float]] = []  # per check: its reports' bounds
 
     def block_of(with_monitor: bool) -> tuple[float, float, float]:
         nonlocal count, profile_text
@@ -270,7 +342,9 @@ def run_config(
             trainer.step()
             if with_monitor:
                 count += 1
-                is_check = count % every == 0
+                is_check = spread or count % every == 0
+                if is_check:
+                    bounds.append([])
                 h0, hc0 = time.perf_counter(), time.process_time()
                 profiler = None
                 if is_check and profile_last and len(check_wall) == rounds * block // every - 1:
@@ -301,6 +375,9 @@ def run_config(
                 else:
                     hook_noop.append(hw)
             dw, dc = time.perf_counter() - w0, time.process_time() - p0
+            if checked and spread:  # the exact matrix only on the steps of its slot
+                slot = mon._slots[(count - 1) % every]
+                checked = any(getattr(u, "name", None) == exact_matrix for u in slot)
             if checked and exact_w0 is not None:  # outside the timed region
                 W = params[exact_matrix].detach().to(torch.bfloat16).double()
                 exact_fro[count] = float(torch.linalg.norm(W - exact_w0))
@@ -310,12 +387,13 @@ def run_config(
             bc += dc
         return bw, bc, bh
 
-    for i in range(rounds):
-        order = (False, True) if i % 2 == 0 else (True, False)
-        res = {flag: block_of(flag) for flag in order}
-        ratio_wall.append(res[True][0] / res[False][0])
-        ratio_cpu.append(res[True][1] / res[False][1])
-        ratio_direct.append(res[True][2] / res[False][0])
+    with recording_bounds(bounds, rates) if rates else contextlib.nullcontext():
+        for i in range(rounds):
+            order = (False, True) if i % 2 == 0 else (True, False)
+            res = {flag: block_of(flag) for flag in order}
+            ratio_wall.append(res[True][0] / res[False][0])
+            ratio_cpu.append(res[True][1] / res[False][1])
+            ratio_direct.append(res[True][2] / res[False][0])
 
     c1 = time.perf_counter()
     flushed = mon.close(timeout=60.0 if sidecar else 0.5)
@@ -340,10 +418,12 @@ def run_config(
             "stored_frobenius": {s: got.get(s) for s in exact_fro},
         }
 
+    print(f"row {label!r} done: {len(check_wall)} checks", file=sys.stderr, flush=True)
     step_off = median(off_wall)
     noop = median(hook_noop) if hook_noop else 0.0
     chk = median(check_wall)
-    amortised = (noop * (every - 1) + chk) / (every * step_off)
+    amortised = chk / step_off if spread else (noop * (every - 1) + chk) / (every * step_off)
+    bound = median([sum(b) for b in bounds if b]) if rates else float("nan")
     split_med = {k: median([s.get(k, 0.0) for s in splits]) for k in SPLIT} if splits else None
     power_steps = [s["power_step_calls"] for s in splits]
     return {
@@ -363,6 +443,10 @@ def run_config(
         "check_s": chk,
         "check_cpu_s": median(check_cpu),
         "checks": len(check_wall),
+        "hook_max_s": max(check_wall, default=float("nan")),
+        "settings": settings,
+        "bound_s": bound,
+        "check_over_bound": chk / bound if bound > 0 else float("nan"),
         "overhead_block": median(ratio_wall) - 1,
         "overhead_block_cpu": median(ratio_cpu) - 1,
         "overhead_direct": median(ratio_direct),
@@ -377,6 +461,59 @@ def run_config(
         "power_steps_per_check": power_steps,
         "delivered": delivered,
         "profile": profile_text,
+    }
+
+
+WANDB_MISSING = (
+    "wandb.watch row skipped: wandb is not installed (pip install -c constraints.txt -e '.[bench]')"
+)
+
+
+def run_wandb(trainer: Trainer, *, rounds: int, block: int, log_freq: int, directory: str):
+    """The peer baseline (issue 14 item 5): the same interleaved blocks, with
+    `wandb.watch(model, log="parameters", log_freq=log_freq)` in offline mode (WANDB_MODE=offline:
+    nothing leaves the machine; the run is written under `directory`) against no watch; both
+    blocks call `run.log` once per step (what a trainer logging its loss does), so the ratio is
+    what watch adds. The row, or `WANDB_MISSING` when wandb is not installed."""
+    try:
+        import wandb
+    except ImportError:
+        return WANDB_MISSING
+    os.environ["WANDB_MODE"] = "offline"
+    os.environ["WANDB_SILENT"] = "true"
+    t0 = time.perf_counter()
+    run = wandb.init(
+        project="deltawatch-bench", dir=directory, mode="offline",
+        settings=wandb.Settings(console="off", x_disable_stats=True),
+    )  # fmt: skip
+    init_wall = time.perf_counter() - t0
+    ratios, off, on = [], [], []
+    for i in range(rounds):
+        totals = {}
+        for watched in (False, True) if i % 2 == 0 else (True, False):
+            if watched:
+                wandb.watch(trainer.model, log="parameters", log_freq=log_freq)
+            times = []
+            for _ in range(block):
+                w0 = time.perf_counter()
+                trainer.step()
+                run.log({"step": trainer.steps})
+                times.append(time.perf_counter() - w0)
+            if watched:
+                wandb.unwatch(trainer.model)
+            (on if watched else off).extend(times)
+            totals[watched] = sum(times)
+        ratios.append(totals[True] / totals[False])
+    run.finish()
+    return {
+        "label": f"wandb.watch(log='parameters', log_freq={log_freq})",
+        "rounds": rounds,
+        "block": block,
+        "init_wall_s": init_wall,
+        "step_off_s": median(off),
+        "step_on_s": median(on),
+        "overhead_block": median(ratios) - 1,
+        "ratios_wall": ratios,
     }
 
 
@@ -397,6 +534,10 @@ def pct(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:+.2f}%"
 
 
+def ratio(x: float | None) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1f}×"
+
+
 def ms(x: float | None) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{1000 * x:.1f}"
 
@@ -413,15 +554,15 @@ def print_tables(result: dict) -> None:
     print(
         "\n| config | every | rounds×block | step w/o ms | step with ms | check ms | check CPU ms "
         "| hook no-op µs | overhead (blocks) | overhead (CPU) | direct | amortised "
-        "| sidecar CPU/check ms |"
+        "| sidecar CPU/check ms | largest hook ms | bound ms | check / bound |"
     )
-    print("|" + "---|" * 13)
+    print("|" + "---|" * 16)
     for r in result["rows"]:
         if r.get("derived"):
             print(
                 f"| {r['label']} | {r['every']} | — | {ms(r['step_off_s'])} | — | "
                 f"{ms(r['check_s'])} | — | {1e6 * r['hook_noop_s']:.1f} | — | — | — | "
-                f"{pct(r['overhead_amortised'])} | — |"
+                f"{pct(r['overhead_amortised'])} | — | — | — | — |"
             )
             continue
         print(
@@ -430,8 +571,40 @@ def print_tables(result: dict) -> None:
             f"{1e6 * r['hook_noop_s']:.1f} | {pct(r['overhead_block'])} | "
             f"{pct(r['overhead_block_cpu'])} | {pct(r['overhead_direct'])} | "
             f"{pct(r['overhead_amortised'])} | "
-            f"{ms(r['sidecar_cpu_per_check_s'])} |"
+            f"{ms(r['sidecar_cpu_per_check_s'])} | {ms(r['hook_max_s'])} | {ms(r['bound_s'])} | "
+            f"{ratio(r['check_over_bound'])} |"
         )
+    rates = result["rates"]
+    print(
+        f"\nMeasured in this process at {s['threads']} torch thread(s): float32 matmul "
+        f"{rates['matmul_gflops']:.1f} GFLOP/s (2048² product), memory {rates['memory_gbps']:.1f} "
+        f"GB/s (128 MiB copy, read + write). Bound = Σ over the check's reports of 4·m·n·r flops "
+        f"per power step at that rate + (one pass over W_t, W0, M_princ + one float32 read of "
+        f"the operator per power step) bytes at that bandwidth (docs/overhead.md)."
+    )
+    w = result.get("wandb")
+    if isinstance(w, str):
+        print(f"\n{w}")
+    elif w:
+        print(
+            f"\n{w['label']}, offline, {w['rounds']}×{w['block']} steps interleaved: step "
+            f"{ms(w['step_off_s'])} ms without, {ms(w['step_on_s'])} ms with; overhead (blocks) "
+            f"{pct(w['overhead_block'])}; wandb.init {ms(w['init_wall_s'])} ms"
+        )
+    if result.get("bound"):
+        print("\nOne matrix's settled check against its bound (min over repeats):")
+        print(
+            "| shape | kind | W_t | check ms | power steps (ΔW, W_t) | bound ms | check / bound |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for b in result["bound"]:
+            for label in ("with W_t", "without W_t"):
+                x = b[label]
+                print(
+                    f"| {b['shape'][0]}×{b['shape'][1]} | {b['kind']} | {label} | "
+                    f"{ms(x['check_s'])} | {x['power_steps'][0]}, {x['power_steps'][1]} | "
+                    f"{ms(x['bound_s'])} | {ratio(x['ratio'])} |"
+                )
     print("\nMonitor construction (attach):")
     for r in result["rows"]:
         if not r.get("derived"):
@@ -564,6 +737,48 @@ def dominates_micro(shapes: list[tuple[int, int]], repeats: int = 5) -> dict[str
     return out
 
 
+def bound_micro(
+    shapes: list[tuple[int, int]], rates: dict[str, float], repeats: int, kind: str = "sft"
+) -> list[dict]:
+    """One matrix's settled check at each shape against its flops-and-bytes bound: a tracker on
+    a pretrained-like W0 (bench/trajectories.py) after `kind`'s first 3 steps, checked twice to
+    settle; then the same third check timed from that state, `repeats` times (best), with the
+    W_t tracker and without it (`weight=False`, a check `weight_every` skips)."""
+    from deltawatch.client.tracker import MatrixTracker
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trajectories import pretrained_like, trajectory
+
+    out = []
+    for m, n in shapes:
+        W0 = pretrained_like(m, n, seed=0)
+        tr = MatrixTracker.attach("model.layers.0.w", W0)
+        Ws = list(trajectory(kind, W0, steps=3))
+        tr.check(Ws[0], 1)
+        tr.check(Ws[1], 2)
+        state = tr.state_dict()
+        row = {"shape": [m, n], "kind": kind}
+        for label, weight in (("with W_t", True), ("without W_t", False)):
+
+            def check(tr=tr, state=state, W=Ws[2], weight=weight):
+                tr.load_state_dict(state)
+                return tr.check(W, 3, weight=weight)
+
+            c = check()
+            times = [_seconds(check) for _ in range(repeats)]
+            steps = c.update.power_steps
+            w_steps = c.weight.power_steps if c.weight is not None else 0
+            bound = check_bound_s((m, n), tr.r, steps, w_steps, rates)
+            row[label] = {
+                "check_s": min(times),
+                "power_steps": [steps, w_steps],
+                "bound_s": bound,
+                "ratio": min(times) / bound,
+            }
+        out.append(row)
+    return out
+
+
 def eigh_threads_micro(threads: int, r: int = 32, repeats: int = 200) -> str:
     """The r×r float64 Rayleigh–Ritz of one power step, with 1 thread and with `threads`."""
     from deltawatch.client.sketch import error_bound, krylov_products, rayleigh_ritz
@@ -615,6 +830,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--no-split", action="store_true", help="skip the instrumented split")
     p.add_argument("--no-profile", action="store_true", help="skip cProfile of one check")
     p.add_argument("--no-micro", action="store_true", help="skip the isolated check parts")
+    p.add_argument(
+        "--bound-shapes", default="256x256,256x768,4096x4096",
+        help="shapes of the single-matrix check against its bound ('' to skip)",
+    )  # fmt: skip
+    p.add_argument("--bound-repeats", type=int, default=3)
+    p.add_argument(
+        "--weight-every", type=int, default=4,
+        help="the weight_every of the e10 weight_every row (0: skip the row)",
+    )  # fmt: skip
+    p.add_argument("--rounds-variants", type=int, default=2,
+                   help="rounds of the weight_every and spread rows (0: skip them)")  # fmt: skip
+    p.add_argument("--rounds-wandb", type=int, default=2,
+                   help="rounds of the wandb.watch row (0: skip; needs wandb)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, default=None)
     return p.parse_args(argv)
@@ -647,15 +875,29 @@ def main(argv: list[str] | None = None) -> int:
         p.numel() for n, p in trainer.model.named_parameters() if n in set(names)
     )
     split = None if args.no_split else Split()
+    rates = result["rates"] = machine_rates()
     with tempfile.TemporaryDirectory(prefix="deltawatch-bench-hook-") as tmp:
         sidecar = SidecarProcess(Path(tmp)).start()  # --threads 1, OMP_NUM_THREADS=1
         try:
             main_row = run_config(
                 trainer, label=f"e{args.every} sidecar", every=args.every,
                 endpoint=sidecar.endpoint, rounds=args.rounds, block=block, sidecar=sidecar,
-                split=split, exact_matrix=names[0],
+                split=split, exact_matrix=names[0], rates=rates,
             )  # fmt: skip
             result["rows"].append(main_row)
+            variants = [{"schedule": "spread"}]
+            if args.weight_every > 1:
+                variants.insert(0, {"weight_every": args.weight_every})
+            for settings in variants if args.rounds_variants else ():
+                label = f"e{args.every} sidecar " + ", ".join(
+                    f"{k}={v}" for k, v in settings.items()
+                )
+                on = {"endpoint": sidecar.endpoint, "sidecar": sidecar, "rates": rates}
+                row = run_config(
+                    trainer, label=label, every=args.every, rounds=args.rounds_variants,
+                    block=block, split=None, exact_matrix=names[0], settings=settings, **on,
+                )  # fmt: skip
+                result["rows"].append(row)
             if args.rounds_1t and args.threads > 1:
                 result["rows"].append(
                     run_config(
@@ -718,7 +960,13 @@ def main(argv: list[str] | None = None) -> int:
                     exact_matrix=None,
                 )  # fmt: skip
             )
+        if args.rounds_wandb:
+            result["wandb"] = run_wandb(
+                trainer, rounds=args.rounds_wandb, block=block, log_freq=10, directory=tmp
+            )
     result["micro"] = {"eigh threads": eigh_threads_micro(args.threads)}
+    shapes = [tuple(int(x) for x in s.split("x")) for s in args.bound_shapes.split(",") if s]
+    result["bound"] = bound_micro(shapes, rates, args.bound_repeats)
     if not args.no_micro:
         shapes = [tuple(p.shape) for n, p in trainer.model.named_parameters() if n in set(names)]
         result["micro"].update(dominates_micro(shapes))

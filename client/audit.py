@@ -1,7 +1,8 @@
 """The live self-audit's client side (`Monitor(audit_every=N)`, docs/audit.md): which matrix a
 check audits, and this rank's blocks of its update ΔW.
 
-Every `audit_every`-th check (by check index t = step // every, a number every rank holds), one
+Every `audit_every`-th check (by its cycle t = ⌈step / every⌉, client/schedule.py, a number every
+rank holds; under `schedule="spread"` the matrix is audited at the step of the cycle that checks it), one
 matrix travels as its full ΔW (float32, the tracker's own D = view(W_t) − view(W0), which in the
 bf16 view is the exact difference of two bf16 values): the auditable matrices in manifest order, in rotation
 (matrix number (t / audit_every) mod count). The same choice on every rank, from data every rank
@@ -17,15 +18,17 @@ import torch
 
 from . import flat
 from .records import AuditPiece
+from .schedule import cycle
 
 
 def audited_index(step: int, every: int, audit_every: int | None, count: int) -> int | None:
     """The position (among `count` auditable matrices) of the matrix audited by the check at
-    `step`, or None: check index t = step // every audits when t % audit_every == 0, matrix
-    (t // audit_every) mod count."""
+    `step`, or None: the cycle t = ⌈step / every⌉ audits when t % audit_every == 0, matrix
+    (t // audit_every) mod count (the same for every step of a cycle, so under
+    schedule="spread" the matrix is audited at its own step)."""
     if not audit_every or not count:
         return None
-    t = step // every
+    t = cycle(step, every)
     if t % audit_every:
         return None
     return (t // audit_every) % count

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .credentials import check_tls
-from .settings import AnchorSettings, LockSettings, SketchSettings, positive_int
+from .schedule import SCHEDULES, Schedule
+from .settings import AnchorSettings, LockSettings, SketchSettings, one_of, positive_int
 
 RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
@@ -73,6 +74,8 @@ class MonitorConfig:
 
     run: str
     every: int = 10
+    schedule: Schedule = "every"  # "spread": a slice of the matrices on each step (schedule.py)
+    weight_every: int = 1  # the W_t tracker (rotation, spectral shift) every N-th check
     include: Selector = None  # regexes searched in parameter names, or name -> bool
     exclude: Selector = None
     fused: Mapping[str, Any] | None = None
@@ -213,6 +216,8 @@ def validate(c: MonitorConfig) -> None:
             f"(letters, digits, '.', '_', '-' only)"
         )
     positive_int("every", c.every)
+    one_of("schedule", c.schedule, SCHEDULES)
+    positive_int("weight_every", c.weight_every)
     for name, kind in (
         ("anchor", AnchorSettings),
         ("sketch", SketchSettings),

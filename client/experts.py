@@ -304,12 +304,14 @@ class ExpertGroup:
         return sum(t.anchor.nbytes() for t in self.trackers)
 
     @torch.no_grad()
-    def check(self, step: int, session: CheckSession) -> list[MatrixCheck] | None:
+    def check(
+        self, step: int, session: CheckSession, weight: bool = True
+    ) -> list[MatrixCheck] | None:
         """One check of every expert of the group at `step`; None when it failed (recorded in
         `session`: nothing raises, bases and locks unchanged). The experts' states change only
-        when the check is kept."""
+        when the check is kept. `weight` False skips the W_t trackers (`MatrixTracker.check`)."""
         with highest_precision():
-            result = session.local(lambda: self._check(int(step), session))
+            result = session.local(lambda: self._check(int(step), session, weight))
         if not session.agree() or result is None:
             return None
         checks, states = result
@@ -317,19 +319,23 @@ class ExpertGroup:
             tracker.V, tracker.V_w, tracker.lock, tracker.fresh = state
         return checks
 
-    def _check(self, step: int, s: CheckSession) -> tuple[list[MatrixCheck], list[tuple]]:
+    def _check(
+        self, step: int, s: CheckSession, weight: bool = True
+    ) -> tuple[list[MatrixCheck], list[tuple]]:
         s.seam("start")
         W = self.local()
         checks, states = [], []
         for b0 in range(0, W.shape[0], self.batch):
             b1 = min(b0 + self.batch, W.shape[0])
-            c, st = self._check_batch(W[b0:b1], b0, step)
+            c, st = self._check_batch(W[b0:b1], b0, step, weight)
             checks += c
             states += st
         s.seam("end")
         return checks, states
 
-    def _check_batch(self, W: torch.Tensor, b0: int, step: int) -> tuple[list, list]:
+    def _check_batch(
+        self, W: torch.Tensor, b0: int, step: int, with_weight: bool = True
+    ) -> tuple[list, list]:
         """Experts b0.. of the group (W: their [B, m, n] weights): the tracker's check
         (client/tracker.py `_check`) with every product with ΔW or W_t batched."""
         trackers = self.trackers[b0 : b0 + W.shape[0]]
@@ -358,7 +364,7 @@ class ExpertGroup:
                 observations.append(lock.observe(step, None, None, False))
         channel = self._channel_energy(D, locks)
         weights: dict[int, tuple] = {}
-        if idx:  # view(W_t) into ΔW's buffer (A is a copy or D itself)
+        if idx and with_weight:  # view(W_t) into ΔW's buffer (A is a copy or D itself)
             Wm = W[torch.tensor(idx, device=W.device)] if len(idx) < len(moved) else W
             for c in self._slices(len(idx)):
                 A[c].copy_(Wm[c].to(self.dtype))
@@ -375,7 +381,7 @@ class ExpertGroup:
         for i, t in enumerate(trackers):
             lock = locks[i]
             moved_i = i in out
-            weight = weights[i][0] if moved_i else t.baseline()
+            weight = weights[i][0] if i in weights else t.baseline() if with_weight else None
             checks.append(
                 MatrixCheck(
                     matrix=t.name,
@@ -395,7 +401,7 @@ class ExpertGroup:
                 )
             )
             V = out[i][2] if moved_i else t.V
-            V_w = weights[i][2] if moved_i else t.V_w
+            V_w = weights[i][2] if i in weights else t.V_w
             states.append((V, V_w, lock, t.fresh and not moved_i))
         return checks, states
 

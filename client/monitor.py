@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from . import adapters, audit, experts, flat, naming, sharding
+from . import adapters, audit, experts, flat, naming, schedule, sharding
 from . import fused as fused_mod
 from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
@@ -126,6 +126,7 @@ class Monitor:
         # not a block of the weight); the same list on every rank
         self._auditable = [m.name for m in self.matrices if not m.packed and m.adapter is None]
         self._audited: str | None = None  # the matrix the current check audits
+        self._slots = self._units_by_slot()
         self.manifest = [
             manifest_entry(
                 m.name,
@@ -275,6 +276,31 @@ class Monitor:
             groups.append(g)
         return groups
 
+    def _units_by_slot(self) -> list[list[_Matrix | experts.ExpertGroup]]:
+        """What this rank checks, per slot of the schedule (client/schedule.py): one slot holding
+        every unit under schedule="every"; under "spread", `every` slots balanced by parameter
+        count over the whole manifest (each matrix, or each part of a packed expert parameter
+        with all its experts, is one unit), so every rank assigns every matrix the same slot."""
+        c = self.config
+        here = [m for m in self.matrices if m.tracker is not None and not m.packed]
+        units: list[_Matrix | experts.ExpertGroup] = [*here, *self._expert_groups]
+        if c.schedule != "spread":
+            return [units]
+        keys = {m.name: m.index for m in self.matrices if not m.packed}
+        for j, (_, _, _, members) in enumerate(self._packed):
+            keys.update((m.name, -1 - j) for m in members)
+        costs: dict[int, int] = {}
+        for m in self.matrices:
+            shape = m.placement.shape
+            costs[keys[m.name]] = costs.get(keys[m.name], 0) + shape[0] * shape[1]
+        order = sorted(costs)
+        slot = dict(zip(order, schedule.slots([costs[k] for k in order], c.every), strict=True))
+        out: list[list[_Matrix | experts.ExpertGroup]] = [[] for _ in range(c.every)]
+        for u in units:
+            name = u.name if isinstance(u, _Matrix) else u.names[0]
+            out[slot[keys[name]]].append(u)
+        return out
+
     def _make_tracker(self, m: _Matrix, checkpoint: _CheckpointReader | None):
         from .tracker import MatrixTracker
 
@@ -321,29 +347,36 @@ class Monitor:
 
     def step(self, step: int) -> None:
         """Call after each optimizer step with the global step number; a check runs when
-        `step % every == 0`. Never raises."""
+        `step % every == 0` (schedule="spread": the step's slice of the matrices, at every step;
+        client/schedule.py). Never raises."""
         try:
-            if self._closed or step % self.config.every != 0 or step == self._last_check:
+            c = self.config
+            if self._closed or step == self._last_check:
+                return
+            if c.schedule == "spread":
+                units = self._slots[schedule.slot_of_step(step, c.every)]
+            elif step % c.every == 0:
+                units = self._slots[0]
+            else:
                 return
             self._last_check = step
             self._audited = self._audit_choice(step)
             self._apply_lock_references()
-            units = [m for m in self.matrices if m.tracker is not None and not m.packed]
-            units += self._expert_groups
+            weight = schedule.weight_due(step, c.every, c.weight_every)
             for u in units:
                 check = self._check_matrix if isinstance(u, _Matrix) else self._check_experts
-                check(u, step, last=u is units[-1])
+                check(u, step, last=u is units[-1], weight=weight)
         except Exception as exc:  # never into the trainer
             self.errors("step", "step failed: %s", repr(exc))
 
-    def _check_matrix(self, m: _Matrix, step: int, last: bool) -> None:
+    def _check_matrix(self, m: _Matrix, step: int, last: bool, weight: bool = True) -> None:
         """One matrix's check, fault-isolated across the ranks holding it (client/collectives.py
         `CheckSession`): when any of them fails, every one drops the check (counted, logged once
         per kind; the owner counts its report as dropped); a kept check is queued by its owner."""
         s = CheckSession(
             m.placement.spec, m.tracker.device, step=step, faults=self._faults, last=last
         )
-        check = m.tracker.check(_source(m, s), step, s)
+        check = m.tracker.check(_source(m, s), step, s, weight=weight)
         if check is not None:
             if m.owned:
                 self._guard("submit", lambda: self._transport.submit_report(check))
@@ -379,11 +412,13 @@ class Monitor:
         for piece in audit.pieces(m.name, step, D, m.placement):
             self._transport.submit_audit(piece)
 
-    def _check_experts(self, g: experts.ExpertGroup, step: int, last: bool) -> None:
+    def _check_experts(
+        self, g: experts.ExpertGroup, step: int, last: bool, weight: bool = True
+    ) -> None:
         """One batched check of an expert group (no collective: this rank holds its experts);
         when it fails, every expert's check is dropped (counted, logged once per kind)."""
         s = CheckSession(None, g.device, step=step, faults=self._faults, last=last)
-        checks = g.check(step, s)
+        checks = g.check(step, s, weight)
         if checks is not None:
             for check in checks:
                 self._guard("submit", lambda c=check: self._transport.submit_report(c))
@@ -474,7 +509,8 @@ class Monitor:
         """The newest run aggregate the sidecar sent back (the `aggregate` of
         `GET /api/v1/runs/{run}`, every key, unknown values None) with `"step"`, the step whose
         checks it aggregates; None before the first. The sidecar sends it once every matrix of the
-        run has its check of that step stored. Never blocks on the network."""
+        run has its check of that step stored (schedule="spread": its check in that step's cycle,
+        labelled with the cycle's last step). Never blocks on the network."""
         return self._transport.latest_aggregate()
 
     def unacknowledged(self) -> int:

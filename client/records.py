@@ -38,7 +38,7 @@ class MatrixCheck:
     visible_principal_count: int  # |M_vis ∩ M_princ|
     channel_energy_sq: float | None  # ‖ΔW·V_ref‖_F² once locked, else None
     update: Sketch | None  # ΔW tracker; None when ΔW == 0 (‖ΔW‖_F == 0)
-    weight: Sketch  # W_t tracker (rotation, spectral shift)
+    weight: Sketch | None  # W_t tracker (rotation, spectral shift); None: not run this check
     lock_step: int | None  # the client's lock decision (identical on every rank)
     locked_now: bool  # True on the check that locked
     v_ref: torch.Tensor | None  # (n, K) float32, sent on the check that locked (locked_now)

@@ -10,7 +10,8 @@ A check (DESIGN §3):
   3. Rayleigh–Ritz on the client too (r×r, cheap) for V_K and the top-K energy, fed to the lock
      rule (client/lock.py) — decided from G and C, which every rank holds, so identical on every
      rank; once locked, ‖ΔW·V_ref‖_F² exactly;
-  4. the same power steps on view(W_t), warm-started from W0's top-(k+p) Ritz basis.
+  4. the same power steps on view(W_t), warm-started from W0's top-(k+p) Ritz basis (on the
+     checks `weight=True` names: `Monitor(weight_every=)`, client/schedule.py).
 Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exact=True`.
 """
 
@@ -129,9 +130,12 @@ class MatrixTracker:
         W_t_local: torch.Tensor | AdapterUpdate | None,
         step: int,
         session: CheckSession | None = None,
+        weight: bool = True,
     ) -> MatrixCheck | None:
         """One check of the current weight (the local shard) at training step `step`; or, for a
-        base matrix with LoRA adapters, of its adapters' update (client/adapters.py).
+        base matrix with LoRA adapters, of its adapters' update (client/adapters.py). `weight`
+        False skips the W_t tracker (`Monitor(weight_every=)`): the check carries no W_t sketch
+        (its rotation keys are null) and V_w is kept.
 
         With a `session` (the Monitor's path, fault-isolated across ranks): nothing raises; every
         collective of the check is issued even after a local failure (W_t_local may then be
@@ -141,7 +145,7 @@ class MatrixTracker:
         s = session or CheckSession(self.spec, self.device, step=int(step))
         with highest_precision():
             try:
-                check, state = self._check(W_t_local, int(step), s)
+                check, state = self._check(W_t_local, int(step), s, weight)
             except Exception as exc:  # decided from reduced data: the same on every rank
                 s.failure = s.failure or exc
                 check = state = None
@@ -161,7 +165,11 @@ class MatrixTracker:
     # -- the check ------------------------------------------------------------------------
 
     def _check(
-        self, W: torch.Tensor | AdapterUpdate | None, step: int, s: CheckSession
+        self,
+        W: torch.Tensor | AdapterUpdate | None,
+        step: int,
+        s: CheckSession,
+        with_weight: bool = True,
     ) -> tuple[MatrixCheck | None, tuple[torch.Tensor, torch.Tensor, LockState, bool]]:
         """The check through session `s`: local work in `s.local` / `s.all_reduce`, every branch
         decided from reduced tensors (stats, G, C), so a failed rank takes the others' path.
@@ -191,7 +199,9 @@ class MatrixTracker:
         obs = lock.observe(step, V_K, energy, converged)
         channel = self._channel_energy(delta, lock.v_ref, layout, s) if lock.locked else None
 
-        if not moved:  # W_t == W0 in this view (or not finite): W0's sketch
+        if not with_weight:  # not this check's turn for the W_t tracker: no sketch, V_w kept
+            weight = None
+        elif not moved:  # W_t == W0 in this view (or not finite): W0's sketch
             weight = s.local(self.baseline)
         else:
             # dense: view(W_t); adapters: D already holds view(W0 + ΔW)

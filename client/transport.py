@@ -154,9 +154,10 @@ class Transport:
         self._submit("baseline", (matrix, sketch), payload_nbytes(sketch.G, sketch.C))
 
     def submit_report(self, check) -> None:
-        tensors = [check.weight.G, check.weight.C, check.v_ref]
-        if check.update is not None:
-            tensors += [check.update.G, check.update.C]
+        tensors = [check.v_ref]
+        for sketch in (check.update, check.weight):
+            if sketch is not None:
+                tensors += [sketch.G, sketch.C]
         self._submit("report", check, payload_nbytes(*tensors))
 
     def submit_audit(self, piece) -> None:

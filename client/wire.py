@@ -20,8 +20,9 @@ import numpy as np
 import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
-from .config import RUN_NAME
+from .config import RUN_NAME, MonitorConfig
 from .records import SHARD_LAYOUTS, AuditPiece, ManifestEntry, MatrixCheck, Sketch
+from .schedule import SCHEDULES
 from .settings import MAX_COLUMNS, AnchorSettings, LockSettings, SketchSettings
 
 # The protocol's limits: the one place the client, the ingest and the engine read them from.
@@ -47,6 +48,7 @@ CONFIG_KEYS: dict[str, tuple[type, float, float, float]] = {
     "lock_min_energy": (float, 0.0, 1.0, _LOCK.min_energy),
     "lock_patience": (int, 1, MAX_INT64, _LOCK.patience),
     "mask_rank": (int, 1, MAX_DIM, _ANCHOR.mask_rank),
+    "every": (int, 1, MAX_INT64, MonitorConfig.every),
 }
 
 _DTYPES: dict[str, tuple[torch.dtype, str]] = {
@@ -161,6 +163,11 @@ def check_config(config: dict) -> dict:
             check_int(where, config[key], int(low), int(high))
         else:
             check_number(where, config[key], low, high)
+    if config.get("schedule", SCHEDULES[0]) not in SCHEDULES:
+        raise invalid(
+            f"hello.config_json.schedule: {str(config['schedule'])[:50]!r}, expected one of "
+            f"{SCHEDULES}"
+        )
     return config
 
 
@@ -384,7 +391,8 @@ def encode_report(
         r.lock_step = int(check.lock_step)
     if check.update is not None:
         frames.sketch(r.update, "update", check.update)
-    frames.sketch(r.weight, "weight", check.weight)
+    if check.weight is not None:  # absent on the checks that skip the W_t tracker
+        frames.sketch(r.weight, "weight", check.weight)
     if check.v_ref is not None:
         frames.put(r.v_ref, "v_ref", check.v_ref)
     return [pb.ClientMessage(id=msg_id, report=r), *frames.chunks]
@@ -650,8 +658,6 @@ def check_from(msg: Assembled) -> MatrixCheck:
     r: pb.MatrixReport = msg.body
     if len(r.shape) != 2 or any(s <= 0 for s in r.shape):
         raise invalid(f"report.shape: {list(r.shape)[:8]}, expected [m, n] positive")
-    if not r.HasField("weight"):
-        raise invalid("report.weight: missing, expected the W_t sketch")
     for name in ("step", "numel", "dropped_reports", *COUNT_FIELDS):
         check_int(f"report.{name}", getattr(r, name))
     if r.HasField("lock_step"):
@@ -678,7 +684,7 @@ def check_from(msg: Assembled) -> MatrixCheck:
         visible_principal_count=int(r.visible_principal_count),
         channel_energy_sq=float(r.channel_energy_sq) if r.HasField("channel_energy_sq") else None,
         update=sketch_from(msg, "update", r.update) if r.HasField("update") else None,
-        weight=sketch_from(msg, "weight", r.weight),
+        weight=sketch_from(msg, "weight", r.weight) if r.HasField("weight") else None,
         lock_step=int(r.lock_step) if r.HasField("lock_step") else None,
         locked_now=bool(r.locked_now),
         v_ref=msg.tensors.get("v_ref"),

@@ -36,6 +36,7 @@ import torch
 from deltawatch.client import wire
 from deltawatch.client.config import RUN_NAME
 from deltawatch.client.records import ManifestEntry
+from deltawatch.client.schedule import cycle_label
 
 from .alerts.state import rfc3339
 from .audit import Auditor
@@ -919,6 +920,18 @@ class Engine:
             r = self._runs.get(run)
             return run_channel_rank(r.config if r else {}, self.channel_rank)
 
+    def check_label(self, run: str, step: int) -> int:
+        """The step labelling the run's check that a report of `step` belongs to
+        (client/schedule.py): the step itself under schedule="every"; under "spread", where each
+        step checks a slice of the matrices, the last step of its cycle, so the run's check of a
+        cycle is complete once every matrix has reported in it (sidecar/progress.py)."""
+        with self._view:
+            r = self._runs.get(run)
+            config = r.config if r is not None else {}
+        if config.get("schedule") != "spread":
+            return step
+        return cycle_label(step, wire.config_value(config, "every"))
+
     def manifest(self, run: str) -> list[ManifestEntry] | None:
         """A run's manifest in hello order (None for an unknown run)."""
         with self._view:
@@ -1017,7 +1030,8 @@ def _check_report(run: str, e: ManifestEntry, check: Any) -> None:
         _check_sketch(f"{where}: update", check.update, n)
     elif fro != 0:
         raise invalid(f"{where}: update sketch missing while frobenius_sq = {fro} > 0")
-    _check_sketch(f"{where}: weight", check.weight, n)
+    if check.weight is not None:  # absent: the client skipped the W_t tracker (weight_every)
+        _check_sketch(f"{where}: weight", check.weight, n)
     if check.locked_now:
         if check.v_ref is None:
             raise invalid(f"{where}: locked_now without v_ref; expected v_ref of shape [{n}, K]")

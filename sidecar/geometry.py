@@ -178,8 +178,8 @@ class MatrixGeometry:
             keys["rotation_max_degrees"] = keys["rotation_mean_degrees"] = 0.0
             keys["spectral_shift_topk"] = 0.0
             return
-        if self.base_V is None or check.weight.convergence > self.tolerance:
-            return
+        if self.base_V is None or check.weight is None or check.weight.convergence > self.tolerance:
+            return  # unknown (no baseline yet, no W_t sketch in this report, or not converged)
         if pairs is None:
             pairs = ritz_pairs(self._on_device(check.weight), self.channel_rank, self.cutoff)
         sigma, V, _ = pairs
@@ -274,8 +274,8 @@ def ingest_batch(
 
 def _rotation_sketch(g: MatrixGeometry, c: MatrixCheck) -> Sketch | None:
     """The weight sketch `_rotation` will read (None where it reads none)."""
-    ok = c.update is not None and g.base_V is not None and c.weight.convergence <= g.tolerance
-    return c.weight if ok else None
+    ok = c.update is not None and g.base_V is not None and c.weight is not None
+    return c.weight if ok and c.weight.convergence <= g.tolerance else None
 
 
 def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:

@@ -528,18 +528,19 @@ class IngestService(pb_grpc.IngestServicer):
         as frames for the run's streams. The aggregate is read after the group commit, so a check
         whose run has a later step in the same batch sends none (it would mix steps); the later
         one sends its own. A failure here is logged: the reports stay acknowledged."""
+        label = [self.engine.check_label(run, check.step) for run, _, check, _ in reports]
         last = {}
-        for run, _, check, _ in reports:
-            last[run] = max(last.get(run, check.step), check.step)
+        for (run, _, _, _), step in zip(reports, label, strict=True):
+            last[run] = max(last.get(run, step), step)
         out = []
-        for (run, incarnation, check, _), fresh in zip(reports, stored, strict=True):
+        for (run, incarnation, check, _), fresh, step in zip(reports, stored, label, strict=True):
             if fresh is not True:
                 continue
             try:
                 matrices = len(self.engine.manifest(run) or ())
-                done = self._progress.stored(run, incarnation, matrices, check.matrix, check.step)
-                if done and check.step == last[run]:
-                    frame = wire.encode_aggregate(run, check.step, self.engine.aggregate(run))
+                done = self._progress.stored(run, incarnation, matrices, check.matrix, step)
+                if done and step == last[run]:
+                    frame = wire.encode_aggregate(run, step, self.engine.aggregate(run))
                     out.append((run, frame))
             except Exception:
                 log.exception("the aggregate of run %s step %d was not sent", run, check.step)

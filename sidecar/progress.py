@@ -1,6 +1,9 @@
 """When a run's check of a step is complete: every matrix of its manifest has its check at that
 step stored and none a later one. The ingest then sends the run's aggregate back on the stream
-(the `RunAggregate` frame), so a trainer logs the geometry beside its loss.
+(the `RunAggregate` frame), so a trainer logs the geometry beside its loss. Under
+`schedule="spread"` a report's step here is its check label (`Engine.check_label`: the last step
+of its cycle), so the check of cycle c is complete once every matrix has reported in cycle c,
+and its aggregate, over each matrix's latest report, is exactly that cycle's.
 
 Per run, for its latest incarnation: each matrix's latest stored step and a count of matrices per
 step, so the test is O(1) per stored check (a Counter with one key is a complete step). A newer

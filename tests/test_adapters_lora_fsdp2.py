@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from deltawatch.client.sketch import ROUNDING
-from support import assert_agrees, sidecar_fixture
+from support import sidecar_fixture
 
 pytest.importorskip("peft")  # the "peft" extra
 pytest.importorskip("transformers")
@@ -83,11 +83,8 @@ def _compare(sidecar, run_a: str, run_b: str, dropped: set) -> int:
         a, b = sidecar.history(run_a, name), sidecar.history(run_b, name)
         steps = [s for s in range(1, STEPS + 1) if (name, s) not in dropped]
         assert sorted(a) == sorted(b) == steps, (run_a, run_b, name)
-        for step, pb in b.items():
-            for key, vb in pb.items():
-                va = a[step][key]
-                where = f"{run_b} {name} step {step} {key}: {run_a} {va}, {run_b} {vb}"
-                compared += assert_agrees(va, vb, where, REL, SLACK.get(key, 0.0))
+        points = [a[s] for s in steps], [b[s] for s in steps]
+        compared += serve.compare_points(*points, f"{run_a} vs {run_b} {name}", REL, SLACK)
     return compared
 
 

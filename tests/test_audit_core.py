@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from deltawatch.client.audit import audited_index
 from deltawatch.client.records import AuditPiece, ManifestEntry
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.audit import (
@@ -115,3 +116,17 @@ def test_incomplete_assemblies_are_bounded_in_age_and_bytes_and_counted(tmp_path
     assert row["live"]["spectral_norm"] is None and row["ratios"] == {}  # no report stored
     assert not a.add("r", 1, half(5, 0))  # a block of an audit already stored: a duplicate
     a.close()
+
+
+def test_the_audited_matrix_is_one_per_cycle_under_both_schedules():
+    """Under schedule="every" the check at step c·every of cycle c audits matrix (c / audit_every)
+    mod count; under "spread" every step of that cycle names the same matrix, so it is audited at
+    whichever step checks it."""
+    every, audit_every, count = 4, 2, 3
+    for c in range(1, 13):
+        steps = range((c - 1) * every + 1, c * every + 1)
+        chosen = {audited_index(s, every, audit_every, count) for s in steps}
+        expected = None if c % audit_every else (c // audit_every) % count
+        assert chosen == {expected}, c
+    assert audited_index(8, every, None, count) is None
+    assert audited_index(8, every, 2, 0) is None

@@ -54,7 +54,7 @@ def test_each_rank_sends_its_block_and_the_sidecar_audits_the_whole(tmp_path):
             [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
              "2", str(SCRIPT), "--modes", ",".join(MODES), "--endpoint", endpoint,
              "--run-prefix", "audit", "--out", str(tmp_path / "ranks"), "--steps", str(STEPS),
-             "--audit-every", "1"],
+             "--settings", '{"audit_every": 1}'],
             env=serve.quiet_env(), capture_output=True, text=True, timeout=240,
         )  # fmt: skip
         assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-6000:]

@@ -18,7 +18,8 @@ BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_hook.py"
 TINY = [
     "--hidden=64", "--intermediate=128", "--head-dim=16", "--layers=2", "--vocab=128",
     "--batch=1", "--seq=16", "--every=2", "--rounds=2", "--block=2", "--rounds-1=1",
-    "--block-1=1", "--rounds-absent=1", "--warmup=1", "--threads=1",
+    "--block-1=1", "--rounds-absent=1", "--warmup=1", "--threads=1", "--bound-shapes=64x96",
+    "--bound-repeats=1", "--rounds-variants=1", "--weight-every=2", "--rounds-wandb=1",
 ]  # fmt: skip
 
 
@@ -40,12 +41,13 @@ def test_bench_hook_runs_and_its_reports_are_exact(tmp_path: Path, capsys) -> No
     assert "| config | every |" in stdout and "Check split on the training thread" in stdout
     result = json.loads(out.read_text())
     rows = {r["label"]: r for r in result["rows"]}
-    assert set(rows) == {"e2 sidecar", "e1 sidecar", "e100 (derived)", "e2 no sidecar"}
+    variants = {"e2 sidecar weight_every=2", "e2 sidecar schedule=spread"}
+    assert set(rows) == {"e2 sidecar", "e1 sidecar", "e100 (derived)", "e2 no sidecar", *variants}
 
     main_row = rows["e2 sidecar"]
     assert main_row["matrices"] == 14  # 2 blocks × (q, k, v, o, gate, up, down)
     assert main_row["checks"] == 2 and rows["e1 sidecar"]["checks"] == 1
-    for label in ("e2 sidecar", "e1 sidecar"):
+    for label in ("e2 sidecar", "e1 sidecar", *variants):
         row = rows[label]
         assert row["flushed"] is True and row["client_stats"]["errors"] == {}
         assert row["client_stats"]["dropped_reports"] == 0
@@ -55,6 +57,19 @@ def test_bench_hook_runs_and_its_reports_are_exact(tmp_path: Path, capsys) -> No
             stored = d["stored_frobenius"][step]
             # the geometry core's bound on frobenius_norm (tests/test_core_accuracy.py)
             assert exact > 0 and abs(stored - exact) <= 1e-4 * exact, (label, step, stored, exact)
+    # the bound beside the check: the rates measured in this process, every report's bound
+    assert result["rates"]["matmul_gflops"] > 0 and result["rates"]["memory_gbps"] > 0
+    for label in ("e2 sidecar", *variants):
+        assert rows[label]["bound_s"] > 0 and rows[label]["check_over_bound"] > 0
+    (bound,) = result["bound"]
+    assert bound["shape"] == [64, 96] and bound["without W_t"]["power_steps"][1] == 0
+    assert "One matrix's settled check against its bound" in stdout and "GFLOP/s" in stdout
+    # spread: every step of its one 2-step block checks a slice; q_proj once per `every` steps
+    assert rows["e2 sidecar schedule=spread"]["checks"] == 2
+    assert rows["e2 sidecar schedule=spread"]["delivered"]["checks"] == 1
+    # the peer baseline: its row, or the line saying wandb is not installed
+    wandb = result["wandb"]
+    assert (isinstance(wandb, dict) and wandb["rounds"] == 1) or "wandb is not installed" in wandb
     # the sidecar absent: the checks ran, nothing was acknowledged, nothing raised
     absent = rows["e2 no sidecar"]
     assert absent["checks"] == 1 and absent["client_stats"]["acknowledged"] == 0

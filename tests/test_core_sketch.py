@@ -250,6 +250,11 @@ def test_cholesky_qr2_matches_householder() -> None:
     assert cholesky_qr2(G) is None
     V = orth(G)  # the CPU path is Householder: still orthonormal
     assert torch.allclose(V.T @ V, torch.eye(32), atol=1e-5)
+    # full rank but κ(G) ≈ 1e8, above CHOLESKY_QR_MAX_CONDITION: refused, not a lossy Q
+    G = gaussian(4096, 32, seed=3) * torch.logspace(0, -8, 32)
+    assert cholesky_qr2(G) is None and cholesky_qr2(G, max_condition=1e9) is not None
+    Q = householder_orth(G)
+    assert torch.allclose(Q.T @ Q, torch.eye(32), atol=1e-5)
 
 
 def test_no_bound_without_the_frobenius_norm_on_a_fresh_basis() -> None:

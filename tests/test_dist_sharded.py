@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from deltawatch.client.sketch import ROUNDING
-from support import assert_agrees, sidecar_fixture
+from support import sidecar_fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -96,12 +96,7 @@ def test_sharded_geometry_equals_single_process(runs, sidecar, mode):
         a = _history(sidecar, "toy-single", name)
         b = [p for p in _history(sidecar, f"toy-{mode}", name) if p["step"] <= STEPS]
         assert [p["step"] for p in a] == [p["step"] for p in b] == list(range(1, STEPS + 1))
-        for pa, pb in zip(a, b, strict=True):
-            for key, va in pa.items():
-                vb = pb[key]
-                where = f"{mode} {name} step {pa['step']} {key}: single {va}, sharded {vb}"
-                slack = BOUND_ABS if key == "convergence" else 0.0
-                compared += assert_agrees(va, vb, where, REL, slack)
+        compared += serve.compare_points(a, b, f"{mode} {name}", REL, {"convergence": BOUND_ABS})
     assert compared > 7 * STEPS * 10
 
 

@@ -245,8 +245,8 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
     if mode == "fsdp2_down" and rank == 1:  # this node's sidecar is down: nothing listens there
         endpoint = f"127.0.0.1:{free_port()}"
     try:
-        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=endpoint,
-                      audit_every=a.audit_every, **MONITOR)  # fmt: skip
+        settings = MONITOR | json.loads(a.settings)
+        mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=endpoint, **settings)
     except ValueError as exc:
         out["refused"] = str(exc)
         return out
@@ -283,7 +283,7 @@ def run_mode(mode: str, a: argparse.Namespace) -> dict:
 def main() -> None:
     ap = script_args.parser(steps=5)
     ap.add_argument("--modes", required=True, help="comma-separated: single | fsdp2,tp,ddp,fsdp1")
-    ap.add_argument("--audit-every", type=int, default=0, help="Monitor(audit_every=), 0: off")
+    ap.add_argument("--settings", default="{}", help="JSON object: Monitor keywords over MONITOR")
     a = script_args.parse(ap, hang_seconds=150)
     run_each(a.modes.split(","), a.out, lambda mode: run_mode(mode, a))
 

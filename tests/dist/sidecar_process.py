@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from deltawatch.sidecar.process import SidecarProcess
+from support import assert_agrees
 from support import get_json as _get_json
 
 
@@ -71,6 +72,19 @@ def torchrun_beside_reference(
     single_log, _ = single.communicate(timeout=timeout)
     assert single.returncode == 0, single_log
     return {f.stem: json.loads(f.read_text()) for f in out.glob("*.json")}, stderr
+
+
+def compare_points(
+    a: list[dict], b: list[dict], where: str, rel: float, slack: dict[str, float]
+) -> int:
+    """Two histories of one matrix point by point: nulls and flags equal, numbers within `rel`
+    relative plus `slack[key]` absolute. Returns how many numbers were compared."""
+    compared = 0
+    for pa, pb in zip(a, b, strict=True):
+        for key, va in pa.items():
+            at = f"{where} step {pa['step']} {key}: {va} vs {pb[key]}"
+            compared += assert_agrees(va, pb[key], at, rel, slack.get(key, 0.0))
+    return compared
 
 
 def get_json(base: str, path: str) -> Any:
