@@ -71,7 +71,7 @@ def batched_ritz_pairs(
     V = G64 @ Z[:, :, :k].to(G64.device)
     del G64
     norms = torch.linalg.vector_norm(V, dim=-2, keepdim=True)
-    V = V / torch.where(norms > 0, norms, torch.ones_like(norms))
+    V.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: V is n-sized
     return [(sigma[b], V[b], theta[b]) if ok else None for b, ok in enumerate(full)]
 
 

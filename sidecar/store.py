@@ -179,14 +179,16 @@ _DTYPES: dict[str, torch.dtype] = {
 _DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
-def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes."""
+def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], memoryview | bytes]:
+    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes.
+    The bytes are a view of the (CPU, contiguous) tensor's memory, not a copy: sqlite3 binds it
+    as a BLOB, which SQLite copies once."""
     if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
         raise RuntimeError("deltawatch stores tensors little-endian; this host is big-endian")
     t = t.detach().to("cpu").contiguous()
     if t.dtype not in _DTYPE_NAMES:
         raise TypeError(f"cannot store a tensor of dtype {t.dtype}")
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
     return _DTYPE_NAMES[t.dtype], list(t.shape), data
 
 
