@@ -116,6 +116,7 @@ class _Job:
     done: asyncio.Future
 
 
+GC_PAUSE_MATRICES = 10_000  # a hello with this many matrices builds its run with `gc_paused`
 _gc_lock = threading.Lock()
 _gc_pauses = 0  # calls of `gc_paused` running now (any thread)
 
@@ -126,8 +127,9 @@ def gc_paused(fn: Callable, *args: Any) -> Any:
     collections that growth triggers each hold the GIL for the whole heap walk, which stalled
     the event loop (another thread) for 0.3–1 s and made the hello ~3× slower. Frozen, the
     run's long-lived state is not walked by later collections either (refcounting still frees
-    it; only a reference cycle made meanwhile would stay). The collector is process-wide: the
-    last of concurrent calls turns it back on."""
+    it; only a reference cycle unreachable by then would stay, which is why only hellos of
+    `GC_PAUSE_MATRICES` or more use it). The collector is process-wide: the last of concurrent
+    calls turns it back on."""
     global _gc_pauses
     with _gc_lock:
         _gc_pauses += 1
@@ -140,6 +142,10 @@ def gc_paused(fn: Callable, *args: Any) -> Any:
             if _gc_pauses == 0:
                 gc.freeze()
                 gc.enable()
+
+
+def _unpaused(fn: Callable, *args: Any) -> Any:
+    return fn(*args)
 
 
 def _abort(code: str, message: str) -> StreamAbort:
@@ -407,10 +413,11 @@ class IngestService(pb_grpc.IngestServicer):
                 f"hello.run: a second hello ({hello.run[:200]!r}) on a stream of run "
                 f"{state.run!r}; expected one hello per stream",
             )
+        off_loop = gc_paused if len(hello.manifest) >= GC_PAUSE_MATRICES else _unpaused
         try:
-            h = await asyncio.to_thread(gc_paused, wire.hello_from, hello)
+            h = await asyncio.to_thread(off_loop, wire.hello_from, hello)
             result = await self._call(
-                gc_paused,
+                off_loop,
                 self.engine.hello,
                 h.run,
                 h.incarnation,
@@ -424,7 +431,7 @@ class IngestService(pb_grpc.IngestServicer):
         state.run = h.run
         state.incarnation = h.incarnation
         state.manifest = await asyncio.to_thread(
-            gc_paused, lambda: {e.matrix: e for e in h.manifest}
+            off_loop, lambda: {e.matrix: e for e in h.manifest}
         )
         state.channel_rank = result.channel_rank
         oversample = wire.config_value(h.config, "oversample", h.oversample)
