@@ -569,17 +569,25 @@ def sim_k(Va: torch.Tensor, Vb: torch.Tensor, k: int | None = None) -> float:
 
 
 def principal_angles_degrees(Va: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
-    """Principal angles (degrees, ascending, float64) between span(Va) and span(Vb).
-
-    Small angles from sines, the singular values of (I − Va Vaᵀ) Vb (arcsin is well conditioned
-    there, so sub-degree angles are exact); angles above 45° from cosines, the singular values of
-    Vaᵀ Vb (Knyazev & Argentati 2002). Both bases are re-orthonormalised in float64 first."""
+    """Principal angles (degrees, ascending, float64) between span(Va) and span(Vb): both bases
+    re-orthonormalised in float64 (QR), then `orthonormal_angles_degrees`."""
     Qa = torch.linalg.qr(Va.double())[0]
     Qb = torch.linalg.qr(Vb.double().to(Va.device))[0]
-    cos = torch.linalg.svdvals(Qa.T @ Qb).clamp(0, 1)  # descending -> ascending angles
-    sin = torch.linalg.svdvals(Qb - Qa @ (Qa.T @ Qb)).clamp(0, 1).flip(0)  # ascending
-    j = min(cos.numel(), sin.numel())
-    cos, sin = cos[:j], sin[:j]
+    return orthonormal_angles_degrees(Qa, Qb)
+
+
+def orthonormal_angles_degrees(Qa: torch.Tensor, Qb: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) between span(Qa) and span(Qb), orthonormal float64
+    bases (n×k, or a batch [B, n, k] of them: one row of angles per pair).
+
+    Small angles from sines, the singular values of (I − Qa Qaᵀ) Qb (arcsin is well conditioned
+    there, so sub-degree angles are exact); angles above 45° from cosines, the singular values of
+    Qaᵀ Qb (Knyazev & Argentati 2002)."""
+    M = Qa.mT @ Qb
+    cos = torch.linalg.svdvals(M).clamp(0, 1)  # descending -> ascending angles
+    sin = torch.linalg.svdvals(Qb - Qa @ M).clamp(0, 1).flip(-1)  # ascending
+    j = min(cos.shape[-1], sin.shape[-1])
+    cos, sin = cos[..., :j], sin[..., :j]
     small = sin < math.sqrt(0.5)
     angles = torch.where(small, torch.arcsin(sin), torch.arccos(cos))
     return torch.rad2deg(angles)

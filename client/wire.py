@@ -229,8 +229,10 @@ def check_manifest(entries: Iterable[ManifestEntry]) -> list[ManifestEntry]:
 
 
 def tensor_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """(dtype, shape, raw little-endian float32 bytes) of a tensor, copied to the host."""
-    return tensor_to_bytes(t.detach().to(torch.float32))
+    """(dtype, shape, raw little-endian float32 bytes) of a tensor, copied to the host (protobuf
+    fields take bytes)."""
+    dtype, shape, data = tensor_to_bytes(t.detach().to(torch.float32))
+    return dtype, shape, bytes(data)
 
 
 # dtypes a tensor's raw bytes may carry (name -> torch dtype): the store keeps any of them
@@ -250,14 +252,16 @@ _RAW_DTYPES: dict[str, torch.dtype] = {
 _RAW_NAMES = {v: k for k, v in _RAW_DTYPES.items()}
 
 
-def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], bytes]:
-    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes."""
+def tensor_to_bytes(t: torch.Tensor) -> tuple[str, list[int], memoryview | bytes]:
+    """(dtype name, shape, raw little-endian bytes) of a tensor; the inverse of tensor_from_bytes.
+    The bytes are a view of the (CPU, contiguous) tensor's memory, not a copy: sqlite3 binds it
+    as a BLOB, which SQLite copies once."""
     if sys.byteorder != "little":  # pragma: no cover - every supported host is little-endian
         raise RuntimeError("deltawatch writes tensors little-endian; this host is big-endian")
     t = t.detach().to("cpu").contiguous()
     if t.dtype not in _RAW_NAMES:
         raise TypeError(f"cannot write a tensor of dtype {t.dtype} as bytes")
-    data = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    data = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else b""
     return _RAW_NAMES[t.dtype], list(t.shape), data
 
 

@@ -23,7 +23,7 @@ from deltawatch.client.records import MatrixCheck, Sketch
 from deltawatch.client.sketch import (
     DEFAULT_CUTOFF,
     DEFAULT_TOLERANCE,
-    principal_angles_degrees,
+    orthonormal_angles_degrees,
     rayleigh_ritz,
     ritz_vectors,
     rotation_bound_degrees,
@@ -36,7 +36,11 @@ from .keys import MATRIX_KEYS
 
 
 def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[torch.Tensor, ...]:
-    """(σ (≤k,), V_k (n, ≤k), θ) of a sketch, float64."""
+    """(σ (≤k,), V_k (n, ≤k), θ) of a sketch, float64: `batched_ritz_pairs` of one, or for a
+    rank-deficient sketch `rayleigh_ritz` (client/sketch.py), which drops C's null directions."""
+    (pairs,) = batched_ritz_pairs([sketch.G], sketch.C[None], k, cutoff)
+    if pairs is not None:
+        return pairs
     theta, Z = rayleigh_ritz(sketch.G, sketch.C, cutoff)
     return singular_values(theta[:k]), ritz_vectors(sketch.G, Z, k), theta
 
@@ -44,37 +48,59 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
 def batched_ritz_pairs(
     Gs: Sequence[torch.Tensor], C: torch.Tensor, k: int, cutoff: float = DEFAULT_CUTOFF
 ) -> list[tuple[torch.Tensor, ...] | None]:
-    """`ritz_pairs` of B sketches of one shape at once: Gs B tensors (n, r), C (B, r, r).
+    """The Ritz pairs of B sketches of one shape at once: Gs B tensors (n, r), C (B, r, r).
 
-    The same float64 algebra as `rayleigh_ritz` (client/sketch.py): H = GᵀG where G lives, then
-    on the host C = U diag(d) Uᵀ, W = U diag(d^{-1/2}), WᵀHW y = θ y, Z = W y, and V_k = the
-    normalised columns of G·Z[:, :k]. The r×r work, a few LAPACK calls of microseconds each, is
-    batched (one call per step for the B sketches); the n-sized products stay one matrix each
-    (a batched float64 product of tall blocks is slower than B plain ones). An item with an
-    eigenvalue of C at or below cutoff·d_max (a rank-deficient sketch) is None: `ritz_pairs`
-    drops those directions, which changes the item's shapes, so the caller takes it alone.
-    Every other item's pairs are bitwise those of `ritz_pairs` (same products, same layouts)."""
-    G64 = [G.double() for G in Gs]
-    H = torch.stack([_symmetric((G.T @ G).cpu()) for G in G64])
-    d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
-    full = (d[:, 0] > cutoff * d[:, -1]).tolist()
-    # row-major, as `generalized_eigh`'s U[:, keep] is: the products then round alike
-    W = (U / torch.sqrt(d.clamp_min(torch.finfo(d.dtype).tiny))[:, None, :]).contiguous()
+    Rayleigh–Ritz on span(P) as `rayleigh_ritz` (client/sketch.py) solves it, GᵀG z = θ C z in
+    float64: H = GᵀG where G lives, then on the host a whitening W with WᵀCW = I (`whitening`),
+    WᵀHW y = θ y, Z = W y, and V_k = the normalised columns of G·Z[:, :k]. Every step is one
+    batched call for the B sketches (G copied once into one float64 [B, n, r] block): the r×r
+    LAPACK work and the n-sized products alike. An item whose C has an eigenvalue at or below
+    cutoff·d_max (a rank-deficient sketch) is None: `rayleigh_ritz` drops those directions,
+    which changes the item's shapes, so the caller takes it alone. Its own pairs are the same
+    whatever else the batch holds (`ritz_pairs` is this call for a batch of one; the engine's
+    test compares a group commit with report-by-report ingest exactly)."""
+    G64 = torch.empty((len(Gs), *Gs[0].shape), dtype=torch.float64, device=Gs[0].device)
+    for b, G in enumerate(Gs):
+        G64[b].copy_(G)
+    H = _symmetric((G64.mT @ G64).cpu())
+    W, full = whitening(_symmetric(C.double().cpu()), cutoff)
     theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H @ W))
     theta = theta.flip(-1).clamp_min(0)
     Z = W @ Y.flip(-1)
     sigma = singular_values(theta[:, :k])
-    out: list[tuple[torch.Tensor, ...] | None] = []
-    for b, ok in enumerate(full):
-        if ok:
-            V = G64[b] @ Z[b, :, :k].to(G64[b].device)
-            norms = torch.linalg.vector_norm(V, dim=0)
-            out.append(
-                (sigma[b], V / torch.where(norms > 0, norms, torch.ones_like(norms)), theta[b])
-            )
-        else:
-            out.append(None)
-    return out
+    V = G64 @ Z[:, :, :k].to(G64.device)
+    del G64
+    norms = torch.linalg.vector_norm(V, dim=-2, keepdim=True)
+    V.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: V is n-sized
+    return [(sigma[b], V[b], theta[b]) if ok else None for b, ok in enumerate(full)]
+
+
+def whitening(C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF) -> tuple[torch.Tensor, list[bool]]:
+    """W (B, r, r) with WᵀCW = I for a batch of symmetric positive semidefinite C (B, r, r), and
+    per item whether it keeps all r directions (every eigenvalue d_i > cutoff·d_max).
+
+    Cholesky C = LLᵀ, W = L⁻ᵀ, for an item where C − 2·cutoff·‖C‖_F·I is positive definite too
+    (its Cholesky succeeds): then d_min > 2·cutoff·‖C‖_F ≥ cutoff·d_max with a margin far above
+    rounding, so the eigen-whitening would keep every direction and both solve the same
+    problem (θ and the Ritz subspaces agree up to rounding). One Cholesky and one triangular
+    solve instead of an r×r eigendecomposition, which costs about as much as the Ritz step's
+    own. The other items: C = U diag(d) Uᵀ, W = U diag(d^{-1/2}) (`generalized_eigh`); full
+    where d_min > cutoff·d_max."""
+    B, r, _ = C.shape
+    eye = torch.eye(r, dtype=C.dtype).expand(B, r, r)
+    shift = 2 * cutoff * torch.linalg.matrix_norm(C)
+    L, info = torch.linalg.cholesky_ex(C)
+    _, shifted = torch.linalg.cholesky_ex(C - shift[:, None, None] * eye)
+    chol = (info == 0) & (shifted == 0)
+    full = chol.tolist()
+    W = torch.linalg.solve_triangular(L, eye, upper=False).mT.contiguous()
+    rest = [b for b, ok in enumerate(full) if not ok]
+    if rest:
+        d, U = torch.linalg.eigh(C[rest])
+        W[rest] = U / torch.sqrt(d.clamp_min(torch.finfo(d.dtype).tiny))[:, None, :]
+        for b, ok in zip(rest, (d[:, 0] > cutoff * d[:, -1]).tolist(), strict=True):
+            full[b] = ok
+    return W, full
 
 
 def _symmetric(M: torch.Tensor) -> torch.Tensor:
@@ -111,6 +137,7 @@ class MatrixGeometry:
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
         self.base_convergence = 0.0  # the baseline's bound (its top-k subspace's sine too)
+        self._base_Q: tuple[torch.Tensor, int, torch.Tensor] | None = None  # (base_V, k, Q)
         self.lock_step: int | None = None
         self.v_ref: torch.Tensor | None = None
         self.last_horizon_step: int | None = None  # h(t) of the last ingested check
@@ -122,10 +149,14 @@ class MatrixGeometry:
         self.base_convergence = float(sketch.convergence)
 
     def ingest(
-        self, check: MatrixCheck, pairs: tuple[tuple | None, tuple | None] = (None, None)
+        self,
+        check: MatrixCheck,
+        pairs: tuple[tuple | None, tuple | None] = (None, None),
+        angles: torch.Tensor | None = None,
     ) -> dict[str, float | bool | int | None]:
         """The §2 keys for one check (None where DESIGN §2 says null). `pairs`: the update's and
-        the weight's Ritz pairs when computed beforehand (`ingest_batch`), else computed here."""
+        the weight's Ritz pairs, `angles` the rotation's principal angles, when computed
+        beforehand (`ingest_batch`), else computed here."""
         K = self.channel_rank
         frob_sq = float(check.frobenius_sq)
         keys: dict[str, float | bool | int | None] = dict.fromkeys(MATRIX_KEYS)
@@ -169,10 +200,16 @@ class MatrixGeometry:
         if check.visible_count > 0:
             keys["low_magnitude_overlap"] = check.visible_low_count / check.visible_count
             keys["principal_overlap"] = check.visible_principal_count / check.visible_count
-        self._rotation(check, keys, pairs[1])
+        self._rotation(check, keys, pairs[1], angles)
         return keys
 
-    def _rotation(self, check: MatrixCheck, keys: dict, pairs: tuple | None = None) -> None:
+    def _rotation(
+        self,
+        check: MatrixCheck,
+        keys: dict,
+        pairs: tuple | None = None,
+        angles: torch.Tensor | None = None,
+    ) -> None:
         """Principal angles between W0's and W_t's top-k Ritz vectors, and the top-k shift."""
         if check.update is None:  # W_t = W0 in this view
             keys["rotation_max_degrees"] = keys["rotation_mean_degrees"] = 0.0
@@ -184,7 +221,9 @@ class MatrixGeometry:
             pairs = ritz_pairs(self._on_device(check.weight), self.channel_rank, self.cutoff)
         sigma, V, _ = pairs
         k = min(V.shape[1], self.base_V.shape[1])
-        angles = principal_angles_degrees(self.base_V[:, :k], V[:, :k])
+        if angles is None:
+            Q = torch.linalg.qr(V[:, :k].double().to(self.base_V.device))[0]
+            angles = orthonormal_angles_degrees(self.base_Q(k), Q)
         bound = rotation_bound_degrees(check.weight.convergence, self.base_convergence)
         for key, angle in (
             ("rotation_max_degrees", angles.max()),
@@ -196,6 +235,15 @@ class MatrixGeometry:
         keys["spectral_shift_topk"] = float(
             torch.linalg.vector_norm(sigma[:k] - s0) / torch.linalg.vector_norm(s0)
         )
+
+    def base_Q(self, k: int) -> torch.Tensor:
+        """W0's top-k Ritz vectors re-orthonormalised in float64 (QR), W0's side of every
+        check's principal angles: computed once per baseline and k, then kept."""
+        cached = self._base_Q
+        if cached is None or cached[0] is not self.base_V or cached[1] != k:
+            Q = torch.linalg.qr(self.base_V[:, :k].double())[0]
+            self._base_Q = cached = (self.base_V, k, Q)
+        return cached[2]
 
     def _on_device(self, sketch: Sketch) -> Sketch:
         if sketch.G.device == self.device:
@@ -260,13 +308,16 @@ def ingest_batch(
     """`MatrixGeometry.ingest` of many checks, each of a different matrix, with the
     Rayleigh–Ritz of every group of sketches of one (device, n, r, K, cutoff) run as one batched
     call (`batched_ritz_pairs`): the update's sketches, and the weight's where the rotation will
-    read them. Per item: its keys, or the exception that refused it (the others go on)."""
+    read them; and the rotation's principal angles of every group of one (device, n, k) as one
+    batched call (`_batched_angles`). Per item: its keys, or the exception that refused it (the
+    others go on)."""
     update = _batched_pairs(items, lambda g, c: c.update)
     weight = _batched_pairs(items, _rotation_sketch)
+    angles = _batched_angles(items, weight)
     out: list[dict[str, float | bool | int | None] | Exception] = []
     for i, (geometry, check) in enumerate(items):
         try:
-            out.append(geometry.ingest(check, (update.get(i), weight.get(i))))
+            out.append(geometry.ingest(check, (update.get(i), weight.get(i)), angles.get(i)))
         except Exception as exc:
             out.append(exc)
     return out
@@ -279,8 +330,8 @@ def _rotation_sketch(g: MatrixGeometry, c: MatrixCheck) -> Sketch | None:
 
 
 def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
-    """item index -> Ritz pairs of `sketch_of(geometry, check)`, for the groups of two or more
-    sketches of one shape (a group whose batched call fails is left to the items alone)."""
+    """item index -> Ritz pairs of `sketch_of(geometry, check)`, batched over the sketches of one
+    shape (a group whose batched call fails is left to the items alone)."""
     groups: dict[tuple, list[tuple[int, Sketch]]] = {}
     for i, (g, c) in enumerate(items):
         sketch = sketch_of(g, c)
@@ -289,8 +340,6 @@ def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
             groups.setdefault(key, []).append((i, sketch))
     out: dict[int, tuple[torch.Tensor, ...]] = {}
     for (device, _, _, k, cutoff), members in groups.items():
-        if len(members) < 2:
-            continue
         try:
             Gs = [s.G.to(device) for _, s in members]
             C = torch.stack([s.C for _, s in members])
@@ -298,4 +347,25 @@ def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
         except Exception:  # e.g. an eigendecomposition that did not converge: each alone
             continue
         out.update((i, p) for (i, _), p in zip(members, pairs, strict=True) if p is not None)
+    return out
+
+
+def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, torch.Tensor]:
+    """item index -> the principal angles `_rotation` reads (W0's `base_Q` against the QR of the
+    weight's top-k Ritz vectors), batched over the items of one (device, n, k) with weight pairs
+    (a group whose batched call fails is left to the items alone)."""
+    groups: dict[tuple, list[int]] = {}
+    for i, pairs in weight.items():
+        g = items[i][0]
+        k = min(pairs[1].shape[1], g.base_V.shape[1])
+        groups.setdefault((g.base_V.device, g.shape[1], k), []).append(i)
+    out: dict[int, torch.Tensor] = {}
+    for (device, _, k), members in groups.items():
+        try:
+            Qa = torch.stack([items[i][0].base_Q(k) for i in members])
+            Vb = torch.stack([weight[i][1][:, :k].double().to(device) for i in members])
+            angles = orthonormal_angles_degrees(Qa, torch.linalg.qr(Vb)[0])
+        except Exception:  # each alone
+            continue
+        out.update(zip(members, angles, strict=True))
     return out
