@@ -21,7 +21,8 @@ from .credentials import check_tls
 from .schedule import SCHEDULES, Schedule
 from .settings import AnchorSettings, LockSettings, SketchSettings, one_of, positive_int
 
-RUN_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
+RUN_NAME_RULE = "[A-Za-z0-9._-]{1,128}"  # what a run name may be, as error messages say it
+RUN_NAME = re.compile(RUN_NAME_RULE)
 DEFAULT_ENDPOINT = "127.0.0.1:50051"
 DEFAULT_MAX_QUEUE_BYTES = 256 * 1024 * 1024  # 256 MiB of unsent reports, then drop the oldest
 
@@ -212,7 +213,7 @@ def validate(c: MonitorConfig) -> None:
     validates its own fields)."""
     if not isinstance(c.run, str) or not RUN_NAME.fullmatch(c.run):
         raise ValueError(
-            f"run {c.run!r} must match [A-Za-z0-9._-]{{1,128}}; e.g. run='qwen3-opd-1' "
+            f"run {c.run!r} must match {RUN_NAME_RULE}; e.g. run='qwen3-opd-1' "
             f"(letters, digits, '.', '_', '-' only)"
         )
     positive_int("every", c.every)

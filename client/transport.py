@@ -70,12 +70,6 @@ def payload_nbytes(*tensors) -> int:
     return 512 + sum(int(t.numel()) * 4 for t in tensors if t is not None)
 
 
-def _describe(item: _Item) -> tuple[str, str, int | None]:
-    if item.kind == "baseline":
-        return ("baseline", item.payload[0], None)
-    return (item.kind, item.payload.matrix, int(item.payload.step))
-
-
 class ErrorLog:
     """Logs the first occurrence of each kind of failure, counts all of them."""
 
@@ -128,10 +122,6 @@ class Transport:
         self._skipped_unreported = 0  # audit blocks skipped since the last audit block sent
         self.audits_skipped = 0
         self.acked_total = 0
-        # (kind, matrix, step) of the latest acknowledged items, for tests and debugging.
-        self.acked_log: collections.deque[tuple[str, str, int | None]] = collections.deque(
-            maxlen=100_000
-        )
         self.refused_total = 0
         self.retried_total = 0  # refusals with a retryable status (the item was kept)
         self._retry_backoff = BACKOFF_INITIAL_S
@@ -361,7 +351,6 @@ class Transport:
                 if item is not None:
                     self._bytes -= item.nbytes
                     self.acked_total += 1
-                    self.acked_log.append(_describe(item))
                     if item.kind == "baseline":
                         self._baselines_acked[item.payload[0]] = item
             self._cv.notify_all()

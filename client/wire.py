@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from deltawatch.v1 import deltawatch_pb2 as pb
 
-from .config import RUN_NAME, MonitorConfig
+from .config import RUN_NAME, RUN_NAME_RULE, MonitorConfig
 from .records import SHARD_LAYOUTS, AuditPiece, ManifestEntry, MatrixCheck, Sketch
 from .schedule import SCHEDULES
 from .settings import MAX_COLUMNS, AnchorSettings, LockSettings, SketchSettings
@@ -739,9 +739,7 @@ def hello_from(hello: pb.Hello) -> HelloFields:
     call, on its worker thread: a 100k-matrix manifest is checked off the event loop), the rank,
     K and p."""
     if not RUN_NAME.fullmatch(hello.run):
-        raise invalid(
-            f"hello.run: {hello.run[:200]!r}, expected a name matching [A-Za-z0-9._-]{{1,128}}"
-        )
+        raise invalid(f"hello.run: {hello.run[:200]!r}, expected a name matching {RUN_NAME_RULE}")
     check_int("hello.incarnation", hello.incarnation, 1)
     resume = None
     if hello.HasField("resume_step"):

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 from deltawatch.client import wire
-from deltawatch.client.config import RUN_NAME
+from deltawatch.client.config import RUN_NAME, RUN_NAME_RULE
 from deltawatch.client.records import ManifestEntry
 from deltawatch.client.schedule import cycle_label
 
@@ -973,7 +973,7 @@ def _same_hello(
 
 def _check_run_name(run: Any) -> None:
     if not isinstance(run, str) or not RUN_NAME.fullmatch(run):
-        raise invalid(f"run name {run!r} does not match [A-Za-z0-9._-]{{1,128}}")
+        raise invalid(f"run name {run!r} does not match {RUN_NAME_RULE}")
 
 
 def _check_tensor(where: str, t: Any, shape: tuple[int, ...]) -> None:

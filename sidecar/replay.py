@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from deltawatch.client.config import RUN_NAME_RULE
 
 from .checkpoints import Checkpoint, TensorFiles, is_adapter, model_files, open_checkpoint
 
@@ -84,7 +85,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CKPT",
         help="model directories, .safetensors files or PEFT LoRA adapter directories",
     )
-    parser.add_argument("--run", required=True, help="run name ([A-Za-z0-9._-]{1,128})")
+    parser.add_argument("--run", required=True, help=f"run name ({RUN_NAME_RULE})")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
     parser.add_argument(
         "--exact", action="store_true", help="add the float64 audit tier (full SVDs)"
