@@ -86,20 +86,24 @@ class Horizon:
             self.snapshots.append((self.checks, step, V_K))
         return alignment, horizon_step
 
-    def state_dict(self) -> dict:
-        """Plain tensors and ints (no pickle needed to store it)."""
+    def state_dict(self, snapshots: bool = True) -> dict:
+        """Plain tensors and ints (no pickle needed to store it); `snapshots=False` leaves out the
+        stacked V_K snapshots (`snapshot_V`) for a caller that keeps them apart (the sidecar
+        archives each once)."""
         n = self.snapshots[0][2].shape[0] if self.snapshots else 0
-        return {
+        state = {
             "k": self.k,
             "checks": self.checks,
             "snapshot_index": torch.tensor([i for i, _, _ in self.snapshots], dtype=torch.int64),
             "snapshot_step": torch.tensor([s for _, s, _ in self.snapshots], dtype=torch.int64),
-            "snapshot_V": (
+        }
+        if snapshots:
+            state["snapshot_V"] = (
                 torch.stack([V.detach().float().cpu() for _, _, V in self.snapshots])
                 if self.snapshots
                 else torch.zeros((0, n, self.k))
-            ),
-        }
+            )
+        return state
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         self.k = int(state["k"])

@@ -43,7 +43,7 @@ from .audit import Auditor
 from .errors import RETRYABLE, ValidationError, invalid, precondition
 from .geometry import MatrixGeometry, ingest_batch, stored_channel_rank
 from .keys import MATRIX_KEYS
-from .store import CheckCounts, StateUpdate, Store
+from .store import CheckCounts, CheckWrite, StateUpdate, Store
 
 log = logging.getLogger("deltawatch.engine")
 
@@ -103,6 +103,15 @@ class _Matrix:
     last_step: int | None = None
     persisted: dict[str, torch.Tensor] = field(default_factory=dict)  # state tensors as stored
     archived: set[int] = field(default_factory=set)  # steps of the archived V_K snapshots (store)
+
+
+@dataclass(frozen=True)
+class _Prepared:
+    """An admitted check as the store will write it, and the matrix's persisted state after."""
+
+    write: CheckWrite
+    tensors: dict[str, torch.Tensor]  # the state tensors as stored once it is committed
+    archived: set[int]
 
 
 @dataclass
@@ -412,9 +421,7 @@ class Engine:
         each newly taken V_K snapshot as archive.<step> (written once, kept until a rewind to a
         step at or before it: `drop_from`), and what was removed. Returns the update, the
         non-archive tensors as they will be stored, and the archived steps."""
-        tensors, meta = mat.geometry.state()
-        tensors = dict(tensors)
-        tensors.pop(SNAPSHOT_V, None)  # the live snapshots are archived; not stored twice
+        tensors, meta = mat.geometry.state(snapshots=False)  # archived instead: not twice
         changed = {k: t for k, t in tensors.items() if not _same(mat.persisted.get(k), t)}
         removed = [k for k in mat.persisted if k not in tensors]
         archived = set(mat.archived)
@@ -620,17 +627,54 @@ class Engine:
             else:
                 admitted.append((i, mat))
         computed = ingest_batch([(mat.geometry, items[i][2]) for i, mat in admitted])
+        prepared: list[tuple[int, _Matrix, _Prepared]] = []
         for (i, mat), keys in zip(admitted, computed, strict=True):
-            run, incarnation, check, dropped = items[i]
             try:
-                row = self._store_one(run, incarnation, check, dropped, now, mat, keys)
+                prepared.append((i, mat, self._prepare(items[i], now, mat, keys)))
             except ValidationError as e:
                 if e.code in RETRYABLE:
                     raise
                 results[i] = e
-                continue
+        for i, mat, p in self._commit(prepared, now, results):
             results[i] = True
-            published.append((self._runs[run], row, dropped))
+            published.append((self._runs[p.write.run], self._stored(mat, p), p.write.dropped))
+
+    def _commit(
+        self,
+        prepared: list[tuple[int, _Matrix, _Prepared]],
+        now: float,
+        results: list[bool | ValidationError | None],
+    ) -> list[tuple[int, _Matrix, _Prepared]]:
+        """The wave's checks in one `Store.commit_checks`; the stored ones. Should that refuse
+        (a fault of one check, or a duplicate the admission did not see), one at a time, so a
+        refused check is refused alone and a duplicate acknowledged without change, as before
+        the group commit. A retryable store fault is raised: the whole batch is retried."""
+        if not prepared:
+            return []
+        try:
+            if self.store.commit_checks([p.write for _, _, p in prepared], now=now):
+                return prepared
+        except ValidationError as e:
+            if e.code in RETRYABLE:
+                raise
+        except Exception:  # noqa: S110 - found below, one check at a time
+            pass
+        stored = []
+        for i, mat, p in prepared:
+            try:
+                if self.store.commit_checks([p.write], now=now):
+                    stored.append((i, mat, p))
+                    continue
+                results[i] = False
+            except Exception as e:
+                self._reload_matrix(p.write.run, mat)
+                refusal = _refusal(p.write, e)
+                if not isinstance(refusal, ValidationError) or refusal.code in RETRYABLE:
+                    raise
+                results[i] = refusal
+                continue
+            self._reload_matrix(p.write.run, mat)
+        return stored
 
     def _admit(
         self,
@@ -644,9 +688,10 @@ class Engine:
         r, mat = self._matrix_for(run, incarnation, check.matrix, f"report of step {check.step}")
         _check_report(r.name, mat.entry, check)
         self._checked(lambda v: wire.check_int("report.dropped_reports", v), dropped)
-        if self.store.has_check(run, check.matrix, check.step, incarnation):
-            return None
         if mat.last_step is not None and check.step <= mat.last_step:
+            # a later step cannot be stored yet: its row and the last step commit together
+            if self.store.has_check(run, check.matrix, check.step, incarnation):
+                return None
             raise precondition(
                 f"run {run}: matrix {check.matrix} step {check.step} is not after its last "
                 f"step {mat.last_step}; a trainer restarted from a checkpoint says hello with "
@@ -655,18 +700,16 @@ class Engine:
         touched.setdefault((run, check.matrix), (mat, mat.last_step))
         return mat
 
-    def _store_one(
+    def _prepare(
         self,
-        run: str,
-        incarnation: int,
-        check: Any,
-        dropped: int,
+        item: tuple[str, int, Any, int],
         now: float,
         mat: _Matrix,
         computed: dict[str, Any] | Exception,
-    ) -> MatrixRow:
-        """One admitted check with its computed keys (or the exception computing them raised),
-        inside the batch transaction (its own savepoint); the row to publish after the commit."""
+    ) -> _Prepared:
+        """An admitted check with its computed keys (or the exception computing them raised) as
+        the store will write it; a refusal puts the matrix back as the store holds it."""
+        run, incarnation, check, dropped = item
         try:
             if isinstance(computed, Exception):
                 raise computed
@@ -686,40 +729,36 @@ class Engine:
                 lock_step = check.lock_step if check.lock_step is not None else check.step
                 lock_ref = (int(lock_step), check.v_ref)
             update, tensors, archived = self._state_update(mat)
-            self.store.commit_check(
-                run,
-                check.matrix,
-                check.step,
-                incarnation,
-                keys,
-                counts,
-                update,
-                lock_ref=lock_ref,
-                now=now,
-                dropped=dropped,
-            )
-            self._persisted(mat, tensors, archived)
         except Exception as e:
             self._reload_matrix(run, mat)
-            if isinstance(e, ValidationError):
+            refusal = _refusal(check, e)
+            if refusal is e:
                 raise
-            if isinstance(e, ValueError):
-                raise invalid(f"matrix {check.matrix} step {check.step}: {e}") from e
-            raise
-        mat.last_step = check.step
+            raise refusal from e
+        write = CheckWrite(
+            run, check.matrix, check.step, incarnation, keys, counts, update, lock_ref, dropped
+        )
+        return _Prepared(write, tensors, archived)
+
+    def _stored(self, mat: _Matrix, p: _Prepared) -> MatrixRow:
+        """A committed check: the matrix's persisted state and last step; the row to publish
+        after the batch's commit."""
+        self._persisted(mat, p.tensors, p.archived)
+        w = p.write
+        mat.last_step = w.step
         return MatrixRow(
-            run,
-            check.matrix,
+            w.run,
+            w.matrix,
             mat.entry.layer,
             mat.entry.module,
             tuple(mat.entry.shape),
             mat.entry.numel,
-            check.step,
-            incarnation,
-            counts.visible_count,
-            counts.visible_low_count,
-            counts.visible_principal_count,
-            keys,
+            w.step,
+            w.incarnation,
+            w.counts.visible_count,
+            w.counts.visible_low_count,
+            w.counts.visible_principal_count,
+            w.keys,
             mat.entry.expert,
         )
 
@@ -937,6 +976,15 @@ class Engine:
         with self._view:
             r = self._runs.get(run)
             return None if r is None else list(r.manifest.values())
+
+
+def _refusal(check: Any, e: Exception) -> Exception:
+    """What refuses a check whose keys or state could not be made or stored: its
+    ValidationError, a ValueError (a value the store refuses) as INVALID_ARGUMENT naming the
+    check; any other exception is the sidecar's fault, raised as it is."""
+    if isinstance(e, ValueError):
+        return invalid(f"matrix {check.matrix} step {check.step}: {e}")
+    return e
 
 
 def _waves(items: list[tuple[str, int, Any, int]]) -> list[list[int]]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from deltawatch.client.lock import Horizon, pad_columns
@@ -152,18 +153,18 @@ class MatrixGeometry:
         self,
         check: MatrixCheck,
         pairs: tuple[tuple | None, tuple | None] = (None, None),
-        angles: torch.Tensor | None = None,
+        angles: tuple[float, float] | None = None,
     ) -> dict[str, float | bool | int | None]:
         """The §2 keys for one check (None where DESIGN §2 says null). `pairs`: the update's and
-        the weight's Ritz pairs, `angles` the rotation's principal angles, when computed
-        beforehand (`ingest_batch`), else computed here."""
+        the weight's Ritz pairs, `angles` the rotation's largest and mean principal angle, when
+        computed beforehand (`ingest_batch`), else computed here. The r-sized values are read
+        out of their tensors once and combined as Python floats (float64 both)."""
         K = self.channel_rank
         frob_sq = float(check.frobenius_sq)
         keys: dict[str, float | bool | int | None] = dict.fromkeys(MATRIX_KEYS)
         keys["frobenius_norm"] = math.sqrt(frob_sq)
         V_K = None
         converged = False
-        energy = None
         self.last_horizon_step = None
         if check.update is None:
             keys["spectral_norm"] = 0.0
@@ -175,14 +176,13 @@ class MatrixGeometry:
                 else ritz_pairs(self._on_device(check.update), K, self.cutoff)
             )
             converged = check.update.convergence <= self.tolerance
-            energy = float(theta[:K].sum()) / frob_sq if frob_sq > 0 else None
             alignment, self.last_horizon_step = self.horizon.observe(check.step, V_K.float())
             keys["convergence"] = float(check.update.convergence)
-            if converged and sigma.numel() and sigma[0] > 0:
-                s1 = float(sigma[0])
+            s1 = float(sigma[0]) if sigma.numel() else 0.0
+            if converged and s1 > 0:
                 keys["spectral_norm"] = s1
                 keys["stable_rank"] = frob_sq / (s1 * s1)
-                keys["topk_energy_ratio"] = energy
+                keys["topk_energy_ratio"] = float(theta[:K].sum()) / frob_sq
                 keys["horizon_alignment"] = alignment
         if check.locked_now and check.v_ref is not None:
             self.v_ref = check.v_ref.to(self.device, torch.float64)
@@ -208,9 +208,10 @@ class MatrixGeometry:
         check: MatrixCheck,
         keys: dict,
         pairs: tuple | None = None,
-        angles: torch.Tensor | None = None,
+        angles: tuple[float, float] | None = None,
     ) -> None:
-        """Principal angles between W0's and W_t's top-k Ritz vectors, and the top-k shift."""
+        """Principal angles between W0's and W_t's top-k Ritz vectors, and the top-k shift
+        ‖σ_t[:k] − σ_0[:k]‖ / ‖σ_0[:k]‖."""
         if check.update is None:  # W_t = W0 in this view
             keys["rotation_max_degrees"] = keys["rotation_mean_degrees"] = 0.0
             keys["spectral_shift_topk"] = 0.0
@@ -223,14 +224,13 @@ class MatrixGeometry:
         k = min(V.shape[1], self.base_V.shape[1])
         if angles is None:
             Q = torch.linalg.qr(V[:, :k].double().to(self.base_V.device))[0]
-            angles = orthonormal_angles_degrees(self.base_Q(k), Q)
+            (angles,) = angle_summary(orthonormal_angles_degrees(self.base_Q(k), Q)[None])
         bound = rotation_bound_degrees(check.weight.convergence, self.base_convergence)
-        for key, angle in (
-            ("rotation_max_degrees", angles.max()),
-            ("rotation_mean_degrees", angles.mean()),
+        for key, angle in zip(
+            ("rotation_max_degrees", "rotation_mean_degrees"), angles, strict=True
         ):
-            if rotation_within_accuracy(float(angle), bound):
-                keys[key] = float(angle)
+            if rotation_within_accuracy(angle, bound):
+                keys[key] = angle
         s0 = self.base_sigma[:k]
         keys["spectral_shift_topk"] = float(
             torch.linalg.vector_norm(sigma[:k] - s0) / torch.linalg.vector_norm(s0)
@@ -258,10 +258,11 @@ class MatrixGeometry:
 
     # -- persistence ----------------------------------------------------------------------
 
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, JSON-able dict): everything needed to resume after a restart."""
+    def state(self, snapshots: bool = True) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, JSON-able dict): everything needed to resume after a restart (without the
+        stacked V_K snapshots `lock.snapshot_V` for `snapshots=False`)."""
         # stored under "lock." (the name the store has always used for the horizon's snapshots)
-        lock = self.horizon.state_dict()
+        lock = self.horizon.state_dict(snapshots)
         tensors = {f"lock.{k}": v for k, v in lock.items() if isinstance(v, torch.Tensor)}
         meta = {
             "shape": list(self.shape),
@@ -307,17 +308,20 @@ def ingest_batch(
 ) -> list[dict[str, float | bool | int | None] | Exception]:
     """`MatrixGeometry.ingest` of many checks, each of a different matrix, with the
     Rayleigh–Ritz of every group of sketches of one (device, n, r, K, cutoff) run as one batched
-    call (`batched_ritz_pairs`): the update's sketches, and the weight's where the rotation will
-    read them; and the rotation's principal angles of every group of one (device, n, k) as one
-    batched call (`_batched_angles`). Per item: its keys, or the exception that refused it (the
-    others go on)."""
-    update = _batched_pairs(items, lambda g, c: c.update)
-    weight = _batched_pairs(items, _rotation_sketch)
+    call (`batched_ritz_pairs`): the update's sketches and the weight's where the rotation will
+    read them, together (a report's two sketches have one shape); and the rotation's principal
+    angles of every group of one (device, n, k) as one batched call (`_batched_angles`). Per
+    item: its keys, or the exception that refused it (the others go on)."""
+    sketches = [((i, 0), g, c.update) for i, (g, c) in enumerate(items)]
+    sketches += [((i, 1), g, _rotation_sketch(g, c)) for i, (g, c) in enumerate(items)]
+    pairs = _batched_pairs(sketches)
+    weight = {i: p for (i, kind), p in pairs.items() if kind == 1}
     angles = _batched_angles(items, weight)
     out: list[dict[str, float | bool | int | None] | Exception] = []
     for i, (geometry, check) in enumerate(items):
         try:
-            out.append(geometry.ingest(check, (update.get(i), weight.get(i)), angles.get(i)))
+            keys = geometry.ingest(check, (pairs.get((i, 0)), weight.get(i)), angles.get(i))
+            out.append(keys)
         except Exception as exc:
             out.append(exc)
     return out
@@ -329,16 +333,15 @@ def _rotation_sketch(g: MatrixGeometry, c: MatrixCheck) -> Sketch | None:
     return c.weight if ok and c.weight.convergence <= g.tolerance else None
 
 
-def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
-    """item index -> Ritz pairs of `sketch_of(geometry, check)`, batched over the sketches of one
-    shape (a group whose batched call fails is left to the items alone)."""
-    groups: dict[tuple, list[tuple[int, Sketch]]] = {}
-    for i, (g, c) in enumerate(items):
-        sketch = sketch_of(g, c)
+def _batched_pairs(sketches) -> dict[Any, tuple[torch.Tensor, ...]]:
+    """key -> Ritz pairs of each (key, geometry, sketch or None), batched over the sketches of
+    one shape (a group whose batched call fails is left to the items alone)."""
+    groups: dict[tuple, list[tuple[Any, Sketch]]] = {}
+    for label, g, sketch in sketches:
         if sketch is not None:
             key = (g.device, tuple(sketch.G.shape), tuple(sketch.C.shape), g.channel_rank, g.cutoff)
-            groups.setdefault(key, []).append((i, sketch))
-    out: dict[int, tuple[torch.Tensor, ...]] = {}
+            groups.setdefault(key, []).append((label, sketch))
+    out: dict[Any, tuple[torch.Tensor, ...]] = {}
     for (device, _, _, k, cutoff), members in groups.items():
         try:
             Gs = [s.G.to(device) for _, s in members]
@@ -346,20 +349,28 @@ def _batched_pairs(items, sketch_of) -> dict[int, tuple[torch.Tensor, ...]]:
             pairs = batched_ritz_pairs(Gs, C, k, cutoff)
         except Exception:  # e.g. an eigendecomposition that did not converge: each alone
             continue
-        out.update((i, p) for (i, _), p in zip(members, pairs, strict=True) if p is not None)
+        out.update(
+            (label, p) for (label, _), p in zip(members, pairs, strict=True) if p is not None
+        )
     return out
 
 
-def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, torch.Tensor]:
-    """item index -> the principal angles `_rotation` reads (W0's `base_Q` against the QR of the
-    weight's top-k Ritz vectors), batched over the items of one (device, n, k) with weight pairs
-    (a group whose batched call fails is left to the items alone)."""
+def angle_summary(angles: torch.Tensor) -> list[tuple[float, float]]:
+    """(largest, mean) of each row of principal angles [B, k] (the two rotation keys)."""
+    return [tuple(x) for x in torch.stack([angles.amax(-1), angles.mean(-1)], -1).tolist()]
+
+
+def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, tuple[float, float]]:
+    """item index -> the rotation's (largest, mean) principal angle `_rotation` reads (W0's
+    `base_Q` against the QR of the weight's top-k Ritz vectors), batched over the items of one
+    (device, n, k) with weight pairs (a group whose batched call fails is left to the items
+    alone)."""
     groups: dict[tuple, list[int]] = {}
     for i, pairs in weight.items():
         g = items[i][0]
         k = min(pairs[1].shape[1], g.base_V.shape[1])
         groups.setdefault((g.base_V.device, g.shape[1], k), []).append(i)
-    out: dict[int, torch.Tensor] = {}
+    out: dict[int, tuple[float, float]] = {}
     for (device, _, k), members in groups.items():
         try:
             Qa = torch.stack([items[i][0].base_Q(k) for i in members])
@@ -367,5 +378,5 @@ def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, torch.Tensor]:
             angles = orthonormal_angles_degrees(Qa, torch.linalg.qr(Vb)[0])
         except Exception:  # each alone
             continue
-        out.update(zip(members, angles, strict=True))
+        out.update(zip(members, angle_summary(angles), strict=True))
     return out

@@ -24,12 +24,10 @@ import tempfile
 import grpc
 from aiohttp import web
 from deltawatch.client.wire import MAX_FRAME_BYTES
-from deltawatch.v1 import deltawatch_pb2 as pb
-from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from . import auth
+from . import auth, ingest
 from .alerts.config import load_alert_config
 from .alerts.engine import AlertEngine, AlertService, StoreAlertState
 from .config import ServeConfig
@@ -41,7 +39,6 @@ from .store import Store
 
 log = logging.getLogger("deltawatch.sidecar")
 
-INGEST_SERVICE = pb.DESCRIPTOR.services_by_name["Ingest"].full_name  # deltawatch.v1.Ingest
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_FRAME_BYTES),
     ("grpc.max_send_message_length", 64 << 20),
@@ -125,10 +122,10 @@ class Sidecar:
         auth.warn_if_exposed(c)
         interceptors = auth.grpc_interceptors(c, on_reject=self._count_rejected)
         server = grpc.aio.server(interceptors=interceptors, options=GRPC_OPTIONS)
-        pb_grpc.add_IngestServicer_to_server(self.ingest, server)
+        ingest.add_to_server(self.ingest, server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
-            (INGEST_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            (ingest.SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME),
             server,
         )  # fmt: skip
@@ -158,7 +155,7 @@ class Sidecar:
         await server.start()
         self.grpc_server = server
 
-        for name in ("", INGEST_SERVICE):
+        for name in ("", ingest.SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         self._lag_probe = asyncio.create_task(probe_loop_lag(self.ingest.stats))
         self._serving = True

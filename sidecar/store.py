@@ -30,8 +30,9 @@ commits on a power loss, which would break "persist, then acknowledge"; it is av
 `Store(..., synchronous="NORMAL")` for throwaway data dirs.
 
 Group commit: `transaction()` nests. The engine opens one transaction around a batch of reports
-and every `commit_check` inside it is a SAVEPOINT, so a refused report rolls back alone and the
-batch shares one COMMIT (one WAL fsync).
+and writes each wave of them with one `commit_checks` (a SAVEPOINT, one `executemany` per table),
+so the batch shares one COMMIT (one WAL fsync); a check refused there is found by writing the
+wave one check per savepoint, and rolls back alone.
 
 Faults: a write the store cannot make now (SQLITE_FULL: the disk is full; SQLITE_BUSY / LOCKED /
 IOERR) raises a `ValidationError` with a retryable code (RESOURCE_EXHAUSTED / UNAVAILABLE, see
@@ -51,7 +52,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -251,6 +252,31 @@ class StateUpdate:
     meta: dict[str, Any]
     tensors: Mapping[str, torch.Tensor]
     removed: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class CheckWrite:
+    """One check as `Store.commit_checks` persists it."""
+
+    run: str
+    matrix: str
+    step: int
+    incarnation: int
+    keys: Mapping[str, Any]
+    counts: CheckCounts
+    state: StateUpdate | None
+    lock_ref: tuple[int, torch.Tensor] | None = None  # (lock_step, V_ref) on the locking check
+    dropped: int = 0  # the client's dropped-report count this check carries
+
+
+class _Duplicate(Exception):
+    """A check of `commit_checks` was stored already: its transaction is rolled back."""
+
+
+def _tensor_row(t: torch.Tensor) -> tuple[str, str, Any]:
+    """(dtype, shape JSON, data) of a tensor as the store's tensor columns hold it."""
+    dtype, shape, data = tensor_to_bytes(t)
+    return dtype, json.dumps(shape), data
 
 
 _VISIBLE_SQL = """
@@ -542,47 +568,56 @@ class Store:
         now: float | None = None,
         dropped: int = 0,
     ) -> bool:
-        """Persist one check, the matrix's geometry state, (on the locking check) its lock
-        reference and the client's dropped-report count it carries, in one transaction (a
-        savepoint inside the engine's batch). Returns False (and writes nothing) for a
+        """Persist one check (`commit_checks` of one). Returns False (and writes nothing) for a
         duplicate."""
+        write = CheckWrite(run, matrix, step, incarnation, keys, counts, state, lock_ref, dropped)
+        return self.commit_checks([write], now=now)
+
+    def commit_checks(self, writes: Sequence[CheckWrite], *, now: float | None = None) -> bool:
+        """Persist checks, each with its matrix's geometry state, (on the locking check) its lock
+        reference and the client's dropped-report count it carries, in one transaction (a
+        savepoint inside the engine's batch): one statement per table for all of them
+        (`executemany`), one `runs` update per run. Returns False, and writes nothing, when any
+        of them is a duplicate of a stored (run, matrix, step, incarnation): the caller, who
+        checked for duplicates before, writes them one at a time to find it."""
         now = time.time() if now is None else now
-        keys_json = dumps_keys(keys)
-        with self.transaction() as c:
-            cur = c.execute(
-                "INSERT OR IGNORE INTO history (run, matrix, step, incarnation, received_at, numel, "
-                "visible_count, visible_low_count, visible_principal_count, keys) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    run,
-                    matrix,
-                    step,
-                    incarnation,
-                    now,
-                    counts.numel,
-                    counts.visible_count,
-                    counts.visible_low_count,
-                    counts.visible_principal_count,
-                    keys_json,
-                ),
-            )
-            if cur.rowcount == 0:
-                return False
-            if state is not None:
-                self._write_state(c, run, matrix, incarnation, step, state)
-            if lock_ref is not None:
-                lock_step, v_ref = lock_ref
-                dtype, shape, data = tensor_to_bytes(v_ref)
-                c.execute(
-                    "INSERT OR REPLACE INTO lock_refs (run, matrix, lock_step, incarnation, dtype, "
-                    "shape, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (run, matrix, lock_step, incarnation, dtype, json.dumps(shape), data),
+        history = [
+            (w.run, w.matrix, w.step, w.incarnation, now, w.counts.numel, w.counts.visible_count,
+             w.counts.visible_low_count, w.counts.visible_principal_count, dumps_keys(w.keys))
+            for w in writes
+        ]  # fmt: skip
+        dropped: dict[str, int] = {}
+        for w in writes:
+            dropped[w.run] = dropped.get(w.run, 0) + w.dropped
+        try:
+            with self.transaction() as c:
+                cur = c.executemany(
+                    "INSERT OR IGNORE INTO history (run, matrix, step, incarnation, received_at, "
+                    "numel, visible_count, visible_low_count, visible_principal_count, keys) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    history,
                 )
-            c.execute(
-                "UPDATE runs SET updated_at = ?, dropped_reports = dropped_reports + ? "
-                "WHERE run = ?",
-                (now, dropped, run),
-            )
+                if cur.rowcount != len(writes):
+                    raise _Duplicate
+                self._write_states(
+                    c, [(w.run, w.matrix, w.incarnation, w.step, w.state) for w in writes]
+                )
+                c.executemany(
+                    "INSERT OR REPLACE INTO lock_refs (run, matrix, lock_step, incarnation, "
+                    "dtype, shape, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (w.run, w.matrix, w.lock_ref[0], w.incarnation, *_tensor_row(w.lock_ref[1]))
+                        for w in writes
+                        if w.lock_ref is not None
+                    ],
+                )
+                c.executemany(
+                    "UPDATE runs SET updated_at = ?, dropped_reports = dropped_reports + ? "
+                    "WHERE run = ?",
+                    [(now, count, run) for run, count in dropped.items()],
+                )
+        except _Duplicate:
+            return False
         return True
 
     def save_state(
@@ -590,33 +625,37 @@ class Store:
     ) -> None:
         """Persist a matrix's geometry state alone (after a baseline or a rewind)."""
         with self.transaction() as c:
-            self._write_state(c, run, matrix, incarnation, last_step, state)
+            self._write_states(c, [(run, matrix, incarnation, last_step, state)])
 
     @staticmethod
-    def _write_state(
+    def _write_states(
         c: sqlite3.Connection,
-        run: str,
-        matrix: str,
-        incarnation: int,
-        last_step: int | None,
-        state: StateUpdate,
+        states: Sequence[tuple[str, str, int, int | None, StateUpdate | None]],
     ) -> None:
-        c.execute(
+        """(run, matrix, incarnation, last_step, state) rows: each state's JSON half, its removed
+        tensors deleted, its changed ones written; a None state writes nothing."""
+        states = [x for x in states if x[4] is not None]
+        c.executemany(
             "INSERT OR REPLACE INTO geometry (run, matrix, incarnation, last_step, state) "
             "VALUES (?, ?, ?, ?, ?)",
-            (run, matrix, incarnation, last_step, json.dumps(state.meta, allow_nan=False)),
+            [
+                (run, matrix, inc, last, json.dumps(state.meta, allow_nan=False))
+                for run, matrix, inc, last, state in states
+            ],
         )
-        for name in state.removed:
-            c.execute(
-                "DELETE FROM tensors WHERE run = ? AND matrix = ? AND name = ?", (run, matrix, name)
-            )
-        for name, t in state.tensors.items():
-            dtype, shape, data = tensor_to_bytes(t)
-            c.execute(
-                "INSERT OR REPLACE INTO tensors (run, matrix, name, dtype, shape, data) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
-                (run, matrix, name, dtype, json.dumps(shape), data),
-            )
+        c.executemany(
+            "DELETE FROM tensors WHERE run = ? AND matrix = ? AND name = ?",
+            [(run, matrix, name) for run, matrix, _, _, state in states for name in state.removed],
+        )
+        c.executemany(
+            "INSERT OR REPLACE INTO tensors (run, matrix, name, dtype, shape, data) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            [
+                (run, matrix, name, *_tensor_row(t))
+                for run, matrix, _, _, state in states
+                for name, t in state.tensors.items()
+            ],
+        )
 
     def load_states(
         self, run: str, matrix: str | None = None, *, writer: bool = False
