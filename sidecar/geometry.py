@@ -15,7 +15,7 @@ subspace_alignment and channel_energy_ratio null before the lock.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -46,6 +46,10 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
     return singular_values(theta[:k]), ritz_vectors(sketch.G, Z, k), theta
 
 
+ROW_BLOCK = 4096  # rows of G converted to float64 at a time (per sketch)
+BLOCK_ELEMENTS = 1 << 22  # float64 entries of one batched row block (32 MB): the batch's limit
+
+
 def batched_ritz_pairs(
     Gs: Sequence[torch.Tensor], C: torch.Tensor, k: int, cutoff: float = DEFAULT_CUTOFF
 ) -> list[tuple[torch.Tensor, ...] | None]:
@@ -54,26 +58,43 @@ def batched_ritz_pairs(
     Rayleigh–Ritz on span(P) as `rayleigh_ritz` (client/sketch.py) solves it, GᵀG z = θ C z in
     float64: H = GᵀG where G lives, then on the host a whitening W with WᵀCW = I (`whitening`),
     WᵀHW y = θ y, Z = W y, and V_k = the normalised columns of G·Z[:, :k]. Every step is one
-    batched call for the B sketches (G copied once into one float64 [B, n, r] block): the r×r
-    LAPACK work and the n-sized products alike. An item whose C has an eigenvalue at or below
-    cutoff·d_max (a rank-deficient sketch) is None: `rayleigh_ritz` drops those directions,
-    which changes the item's shapes, so the caller takes it alone. Its own pairs are the same
-    whatever else the batch holds (`ritz_pairs` is this call for a batch of one; the engine's
+    batched call for the B sketches: the r×r LAPACK work, and the n-sized products by blocks of
+    `ROW_BLOCK` rows of every G converted to float64 at once (`_row_blocks`: H summed over the
+    blocks, V_k written block by block), so no float64 copy of a whole G is made. An item whose
+    C has an eigenvalue at or below cutoff·d_max (a rank-deficient sketch) is None:
+    `rayleigh_ritz` drops those directions, which changes the item's shapes, so the caller
+    takes it alone. Its own pairs are the same whatever else the batch holds (the blocks are
+    rows of each G, whatever B is; `ritz_pairs` is this call for a batch of one; the engine's
     test compares a group commit with report-by-report ingest exactly)."""
-    G64 = torch.empty((len(Gs), *Gs[0].shape), dtype=torch.float64, device=Gs[0].device)
-    for b, G in enumerate(Gs):
-        G64[b].copy_(G)
-    H = _symmetric((G64.mT @ G64).cpu())
+    (n, r), device = Gs[0].shape, Gs[0].device
+    H = torch.zeros((len(Gs), r, r), dtype=torch.float64, device=device)
+    for _, X in _row_blocks(Gs):
+        H += X.mT @ X
+    H = _symmetric(H.cpu())
     W, full = whitening(_symmetric(C.double().cpu()), cutoff)
     theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H @ W))
     theta = theta.flip(-1).clamp_min(0)
-    Z = W @ Y.flip(-1)
+    Z = (W @ Y.flip(-1))[:, :, :k].to(device)
     sigma = singular_values(theta[:, :k])
-    V = G64 @ Z[:, :, :k].to(G64.device)
-    del G64
+    V = torch.empty((len(Gs), n, Z.shape[-1]), dtype=torch.float64, device=device)
+    for rows, X in _row_blocks(Gs):
+        V[:, rows] = X @ Z
     norms = torch.linalg.vector_norm(V, dim=-2, keepdim=True)
     V.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: V is n-sized
     return [(sigma[b], V[b], theta[b]) if ok else None for b, ok in enumerate(full)]
+
+
+def _row_blocks(Gs: Sequence[torch.Tensor]) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(rows, X) for each block of `ROW_BLOCK` rows of B tensors (n, r): X [B, rows, r] float64,
+    one buffer reused for every block (read it before the next)."""
+    n, r = Gs[0].shape
+    buffer = torch.empty((len(Gs), min(n, ROW_BLOCK), r), dtype=torch.float64, device=Gs[0].device)
+    for start in range(0, n, ROW_BLOCK):
+        rows = slice(start, min(n, start + ROW_BLOCK))
+        X = buffer[:, : rows.stop - start]
+        for b, G in enumerate(Gs):
+            X[b].copy_(G[rows])
+        yield rows, X
 
 
 def whitening(C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF) -> tuple[torch.Tensor, list[bool]]:
@@ -342,16 +363,17 @@ def _batched_pairs(sketches) -> dict[Any, tuple[torch.Tensor, ...]]:
             key = (g.device, tuple(sketch.G.shape), tuple(sketch.C.shape), g.channel_rank, g.cutoff)
             groups.setdefault(key, []).append((label, sketch))
     out: dict[Any, tuple[torch.Tensor, ...]] = {}
-    for (device, _, _, k, cutoff), members in groups.items():
-        try:
-            Gs = [s.G.to(device) for _, s in members]
-            C = torch.stack([s.C for _, s in members])
-            pairs = batched_ritz_pairs(Gs, C, k, cutoff)
-        except Exception:  # e.g. an eigendecomposition that did not converge: each alone
-            continue
-        out.update(
-            (label, p) for (label, _), p in zip(members, pairs, strict=True) if p is not None
-        )
+    for (device, (n, r), _, k, cutoff), group in groups.items():
+        size = max(1, BLOCK_ELEMENTS // (min(n, ROW_BLOCK) * r))  # sketches per batched call
+        for start in range(0, len(group), size):
+            members = group[start : start + size]
+            try:
+                Gs = [s.G.to(device) for _, s in members]
+                C = torch.stack([s.C for _, s in members])
+                pairs = batched_ritz_pairs(Gs, C, k, cutoff)
+            except Exception:  # e.g. an eigendecomposition that did not converge: each alone
+                continue
+            out.update((x, p) for (x, _), p in zip(members, pairs, strict=True) if p is not None)
     return out
 
 

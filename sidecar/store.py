@@ -273,10 +273,34 @@ class _Duplicate(Exception):
     """A check of `commit_checks` was stored already: its transaction is rolled back."""
 
 
-def _tensor_row(t: torch.Tensor) -> tuple[str, str, Any]:
-    """(dtype, shape JSON, data) of a tensor as the store's tensor columns hold it."""
-    dtype, shape, data = tensor_to_bytes(t)
-    return dtype, json.dumps(shape), data
+BLOB_STREAM_BYTES = 1 << 20  # a tensor this large is written into its row in pieces
+BLOB_PIECE_BYTES = 1 << 20
+
+
+def _insert_tensors(
+    c: sqlite3.Connection, table: str, key: tuple[str, ...], rows: Sequence[tuple]
+) -> None:
+    """INSERT OR REPLACE rows of `table` given as (*key values, tensor), the tensor into the
+    columns dtype, shape (JSON) and data. Small tensors in one `executemany`; one of
+    `BLOB_STREAM_BYTES` or more is inserted as a zeroblob and written into its row in pieces
+    (incremental BLOB I/O), because a bound BLOB is copied by SQLite and copied again into the
+    row's record: two transient copies of an n-sized tensor (issue: a 64 MiB report's peak)."""
+    columns = ", ".join((*key, "dtype", "shape", "data"))
+    marks = ", ".join("?" * (len(key) + 2))
+    small = []
+    for *values, t in rows:
+        dtype, shape, data = tensor_to_bytes(t)
+        if len(data) < BLOB_STREAM_BYTES:
+            small.append((*values, dtype, json.dumps(shape), data))
+            continue
+        cur = c.execute(
+            f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks}, zeroblob(?))",
+            (*values, dtype, json.dumps(shape), len(data)),
+        )
+        with c.blobopen(table, "data", cur.lastrowid) as blob:
+            for start in range(0, len(data), BLOB_PIECE_BYTES):
+                blob.write(data[start : start + BLOB_PIECE_BYTES])
+    c.executemany(f"INSERT OR REPLACE INTO {table} ({columns}) VALUES ({marks}, ?)", small)
 
 
 _VISIBLE_SQL = """
@@ -602,11 +626,12 @@ class Store:
                 self._write_states(
                     c, [(w.run, w.matrix, w.incarnation, w.step, w.state) for w in writes]
                 )
-                c.executemany(
-                    "INSERT OR REPLACE INTO lock_refs (run, matrix, lock_step, incarnation, "
-                    "dtype, shape, data) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                _insert_tensors(
+                    c,
+                    "lock_refs",
+                    ("run", "matrix", "lock_step", "incarnation"),
                     [
-                        (w.run, w.matrix, w.lock_ref[0], w.incarnation, *_tensor_row(w.lock_ref[1]))
+                        (w.run, w.matrix, w.lock_ref[0], w.incarnation, w.lock_ref[1])
                         for w in writes
                         if w.lock_ref is not None
                     ],
@@ -647,11 +672,12 @@ class Store:
             "DELETE FROM tensors WHERE run = ? AND matrix = ? AND name = ?",
             [(run, matrix, name) for run, matrix, _, _, state in states for name in state.removed],
         )
-        c.executemany(
-            "INSERT OR REPLACE INTO tensors (run, matrix, name, dtype, shape, data) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
+        _insert_tensors(
+            c,
+            "tensors",
+            ("run", "matrix", "name"),
             [
-                (run, matrix, name, *_tensor_row(t))
+                (run, matrix, name, t)
                 for run, matrix, _, _, state in states
                 for name, t in state.tensors.items()
             ],

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 from deltawatch.sidecar.store import (
+    BLOB_STREAM_BYTES,
     CheckCounts,
     StateUpdate,
     Store,
@@ -124,6 +125,30 @@ def test_engine_store_state_lock_refs_and_rewind(tmp_path):
     assert s.rewind("r", 5) == ["m"]
     assert s.lock_refs("r") == {}
     assert s.runs()[0]["config"] == {"rank": 4}
+
+
+def test_big_tensors_are_written_in_pieces_and_read_back_exactly(tmp_path):
+    """A state tensor or lock reference of BLOB_STREAM_BYTES or more goes into its row as a
+    zeroblob written piece by piece (no bound copy); a smaller one beside it by executemany.
+    Both read back bit for bit, a big one replaced by a smaller one and the other way round."""
+    n = BLOB_STREAM_BYTES // 4 + 3  # float32: just over the limit, not a whole piece count
+    big, small = torch.randn(n, 2), torch.randn(4, 2)
+    s = Store(tmp_path)
+    s.save_hello("r", 1, None, {}, [Entry("m", (3, n), 3 * n), Entry("k", (3, 4), 12)])
+    state = StateUpdate({"checks": 1}, {"base_V": big.double(), "snap": small})
+    s.commit_check("r", "m", 1, 1, {}, _counts(), state, lock_ref=(1, big))
+    s.commit_check("r", "k", 1, 1, {}, _counts(), StateUpdate({}, {"base_V": big}))
+    s.commit_check("r", "k", 2, 1, {}, _counts(), StateUpdate({}, {"base_V": small}))
+    s.close()
+    s = Store(tmp_path)
+    states = s.load_states("r")
+    assert torch.equal(states["m"][3]["base_V"], big.double())
+    assert torch.equal(states["m"][3]["snap"], small)
+    assert torch.equal(states["k"][3]["base_V"], small)
+    (lock_step, v_ref) = s.lock_refs("r")["m"]
+    assert lock_step == 1 and torch.equal(v_ref, big)
+    s.commit_check("r", "k", 3, 1, {}, _counts(), StateUpdate({}, {"base_V": big}))
+    assert torch.equal(s.load_states("r", "k")["k"][3]["base_V"], big)
 
 
 def test_engine_store_alerts_and_alert_state(tmp_path):
