@@ -68,6 +68,7 @@ class Horizon:
         self.k_sim = k if max_rank is None else max(1, min(k, max_rank))
         self.checks = 0
         self.snapshots: list[tuple[int, int, torch.Tensor]] = []  # (check index, step, V_K)
+        self._positions: tuple[tuple, torch.Tensor, torch.Tensor] | None = None  # state's cache
 
     def observe(self, step: int, V_K: torch.Tensor | None) -> tuple[float | None, int | None]:
         """Record one check (V_K None when ΔW = 0): (Sim_K(t, h(t)), h(t)'s step), or
@@ -91,12 +92,8 @@ class Horizon:
         stacked V_K snapshots (`snapshot_V`) for a caller that keeps them apart (the sidecar
         archives each once)."""
         n = self.snapshots[0][2].shape[0] if self.snapshots else 0
-        state = {
-            "k": self.k,
-            "checks": self.checks,
-            "snapshot_index": torch.tensor([i for i, _, _ in self.snapshots], dtype=torch.int64),
-            "snapshot_step": torch.tensor([s for _, s, _ in self.snapshots], dtype=torch.int64),
-        }
+        index, step = self._snapshot_positions()
+        state = {"k": self.k, "checks": self.checks, "snapshot_index": index, "snapshot_step": step}
         if snapshots:
             state["snapshot_V"] = (
                 torch.stack([V.detach().float().cpu() for _, _, V in self.snapshots])
@@ -104,6 +101,15 @@ class Horizon:
                 else torch.zeros((0, n, self.k))
             )
         return state
+
+    def _snapshot_positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The snapshots' check indices and steps as int64 tensors, the same tensor objects
+        until the snapshots change (the sidecar writes a state tensor only when it changed)."""
+        key = tuple((i, s) for i, s, _ in self.snapshots)
+        if self._positions is None or self._positions[0] != key:
+            index = torch.tensor([i for i, _ in key], dtype=torch.int64)
+            self._positions = (key, index, torch.tensor([s for _, s in key], dtype=torch.int64))
+        return self._positions[1], self._positions[2]
 
     def load_state_dict(self, state: dict, device: torch.device | str | None = None) -> None:
         self.k = int(state["k"])

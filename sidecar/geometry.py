@@ -203,7 +203,7 @@ class MatrixGeometry:
             if converged and s1 > 0:
                 keys["spectral_norm"] = s1
                 keys["stable_rank"] = frob_sq / (s1 * s1)
-                keys["topk_energy_ratio"] = float(theta[:K].sum()) / frob_sq
+                keys["topk_energy_ratio"] = math.fsum(theta[:K].tolist()) / frob_sq
                 keys["horizon_alignment"] = alignment
         if check.locked_now and check.v_ref is not None:
             self.v_ref = check.v_ref.to(self.device, torch.float64)
@@ -252,10 +252,10 @@ class MatrixGeometry:
         ):
             if rotation_within_accuracy(angle, bound):
                 keys[key] = angle
-        s0 = self.base_sigma[:k]
-        keys["spectral_shift_topk"] = float(
-            torch.linalg.vector_norm(sigma[:k] - s0) / torch.linalg.vector_norm(s0)
-        )
+        s0 = self.base_sigma[:k].tolist()
+        shift = [a - b for a, b in zip(sigma[:k].tolist(), s0, strict=True)]
+        norm = math.hypot(*s0)
+        keys["spectral_shift_topk"] = math.hypot(*shift) / norm if norm > 0 else None
 
     def base_Q(self, k: int) -> torch.Tensor:
         """W0's top-k Ritz vectors re-orthonormalised in float64 (QR), W0's side of every
