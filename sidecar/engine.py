@@ -41,7 +41,7 @@ from deltawatch.client.schedule import cycle_label
 from .alerts.state import rfc3339
 from .audit import Auditor
 from .errors import RETRYABLE, ValidationError, invalid, precondition
-from .geometry import MatrixGeometry, ingest_batch, stored_channel_rank
+from .geometry import MatrixGeometry, baseline_pairs, ingest_batch, stored_channel_rank
 from .keys import MATRIX_KEYS
 from .store import CheckCounts, CheckWrite, StateUpdate, Store
 
@@ -438,11 +438,6 @@ class Engine:
     def _persisted(self, mat: _Matrix, tensors: dict[str, torch.Tensor], archived: set[int]):
         mat.persisted, mat.archived = tensors, archived
 
-    def _persist_state(self, run: str, mat: _Matrix, incarnation: int) -> None:
-        update, tensors, archived = self._state_update(mat)
-        self.store.save_state(run, mat.entry.matrix, incarnation, mat.last_step, update)
-        self._persisted(mat, tensors, archived)
-
     def _reload_matrix(self, run: str, mat: _Matrix) -> None:
         """After a failed commit: the geometry back to what the store holds."""
         r = self._runs[run]
@@ -473,7 +468,7 @@ class Engine:
             rewind_geometry(mat.geometry, resume_step, visible, archive)
             mat.last_step = latest[name].step if name in latest else None
             update, tensors, archived = self._state_update(mat, drop_from=resume_step)
-            self.store.save_state(r.name, name, r.incarnation, mat.last_step, update)
+            self.store.save_states([(r.name, name, r.incarnation, mat.last_step, update)])
             self._persisted(mat, tensors, archived)
         with self._view:
             r.rows = {m: self._row(r, h) for m, h in latest.items() if m in r.manifest}
@@ -500,54 +495,58 @@ class Engine:
         return r, mat
 
     def baseline(self, run: str, incarnation: int, matrix: str, sketch: Any) -> None:
-        """W0's Ritz data for the W_t tracker of one matrix (sent once per incarnation)."""
-        with self._write:
-            r, mat = self._matrix_for(run, incarnation, matrix, "baseline")
-            n = mat.entry.shape[1]
-            _check_sketch(f"matrix {matrix}: baseline", sketch, n)
-            try:
-                mat.geometry.baseline(sketch)
-                self._persist_state(run, mat, incarnation)
-            except ValidationError:
-                self._reload_matrix(run, mat)
-                raise
-            except Exception as e:
-                self._reload_matrix(run, mat)
-                if isinstance(e, (ValueError, RuntimeError)):
-                    raise invalid(f"matrix {matrix}: baseline refused: {e}") from e
-                raise
+        """W0's Ritz data for the W_t tracker of one matrix (sent once per incarnation):
+        `baseline_many` of one."""
+        (result,) = self.baseline_many([(run, incarnation, matrix, sketch)])
+        if isinstance(result, ValidationError):
+            raise result
 
     def baseline_many(
         self, items: Iterable[tuple[str, int, str, Any]]
     ) -> list[bool | ValidationError]:
-        """Group commit of baselines ((run, incarnation, matrix, sketch) items, each as
-        `baseline`, a SAVEPOINT of one transaction): True when stored, or the ValidationError
-        refusing it. When the store cannot write, every item gets the retryable error and its
-        matrix goes back to what the store holds. (An MoE model's first hello brings tens of
-        thousands of baselines: one fsync each would take minutes.)"""
+        """Group commit of baselines ((run, incarnation, matrix, sketch) items): True when
+        stored, or the ValidationError refusing it. Their Rayleigh–Ritz is batched over the
+        sketches of one shape (sidecar/geometry.py `baseline_pairs`) and their states written in
+        one transaction (`Store.save_states`). When the store cannot write, every item gets the
+        retryable error and its matrix goes back to what the store holds. (An MoE model's first
+        hello brings tens of thousands of baselines: one fsync each would take minutes.)"""
         items = list(items)
-        results: list[bool | ValidationError] = []
+        results: list[bool | ValidationError] = [True] * len(items)
         with self._write:
+            admitted: list[tuple[int, _Matrix]] = []
+            for i, (run, incarnation, matrix, sketch) in enumerate(items):
+                try:
+                    _, mat = self._matrix_for(run, incarnation, matrix, "baseline")
+                    _check_sketch(f"matrix {matrix}: baseline", sketch, mat.entry.shape[1])
+                except ValidationError as e:
+                    results[i] = e
+                    continue
+                admitted.append((i, mat))
+            pairs = baseline_pairs([(mat.geometry, items[i][3]) for i, mat in admitted])
+            updates = []
+            for (i, mat), p in zip(admitted, pairs, strict=True):
+                run, incarnation, matrix, sketch = items[i]
+                try:
+                    mat.geometry.baseline(sketch, p)
+                    updates.append((i, mat, *self._state_update(mat)))
+                except Exception as e:
+                    self._reload_matrix(run, mat)
+                    if not isinstance(e, (ValueError, RuntimeError)):
+                        raise
+                    results[i] = invalid(f"matrix {matrix}: baseline refused: {e}")
             try:
-                with self.store.transaction():
-                    for run, incarnation, matrix, sketch in items:
-                        try:
-                            self.baseline(run, incarnation, matrix, sketch)
-                        except ValidationError as e:
-                            if e.code in RETRYABLE:
-                                raise
-                            results.append(e)
-                            continue
-                        results.append(True)
+                self.store.save_states(
+                    [(items[i][0], mat.entry.matrix, items[i][1], mat.last_step, update)
+                     for i, mat, update, _, _ in updates]
+                )  # fmt: skip
             except ValidationError as e:
                 if e.code not in RETRYABLE:
                     raise
-                for run, _, matrix, _ in items[: len(results) + 1]:
-                    mat = self._runs[run].matrices.get(matrix) if run in self._runs else None
-                    if mat is not None:
-                        self._reload_matrix(run, mat)
-                done = [r if isinstance(r, ValidationError) else e for r in results]
-                return done + [e] * (len(items) - len(results))
+                for i, mat, *_ in updates:
+                    self._reload_matrix(items[i][0], mat)
+                return [r if isinstance(r, ValidationError) else e for r in results]
+            for _, mat, _, tensors, archived in updates:
+                self._persisted(mat, tensors, archived)
         return results
 
     def ingest(self, run: str, incarnation: int, check: Any, dropped: int = 0) -> bool:

@@ -164,9 +164,12 @@ class MatrixGeometry:
         self.v_ref: torch.Tensor | None = None
         self.last_horizon_step: int | None = None  # h(t) of the last ingested check
 
-    def baseline(self, sketch: Sketch) -> None:
-        """W0's sketch from the W_t tracker (once per incarnation)."""
-        sigma, V, _ = ritz_pairs(self._on_device(sketch), self.channel_rank, self.cutoff)
+    def baseline(self, sketch: Sketch, pairs: tuple | None = None) -> None:
+        """W0's sketch from the W_t tracker (once per incarnation); `pairs` its Ritz pairs when
+        computed beforehand (`baseline_pairs`)."""
+        if pairs is None:
+            pairs = ritz_pairs(self._on_device(sketch), self.channel_rank, self.cutoff)
+        sigma, V, _ = pairs
         self.base_sigma, self.base_V = sigma, V
         self.base_convergence = float(sketch.convergence)
 
@@ -346,6 +349,13 @@ def ingest_batch(
         except Exception as exc:
             out.append(exc)
     return out
+
+
+def baseline_pairs(items: Sequence[tuple[MatrixGeometry, Sketch]]) -> list[tuple | None]:
+    """The Ritz pairs of many baselines' sketches, batched over those of one shape as
+    `ingest_batch` does (None for an item left to `MatrixGeometry.baseline` alone)."""
+    pairs = _batched_pairs([(i, g, s) for i, (g, s) in enumerate(items)])
+    return [pairs.get(i) for i in range(len(items))]
 
 
 def _rotation_sketch(g: MatrixGeometry, c: MatrixCheck) -> Sketch | None:

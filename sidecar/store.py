@@ -645,12 +645,13 @@ class Store:
             return False
         return True
 
-    def save_state(
-        self, run: str, matrix: str, incarnation: int, last_step: int | None, state: StateUpdate
+    def save_states(
+        self, states: Sequence[tuple[str, str, int, int | None, StateUpdate | None]]
     ) -> None:
-        """Persist a matrix's geometry state alone (after a baseline or a rewind)."""
+        """Persist matrices' geometry states alone ((run, matrix, incarnation, last_step, state)
+        each: after baselines or a rewind), in one transaction."""
         with self.transaction() as c:
-            self._write_states(c, [(run, matrix, incarnation, last_step, state)])
+            self._write_states(c, states)
 
     @staticmethod
     def _write_states(
