@@ -30,6 +30,7 @@ per matrix with a 1 KB row (the persistence floor). Ratios are against the copy.
     .venv/bin/python bench/bench_sidecar.py --layers 36   # and the Qwen3-8B check, 6 checks
     .venv/bin/python bench/bench_sidecar.py --layers 4    # quicker
     .venv/bin/python bench/bench_sidecar.py --device cuda
+    .venv/bin/python bench/bench_sidecar.py --rate-steps 0 --hello-lag 3   # the event loop
 """
 
 from __future__ import annotations
@@ -42,16 +43,21 @@ import sqlite3
 import sys
 import tempfile
 import time
+import urllib.request
 import zlib
 
+import grpc
 import psutil
 import torch
+from deltawatch.client import wire
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.sidecar.engine import Engine
 from deltawatch.sidecar.geometry import MatrixGeometry, ingest_batch
 from deltawatch.sidecar.ingest import MAX_BATCH
 from deltawatch.sidecar.metrics import EngineCollector
+from deltawatch.sidecar.process import SidecarProcess
 from deltawatch.sidecar.store import CheckCounts, Store
+from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from prometheus_client import CollectorRegistry
 
 HIDDEN, INTERMEDIATE, KV = 4096, 12288, 1024
@@ -406,6 +412,57 @@ def run_moe(layers: int, experts: int, checks: int) -> None:
     print()
 
 
+HELLO_MATRICES = 100_000  # the largest manifest a hello may carry
+
+
+def _loop_lag_max(side: SidecarProcess) -> float:
+    """The sidecar's own probe of its event loop's longest stall since start (seconds)."""
+    with urllib.request.urlopen(f"{side.http_url}/metrics", timeout=60) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("deltawatch_event_loop_lag_max_seconds "):
+                return float(line.split()[1])
+    raise RuntimeError("no deltawatch_event_loop_lag_max_seconds on /metrics")
+
+
+def run_hello_lag(repeats: int) -> None:
+    """A real `deltawatch serve` (one thread) takes a 100,000-matrix hello from this process,
+    `repeats` times, each into a fresh sidecar: how long the hello took to be answered, and the
+    event loop's longest stall over it (`deltawatch_event_loop_lag_max_seconds`: a 10 ms sleep's
+    largest overshoot)."""
+    manifest = [
+        {"matrix": f"l.{i}", "shape": [4, 4], "numel": 16, "dtype": "float32", "layer": None,
+         "module": "m"}
+        for i in range(HELLO_MATRICES)
+    ]  # fmt: skip
+    hello = wire.encode_hello(
+        1, run="big", incarnation=1, resume_step=None, client_version="bench",
+        config={"channel_rank": 2, "oversample": 2}, manifest=manifest,
+    )  # fmt: skip
+    print(f"# a {HELLO_MATRICES:,}-matrix hello ({hello[0].ByteSize() / 1e6:.1f} MB) into "
+          f"`deltawatch serve --threads 1`, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print()
+    print("| try | answered in s | loop's longest stall ms | stall before the hello ms |")
+    print("| ---: | ---: | ---: | ---: |")
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+            side = SidecarProcess(d).start()
+            try:
+                time.sleep(1.0)  # the probe's first samples
+                before = _loop_lag_max(side)
+                t0 = time.perf_counter()
+                with grpc.insecure_channel(side.endpoint) as ch:
+                    out = list(pb_grpc.IngestStub(ch).Stream(iter(hello), timeout=300))
+                answered = time.perf_counter() - t0
+                if [m.WhichOneof("body") for m in out] != ["ack"]:
+                    raise RuntimeError(f"the hello was not acknowledged: {out}")
+                time.sleep(0.3)
+                lag = _loop_lag_max(side)
+            finally:
+                side.kill()
+        print(f"| {i + 1} | {answered:.2f} | {lag * 1e3:.0f} | {before * 1e3:.0f} |")
+    print()
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
@@ -423,6 +480,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--moe-experts", type=int, default=MOE_EXPERTS)
     ap.add_argument("--moe-checks", type=int, default=3)
+    ap.add_argument(
+        "--hello-lag", type=int, default=0, help="tries of the 100k-matrix hello (0: none)"
+    )
     ap.add_argument("--checks", type=int, default=6)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
@@ -434,6 +494,8 @@ def main(argv: list[str] | None = None) -> None:
         print_rate_table(args.rate_steps)
     if args.moe_layers > 0:
         run_moe(args.moe_layers, args.moe_experts, args.moe_checks)
+    if args.hello_lag > 0:
+        run_hello_lag(args.hello_lag)
     if args.layers <= 0:
         return
     rss0 = rss_mb()
