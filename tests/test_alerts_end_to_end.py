@@ -212,7 +212,9 @@ def test_a_run_whose_trainer_said_goodbye_is_finished_not_stalled(tmp_path, one_
             for a in get_json(f"{api}/api/v1/alerts")["alerts"]
             if a["run"] == "e2e-done" and a["rule"] == "RunStalled"
         ]
-        assert all(a["state"] == "resolved" for a in stalled), stalled
+        shown = [(a["state"], a.get("summary"), a.get("started_at"), a.get("ended_at"))
+                 for a in stalled]  # fmt: skip
+        assert all(a["state"] == "resolved" for a in stalled), (shown, side.logtail(40))
         assert get_json(f"{api}/api/v1/runs/e2e-done")["last_step"] == 3
     finally:
         side.stop(30)
