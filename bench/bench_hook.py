@@ -244,6 +244,7 @@ class Split:
 def instrumented(split: Split, monitor):
     """Wrap the tracker's and anchor's functions and this monitor's queue for the duration."""
     from deltawatch.client import anchor as anchor_mod
+    from deltawatch.client import batch as batch_mod
     from deltawatch.client import lock as lock_mod
     from deltawatch.client import sketch as sketch_mod
     from deltawatch.client import tracker as tracker_mod
@@ -258,6 +259,7 @@ def instrumented(split: Split, monitor):
     patch(sketch_mod, "power_step", "power steps")
     patch(sketch_mod, "gram_matrix", "Rayleigh-Ritz + eigh")
     patch(sketch_mod, "generalized_eigh", "Rayleigh-Ritz + eigh")
+    patch(sketch_mod, "batched_generalized_eigh", "Rayleigh-Ritz + eigh")
     patch(sketch_mod, "krylov_products", "Rayleigh-Ritz + eigh")
     patch(sketch_mod, "orth", "orth (QR)")
     # what the tracker calls itself
@@ -269,6 +271,13 @@ def instrumented(split: Split, monitor):
     patch(tracker_mod.MatrixTracker, "_check", "dW + exact stats")
     patch(tracker_mod.MatrixTracker, "_weight_view", "W_t view")
     patch(tracker_mod.MatrixTracker, "_channel_energy", "channel energy")
+    # what a batch of same-shape matrices calls itself (client/batch.py)
+    for name in ("compress", "ritz_vectors"):
+        patch(batch_mod, name, "Rayleigh-Ritz + eigh")
+    patch(batch_mod, "orth", "orth (QR)")
+    patch(batch_mod, "_to_wire", "to wire (copies)")
+    patch(batch_mod.MatrixGroup, "_check", "dW + exact stats")
+    patch(batch_mod.MatrixGroup, "_channel_energy", "channel energy")
     patch(anchor_mod.Anchor, "low_mask", "masks (low, principal)")
     patch(anchor_mod.Anchor, "principal_rows", "masks (low, principal)")
     patch(lock_mod.LockState, "observe", "lock")
@@ -277,7 +286,7 @@ def instrumented(split: Split, monitor):
         yield
     finally:
         for obj, name, old in reversed(saved):
-            if isinstance(obj, type) or obj in (tracker_mod, sketch_mod):
+            if isinstance(obj, type) or obj in (tracker_mod, sketch_mod, batch_mod):
                 setattr(obj, name, old)
             else:  # an instance attribute shadowing the class's method
                 delattr(obj, name)
@@ -839,8 +848,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         "--weight-every", type=int, default=4,
         help="the weight_every of the e10 weight_every row (0: skip the row)",
     )  # fmt: skip
+    p.add_argument("--no-unbatched", action="store_true",
+                   help="skip the e10 batch_matrices=False row (every matrix checked alone)")  # fmt: skip
     p.add_argument("--rounds-variants", type=int, default=2,
-                   help="rounds of the weight_every and spread rows (0: skip them)")  # fmt: skip
+                   help="rounds of the batch_matrices=False, weight_every and spread rows (0: skip them)")  # fmt: skip
     p.add_argument("--rounds-wandb", type=int, default=2,
                    help="rounds of the wandb.watch row (0: skip; needs wandb)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
@@ -888,6 +899,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = [{"schedule": "spread"}]
             if args.weight_every > 1:
                 variants.insert(0, {"weight_every": args.weight_every})
+            if not args.no_unbatched:  # the same checks, each matrix on its own
+                variants.insert(0, {"batch_matrices": False})
             for settings in variants if args.rounds_variants else ():
                 label = f"e{args.every} sidecar " + ", ".join(
                     f"{k}={v}" for k, v in settings.items()
