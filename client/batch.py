@@ -231,7 +231,9 @@ class MatrixGroup:
             low = visible & (W0.abs() <= self.a[b0 + c.start : b0 + c.stop])
             packed = self.principal[b0 + c.start : b0 + c.stop].to(self.device, non_blocking=True)
             principal = visible & unpack_rows(packed, m * n).view(-1, m, n)
-            counts = [per_matrix(torch.sum, x).double() for x in (visible, low, principal)]
+            counts = [
+                per_matrix(torch.count_nonzero, x).double() for x in (visible, low, principal)
+            ]
             stats.append(torch.stack([frob, *counts], dim=1))
         return D, torch.cat(stats).cpu()
 
@@ -283,7 +285,8 @@ class MatrixGroup:
             xs = [spaces[b][0] for b in which]
             G = torch.stack([x.G for x in xs])
             Z = torch.stack([pad_columns(x.Z, r) for x in xs])
-            V_K = ritz_vectors(G, Z, self.k).float()
+            G64 = G if exact else torch.stack([x.G64 for x in xs])  # the Krylov path's float64 G
+            V_K = ritz_vectors(G64, Z, self.k).float()
             if not exact:
                 G_w, C_w = compress(G, torch.stack([x.M for x in xs]), Z, r)
                 V_next = orth(G_w)
