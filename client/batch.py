@@ -223,7 +223,7 @@ class MatrixGroup:
             Wv = _stacked(W, c, self.dtype)
             Dc = D[c]
             Dc.copy_(Wv)
-            Dc.sub_(W0)
+            Dc.sub_(W0.float())  # as the tracker's pass: float32 operands subtract faster
             frob = per_matrix(_norm64, Dc).square()
             Wb = Wv if self.dtype == torch.bfloat16 else _stacked(W, c, torch.bfloat16)
             W0b = W0 if W0.dtype == torch.bfloat16 else W0.to(torch.bfloat16)
