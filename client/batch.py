@@ -151,7 +151,7 @@ class MatrixGroup:
         counts = [[int(round(c)) for c in row] for row in stats[:, 1:].tolist()]
         moved = [f > 0 and math.isfinite(f) for f in frob]
         idx = [i for i, ok in enumerate(moved) if ok]
-        A = D if len(idx) == len(moved) else D[torch.tensor(idx, device=D.device)]
+        A = D if len(idx) == len(moved) else D[torch.tensor(idx, dtype=torch.long, device=D.device)]
         out: dict[int, tuple] = {}
         if idx:
             V = torch.stack([trackers[i].V for i in idx])
@@ -322,7 +322,7 @@ def _on(W: Stack, device: torch.device) -> Stack:
 def _take(W: Stack, idx: list[int]) -> Stack:
     """Members `idx` of the stack."""
     if isinstance(W, torch.Tensor):
-        return W[torch.tensor(idx, device=W.device)]
+        return W[torch.tensor(idx, dtype=torch.long, device=W.device)]
     return [W[i] for i in idx]
 
 

@@ -2,8 +2,8 @@
 default `batch_matrices=True`).
 
 * a group of dense matrices equals a `MatrixTracker` loop over them, check by check (tracked and
-  exact paths, a matrix that never moves, checks without the W_t tracker, a lock and its channel
-  energy), and the last check equals the float64 reference;
+  exact paths, a check where no member moved, a matrix that never moves, checks without the W_t
+  tracker, a lock and its channel energy), and the last check equals the float64 reference;
 * a real Monitor beside a real `deltawatch serve`: the batched run (`schedule="every"` with
   `weight_every=2` and an audit of every check, and `schedule="spread"`) stores what the
   per-matrix run (`batch_matrices=False`) stores for every matrix at every step within float32
@@ -63,7 +63,8 @@ def test_a_dense_group_equals_its_trackers_and_float64(shape):
     group.batch = 3  # several batches per check
     loop = trackers()
     weights = (True, False, True, False)  # weight_every=2
-    for t, (W, weight) in enumerate(zip(trajectory, weights, strict=True), start=1):
+    trajectory = [W0.clone(), *trajectory]  # step 1: no member moved (frozen weights)
+    for t, (W, weight) in enumerate(zip(trajectory, (True, *weights), strict=True), start=1):
         with torch.no_grad():
             for p, w in zip(params, W, strict=True):
                 p.copy_(w)
