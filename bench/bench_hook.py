@@ -386,7 +386,8 @@ def run_config(
             dw, dc = time.perf_counter() - w0, time.process_time() - p0
             if checked and spread:  # the exact matrix only on the steps of its slot
                 slot = mon._slots[(count - 1) % every]
-                checked = any(getattr(u, "name", None) == exact_matrix for u in slot)
+                names = [n for u in slot for n in getattr(u, "names", [getattr(u, "name", None)])]
+                checked = exact_matrix in names  # a matrix, or a member of a batch
             if checked and exact_w0 is not None:  # outside the timed region
                 W = params[exact_matrix].detach().to(torch.bfloat16).double()
                 exact_fro[count] = float(torch.linalg.norm(W - exact_w0))
