@@ -244,6 +244,7 @@ class Split:
 def instrumented(split: Split, monitor):
     """Wrap the tracker's and anchor's functions and this monitor's queue for the duration."""
     from deltawatch.client import anchor as anchor_mod
+    from deltawatch.client import batch as batch_mod
     from deltawatch.client import lock as lock_mod
     from deltawatch.client import sketch as sketch_mod
     from deltawatch.client import tracker as tracker_mod
@@ -258,6 +259,7 @@ def instrumented(split: Split, monitor):
     patch(sketch_mod, "power_step", "power steps")
     patch(sketch_mod, "gram_matrix", "Rayleigh-Ritz + eigh")
     patch(sketch_mod, "generalized_eigh", "Rayleigh-Ritz + eigh")
+    patch(sketch_mod, "batched_generalized_eigh", "Rayleigh-Ritz + eigh")
     patch(sketch_mod, "krylov_products", "Rayleigh-Ritz + eigh")
     patch(sketch_mod, "orth", "orth (QR)")
     # what the tracker calls itself
@@ -269,6 +271,13 @@ def instrumented(split: Split, monitor):
     patch(tracker_mod.MatrixTracker, "_check", "dW + exact stats")
     patch(tracker_mod.MatrixTracker, "_weight_view", "W_t view")
     patch(tracker_mod.MatrixTracker, "_channel_energy", "channel energy")
+    # what a batch of same-shape matrices calls itself (client/batch.py)
+    for name in ("compress", "ritz_vectors"):
+        patch(batch_mod, name, "Rayleigh-Ritz + eigh")
+    patch(batch_mod, "orth", "orth (QR)")
+    patch(batch_mod, "_to_wire", "to wire (copies)")
+    patch(batch_mod.MatrixGroup, "_check", "dW + exact stats")
+    patch(batch_mod.MatrixGroup, "_channel_energy", "channel energy")
     patch(anchor_mod.Anchor, "low_mask", "masks (low, principal)")
     patch(anchor_mod.Anchor, "principal_rows", "masks (low, principal)")
     patch(lock_mod.LockState, "observe", "lock")
@@ -277,7 +286,7 @@ def instrumented(split: Split, monitor):
         yield
     finally:
         for obj, name, old in reversed(saved):
-            if isinstance(obj, type) or obj in (tracker_mod, sketch_mod):
+            if isinstance(obj, type) or obj in (tracker_mod, sketch_mod, batch_mod):
                 setattr(obj, name, old)
             else:  # an instance attribute shadowing the class's method
                 delattr(obj, name)
@@ -377,7 +386,8 @@ def run_config(
             dw, dc = time.perf_counter() - w0, time.process_time() - p0
             if checked and spread:  # the exact matrix only on the steps of its slot
                 slot = mon._slots[(count - 1) % every]
-                checked = any(getattr(u, "name", None) == exact_matrix for u in slot)
+                names = [n for u in slot for n in getattr(u, "names", [getattr(u, "name", None)])]
+                checked = exact_matrix in names  # a matrix, or a member of a batch
             if checked and exact_w0 is not None:  # outside the timed region
                 W = params[exact_matrix].detach().to(torch.bfloat16).double()
                 exact_fro[count] = float(torch.linalg.norm(W - exact_w0))
@@ -605,6 +615,20 @@ def print_tables(result: dict) -> None:
                     f"{ms(x['check_s'])} | {x['power_steps'][0]}, {x['power_steps'][1]} | "
                     f"{ms(x['bound_s'])} | {ratio(x['ratio'])} |"
                 )
+    if result.get("batched"):
+        print(
+            "\nThe monitored shapes' settled checks, each matrix alone vs same-shape matrices as "
+            "one batch (same state, min over repeats):"
+        )
+        print("| W_t | matrices (batches) | alone ms | batched ms | batched / alone | bound ms "
+              "| alone / bound | batched / bound |")  # fmt: skip
+        print("|---|---|---|---|---|---|---|---|")
+        for b in result["batched"]:
+            a, t, bd = b["alone_s"], b["batched_s"], b["bound_s"]
+            print(
+                f"| {b['W_t']} | {b['matrices']} ({b['groups']}) | {ms(a)} | {ms(t)} | "
+                f"{t / a:.2f} | {ms(bd)} | {ratio(a / bd)} | {ratio(t / bd)} |"
+            )
     print("\nMonitor construction (attach):")
     for r in result["rows"]:
         if not r.get("derived"):
@@ -779,6 +803,77 @@ def bound_micro(
     return out
 
 
+def batched_micro(
+    shapes: list[tuple[int, int]], rates: dict[str, float], repeats: int, kind: str = "sft"
+) -> list[dict]:
+    """The monitored matrices' settled checks, each matrix alone against the same-shape matrices
+    as one batch (client/batch.py `MatrixGroup`, what `Monitor(batch_matrices=True)` runs), from
+    the same state in the same process: one tracker per shape on a pretrained-like W0
+    (bench/trajectories.py) after `kind`'s first 3 steps, checked twice to settle; then the
+    third check of every matrix timed (best of `repeats`, the two ways interleaved), with the
+    W_t tracker and without it. The bound is Σ `check_bound_s` over the matrices."""
+    from deltawatch.client.batch import MatrixGroup
+    from deltawatch.client.collectives import CheckSession
+    from deltawatch.client.tracker import MatrixTracker
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from trajectories import pretrained_like, trajectory
+
+    trackers, weights = [], []
+    for i, (m, n) in enumerate(shapes):
+        W0 = pretrained_like(m, n, seed=i)
+        tr = MatrixTracker.attach(f"model.layers.{i}.w", W0)
+        Ws = list(trajectory(kind, W0, steps=3))
+        tr.check(Ws[0], 1)
+        tr.check(Ws[1], 2)
+        trackers.append(tr)
+        weights.append(Ws[2])
+    states = [tr.state_dict() for tr in trackers]
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i, shape in enumerate(shapes):
+        by_shape.setdefault(tuple(shape), []).append(i)
+    groups = [
+        MatrixGroup([trackers[i] for i in idx], lambda idx=idx: [weights[i] for i in idx])
+        for idx in by_shape.values()
+    ]
+    rows = []
+    for label, weight in (("with W_t", True), ("without W_t", False)):
+
+        def restore() -> None:
+            for tr, sd in zip(trackers, states, strict=True):
+                tr.load_state_dict(sd)
+
+        def alone(weight=weight) -> list:
+            restore()
+            return [tr.check(W, 3, weight=weight) for tr, W in zip(trackers, weights, strict=True)]
+
+        def batched(weight=weight) -> list:
+            restore()
+            return [
+                c for g in groups for c in g.check(3, CheckSession(None, "cpu", step=3), weight)
+            ]
+
+        checks = alone()
+        batched()
+        t_alone, t_batched = [], []
+        for _ in range(repeats):
+            t_alone.append(_seconds(alone))
+            t_batched.append(_seconds(batched))
+        bound = sum(
+            check_bound_s(
+                c.shape, trackers[0].r, c.update.power_steps,
+                c.weight.power_steps if c.weight is not None else 0, rates,
+            )
+            for c in checks
+        )  # fmt: skip
+        rows.append({
+            "W_t": label, "matrices": len(shapes), "groups": len(groups),
+            "alone_s": min(t_alone), "batched_s": min(t_batched), "bound_s": bound,
+        })  # fmt: skip
+    restore()
+    return rows
+
+
 def eigh_threads_micro(threads: int, r: int = 32, repeats: int = 200) -> str:
     """The r×r float64 Rayleigh–Ritz of one power step, with 1 thread and with `threads`."""
     from deltawatch.client.sketch import error_bound, krylov_products, rayleigh_ritz
@@ -835,12 +930,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         help="shapes of the single-matrix check against its bound ('' to skip)",
     )  # fmt: skip
     p.add_argument("--bound-repeats", type=int, default=3)
+    p.add_argument("--no-batched", action="store_true",
+                   help="skip the monitored shapes' checks alone vs batched")  # fmt: skip
     p.add_argument(
         "--weight-every", type=int, default=4,
         help="the weight_every of the e10 weight_every row (0: skip the row)",
     )  # fmt: skip
+    p.add_argument("--no-unbatched", action="store_true",
+                   help="skip the e10 batch_matrices=False row (every matrix checked alone)")  # fmt: skip
     p.add_argument("--rounds-variants", type=int, default=2,
-                   help="rounds of the weight_every and spread rows (0: skip them)")  # fmt: skip
+                   help="rounds of the batch_matrices=False, weight_every and spread rows (0: skip them)")  # fmt: skip
     p.add_argument("--rounds-wandb", type=int, default=2,
                    help="rounds of the wandb.watch row (0: skip; needs wandb)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
@@ -888,6 +987,8 @@ def main(argv: list[str] | None = None) -> int:
             variants = [{"schedule": "spread"}]
             if args.weight_every > 1:
                 variants.insert(0, {"weight_every": args.weight_every})
+            if not args.no_unbatched:  # the same checks, each matrix on its own
+                variants.insert(0, {"batch_matrices": False})
             for settings in variants if args.rounds_variants else ():
                 label = f"e{args.every} sidecar " + ", ".join(
                     f"{k}={v}" for k, v in settings.items()
@@ -967,6 +1068,9 @@ def main(argv: list[str] | None = None) -> int:
     result["micro"] = {"eigh threads": eigh_threads_micro(args.threads)}
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.bound_shapes.split(",") if s]
     result["bound"] = bound_micro(shapes, rates, args.bound_repeats)
+    if not args.no_batched:
+        shapes = [tuple(p.shape) for n, p in trainer.model.named_parameters() if n in set(names)]
+        result["batched"] = batched_micro(shapes, rates, args.bound_repeats)
     if not args.no_micro:
         shapes = [tuple(p.shape) for n, p in trainer.model.named_parameters() if n in set(names)]
         result["micro"].update(dominates_micro(shapes))

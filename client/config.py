@@ -77,6 +77,7 @@ class MonitorConfig:
     every: int = 10
     schedule: Schedule = "every"  # "spread": a slice of the matrices on each step (schedule.py)
     weight_every: int = 1  # the W_t tracker (rotation, spectral shift) every N-th check
+    batch_matrices: bool = True  # same-shape dense matrices of a check as one batch (batch.py)
     include: Selector = None  # regexes searched in parameter names, or name -> bool
     exclude: Selector = None
     fused: Mapping[str, Any] | None = None
@@ -243,7 +244,7 @@ def validate(c: MonitorConfig) -> None:
             )
     if c.fused is not None and not isinstance(c.fused, Mapping):
         raise TypeError(f"fused must be a mapping (see docs/distributed.md), got {c.fused!r}")
-    for name in ("enforce_channel", "include_frozen"):
+    for name in ("enforce_channel", "include_frozen", "batch_matrices"):
         if not isinstance(getattr(c, name), bool):
             raise TypeError(f"{name} must be True or False, got {getattr(c, name)!r}")
     if c.incarnation is not None:

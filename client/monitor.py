@@ -19,6 +19,7 @@ network I/O happen on the sender thread.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import time
 import weakref
@@ -30,6 +31,7 @@ import torch
 
 from . import adapters, audit, experts, flat, naming, schedule, sharding
 from . import fused as fused_mod
+from .batch import MatrixGroup
 from .collectives import CheckSession, FaultPlan
 from .config import MonitorConfig
 from .transport import ErrorLog, Transport
@@ -55,6 +57,15 @@ class _Matrix:
     tracker: Any = None  # MatrixTracker
     expert: int | None = None  # the expert index of a mixture-of-experts matrix
     packed: bool = False  # an expert of a packed 3-D parameter: checked by its experts.ExpertGroup
+
+    @property
+    def batchable(self) -> bool:
+        """Whether the check may run in a batch with other matrices of its shape (client/batch.py
+        `MatrixGroup`): a whole dense matrix on this rank with no collective (single process,
+        DDP's "replicated" layout); not an adapter's update or a packed expert (its own group)."""
+        p = self.placement
+        plain = not sharding.is_dtensor(self.param) and not isinstance(self.param, flat.FlatSlice)
+        return plain and self.adapter is None and not self.packed and p.spec is None
 
     @property
     def owned(self) -> bool:
@@ -84,6 +95,11 @@ def _placement(param: torch.Tensor, index: int, rows: tuple[int, int] | None):
 def _local(m: _Matrix) -> torch.Tensor:
     """This rank's block of the matrix, as a view (no copy)."""
     return sharding.local_block(m.param, m.rows)
+
+
+def _locals(matrices: list[_Matrix]) -> list[torch.Tensor]:
+    """The local blocks of a `MatrixGroup`'s dense members: its stack."""
+    return [_local(m) for m in matrices]
 
 
 def _source(m: _Matrix, s: CheckSession):
@@ -126,7 +142,8 @@ class Monitor:
         # not a block of the weight); the same list on every rank
         self._auditable = [m.name for m in self.matrices if not m.packed and m.adapter is None]
         self._audited: str | None = None  # the matrix the current check audits
-        self._slots = self._units_by_slot()
+        self._by_name = {m.name: m for m in self.matrices}
+        self._slots = [self._batched(units) for units in self._units_by_slot()]
         self.manifest = [
             manifest_entry(
                 m.name,
@@ -301,6 +318,31 @@ class Monitor:
             out[slot[keys[name]]].append(u)
         return out
 
+    def _batched(self, units: list) -> list[_Matrix | MatrixGroup]:
+        """One slot's units with its batchable dense matrices (`_Matrix.batchable`) of one shape,
+        parameter dtype and device replaced by one `MatrixGroup` each, at its first member's
+        place (`batch_matrices=False`: every matrix on its own)."""
+        if not self.config.batch_matrices:
+            return units
+
+        def key(u) -> tuple | None:
+            ok = isinstance(u, _Matrix) and u.batchable
+            return (u.placement.shape, u.param.dtype, u.tracker.device) if ok else None
+
+        alike: dict[tuple, list[_Matrix]] = {}
+        for u in units:
+            if key(u) is not None:
+                alike.setdefault(key(u), []).append(u)
+        out: list[_Matrix | MatrixGroup] = []
+        for u in units:
+            members = alike.get(key(u)) if key(u) is not None else None
+            if members is None or len(members) == 1:
+                out.append(u)
+            elif u is members[0]:
+                source = functools.partial(_locals, members)
+                out.append(MatrixGroup([m.tracker for m in members], source))
+        return out
+
     def _make_tracker(self, m: _Matrix, checkpoint: _CheckpointReader | None):
         from .tracker import MatrixTracker
 
@@ -364,7 +406,7 @@ class Monitor:
             self._apply_lock_references()
             weight = schedule.weight_due(step, c.every, c.weight_every)
             for u in units:
-                check = self._check_matrix if isinstance(u, _Matrix) else self._check_experts
+                check = self._check_matrix if isinstance(u, _Matrix) else self._check_group
                 check(u, step, last=u is units[-1], weight=weight)
         except Exception as exc:  # never into the trainer
             self.errors("step", "step failed: %s", repr(exc))
@@ -412,16 +454,18 @@ class Monitor:
         for piece in audit.pieces(m.name, step, D, m.placement):
             self._transport.submit_audit(piece)
 
-    def _check_experts(
-        self, g: experts.ExpertGroup, step: int, last: bool, weight: bool = True
-    ) -> None:
-        """One batched check of an expert group (no collective: this rank holds its experts);
-        when it fails, every expert's check is dropped (counted, logged once per kind)."""
+    def _check_group(self, g: MatrixGroup, step: int, last: bool, weight: bool = True) -> None:
+        """One batched check of a group (an expert part, or dense matrices of one shape; no
+        collective: this rank holds them whole); when it fails, every member's check is dropped
+        (counted, logged once per kind). An audited member's ΔW is sent as `_check_matrix` does."""
         s = CheckSession(None, g.device, step=step, faults=self._faults, last=last)
         checks = g.check(step, s, weight)
         if checks is not None:
             for check in checks:
                 self._guard("submit", lambda c=check: self._transport.submit_report(c))
+            if self._audited in g.names:
+                m = self._by_name[self._audited]
+                self._guard("audit", lambda: self._send_audit(m, step))
             return
         self.checks_dropped += len(g.trackers)
         if s.failure is not None:
@@ -429,7 +473,7 @@ class Monitor:
             self.errors(kind, "the check of %s at step %d failed: %r", g.names[0], step, s.failure)
         self.errors(
             "check_dropped",
-            "dropped the check of %d experts (%s, ...) at step %d (bases and locks unchanged, "
+            "dropped the check of %d matrices (%s, ...) at step %d (bases and locks unchanged, "
             "nothing sent)",
             len(g.names),
             g.names[0],

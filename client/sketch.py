@@ -222,18 +222,22 @@ def gram_matrix(G: torch.Tensor) -> torch.Tensor:
 
 
 def generalized_eigh(
-    H: torch.Tensor, C: torch.Tensor | None, cutoff: float = DEFAULT_CUTOFF
+    H: torch.Tensor,
+    C: torch.Tensor | None,
+    cutoff: float = DEFAULT_CUTOFF,
+    decomposed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve H z = θ C z for symmetric H and positive semidefinite C, θ descending, ZᵀCZ = I.
 
     C may be singular: with C = U diag(d) Uᵀ, keep d_i > cutoff·d_max, whiten with
     W = U_k diag(d_k^{-1/2}), solve Wᵀ H W y = θ y and return Z = W y. C None: C = I (an
-    orthonormal basis), a plain eigendecomposition. float64 on the host."""
+    orthonormal basis), a plain eigendecomposition. float64 on the host. `decomposed`: C's
+    eigendecomposition (d, U) ascending, when the caller has it."""
     H = H.double().cpu()
     if C is None:
         theta, Y = torch.linalg.eigh(_symmetric(H))
         return theta.flip(0), Y.flip(1)
-    d, U = torch.linalg.eigh(_symmetric(C.double().cpu()))
+    d, U = decomposed or torch.linalg.eigh(_symmetric(C.double().cpu()))
     d_max = d[-1] if d.numel() else torch.zeros((), dtype=d.dtype)
     if d.numel() == 0 or not d_max > 0:
         return d.new_zeros(0), d.new_zeros((d.shape[0], 0))
@@ -244,13 +248,21 @@ def generalized_eigh(
 
 
 def batched_generalized_eigh(
-    H: torch.Tensor, C: torch.Tensor, cutoff: float = DEFAULT_CUTOFF
+    H: torch.Tensor,
+    C: torch.Tensor | None,
+    cutoff: float = DEFAULT_CUTOFF,
+    decomposed: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """`generalized_eigh` (H z = θ C z, θ descending, ZᵀCZ = I) for each matrix of a batch
     ([B, k, k], host): one batched eigendecomposition of C, and one of the whitened Wᵀ H W for the
     matrices whose C keeps every eigenvalue above the cutoff (the usual case; the same arithmetic
-    as the per-matrix routine); the others take the per-matrix routine."""
-    d, U = torch.linalg.eigh(_symmetric(C.double()))
+    as the per-matrix routine); the others take the per-matrix routine. C None: C = I, one
+    batched eigendecomposition of H. `decomposed`: C's batched eigendecomposition, when the
+    caller has it."""
+    if C is None:
+        theta, Y = torch.linalg.eigh(_symmetric(H.double()))
+        return list(zip(theta.flip(-1), Y.flip(-1), strict=True))
+    d, U = decomposed or torch.linalg.eigh(_symmetric(C.double()))
     d_max = d[:, -1:]
     full = ((d > cutoff * d_max).all(-1) & (d_max[:, 0] > 0)).tolist()
     out: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * H.shape[0]
@@ -263,7 +275,7 @@ def batched_generalized_eigh(
             out[b] = (theta[j], Z[j])
     for b, ok in enumerate(full):
         if not ok:
-            out[b] = generalized_eigh(H[b], C[b], cutoff)
+            out[b] = generalized_eigh(H[b], C[b], cutoff, (d[b], U[b]))
     return out
 
 
@@ -272,15 +284,21 @@ def krylov_products(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """The block Krylov space of one check's power steps: G = [G_1 … G_s] (n×sr, on the device)
     and, float64 on the host, H = GᵀG, M = XᵀG = (AX)ᵀ(AX) and N = XᵀX for X = [V_0 … V_{s−1}]
-    (None for one block: V_0 is orthonormal). Cost 2·n·(sr)²·3 flops (no product with A). Blocks
-    with a leading batch dimension ([E, n, r]) give the products of each matrix ([E, sr, sr])."""
+    (None for one block: V_0 is orthonormal; `krylov_grams`). Blocks with a leading batch
+    dimension ([E, n, r]) give the products of each matrix ([E, sr, sr])."""
     G = torch.cat(Gs, dim=-1)
-    X64 = torch.cat(Vs, dim=-1).double()
-    G64 = G.double()
+    return G, *krylov_grams(torch.cat(Vs, dim=-1).double(), G.double(), len(Vs))
+
+
+def krylov_grams(
+    X64: torch.Tensor, G64: torch.Tensor, blocks: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """H = GᵀG, M = XᵀG and N = XᵀX (None for one block) from float64 X and G on their device,
+    returned on the host (symmetrised). Cost 2·n·(sr)²·3 flops (no product with A)."""
     H = _symmetric((G64.mT @ G64).cpu())
     M = _symmetric((X64.mT @ G64).cpu())
-    N = _symmetric((X64.mT @ X64).cpu()) if len(Vs) > 1 else None
-    return G, H, M, N
+    N = _symmetric((X64.mT @ X64).cpu()) if blocks > 1 else None
+    return H, M, N
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,8 +307,10 @@ class Space:
     basis of the last step; its sketch G_s, C_s; the space's G (n×r or n×sr, on the device),
     H = GᵀG, M (C_s, or XᵀG) and N (XᵀX; None: I), float64 on the host; its Ritz pairs (θ, Z);
     the blocks X = [V_1 … V_s] whose images span it ([V] if not Krylov); `member`, its index in
-    the batch (0 for one matrix). Each member of a batch has its own Space (views of the batch's
-    tensors)."""
+    the batch (0 for one matrix); on the block Krylov space, `pairs`, the Ritz pairs (λ, Y) of
+    AᵀA on span(X) (M y = λ N y: what the error bound and the sine bound both use, solved once,
+    batched with the other members) and `G64`, G in float64. Each member of a batch has its own
+    Space (views of the batch's tensors)."""
 
     V: torch.Tensor
     G_s: torch.Tensor
@@ -304,6 +324,8 @@ class Space:
     steps: int
     X: list[torch.Tensor]
     member: int = 0
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None
+    G64: torch.Tensor | None = None
 
 
 def subspace_iteration(
@@ -344,13 +366,24 @@ def subspace_iteration(
     while True:
         _, G_j, C_j = power_step(A, V, spec, reductions)
         steps += 1
+        G64 = pairs = None
         if krylov:
             Vs.append(V)
             Gs.append(G_j)
-            G, H, M, N = krylov_products(Vs, Gs)
+            G = torch.cat(Gs, dim=-1)
+            G64 = G.double()
+            H, M, N = krylov_grams(torch.cat(Vs, dim=-1).double(), G64, len(Vs))
         else:
             G, H, M, N = G_j, gram_matrix(G_j), C_j.double().cpu(), None
-        ritz = batched_generalized_eigh(H, M) if batched else [generalized_eigh(H, M)]
+        # one block (N = I): M's eigendecomposition whitens span(A·X)'s problem and is span(X)'s
+        # Ritz pairs, so it is solved once
+        decomposed = torch.linalg.eigh(M) if krylov and N is None else None
+        ritz = _eighs(H, M, batched, decomposed)
+        if decomposed is not None:
+            d, U = decomposed[0].flip(-1), decomposed[1].flip(-1)
+            pairs = list(zip(d, U, strict=True)) if batched else [(d, U)]
+        elif krylov:
+            pairs = _eighs(M, N, batched)
         blocks = Vs if krylov else [V]
         going = []
         for j, member in enumerate(members):
@@ -358,7 +391,8 @@ def subspace_iteration(
             parts = [_member(t, at) for t in (V, G_j, C_j, G, H, M)]
             N_j = None if N is None else _member(N, at)
             X = [_member(x, at) for x in blocks]
-            space = Space(*parts, N_j, *ritz[j], steps, X, member)
+            extra = {} if G64 is None else {"pairs": pairs[j], "G64": _member(G64, at)}
+            space = Space(*parts, N_j, *ritz[j], steps, X, member, **extra)
             value = measure(space)
             finished = value <= tolerance if done is None else done(space, value)
             if finished or steps >= max_steps:
@@ -373,6 +407,18 @@ def subspace_iteration(
             Vs, Gs = [v[sel] for v in Vs], [g[sel] for g in Gs]
             members = [members[j] for j in going]
         V = orth(G_j)
+
+
+def _eighs(
+    H: torch.Tensor,
+    C: torch.Tensor | None,
+    batched: bool,
+    decomposed: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """H z = θ C z of each member of a batch, or of the one matrix (a list of one)."""
+    if batched:
+        return batched_generalized_eigh(H, C, decomposed=decomposed)
+    return [generalized_eigh(H, C, decomposed=decomposed)]
 
 
 def _member(t: torch.Tensor, j: int | None) -> torch.Tensor:
@@ -440,6 +486,7 @@ def error_bound(
     frobenius_sq: float | None = None,
     residual: bool = True,
     cutoff: float = DEFAULT_CUTOFF,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> float:
     """A bound on the relative error of the stable rank ‖A‖_F²/θ_1 (and so of σ1 ≈ √θ_1):
     U/θ_1 − 1 with U ≥ σ1² (module docstring), from the Krylov products H = GᵀG, M = XᵀG,
@@ -454,7 +501,8 @@ def error_bound(
     (b) θ_1 + (‖A‖_F² − Σθ_i), which always
     holds (given ‖A‖_F², exact on the client). Both are widened by float32 rounding
     (ROUNDING·θ_1: the Ritz values come from float32 products). inf when neither applies; 0 for
-    a zero matrix."""
+    a zero matrix. `pairs`: span(X)'s Ritz pairs (λ, Y) when the caller has them (`Space.pairs`),
+    else solved here."""
     if theta.numel() == 0 or not theta[0] > 0:
         return 0.0
     t1 = float(theta[0])
@@ -462,7 +510,7 @@ def error_bound(
     if frobenius_sq is not None:
         bounds.append(t1 + max(float(frobenius_sq) - float(theta.sum()), 0.0) + ROUNDING * t1)
     if residual:
-        lam, Y = generalized_eigh(M, N, cutoff)
+        lam, Y = pairs if pairs is not None else generalized_eigh(M, N, cutoff)
         if lam.numel():
             RtR = _symmetric(Y.T @ H @ Y) - torch.diag(lam**2)
             weyl = float(lam[0]) + _residual_margin(lam, RtR, k)
@@ -482,6 +530,8 @@ def ritz_subspace_sine(
     k: int,
     next_upper: float | None = None,
     cutoff: float = DEFAULT_CUTOFF,
+    pairs: tuple[torch.Tensor, torch.Tensor] | None = None,
+    V_hat: torch.Tensor | None = None,
 ) -> tuple[float, float]:
     """A bound on sin θ_max between the reported top-k right Ritz vectors V̂_k (the normalised
     columns of G·Z_k, what the sidecar's Rayleigh–Ritz returns) and the true top-k right singular
@@ -497,12 +547,13 @@ def ritz_subspace_sine(
     directions). ‖R_k‖₂ is widened by ROUNDING·λ_1·√k for G's float32 products. Then the angle
     between span(X·Y_k) and span(V̂_k) is added (the largest principal angle obeys the triangle
     inequality), plus `ROUNDING` for the float32 sketch. Returns (the sine bound, clamped to 1;
-    λ_{k+1}⁺); (1, inf) when δ ≤ 0 or span(X) has at most k directions.
+    λ_{k+1}⁺); (1, inf) when δ ≤ 0 or span(X) has at most k directions. `pairs` (span(X)'s
+    Ritz pairs) and `V_hat` (`ritz_vectors(G, Z, k)`) when the caller has them, else formed here.
 
     The bound is first order in the gap: on the flat spectra of pretrained weights λ_k − λ_{k+1}
     is a fraction of a percent of λ_1, so the bound certifies only rotations well above the
     basis error (docs/geometry.md "Rotation")."""
-    lam, Y = generalized_eigh(M, N, cutoff)
+    lam, Y = pairs if pairs is not None else generalized_eigh(M, N, cutoff)
     if lam.numel() <= k:
         return 1.0, math.inf
     X = torch.cat(Vs, dim=1).double()
@@ -518,7 +569,7 @@ def ritz_subspace_sine(
     rounding = ROUNDING * float(lam[0]) * math.sqrt(k)
     dk = (float(torch.linalg.matrix_norm(R[:, :k], ord=2)) + rounding) / delta
     Q = X @ Yd[:, :k]  # orthonormal: YᵀNY = I
-    V_hat = ritz_vectors(G, Z, k)
+    V_hat = ritz_vectors(G, Z, k) if V_hat is None else V_hat
     beside = float(torch.linalg.matrix_norm(V_hat - Q @ (Q.T @ V_hat), ord=2))
     angle = math.asin(min(dk, 1.0)) + math.asin(min(beside, 1.0))
     return min(math.sin(min(angle, math.pi / 2)) + ROUNDING, 1.0), upper
@@ -549,13 +600,14 @@ def _residual_margin(lam: torch.Tensor, RtR: torch.Tensor, k: int) -> float:
     eps = torch.sqrt(eps2)
     rho2 = torch.cumsum(eps2, 0)
     margin = float(eps[0])
-    upper = lam + eps
-    for j in range(1, min(k, lam.numel() - 1) + 1):
-        eta = float(lam[j - 1]) - float(upper[j:].max())
-        if eta > 0:
-            r2 = float(rho2[j - 1])
-            margin = min(margin, 2 * r2 / (eta + math.sqrt(eta * eta + 4 * r2)))
-    return margin
+    J = min(k, lam.numel() - 1)  # the blocks j = 1 … J, all at once
+    if J < 1:
+        return margin
+    upper = (lam + eps).flip(0).cummax(0).values.flip(0)  # max_{i ≥ j}(λ_i + ‖r_i‖)
+    eta = lam[:J] - upper[1 : J + 1]
+    r2 = rho2[:J]
+    quadratic = (2 * r2 / (eta + torch.sqrt(eta * eta + 4 * r2)))[eta > 0]
+    return min(margin, float(quadratic.min())) if quadratic.numel() else margin
 
 
 def sim_k(Va: torch.Tensor, Vb: torch.Tensor, k: int | None = None) -> float:

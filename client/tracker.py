@@ -37,7 +37,7 @@ from .sketch import (
     error_bound,
     highest_precision,
     orth,
-    principal_angles_degrees,
+    orthonormal_angles_degrees,
     rayleigh_ritz,
     ritz_subspace_sine,
     ritz_vectors,
@@ -86,6 +86,7 @@ class MatrixTracker:
         self.fresh = not self.exact  # V is still the seeded Gaussian: no residual bound yet
         self.V_w = anchor.V0.clone()
         self.lock = LockState(self.k, lock, max_rank=min(self.shape))
+        self._reported_w0: torch.Tensor | None = None  # `_reported_basis`, formed once
 
     @classmethod
     def attach(
@@ -253,15 +254,15 @@ class MatrixTracker:
             Wv = Wt.to(a.dtype)  # view(W_t): a bf16 copy in the default view
             Dr = D[rows]
             Dr.copy_(Wv)
-            if dense:  # ΔW = f32(view(W_t)) − f32(view(W0)), no temporaries
-                Dr.sub_(W0)
+            if dense:  # ΔW = f32(view(W_t)) − f32(view(W0)); a float32 W0 row chunk subtracts
+                Dr.sub_(W0.float())  # ~1.5x faster than the mixed-dtype sub_ on the CPU
                 stats[0] += torch.linalg.vector_norm(Dr, dtype=torch.float64).square()
             Wb = Wv if a.dtype == torch.bfloat16 else Wt.to(torch.bfloat16)
             W0b = W0 if W0.dtype == torch.bfloat16 else W0.to(torch.bfloat16)
             visible = Wb.view(torch.int16) != W0b.view(torch.int16)
-            stats[1] += visible.sum()
-            stats[2] += (visible & a.low_mask(W0)).sum()
-            stats[3] += (visible & a.principal_rows(rows)).sum()
+            stats[1] += torch.count_nonzero(visible)  # ~6x faster than a boolean sum on the CPU
+            stats[2] += torch.count_nonzero(visible & a.low_mask(W0))
+            stats[3] += torch.count_nonzero(visible & a.principal_rows(rows))
         if dense:
             return W, D, stats, D
         stats[0] = W.frobenius_sq()
@@ -280,12 +281,13 @@ class MatrixTracker:
         """Power steps from V, Rayleigh–Ritz on the block Krylov space of all of them, until the
         error bound ≤ tolerance (or the budget). Returns the sketch of the top-r Ritz directions
         (on the CPU; None on a failed rank), the Ritz pairs (θ, Z) of the space, the next basis
-        orth(G_w), the space's G = [G_1 … G_s] on the device (V_K = ritz_vectors(G, Z, k)) and
-        the bound. `fresh` (default: the ΔW basis is still the seeded Gaussian) withholds the
-        residual bound after one step. Every quantity the loop decides on comes from G and V,
-        identical on every rank (a failed rank's zeros included). With `rotation` (the W_t
-        tracker, `_rotation_target`) the bound is also the sine bound of the top-k Ritz subspace,
-        and the steps go on until the rotation it implies is within its stated accuracy."""
+        orth(G_w), the space's G = [G_1 … G_s] on the device (float64 on the Krylov path;
+        V_K = ritz_vectors(G, Z, k)) and the bound. `fresh` (default: the ΔW basis is still the
+        seeded Gaussian) withholds the residual bound after one step. Every quantity the loop
+        decides on comes from G and V, identical on every rank (a failed rank's zeros included).
+        With `rotation` (the W_t tracker, `_rotation_target`) the bound is also the sine bound of
+        the top-k Ritz subspace, and the steps go on until the rotation it implies is within its
+        stated accuracy."""
         if self.exact:  # one step spans the whole space: the sketch is exact
             x, _ = subspace_iteration(
                 A, V, layout, s, max_steps=1, tolerance=0.0, measure=lambda _: 0.0
@@ -307,7 +309,7 @@ class MatrixTracker:
         )
         G_w, C_w = compress(x.G, x.M, x.Z, self.r)
         sketch = s.local(lambda: _to_wire(G_w, C_w, bound, x.steps, False))
-        return sketch, x.theta, x.Z, orth(G_w), x.G, bound
+        return sketch, x.theta, x.Z, orth(G_w), x.G64, bound
 
     def _stopping_rule(
         self,
@@ -326,11 +328,13 @@ class MatrixTracker:
         def measure(x: Space) -> float:
             nonlocal previous_sine, accurate, converged
             residual = not (fresh and x.steps == 1)
-            bound = error_bound(x.theta, x.H, x.M, x.N, self.k, frobenius_sq, residual)
+            bound = error_bound(
+                x.theta, x.H, x.M, x.N, self.k, frobenius_sq, residual, pairs=x.pairs
+            )
             converged = bound <= self.tolerance
             if rotation is None:
                 return bound
-            sine, accurate = self._rotation_bound(x.X, x.G, x.M, x.N, x.Z, rotation)
+            sine, accurate = self._rotation_bound(x, rotation)
             halving = sine <= ROTATION_PROGRESS * previous_sine
             previous_sine, accurate = sine, accurate or not halving
             return max(bound, sine)
@@ -343,33 +347,41 @@ class MatrixTracker:
     def _rotation_target(
         self, theta: torch.Tensor, indicator: float, frobenius_sq: float
     ) -> tuple[torch.Tensor, float, float]:
-        """What the W_t tracker's rotation bound needs: W0's reported top-k Ritz vectors V̂0 (the
-        sidecar's baseline), the baseline's sine bound, and λ_{k+1}⁺ of W_tᵀW_t by Weyl's
-        inequality σ_{k+1}(W_t) ≤ σ_{k+1}(W0) + σ1(ΔW), with σ1(ΔW)² ≤ min(‖ΔW‖_F²,
-        θ_1·(1 + bound)) (the ΔW tracker's own bound)."""
+        """What the W_t tracker's rotation bound needs: an orthonormal basis of W0's reported top-k
+        Ritz vectors V̂0 (the sidecar's baseline, `_reported_basis`), the baseline's sine bound,
+        and λ_{k+1}⁺ of W_tᵀW_t by Weyl's inequality σ_{k+1}(W_t) ≤ σ_{k+1}(W0) + σ1(ΔW), with
+        σ1(ΔW)² ≤ min(‖ΔW‖_F², θ_1·(1 + bound)) (the ΔW tracker's own bound)."""
         a = self.anchor
-        theta0, Z0 = rayleigh_ritz(a.baseline_G, a.baseline_C)
-        V0k = ritz_vectors(a.baseline_G, Z0, self.k)
         s1_sq = float(frobenius_sq)
         if theta.numel() and math.isfinite(indicator):
             s1_sq = min(s1_sq, float(theta[0]) * (1.0 + indicator))
         upper = (math.sqrt(max(a.next_eigenvalue_upper, 0.0)) + math.sqrt(s1_sq)) ** 2
-        return V0k, a.baseline_convergence, upper
+        return self._reported_basis(), a.baseline_convergence, upper
+
+    def _reported_basis(self) -> torch.Tensor:
+        """An orthonormal basis (float64, QR) of V̂0, W0's reported top-k Ritz vectors (the
+        sidecar's Rayleigh–Ritz on the baseline): fixed for the anchor, formed once."""
+        if self._reported_w0 is None:
+            a = self.anchor
+            _, Z0 = rayleigh_ritz(a.baseline_G, a.baseline_C)
+            V0k = ritz_vectors(a.baseline_G, Z0, self.k)
+            self._reported_w0 = torch.linalg.qr(V0k)[0]
+        return self._reported_w0
 
     def _rotation_bound(
-        self,
-        Vs: list[torch.Tensor],
-        G: torch.Tensor,
-        M: torch.Tensor,
-        N: torch.Tensor | None,
-        Z: torch.Tensor,
-        rotation: tuple[torch.Tensor, float, float],
+        self, x: Space, rotation: tuple[torch.Tensor, float, float]
     ) -> tuple[float, bool]:
-        """(the sine bound of W_t's reported top-k subspace, whether the mean rotation against
-        V̂0 it implies is within its stated accuracy, `rotation_within_accuracy`)."""
-        V0k, base_sine, upper = rotation
-        sine, _ = ritz_subspace_sine(Vs, G, M, N, Z, self.k, upper)
-        angles = principal_angles_degrees(V0k, ritz_vectors(G, Z, self.k))
+        """(the sine bound of W_t's reported top-k subspace on the space x, whether the mean
+        rotation against V̂0 (`_reported_basis`) it implies is within its stated accuracy,
+        `rotation_within_accuracy`)."""
+        Q0k, base_sine, upper = rotation
+        G = x.G64 if x.G64 is not None else x.G
+        V_hat = ritz_vectors(G, x.Z, self.k)
+        sine, _ = ritz_subspace_sine(
+            x.X, G, x.M, x.N, x.Z, self.k, upper, pairs=x.pairs, V_hat=V_hat
+        )
+        Qt = torch.linalg.qr(V_hat)[0]
+        angles = orthonormal_angles_degrees(Q0k, Qt.to(Q0k.device))
         bound = rotation_bound_degrees(sine, base_sine)
         return sine, rotation_within_accuracy(float(angles.mean()), bound)
 

@@ -6,7 +6,8 @@ Prometheus server is the tests' (`servers.PrometheusServer`). Here: `wait_for` a
 `MatrixTracker`; a real aiohttp server on a loopback port in a background thread; the engine's
 comparison against the exact float64 reference; a tiny torch model and rank-16 channels for runs
 that drift (`TinyModel`, `channel`), a webhook receiver (`WebhookReceiver`) and a real
-Alertmanager (`AlertmanagerServer`).
+Alertmanager (`AlertmanagerServer`); the batched checks' comparisons (`packed_trajectory`,
+`assert_same_check`, `assert_check_is_exact`).
 
 The synthetic run, per matrix (m×n, float32): W0 = U·diag(σ)·Vᵀ with a pretrained-like decaying
 spectrum σ_i = 10^(−2·i/min(m,n)) · 0.5; OPD-like update W_t = W0 + s·t·A·B / K + ε·√t·N_t with a
@@ -546,3 +547,72 @@ def _drifting_run(
             time.sleep(pause)
     mon.close(timeout=120)
     return mon.stats()
+
+
+# --------------------------------------------------------------------------------------------
+# Batched checks (client/batch.py): tests/test_moe.py, tests/test_batch.py
+
+
+def packed_trajectory(E: int, m: int, n: int, steps: int, still: int):
+    """A packed [E, m, n] float32 weight and its trajectory: W0 random, per expert a rank-2
+    update growing with the step plus faint noise; expert `still` never moves."""
+    g = torch.Generator().manual_seed(3)
+    W0 = 0.05 * torch.randn(E, m, n, generator=g)
+    A, B = torch.randn(E, m, 2, generator=g), torch.randn(E, 2, n, generator=g)
+    out = []
+    for t in range(1, steps + 1):
+        noise = torch.randn(E, m, n, generator=g)
+        W = W0 + t * 2e-3 * torch.bmm(A, B) + 3e-4 * t**0.5 * noise
+        W[still] = W0[still]
+        out.append(W)
+    return W0, out
+
+
+def assert_same_check(got, ref, where: str) -> None:
+    """A batched check equals its own tracker's: counts exactly, norms and sketches to float32
+    rounding of the reordered products."""
+    assert got.matrix == ref.matrix and got.step == ref.step, where
+    assert (got.visible_count, got.visible_low_count, got.visible_principal_count) == (
+        ref.visible_count,
+        ref.visible_low_count,
+        ref.visible_principal_count,
+    ), where
+    assert got.frobenius_sq == pytest.approx(ref.frobenius_sq, rel=1e-12), where
+    assert got.lock_step == ref.lock_step and got.locked_now == ref.locked_now, where
+    for a, b in ((got.update, ref.update), (got.weight, ref.weight)):
+        assert (a is None) == (b is None), where
+        if a is None:
+            continue
+        assert (a.power_steps, a.exact) == (b.power_steps, b.exact), where
+        # each column up to its sign: an eigenvector's sign is LAPACK's choice (batched and
+        # single calls differ), and the sidecar's Rayleigh–Ritz on (G, C) does not depend on it
+        sign = torch.where((a.G * b.G).sum(0) < 0, -1.0, 1.0)
+        scale = float(b.G.norm())
+        assert float((a.G * sign - b.G).norm()) <= 1e-4 * scale, where
+        C = a.C * sign * sign[:, None]
+        assert float((C - b.C).norm()) <= 1e-4 * float(b.C.norm()), where
+        assert a.convergence == pytest.approx(b.convergence, rel=1e-3, abs=1e-6), where
+    assert (got.channel_energy_sq is None) == (ref.channel_energy_sq is None), where
+    if ref.channel_energy_sq is not None:
+        assert got.channel_energy_sq == pytest.approx(ref.channel_energy_sq, rel=1e-4), where
+
+
+def assert_check_is_exact(got, W0: torch.Tensor, Wt: torch.Tensor, channel_rank: int) -> None:
+    """A check of W_t against the float64 reference (sidecar/exact.py): ‖ΔW‖_F to 1e-5, σ1 to
+    1e-2 from the converged sketch, the counts exactly; ΔW = 0: no sketch, the degenerate
+    values."""
+    from deltawatch.client.sketch import rayleigh_ritz
+
+    ref = exact_keys(W0, Wt, channel_rank=channel_rank)
+    frob = ref["frobenius_norm"]
+    assert got.frobenius_sq**0.5 == pytest.approx(frob, rel=1e-5)
+    if frob == 0:
+        assert got.update is None and got.visible_count == 0
+        return
+    assert got.update.convergence <= 5e-2
+    theta, _ = rayleigh_ritz(got.update.G, got.update.C)
+    assert float(theta[0]) ** 0.5 == pytest.approx(ref["spectral_norm"], rel=1e-2)
+    counts = exact_counts(W0, Wt)
+    assert got.visible_count == counts["visible"]
+    assert got.visible_low_count == counts["visible_low"]
+    assert got.visible_principal_count == counts["visible_principal"]

@@ -41,7 +41,11 @@ def test_bench_hook_runs_and_its_reports_are_exact(tmp_path: Path, capsys) -> No
     assert "| config | every |" in stdout and "Check split on the training thread" in stdout
     result = json.loads(out.read_text())
     rows = {r["label"]: r for r in result["rows"]}
-    variants = {"e2 sidecar weight_every=2", "e2 sidecar schedule=spread"}
+    variants = {
+        "e2 sidecar batch_matrices=False",
+        "e2 sidecar weight_every=2",
+        "e2 sidecar schedule=spread",
+    }
     assert set(rows) == {"e2 sidecar", "e1 sidecar", "e100 (derived)", "e2 no sidecar", *variants}
 
     main_row = rows["e2 sidecar"]
@@ -64,6 +68,12 @@ def test_bench_hook_runs_and_its_reports_are_exact(tmp_path: Path, capsys) -> No
     (bound,) = result["bound"]
     assert bound["shape"] == [64, 96] and bound["without W_t"]["power_steps"][1] == 0
     assert "One matrix's settled check against its bound" in stdout and "GFLOP/s" in stdout
+    # the monitored shapes alone and batched, from the same state (4 shapes: q/o, k/v, gate/up,
+    # down), with and without the W_t tracker
+    assert [b["W_t"] for b in result["batched"]] == ["with W_t", "without W_t"]
+    for b in result["batched"]:
+        assert (b["matrices"], b["groups"]) == (14, 4)
+        assert b["alone_s"] > 0 and b["batched_s"] > 0 and b["bound_s"] > 0
     # spread: every step of its one 2-step block checks a slice; q_proj once per `every` steps
     assert rows["e2 sidecar schedule=spread"]["checks"] == 2
     assert rows["e2 sidecar schedule=spread"]["delivered"]["checks"] == 1

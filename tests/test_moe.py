@@ -26,7 +26,13 @@ from deltawatch.client.naming import parse_expert, parse_name
 from deltawatch.client.settings import SketchSettings
 from deltawatch.client.tracker import MatrixTracker
 from deltawatch.sidecar.exact import exact_counts, exact_keys
-from support import one_thread_fixture, sidecar_fixture
+from support import (
+    assert_check_is_exact,
+    assert_same_check,
+    one_thread_fixture,
+    packed_trajectory,
+    sidecar_fixture,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "dist"))
@@ -38,54 +44,16 @@ pytestmark = pytest.mark.timeout(300)
 SKETCH = SketchSettings(channel_rank=8, oversample=8)  # r = 16
 
 
-def _packed_trajectory(E: int, m: int, n: int, steps: int, still: int):
-    """A packed [E, m, n] float32 weight and its trajectory: W0 random, per expert a rank-2
-    update growing with the step plus faint noise; expert `still` never moves."""
-    g = torch.Generator().manual_seed(3)
-    W0 = 0.05 * torch.randn(E, m, n, generator=g)
-    A, B = torch.randn(E, m, 2, generator=g), torch.randn(E, 2, n, generator=g)
-    out = []
-    for t in range(1, steps + 1):
-        noise = torch.randn(E, m, n, generator=g)
-        W = W0 + t * 2e-3 * torch.bmm(A, B) + 3e-4 * t**0.5 * noise
-        W[still] = W0[still]
-        out.append(W)
-    return W0, out
-
-
-def _assert_same_check(got, ref, where: str) -> None:
-    """A batched check equals the per-expert tracker's: counts exactly, norms and sketches to
-    float32 rounding of the reordered products."""
-    assert got.matrix == ref.matrix and got.step == ref.step, where
-    assert (got.visible_count, got.visible_low_count, got.visible_principal_count) == (
-        ref.visible_count,
-        ref.visible_low_count,
-        ref.visible_principal_count,
-    ), where
-    assert got.frobenius_sq == pytest.approx(ref.frobenius_sq, rel=1e-12), where
-    assert got.lock_step == ref.lock_step and got.locked_now == ref.locked_now, where
-    for a, b in ((got.update, ref.update), (got.weight, ref.weight)):
-        assert (a is None) == (b is None), where
-        if a is None:
-            continue
-        assert (a.power_steps, a.exact) == (b.power_steps, b.exact), where
-        scale = float(b.G.norm())
-        assert float((a.G - b.G).norm()) <= 1e-4 * scale, where
-        assert float((a.C - b.C).norm()) <= 1e-4 * float(b.C.norm()), where
-        assert a.convergence == pytest.approx(b.convergence, rel=1e-3, abs=1e-6), where
-
-
 @pytest.mark.parametrize("shape", [(24, 32), (12, 32)], ids=["tracked", "exact"])
 def test_batched_check_equals_the_per_expert_loop_and_float64(shape):
     E, (m, n), steps, still = 5, shape, 4, 3
-    W0, trajectory = _packed_trajectory(E, m, n, steps, still)
+    W0, trajectory = packed_trajectory(E, m, n, steps, still)
     param = torch.nn.Parameter(W0.clone())
     names = [f"model.layers.0.mlp.experts.{e}.down_proj.weight" for e in range(E)]
     group = experts.ExpertGroup(param, None, list(range(E)), 0, names, sketch=SKETCH)
     group.batch = 2  # several batches of experts per check
     loop = [MatrixTracker.attach(nm, W0[e].clone(), sketch=SKETCH) for e, nm in enumerate(names)]
     from deltawatch.client.collectives import CheckSession
-    from deltawatch.client.sketch import rayleigh_ritz
 
     for t, W in enumerate(trajectory, start=1):
         with torch.no_grad():
@@ -93,21 +61,9 @@ def test_batched_check_equals_the_per_expert_loop_and_float64(shape):
         checks = group.check(t, CheckSession(None, "cpu", step=t))
         assert checks is not None and [c.matrix for c in checks] == names
         for e, (got, tracker) in enumerate(zip(checks, loop, strict=True)):
-            _assert_same_check(got, tracker.check(W[e].clone(), t), f"{names[e]} step {t}")
+            assert_same_check(got, tracker.check(W[e].clone(), t), f"{names[e]} step {t}")
     for e, got in enumerate(checks):  # the last check against the float64 SVD
-        ref = exact_keys(W0[e], trajectory[-1][e], channel_rank=SKETCH.channel_rank)
-        frob = ref["frobenius_norm"]
-        assert got.frobenius_sq**0.5 == pytest.approx(frob, rel=1e-5)
-        if e == still:  # ΔW = 0: no update sketch, the degenerate values
-            assert got.update is None and frob == 0 and got.visible_count == 0
-            continue
-        assert got.update.convergence <= 5e-2
-        theta, _ = rayleigh_ritz(got.update.G, got.update.C)
-        assert float(theta[0]) ** 0.5 == pytest.approx(ref["spectral_norm"], rel=1e-2)
-        counts = exact_counts(W0[e], trajectory[-1][e])
-        assert got.visible_count == counts["visible"]
-        assert got.visible_low_count == counts["visible_low"]
-        assert got.visible_principal_count == counts["visible_principal"]
+        assert_check_is_exact(got, W0[e], trajectory[-1][e], SKETCH.channel_rank)
 
 
 def test_expert_names_parse_to_layer_module_and_expert():

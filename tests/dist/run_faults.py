@@ -6,9 +6,9 @@
     python tests/dist/run_faults.py --faults '{"single": "..."}' ...    # the reference
 
 Modes fsdp2, tp, ddp and single are tests/dist/run_toy.py's (the same model, monitor settings and
-bit-identical weights), run under the fault plan given for the mode (set as DELTAWATCH_FAULT before
-its Monitor is built). Mode tp_project trains the tensor-parallel toy with `enforce_channel=True`:
-SGD on a fixed synthetic gradient (the same full matrix on every rank, each rank setting its own
+bit-identical weights; each matrix checked on its own, `batch_matrices=False`), run under the
+fault plan given for the mode (set as DELTAWATCH_FAULT before its Monitor is built). Mode
+tp_project trains the tensor-parallel toy with `enforce_channel=True`: SGD on a fixed synthetic gradient (the same full matrix on every rank, each rank setting its own
 block), so the projection hook's column-group all-reduce runs at every step; after each optimizer
 step every rank records, per matrix, how much of that step's update lies outside the locked
 channel (‖ΔW(I − V_ref V_refᵀ)‖_F / ‖ΔW‖_F, from DTensor's own full_tensor()).
@@ -40,7 +40,10 @@ from toy import CollectiveCounter, initial_weights, weights_at  # noqa: E402
 def run_checks(mode: str, a: argparse.Namespace) -> dict:
     """run_toy's trajectory: weights written, a check at every step."""
     model, named = build(mode)
-    mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=a.endpoint, **MONITOR)
+    # each matrix checked on its own (no same-shape batch, client/batch.py), so a fault drops one
+    # matrix's check in every mode alike; tests/test_batch.py pins a failed batch
+    kwargs = dict(MONITOR, batch_matrices=False)
+    mon = Monitor(model, run=f"{a.run_prefix}-{mode}", endpoint=a.endpoint, **kwargs)
     counter = CollectiveCounter()
     counter.install()
     W0 = initial_weights()
