@@ -41,7 +41,7 @@ log = logging.getLogger("deltawatch.client")
 
 RETRYABLE = ("RESOURCE_EXHAUSTED", "UNAVAILABLE")  # Error codes the client resends
 BACKOFF_INITIAL_S = 0.1
-GOODBYE_WAIT_S = 1.0  # close(): how long the sidecar gets to end the stream after the Goodbye
+GOODBYE_WAIT_S = 3.0  # close(): how long the sidecar gets to end the stream after the Goodbye
 BACKOFF_MAX_S = 5.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),

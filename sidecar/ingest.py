@@ -204,6 +204,7 @@ class IngestService(pb_grpc.IngestServicer):
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._subscribers: dict[str, set[asyncio.Queue]] = {}  # run -> its streams' queues
+        self._said_goodbye: set[str] = set()  # runs a stream said goodbye for since their hello
         self._streams: set[asyncio.Queue] = set()  # every open stream's queue
         self._closing = False
         self._created_runs: set[str] = set()  # runs this process created (new, or store lost)
@@ -278,7 +279,12 @@ class IngestService(pb_grpc.IngestServicer):
             self._streams.discard(out)
             if state.run is not None:
                 self._subscribers.get(state.run, set()).discard(out)
-                if state.said_goodbye and not self._subscribers.get(state.run):
+                if state.said_goodbye:
+                    self._said_goodbye.add(state.run)
+                # the run's last stream ended and one of them said goodbye (an older stream of
+                # a reconnected trainer may end after the one that said it)
+                if state.run in self._said_goodbye and not self._subscribers.get(state.run):
+                    self._said_goodbye.discard(state.run)
                     self._run_finished(state.run)
             with self.stats.lock:
                 self.stats.streams_open -= 1
@@ -483,6 +489,7 @@ class IngestService(pb_grpc.IngestServicer):
         oversample = wire.config_value(h.config, "oversample", h.oversample)
         state.r_max = min(wire.MAX_COLUMNS, state.channel_rank + oversample)
         self._subscribers.setdefault(h.run, set()).add(out)
+        self._said_goodbye.discard(h.run)  # a new stream of the run: it goes on
         for matrix, (lock_step, v_ref) in sorted(result.lock_references.items()):
             out.put_nowait(wire.encode_lock_reference(h.run, matrix, lock_step, v_ref))
         # Baselines are asked for again from every rank's first hello to this process once the
