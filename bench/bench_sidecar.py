@@ -52,7 +52,7 @@ import torch
 from deltawatch.client import wire
 from deltawatch.client.records import ManifestEntry, MatrixCheck, Sketch
 from deltawatch.sidecar.engine import Engine
-from deltawatch.sidecar.geometry import MatrixGeometry, ingest_batch
+from deltawatch.sidecar.geometry import MatrixGeometry, ingest_batch, set_threads
 from deltawatch.sidecar.ingest import MAX_BATCH
 from deltawatch.sidecar.metrics import EngineCollector
 from deltawatch.sidecar.process import SidecarProcess
@@ -485,10 +485,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("--checks", type=int, default=6)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch and BLAS threads (0: their defaults)"
+    )
     args = ap.parse_args(argv)
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     torch.manual_seed(0)
     if args.rate_steps > 0:
         print_rate_table(args.rate_steps)

@@ -636,8 +636,13 @@ def orthonormal_angles_degrees(Qa: torch.Tensor, Qb: torch.Tensor) -> torch.Tens
     there, so sub-degree angles are exact); angles above 45° from cosines, the singular values of
     Qaᵀ Qb (Knyazev & Argentati 2002)."""
     M = Qa.mT @ Qb
-    cos = torch.linalg.svdvals(M).clamp(0, 1)  # descending -> ascending angles
-    sin = torch.linalg.svdvals(Qb - Qa @ M).clamp(0, 1).flip(-1)  # ascending
+    return angles_degrees(torch.linalg.svdvals(M), torch.linalg.svdvals(Qb - Qa @ M).flip(-1))
+
+
+def angles_degrees(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending) from their cosines (descending) and sines
+    (ascending), [..., k] each: arcsin below 45°, arccos above (both well conditioned there)."""
+    cos, sin = cos.clamp(0, 1), sin.clamp(0, 1)
     j = min(cos.shape[-1], sin.shape[-1])
     cos, sin = cos[..., :j], sin[..., :j]
     small = sin < math.sqrt(0.5)

@@ -41,7 +41,8 @@ _HELP = {
     "ready_file": 'write {"grpc_port": .., "http_port": ..} here once both ports listen',
     "channel_rank": "K, the channel rank, for runs whose hello does not say",
     "grace_seconds": "on SIGTERM, how long open streams get to finish",
-    "threads": "torch compute threads of the geometry (default 1, beside a trainer; 0: all cores)",
+    "threads": "compute threads of the geometry, torch's and numpy's BLAS (default 1, beside a "
+    "trainer; 0: all cores)",
     "max_stream_bytes": "a stream stops reading at this many unacknowledged report bytes; a "
     "larger report is refused RESOURCE_EXHAUSTED",
     "max_inflight_bytes": "every stream's unacknowledged report bytes together; beyond, "

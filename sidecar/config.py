@@ -43,8 +43,9 @@ class ServeConfig:
     ready_file: str | None = None  # receives {"grpc_port", "http_port"} once both listen
     channel_rank: int = 16  # K the geometry uses when a run's hello does not say
     grace_seconds: float = 10.0  # SIGTERM: how long in-flight streams get to finish
-    # torch compute threads of the engine; small by default, so a sidecar beside a trainer does not
-    # spin its OpenMP threads against the trainer's; 0: torch's default (all cores)
+    # compute threads of the engine (torch's and numpy's BLAS: geometry.set_threads); small by
+    # default, so a sidecar beside a trainer does not spin its threads against the trainer's;
+    # 0: the libraries' defaults (all cores)
     threads: int = DEFAULT_THREADS
     max_stream_bytes: int = 256 << 20  # one stream's received, unacknowledged report bytes
     max_inflight_bytes: int = 1 << 30  # every stream's together

@@ -18,12 +18,14 @@ import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 from deltawatch.client.lock import Horizon, pad_columns
 from deltawatch.client.records import MatrixCheck, Sketch
 from deltawatch.client.sketch import (
     DEFAULT_CUTOFF,
     DEFAULT_TOLERANCE,
+    angles_degrees,
     orthonormal_angles_degrees,
     rayleigh_ritz,
     ritz_vectors,
@@ -47,7 +49,10 @@ def ritz_pairs(sketch: Sketch, k: int, cutoff: float = DEFAULT_CUTOFF) -> tuple[
 
 
 ROW_BLOCK = 4096  # rows of G converted to float64 at a time (per sketch)
-BLOCK_ELEMENTS = 1 << 22  # float64 entries of one batched row block (32 MB): the batch's limit
+# float64 entries of one batched block (8 MB): the batch's limit. Kept well under glibc's largest
+# mmap threshold (32 MB), so a block's buffers come back from the heap call after call instead of
+# being mapped and page-faulted afresh (which cost more than the products at n = 2048).
+BLOCK_ELEMENTS = 1 << 20
 
 
 def batched_ritz_pairs(
@@ -70,7 +75,7 @@ def batched_ritz_pairs(
     single = list(_row_blocks(Gs)) if n <= ROW_BLOCK else None  # one block: converted once
     H = torch.zeros((len(Gs), r, r), dtype=torch.float64, device=device)
     for _, X in single or _row_blocks(Gs):
-        H += X.mT @ X
+        H += matmul(X.mT, X)
     H = _symmetric(H.cpu())
     W, full = whitening(_symmetric(C.double().cpu()), cutoff)
     theta, Y = torch.linalg.eigh(_symmetric(W.mT @ H @ W))
@@ -79,10 +84,33 @@ def batched_ritz_pairs(
     sigma = singular_values(theta[:, :k])
     V = torch.empty((len(Gs), n, Z.shape[-1]), dtype=torch.float64, device=device)
     for rows, X in single or _row_blocks(Gs):
-        V[:, rows] = X @ Z
+        V[:, rows] = matmul(X, Z)
     norms = torch.linalg.vector_norm(V, dim=-2, keepdim=True)
     V.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: V is n-sized
     return [(sigma[b], V[b], theta[b]) if ok else None for b, ok in enumerate(full)]
+
+
+def matmul(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """A @ B (batched): through numpy's BLAS on the CPU at one compute thread (the sidecar's
+    default, `set_threads`), else torch's. For the geometry's float64 products ([B, n, r]ᵀ·[B, n, r],
+    [B, n, r]·[B, r, k], n ≫ r) numpy's OpenBLAS ran 2–2.7× faster than torch's MKL on one thread
+    of the AMD EPYC host of docs/sidecar.md. At more threads the two libraries' thread pools
+    (torch's OpenMP, OpenBLAS's own) spun against each other there and the same check ran 2×
+    slower, so there torch does all of it. Each item is its own GEMM either way: an item's product
+    does not depend on the batch."""
+    if A.device.type != "cpu" or torch.get_num_threads() != 1:
+        return A @ B
+    return torch.from_numpy(np.matmul(A.numpy(), B.numpy()))
+
+
+def set_threads(threads: int) -> None:
+    """The geometry's compute threads: torch's intra-op threads and numpy's BLAS threads (through
+    threadpoolctl, which finds the BLAS numpy loaded), so neither spins more threads than
+    `deltawatch serve --threads` allows beside a trainer."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")
 
 
 def _row_blocks(Gs: Sequence[torch.Tensor]) -> Iterator[tuple[slice, torch.Tensor]]:
@@ -248,8 +276,8 @@ class MatrixGeometry:
         sigma, V, _ = pairs
         k = min(V.shape[1], self.base_V.shape[1])
         if angles is None:
-            Q = torch.linalg.qr(V[:, :k].double().to(self.base_V.device))[0]
-            (angles,) = angle_summary(orthonormal_angles_degrees(self.base_Q(k), Q)[None])
+            Vb = V[:, :k].double().to(self.base_V.device)
+            (angles,) = angle_summary(ritz_angles_degrees(self.base_Q(k)[None], Vb[None]))
         bound = rotation_bound_degrees(check.weight.convergence, self.base_convergence)
         for key, angle in zip(
             ("rotation_max_degrees", "rotation_mean_degrees"), angles, strict=True
@@ -388,6 +416,33 @@ def _batched_pairs(sketches) -> dict[Any, tuple[torch.Tensor, ...]]:
     return out
 
 
+def ritz_angles_degrees(Qa: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
+    """Principal angles (degrees, ascending, [B, k]) between span(Qa), orthonormal float64 bases
+    [B, n, k], and span(Vb), normalised Ritz vectors [B, n, k] (orthogonal up to rounding: VᵀV =
+    diag(θ) before the normalisation), without a QR or an n-sized SVD of Vb.
+
+    S = VbᵀVb = LLᵀ (Cholesky; S ≈ I), so Qb = Vb·L⁻ᵀ is an orthonormal basis of span(Vb). With
+    A = QaᵀVb and R = Vb − Qa·A, Qaᵀ Qb = A·L⁻ᵀ and (I − QaQaᵀ)·Qb = R·L⁻ᵀ: the cosines are the
+    singular values of the k×k A·L⁻ᵀ, the sines the square roots of the eigenvalues of the k×k
+    L⁻¹(RᵀR)L⁻ᵀ, and the angles are taken from them as `orthonormal_angles_degrees` takes them
+    (sines below 45°, cosines above). R is formed explicitly, so an eigenvalue sin² is exact to
+    ε·‖R‖² and a sine to ε·‖R‖²/sin, at most √ε·‖R‖ rad ≈ 1e-6° (ε = 2⁻⁵²), far below the
+    rotation's stated accuracy (`rotation_within_accuracy`: 10% or 0.05°). Four n·k² products and k×k work, against a QR
+    of Vb, two more n·k² products and an n×k SVD. A batch where some S has no Cholesky (a zero
+    Ritz vector: θ = 0) takes the QR path (`orthonormal_angles_degrees`)."""
+    L, info = torch.linalg.cholesky_ex(matmul(Vb.mT, Vb))
+    if bool(info.any()):
+        return orthonormal_angles_degrees(Qa, torch.linalg.qr(Vb)[0])
+    A = matmul(Qa.mT, Vb)
+    R = Vb - matmul(Qa, A)
+    Lt = L.mT
+    cos = torch.linalg.svdvals(torch.linalg.solve_triangular(Lt, A, upper=True, left=False))
+    Y = torch.linalg.solve_triangular(L, matmul(R.mT, R), upper=False)  # L⁻¹·RᵀR
+    T = torch.linalg.solve_triangular(Lt, Y, upper=True, left=False)  # ·L⁻ᵀ
+    sin = torch.sqrt(torch.linalg.eigvalsh(_symmetric(T)).clamp_min(0))  # ascending
+    return angles_degrees(cos, sin)
+
+
 def angle_summary(angles: torch.Tensor) -> list[tuple[float, float]]:
     """(largest, mean) of each row of principal angles [B, k] (the two rotation keys)."""
     return [tuple(x) for x in torch.stack([angles.amax(-1), angles.mean(-1)], -1).tolist()]
@@ -404,12 +459,19 @@ def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, tuple[float, f
         k = min(pairs[1].shape[1], g.base_V.shape[1])
         groups.setdefault((g.base_V.device, g.shape[1], k), []).append(i)
     out: dict[int, tuple[float, float]] = {}
-    for (device, _, k), members in groups.items():
-        try:
-            Qa = torch.stack([items[i][0].base_Q(k) for i in members])
-            Vb = torch.stack([weight[i][1][:, :k].double().to(device) for i in members])
-            angles = orthonormal_angles_degrees(Qa, torch.linalg.qr(Vb)[0])
-        except Exception:  # each alone
-            continue
-        out.update(zip(members, angle_summary(angles), strict=True))
+    for (device, n, k), group in groups.items():
+        size = max(1, BLOCK_ELEMENTS // (n * max(k, 1)))  # pairs per batched call
+        for start in range(0, len(group), size):
+            out.update(_angles_of(items, weight, group[start : start + size], device, k))
     return out
+
+
+def _angles_of(items, weight, members: list[int], device, k: int) -> dict[int, tuple[float, float]]:
+    """`_batched_angles` of one batch of one (device, n, k) ({} where the batched call fails)."""
+    try:
+        Qa = torch.stack([items[i][0].base_Q(k) for i in members])
+        Vb = torch.stack([weight[i][1][:, :k].double().to(device) for i in members])
+        angles = ritz_angles_degrees(Qa, Vb)
+    except Exception:  # each alone
+        return {}
+    return dict(zip(members, angle_summary(angles), strict=True))

@@ -33,6 +33,7 @@ import torch
 from deltawatch.client.config import RUN_NAME_RULE
 
 from .checkpoints import Checkpoint, TensorFiles, is_adapter, model_files, open_checkpoint
+from .geometry import set_threads
 
 QUEUE_BYTES = 16 << 20  # the sender's queue: reports wait for acks, so memory stays bounded
 QUEUE_HIGH_WATER = 0.5  # wait for acks once the sender's queue holds this share of its budget
@@ -102,7 +103,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--exclude", action="append", default=None, help="regex (repeatable)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="[cpu]")
     parser.add_argument(
-        "--threads", type=int, default=0, help="torch compute threads (0: torch's default) [0]"
+        "--threads",
+        type=int,
+        default=0,
+        help="torch and BLAS compute threads (0: their defaults) [0]",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -441,7 +445,7 @@ def run(args: argparse.Namespace) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device is available")
     if args.threads > 0:
-        torch.set_num_threads(args.threads)
+        set_threads(args.threads)
     if args.plots is not None:
         from .replay_plots import require_matplotlib
 

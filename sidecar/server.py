@@ -32,6 +32,7 @@ from .alerts.config import load_alert_config
 from .alerts.engine import AlertEngine, AlertService, StoreAlertState
 from .config import ServeConfig
 from .engine import Engine
+from .geometry import set_threads
 from .http_api import make_app
 from .ingest import IngestLimits, IngestService
 from .metrics import make_registry
@@ -59,9 +60,7 @@ class Sidecar:
         self.config = config
         os.makedirs(config.data_dir, exist_ok=True)
         if config.threads:
-            import torch
-
-            torch.set_num_threads(config.threads)
+            set_threads(config.threads)
         self.store = Store(config.data_dir)
         self.engine = Engine(self.store, channel_rank=config.channel_rank, device=config.device)
         alert_config = load_alert_config(config.alert_config) if config.alert_config else None

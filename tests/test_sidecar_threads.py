@@ -1,5 +1,5 @@
 """`deltawatch serve`'s compute threads: small by default (a sidecar beside a trainer must not spin
-OpenMP threads against the trainer's), 0 for torch's default, flag over environment."""
+OpenMP or BLAS threads against the trainer's), 0 for torch's default, flag over environment."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import torch
 from deltawatch.sidecar.cli import build_parser, serve_config
 from deltawatch.sidecar.config import DEFAULT_THREADS, ServeConfig
 from deltawatch.sidecar.server import Sidecar
+from threadpoolctl import threadpool_info, threadpool_limits
 
 
 def config_of(argv: list[str], environ: dict[str, str]) -> ServeConfig:
@@ -20,15 +21,27 @@ def test_default_thread_count_is_small_and_overridable() -> None:
     assert config_of(["--threads", "3"], {"DELTAWATCH_THREADS": "0"}).threads == 3
 
 
+def blas_threads() -> list[int]:
+    """The thread count of every BLAS loaded in this process that threadpoolctl can read (numpy's
+    OpenBLAS among them: the geometry's host products run through it)."""
+    return [pool["num_threads"] for pool in threadpool_info() if pool["user_api"] == "blas"]
+
+
 def test_sidecar_applies_its_thread_count(tmp_path) -> None:
-    """Building the service sets torch's intra-op threads to the default; 0 leaves them alone."""
-    before = torch.get_num_threads()
+    """Building the service sets torch's intra-op threads and numpy's BLAS threads to the default;
+    0 leaves them alone."""
+    before, blas_before = torch.get_num_threads(), max(blas_threads())
     try:
         torch.set_num_threads(4)
+        threadpool_limits(limits=4, user_api="blas")
         Sidecar(ServeConfig(data_dir=str(tmp_path / "a"), device="cpu")).store.close()
         assert torch.get_num_threads() == DEFAULT_THREADS
+        assert blas_threads() and set(blas_threads()) == {DEFAULT_THREADS}
         torch.set_num_threads(4)
+        threadpool_limits(limits=4, user_api="blas")
         Sidecar(ServeConfig(data_dir=str(tmp_path / "b"), device="cpu", threads=0)).store.close()
         assert torch.get_num_threads() == 4
+        assert set(blas_threads()) == {4}
     finally:
         torch.set_num_threads(before)
+        threadpool_limits(limits=blas_before, user_api="blas")
