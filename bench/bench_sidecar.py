@@ -31,11 +31,13 @@ per matrix with a 1 KB row (the persistence floor). Ratios are against the copy.
     .venv/bin/python bench/bench_sidecar.py --layers 4    # quicker
     .venv/bin/python bench/bench_sidecar.py --device cuda
     .venv/bin/python bench/bench_sidecar.py --rate-steps 0 --hello-lag 3   # the event loop
+    .venv/bin/python bench/bench_sidecar.py --rate-steps 0 --idle 10      # an idle sidecar's CPU
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import dataclasses
 import math
 import os
@@ -427,8 +429,8 @@ def _loop_lag_max(side: SidecarProcess) -> float:
 def run_hello_lag(repeats: int) -> None:
     """A real `deltawatch serve` (one thread) takes a 100,000-matrix hello from this process,
     `repeats` times, each into a fresh sidecar: how long the hello took to be answered, and the
-    event loop's longest stall over it (`deltawatch_event_loop_lag_max_seconds`: a 10 ms sleep's
-    largest overshoot)."""
+    event loop's longest stall over it (`deltawatch_event_loop_lag_max_seconds`: the selector's
+    timed polls, `server.probe_loop_lag`)."""
     manifest = [
         {"matrix": f"l.{i}", "shape": [4, 4], "numel": 16, "dtype": "float32", "layer": None,
          "module": "m"}
@@ -463,6 +465,51 @@ def run_hello_lag(repeats: int) -> None:
     print()
 
 
+def _bare_loop_cpu(seconds: float, period: float) -> float:
+    """CPU seconds per second of a bare asyncio loop in this process that only sleeps `period`
+    again and again (the lag probe's cost before it timed the selector: period 10 ms)."""
+
+    async def main() -> float:
+        async def sleeper() -> None:
+            while True:
+                await asyncio.sleep(period)
+
+        task = asyncio.get_running_loop().create_task(sleeper())
+        c0 = time.process_time()
+        await asyncio.sleep(seconds)
+        task.cancel()
+        return (time.process_time() - c0) / seconds
+
+    return asyncio.run(main())
+
+
+def run_idle_cpu(seconds: float) -> None:
+    """The CPU an idle `deltawatch serve --threads 1` takes (no stream, no scrape) beside what a
+    bare asyncio loop waking every 10 ms and every 100 ms takes in this process."""
+    with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_TMP")) as d:
+        side = SidecarProcess(d).start()
+        try:
+            time.sleep(2.0)  # start-up done
+            proc = psutil.Process(side.pid)
+            c0 = sum(proc.cpu_times()[:2])  # user + system
+            time.sleep(seconds)
+            idle = (sum(proc.cpu_times()[:2]) - c0) / seconds
+        finally:
+            side.kill()
+    bare_10, bare_100 = _bare_loop_cpu(seconds, 0.01), _bare_loop_cpu(seconds, 0.1)
+    print(f"# idle CPU over {seconds:.0f} s, load average {os.getloadavg()[0]:.1f}")
+    print()
+    print("| what | ms CPU per s | × bare loop waking every 10 ms |")
+    print("| --- | ---: | ---: |")
+    for name, v in (
+        ("bare asyncio loop, a 10 ms sleep again and again (baseline)", bare_10),
+        ("bare asyncio loop, a 100 ms sleep again and again", bare_100),
+        ("idle `deltawatch serve --threads 1`", idle),
+    ):
+        print(f"| {name} | {v * 1e3:.1f} | {v / bare_10:.2f} |")
+    print()
+
+
 def median(xs: list[float]) -> float:
     s = sorted(xs)
     return s[len(s) // 2] if len(s) % 2 else 0.5 * (s[len(s) // 2 - 1] + s[len(s) // 2])
@@ -483,6 +530,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--hello-lag", type=int, default=0, help="tries of the 100k-matrix hello (0: none)"
     )
+    ap.add_argument(
+        "--idle", type=float, default=0, help="seconds of an idle sidecar's CPU (0: none)"
+    )
     ap.add_argument("--checks", type=int, default=6)
     ap.add_argument("--device", default="cpu")
     ap.add_argument(
@@ -498,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
         run_moe(args.moe_layers, args.moe_experts, args.moe_checks)
     if args.hello_lag > 0:
         run_hello_lag(args.hello_lag)
+    if args.idle > 0:
+        run_idle_cpu(args.idle)
     if args.layers <= 0:
         return
     rss0 = rss_mb()

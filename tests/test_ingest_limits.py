@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import urllib.error
@@ -23,6 +24,8 @@ import pytest
 import torch
 from deltawatch.client import wire
 from deltawatch.client.records import MatrixCheck, Sketch
+from deltawatch.sidecar.ingest import IngestStats
+from deltawatch.sidecar.server import LAG_PROBE_SECONDS, probe_loop_lag
 from deltawatch.v1 import deltawatch_pb2_grpc as pb_grpc
 from support import SidecarProcess
 
@@ -101,7 +104,7 @@ def _loop_lag_max(side: SidecarProcess) -> float:
 
 def test_the_event_loop_lag_stays_bounded_through_big_reads_and_scrapes(side):
     """After the 100k-matrix hello above: the largest page, the per-module view, the whole
-    filtered selection and scrapes, while the sidecar's own probe (a 10 ms sleep, its overshoot)
+    filtered selection and scrapes, while the sidecar's own probe (its selector's timed polls)
     records the event loop's longest stall. Bound far from a step and from the 2.3 s freezes
     before the hello left the loop: 3 s (docs/sidecar.md gives the measured figures)."""
     assert side.get("/api/v1/runs/big-manifest", limit="10000")["page"]["next_offset"] == 10000
@@ -113,6 +116,37 @@ def test_the_event_loop_lag_stays_bounded_through_big_reads_and_scrapes(side):
     lag = _loop_lag_max(side)
     print(f"event loop lag, largest since start: {lag * 1000:.1f} ms")
     assert 0 <= lag < 3.0, f"the event loop stalled {lag:.3f} s"
+
+
+def test_the_loop_lag_probe_sees_a_short_stall_and_wakes_the_loop_rarely():
+    """`probe_loop_lag` times the loop's selector: a 60 ms blocking callback, shorter than the
+    probe's 100 ms sleep (whose overshoot alone reads such a stall as 60 ms less a uniform
+    0–100 ms, so below 60), reads as at least 60 ms; an idle loop wakes about once per probe
+    period (~10 times a second; the 10 ms probe before woke it 100 times)."""
+
+    async def main() -> tuple[int, float]:
+        stats = IngestStats()
+        loop = asyncio.get_running_loop()
+        probe = asyncio.create_task(probe_loop_lag(stats))
+        await asyncio.sleep(0.05)
+        timed, polls = loop._selector.select, 0
+
+        def counted(timeout=None):  # the polls that wait (a wake-up each; 0: ready work)
+            nonlocal polls
+            polls += timeout is None or timeout > 0
+            return timed(timeout)
+
+        loop._selector.select = counted
+        await asyncio.sleep(2.0)
+        idle_polls = polls
+        loop.call_soon(time.sleep, 0.06)
+        await asyncio.sleep(0.2)
+        probe.cancel()
+        return idle_polls, stats.loop_lag_max_seconds
+
+    polls, lag = asyncio.run(main())
+    assert polls <= 2.0 / LAG_PROBE_SECONDS + 5, f"{polls} wake-ups of an idle loop in 2 s"
+    assert 0.06 <= lag < 1.0, f"a 60 ms stall read as {lag * 1000:.1f} ms"
 
 
 def _big_report(n: int, r: int, step: int) -> MatrixCheck:
