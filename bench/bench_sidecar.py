@@ -45,7 +45,6 @@ import sqlite3
 import sys
 import tempfile
 import time
-import urllib.request
 import zlib
 
 import grpc
@@ -419,11 +418,7 @@ HELLO_MATRICES = 100_000  # the largest manifest a hello may carry
 
 def _loop_lag_max(side: SidecarProcess) -> float:
     """The sidecar's own probe of its event loop's longest stall since start (seconds)."""
-    with urllib.request.urlopen(f"{side.http_url}/metrics", timeout=60) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("deltawatch_event_loop_lag_max_seconds "):
-                return float(line.split()[1])
-    raise RuntimeError("no deltawatch_event_loop_lag_max_seconds on /metrics")
+    return side.metric("deltawatch_event_loop_lag_max_seconds", timeout=60)
 
 
 def run_hello_lag(repeats: int) -> None:

@@ -168,6 +168,18 @@ class SidecarProcess:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             return json.loads(resp.read())
 
+    def metrics_text(self, timeout: float = 30.0) -> str:
+        """`GET /metrics`: the Prometheus text exposition."""
+        with urllib.request.urlopen(self.http_url + "/metrics", timeout=timeout) as resp:
+            return resp.read().decode()
+
+    def metric(self, name: str, timeout: float = 30.0) -> float:
+        """The value of the unlabelled sample `name` on /metrics (KeyError if there is none)."""
+        for line in self.metrics_text(timeout).splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+        raise KeyError(f"no sample {name} on /metrics")
+
     def run(self, run: str) -> dict[str, Any]:
         """`GET /api/v1/runs/{run}`: the run's aggregate and per-matrix keys."""
         return self.get("/api/v1/runs/" + urllib.parse.quote(run))

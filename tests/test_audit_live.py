@@ -8,7 +8,6 @@ client's queue are skipped and counted on both sides."""
 from __future__ import annotations
 
 import re
-import urllib.request
 from dataclasses import replace
 
 import grpc
@@ -34,11 +33,6 @@ def side(tmp_path_factory):
 
 def audit_block(side: SidecarProcess, run: str) -> dict:
     return get_json(f"{side.http_url}/api/v1/runs/{run}")["audit"]
-
-
-def metrics(side: SidecarProcess) -> str:
-    with urllib.request.urlopen(side.http_url + "/metrics", timeout=30) as r:
-        return r.read().decode()
 
 
 def numpy_keys(D: np.ndarray, k: int) -> dict[str, float]:
@@ -99,7 +93,7 @@ def test_audits_equal_float64_and_live_keys_are_within_their_bounds(side):
             assert got["error_ratio"] is not None and got["error_ratio"] <= 1, (name, key, got)
             print(f"audit {name} step {step} {key}: error ratio {got['error_ratio']:.3g}")
     series = re.findall(r'deltawatch_audit_error_ratio\{[^}]*run="audit-live"[^}]*\} (\S+)',
-                        metrics(side))  # fmt: skip
+                        side.metrics_text())  # fmt: skip
     assert len(series) == 2 * len(AUDITED_KEYS) and all(float(v) <= 1 for v in series)
 
 
@@ -152,7 +146,7 @@ def test_a_wrong_sigma1_fires_the_audit_error_rule(side):
     (alert,) = [a for a in alerts if a["matrix"] == Q]  # and the run's roll-up over matrices
     assert alert["state"] == "firing" and alert["value"] > 1 and "step 3" in alert["summary"]
     line = re.search(r'deltawatch_audit_error_ratio\{key="spectral_norm",matrix="[^"]*q_proj'
-                     r'[^"]*",run="audit-wrong"\} (\S+)', metrics(side))  # fmt: skip
+                     r'[^"]*",run="audit-wrong"\} (\S+)', side.metrics_text())  # fmt: skip
     assert line and float(line.group(1)) > 1
 
 
@@ -236,7 +230,7 @@ def test_audits_that_do_not_fit_the_queue_are_skipped_and_counted(side):
     assert stats["audits_skipped"] == 2 and stats["dropped_reports"] == 0
     wait_for(lambda: audit_block(side, "audit-skip")["skipped"] == 2, "the skips counted")
     assert re.search(r'deltawatch_client_skipped_audits_total\{run="audit-skip"\} 2\.0',
-                     metrics(side))  # fmt: skip
+                     side.metrics_text())  # fmt: skip
     items = audit_block(side, "audit-skip")["matrices"]
     assert [(i["matrix"], i["step"]) for i in items] == [("model.layers.0.weight", 4)]
 

@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 import re
 import sys
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -129,9 +127,7 @@ def test_the_ranks_stay_in_lockstep(runs, mode):
 def test_dropped_reports_reach_the_sidecar(sidecar):
     """The owner counts each report of a dropped check; the count travels with its next report
     (DDP: rank 0's four, and rank 1's own drop at step 6, carried by its next matrix's report)."""
-    base = sidecar.http_url
-    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
-        text = r.read().decode()
+    text = sidecar.metrics_text()
     for run, count in (("single", 4), ("fsdp2", 4), ("tp", 4), ("ddp", 5)):
         pattern = rf'deltawatch_client_dropped_reports_total{{run="faults-{run}"}} (\S+)'
         found = re.search(pattern, text)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import sqlite3
-import urllib.request
 
 import pytest
 from deltawatch.sidecar.engine import MEAN_KEYS, POOLED_KEYS, Engine
@@ -162,8 +161,7 @@ def test_expert_detail_exports_every_expert_after_a_restart(moe, tmp_path):
     side = moe["side"] = SidecarProcess(moe["data"], "--metrics-detail", "expert").start()
     whole = side.get(f"/api/v1/runs/{RUN}")["matrices"]
     assert [m["expert"] for m in whole] == [m["expert"] for m in moe["manifest"]]
-    with urllib.request.urlopen(f"{side.http_url}/metrics", timeout=30) as r:
-        text = r.read().decode()
+    text = side.metrics_text()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     samples = [
         s for s in fams["deltawatch_update_frobenius_norm"].samples if s.labels["run"] == RUN
