@@ -427,9 +427,10 @@ def ritz_angles_degrees(Qa: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
     L⁻¹(RᵀR)L⁻ᵀ, and the angles are taken from them as `orthonormal_angles_degrees` takes them
     (sines below 45°, cosines above). R is formed explicitly, so an eigenvalue sin² is exact to
     ε·‖R‖² and a sine to ε·‖R‖²/sin, at most √ε·‖R‖ rad ≈ 1e-6° (ε = 2⁻⁵²), far below the
-    rotation's stated accuracy (`rotation_within_accuracy`: 10% or 0.05°). Four n·k² products and k×k work, against a QR
-    of Vb, two more n·k² products and an n×k SVD. A batch where some S has no Cholesky (a zero
-    Ritz vector: θ = 0) takes the QR path (`orthonormal_angles_degrees`)."""
+    rotation's stated accuracy (`rotation_within_accuracy`: 10% or 0.05°). Four n·k² products
+    and k×k work, against a QR of Vb, two more n·k² products and an n×k SVD. A batch where some
+    S has no Cholesky (a zero Ritz vector: θ = 0) takes the QR path
+    (`orthonormal_angles_degrees`)."""
     L, info = torch.linalg.cholesky_ex(matmul(Vb.mT, Vb))
     if bool(info.any()):
         return orthonormal_angles_degrees(Qa, torch.linalg.qr(Vb)[0])

@@ -206,8 +206,8 @@ async def probe_loop_lag(stats, period: float = LAG_PROBE_SECONDS) -> None:
     seen to within `period`). This task also keeps its own sleep's overshoot, which is all there
     is where the loop has no selector to time (not asyncio's selector loop): stalls shorter than
     `period` may then go unseen. Before, a 10 ms sleep's overshoot was the whole probe: its 100
-    wake-ups a second cost an idle sidecar 27–33 ms of CPU per second on the 2-core box (3% of a
-    core beside the trainer), against 4 ms at 10 wake-ups a second (docs/sidecar.md)."""
+    wake-ups a second cost an idle sidecar 29–33 ms of CPU per second on the 2-core box (3% of a
+    core beside the trainer), against 3–5 ms at 10 wake-ups a second (docs/sidecar.md)."""
     loop = asyncio.get_running_loop()
     time_selector(loop, stats)
     while True:
@@ -216,13 +216,13 @@ async def probe_loop_lag(stats, period: float = LAG_PROBE_SECONDS) -> None:
         _observe_lag(stats, loop.time() - t0 - period)
 
 
-def time_selector(loop: asyncio.AbstractEventLoop, stats) -> bool:
+def time_selector(loop: asyncio.AbstractEventLoop, stats) -> None:
     """Wrap the loop's selector so each poll records the loop's work since the previous poll and
-    how late the poll itself came back (`probe_loop_lag`); False where there is no selector."""
+    how late the poll itself came back (`probe_loop_lag`); nothing where there is no selector."""
     selector = getattr(loop, "_selector", None)
     select = getattr(selector, "select", None)
     if select is None:
-        return False
+        return
     returned = time.perf_counter()
 
     def timed_select(timeout: float | None = None):
@@ -237,7 +237,6 @@ def time_selector(loop: asyncio.AbstractEventLoop, stats) -> bool:
                 _observe_lag(stats, returned - start - timeout)
 
     selector.select = timed_select
-    return True
 
 
 def _observe_lag(stats, lag: float) -> None:
