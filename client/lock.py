@@ -20,6 +20,7 @@ check dropped after a failure leaves the lock state as it was, on every rank.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +62,15 @@ class Horizon:
     """Log-spaced V_K snapshots of one matrix and Sim_K against the horizon h(t) (the client's
     lock rule and the sidecar's `horizon_alignment` both read it)."""
 
-    def __init__(self, k: int, *, max_rank: int | None = None) -> None:
+    def __init__(
+        self,
+        k: int,
+        *,
+        max_rank: int | None = None,
+        matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
+    ) -> None:
         self.k = k
+        self.matmul = matmul  # Sim_K's float64 product (`sim_k`)
         # Sim_K's denominator: K, or min(m, n) for a matrix too small to have K directions (V_K
         # is still padded to K columns, with zeros)
         self.k_sim = k if max_rank is None else max(1, min(k, max_rank))
@@ -81,10 +89,10 @@ class Horizon:
         pos = horizon_position([s for _, s, _ in self.snapshots], step)
         if pos is not None:
             _, horizon_step, V_h = self.snapshots[pos]
-            alignment = sim_k(V_K, V_h, self.k_sim)
+            alignment = sim_k(V_K, V_h, self.k_sim, self.matmul)
             del self.snapshots[:pos]  # older ones can never be the horizon again
-        if is_snapshot_check(self.checks):
-            self.snapshots.append((self.checks, step, V_K))
+        if is_snapshot_check(self.checks):  # contiguous, as a restored state holds it
+            self.snapshots.append((self.checks, step, V_K.contiguous()))
         return alignment, horizon_step
 
     def state_dict(self, snapshots: bool = True) -> dict:

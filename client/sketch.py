@@ -610,13 +610,19 @@ def _residual_margin(lam: torch.Tensor, RtR: torch.Tensor, k: int) -> float:
     return min(margin, float(quadratic.min())) if quadratic.numel() else margin
 
 
-def sim_k(Va: torch.Tensor, Vb: torch.Tensor, k: int | None = None) -> float:
+def sim_k(
+    Va: torch.Tensor,
+    Vb: torch.Tensor,
+    k: int | None = None,
+    matmul: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.matmul,
+) -> float:
     """Sim_K(a, b) = ‖V_aᵀ V_b‖_F² / K (mean cos² of the principal angles; 1 = same subspace).
-    K defaults to Va's column count; a basis with fewer columns than K scores below 1."""
+    K defaults to Va's column count; a basis with fewer columns than K scores below 1. `matmul`
+    forms the float64 V_aᵀV_b (the sidecar passes its own, sidecar/geometry.py `matmul`)."""
     K = Va.shape[1] if k is None else k
     if K == 0:
         return float("nan")
-    M = Va.double().T @ Vb.double().to(Va.device)
+    M = matmul(Va.double().T, Vb.double().to(Va.device))
     return float(torch.sum(M * M) / K)
 
 

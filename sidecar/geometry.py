@@ -82,11 +82,15 @@ def batched_ritz_pairs(
     theta = theta.flip(-1).clamp_min(0)
     Z = (W @ Y.flip(-1))[:, :, :k].to(device)
     sigma = singular_values(theta[:, :k])
-    V = torch.empty((len(Gs), n, Z.shape[-1]), dtype=torch.float64, device=device)
+    # Vᵀ = Zᵀ·Gᵀ, stored [B, k, n]: this BLAS runs the product 1.4–1.7× faster that way round
+    # than G·Z (n ≫ r > k), and the norms are then over contiguous rows; V is its transpose view
+    Vt = torch.empty((len(Gs), Z.shape[-1], n), dtype=torch.float64, device=device)
+    Zt = Z.mT.contiguous()
     for rows, X in single or _row_blocks(Gs):
-        V[:, rows] = matmul(X, Z)
-    norms = torch.linalg.vector_norm(V, dim=-2, keepdim=True)
-    V.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: V is n-sized
+        Vt[:, :, rows] = matmul(Zt, X.mT)
+    norms = torch.linalg.vector_norm(Vt, dim=-1, keepdim=True)
+    Vt.div_(torch.where(norms > 0, norms, torch.ones_like(norms)))  # in place: V is n-sized
+    V = Vt.mT
     return [(sigma[b], V[b], theta[b]) if ok else None for b, ok in enumerate(full)]
 
 
@@ -184,7 +188,7 @@ class MatrixGeometry:
         self.tolerance = DEFAULT_TOLERANCE if tolerance is None else tolerance
         self.cutoff = cutoff
         self.device = torch.device(device)
-        self.horizon = Horizon(channel_rank, max_rank=min(self.shape))
+        self.horizon = Horizon(channel_rank, max_rank=min(self.shape), matmul=matmul)
         self.base_sigma: torch.Tensor | None = None
         self.base_V: torch.Tensor | None = None
         self.base_convergence = 0.0  # the baseline's bound (its top-k subspace's sine too)
@@ -199,7 +203,9 @@ class MatrixGeometry:
         if pairs is None:
             pairs = ritz_pairs(self._on_device(sketch), self.channel_rank, self.cutoff)
         sigma, V, _ = pairs
-        self.base_sigma, self.base_V = sigma, V
+        # contiguous, as it comes back from the store (a product's rounding can depend on the
+        # layout, and a restarted engine must compute what an uninterrupted one does)
+        self.base_sigma, self.base_V = sigma, V.contiguous()
         self.base_convergence = float(sketch.convergence)
 
     def ingest(
@@ -245,7 +251,8 @@ class MatrixGeometry:
         if keys["locked"]:
             if self.v_ref is not None and V_K is not None and converged:
                 k_sim = self.horizon.k_sim
-                keys["subspace_alignment"] = sim_k(pad_columns(V_K, K), self.v_ref, k_sim)
+                V_K = pad_columns(V_K, K)
+                keys["subspace_alignment"] = sim_k(V_K, self.v_ref, k_sim, matmul)
             if check.channel_energy_sq is not None and frob_sq > 0:
                 keys["channel_energy_ratio"] = float(check.channel_energy_sq) / frob_sq
         numel = check.numel
@@ -277,7 +284,7 @@ class MatrixGeometry:
         k = min(V.shape[1], self.base_V.shape[1])
         if angles is None:
             Vb = V[:, :k].double().to(self.base_V.device)
-            (angles,) = angle_summary(ritz_angles_degrees(self.base_Q(k)[None], Vb[None]))
+            (angles,) = angle_summary(ritz_angles_degrees([self.base_Q(k)], [Vb]))
         bound = rotation_bound_degrees(check.weight.convergence, self.base_convergence)
         for key, angle in zip(
             ("rotation_max_degrees", "rotation_mean_degrees"), angles, strict=True
@@ -416,10 +423,10 @@ def _batched_pairs(sketches) -> dict[Any, tuple[torch.Tensor, ...]]:
     return out
 
 
-def ritz_angles_degrees(Qa: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
-    """Principal angles (degrees, ascending, [B, k]) between span(Qa), orthonormal float64 bases
-    [B, n, k], and span(Vb), normalised Ritz vectors [B, n, k] (orthogonal up to rounding: VᵀV =
-    diag(θ) before the normalisation), without a QR or an n-sized SVD of Vb.
+def ritz_angles_degrees(Qa: Sequence[torch.Tensor], Vb: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Principal angles (degrees, ascending, [B, k]) between span(Qa[b]), orthonormal float64
+    bases (n, k), and span(Vb[b]), normalised Ritz vectors (n, k) (orthogonal up to rounding:
+    VᵀV = diag(θ) before the normalisation), without a QR or an n-sized SVD of Vb.
 
     S = VbᵀVb = LLᵀ (Cholesky; S ≈ I), so Qb = Vb·L⁻ᵀ is an orthonormal basis of span(Vb). With
     A = QaᵀVb and R = Vb − Qa·A, Qaᵀ Qb = A·L⁻ᵀ and (I − QaQaᵀ)·Qb = R·L⁻ᵀ: the cosines are the
@@ -428,20 +435,43 @@ def ritz_angles_degrees(Qa: torch.Tensor, Vb: torch.Tensor) -> torch.Tensor:
     (sines below 45°, cosines above). R is formed explicitly, so an eigenvalue sin² is exact to
     ε·‖R‖² and a sine to ε·‖R‖²/sin, at most √ε·‖R‖ rad ≈ 1e-6° (ε = 2⁻⁵²), far below the
     rotation's stated accuracy (`rotation_within_accuracy`: 10% or 0.05°). Four n·k² products
-    and k×k work, against a QR of Vb, two more n·k² products and an n×k SVD. A batch where some
-    S has no Cholesky (a zero Ritz vector: θ = 0) takes the QR path
+    and k×k work, against a QR of Vb, two more n·k² products and an n×k SVD.
+
+    The n-sized products (`_angle_products`) run pair by pair from n = `PAIRWISE_ROWS` on
+    (straight from the pairs' own tensors: stacked [B, n, k] copies cost more than the products
+    at n = 2048, in the fresh pages they touch), stacked below it (fewer calls); the k×k work is
+    batched. Each pair's products are their own GEMMs either way, so a pair's angles do not
+    depend on the rest of the batch. A pair whose S
+    has no Cholesky (a zero Ritz vector: θ = 0) takes the QR path
     (`orthonormal_angles_degrees`)."""
-    L, info = torch.linalg.cholesky_ex(matmul(Vb.mT, Vb))
-    if bool(info.any()):
-        return orthonormal_angles_degrees(Qa, torch.linalg.qr(Vb)[0])
-    A = matmul(Qa.mT, Vb)
-    R = Vb - matmul(Qa, A)
+    if Vb[0].shape[0] < PAIRWISE_ROWS:  # small: one stacked call each, fewer calls
+        S, A, RtR = _angle_products(torch.stack(list(Qa)), torch.stack(list(Vb)))
+    else:
+        S, A, RtR = (torch.stack(x) for x in zip(*map(_angle_products, Qa, Vb), strict=True))
+    L, info = torch.linalg.cholesky_ex(S)
+    failed = torch.nonzero(info).flatten().tolist()
+    L[failed] = torch.eye(L.shape[-1], dtype=L.dtype, device=L.device)  # overwritten below
     Lt = L.mT
     cos = torch.linalg.svdvals(torch.linalg.solve_triangular(Lt, A, upper=True, left=False))
-    Y = torch.linalg.solve_triangular(L, matmul(R.mT, R), upper=False)  # L⁻¹·RᵀR
+    Y = torch.linalg.solve_triangular(L, RtR, upper=False)  # L⁻¹·RᵀR
     T = torch.linalg.solve_triangular(Lt, Y, upper=True, left=False)  # ·L⁻ᵀ
     sin = torch.sqrt(torch.linalg.eigvalsh(_symmetric(T)).clamp_min(0))  # ascending
-    return angles_degrees(cos, sin)
+    angles = angles_degrees(cos, sin)
+    for b in failed:
+        Qb = torch.linalg.qr(Vb[b])[0]
+        angles[b] = orthonormal_angles_degrees(Qa[b], Qb)
+    return angles
+
+
+# Ritz vectors of at least this many rows go through `ritz_angles_degrees`' products pair by pair
+PAIRWISE_ROWS = 1024
+
+
+def _angle_products(Q: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """(VᵀV, QᵀV, RᵀR) with R = V − Q·QᵀV, of one pair (n, k) or of a stack of pairs."""
+    A = matmul(Q.mT, V)
+    R = V - matmul(Q, A)
+    return matmul(V.mT, V), A, matmul(R.mT, R)
 
 
 def angle_summary(angles: torch.Tensor) -> list[tuple[float, float]]:
@@ -451,28 +481,21 @@ def angle_summary(angles: torch.Tensor) -> list[tuple[float, float]]:
 
 def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, tuple[float, float]]:
     """item index -> the rotation's (largest, mean) principal angle `_rotation` reads (W0's
-    `base_Q` against the QR of the weight's top-k Ritz vectors), batched over the items of one
-    (device, n, k) with weight pairs (a group whose batched call fails is left to the items
-    alone)."""
+    `base_Q` against the weight's top-k Ritz vectors, `ritz_angles_degrees`), the k×k work
+    batched over the items of one (device, k) with weight pairs (a group whose batched call
+    fails is left to the items alone)."""
     groups: dict[tuple, list[int]] = {}
     for i, pairs in weight.items():
         g = items[i][0]
         k = min(pairs[1].shape[1], g.base_V.shape[1])
-        groups.setdefault((g.base_V.device, g.shape[1], k), []).append(i)
+        groups.setdefault((g.base_V.device, k), []).append(i)
     out: dict[int, tuple[float, float]] = {}
-    for (device, n, k), group in groups.items():
-        size = max(1, BLOCK_ELEMENTS // (n * max(k, 1)))  # pairs per batched call
-        for start in range(0, len(group), size):
-            out.update(_angles_of(items, weight, group[start : start + size], device, k))
+    for (device, k), members in groups.items():
+        try:
+            Qa = [items[i][0].base_Q(k) for i in members]
+            Vb = [weight[i][1][:, :k].double().to(device) for i in members]
+            angles = ritz_angles_degrees(Qa, Vb)
+        except Exception:  # noqa: S112 - each alone (MatrixGeometry._rotation)
+            continue
+        out.update(zip(members, angle_summary(angles), strict=True))
     return out
-
-
-def _angles_of(items, weight, members: list[int], device, k: int) -> dict[int, tuple[float, float]]:
-    """`_batched_angles` of one batch of one (device, n, k) ({} where the batched call fails)."""
-    try:
-        Qa = torch.stack([items[i][0].base_Q(k) for i in members])
-        Vb = torch.stack([weight[i][1][:, :k].double().to(device) for i in members])
-        angles = ritz_angles_degrees(Qa, Vb)
-    except Exception:  # each alone
-        return {}
-    return dict(zip(members, angle_summary(angles), strict=True))

@@ -92,8 +92,8 @@ def test_ritz_angles_are_the_constructed_principal_angles():
     """`ritz_angles_degrees` (the sidecar's rotation: Cholesky of VᵀV, no QR or n-sized SVD of
     the Ritz vectors) returns the principal angles of bases built with known angles, from
     1e-6° to 89.9°, to 1e-6° (a sine's error is at most √ε·‖R‖ rad ≈ 1e-6°; the stated
-    accuracy is 0.05°); a batch with a zero Ritz vector
-    takes the QR path and agrees with it."""
+    accuracy is 0.05°); a pair's angles do not depend on the batch; a pair with a zero Ritz
+    vector takes the QR path and agrees with it, the others in its batch do not."""
     from deltawatch.client.sketch import orthonormal_angles_degrees
     from deltawatch.sidecar.geometry import ritz_angles_degrees
 
@@ -116,7 +116,11 @@ def test_ritz_angles_are_the_constructed_principal_angles():
     err = (got - truth.sort(-1).values).abs()
     assert float(err.max()) <= 1e-6, err
 
+    for b in range(2):
+        assert torch.equal(ritz_angles_degrees([Qa[b]], [Vb[b]])[0], got[b])
+
     Vz = Vb.clone()
     Vz[1, :, 3] = 0  # θ = 0: no Cholesky of VᵀV
-    qr_path = orthonormal_angles_degrees(Qa, torch.linalg.qr(Vz)[0])
-    assert torch.equal(ritz_angles_degrees(Qa, Vz), qr_path)
+    qr_path = orthonormal_angles_degrees(Qa[1], torch.linalg.qr(Vz[1])[0])
+    mixed = ritz_angles_degrees(Qa, Vz)
+    assert torch.equal(mixed[1], qr_path) and torch.equal(mixed[0], got[0])
