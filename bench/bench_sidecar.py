@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import zlib
+from pathlib import Path
 
 import grpc
 import psutil
@@ -147,6 +148,11 @@ def report_bytes(check: MatrixCheck) -> int:
 
 def rss_mb() -> float:
     return psutil.Process(os.getpid()).memory_info().rss / 2**20
+
+
+def dir_mb(d: str) -> float:
+    """The data dir's size on disk (the SQLite file, its WAL and shared memory)."""
+    return sum(f.stat().st_blocks * 512 for f in Path(d).iterdir() if f.is_file()) / 2**20
 
 
 def run_engine(entries, mats, checks: int, sync: str, device: str) -> tuple[list[float], int]:
@@ -368,13 +374,14 @@ def run_moe(layers: int, experts: int, checks: int) -> None:
         engine = Engine(Store(d), channel_rank=K, device="cpu")
         t0 = time.perf_counter()
         engine.hello("moe", 1, None, entries, {"channel_rank": K, "oversample": P})
-        rows.append(("hello (manifest)", time.perf_counter() - t0, len(entries)))
+        rows.append(("hello (manifest)", time.perf_counter() - t0, len(entries), dir_mb(d)))
         t0 = time.perf_counter()
         sketches = {id(m): m.sketch(m.W_weight, m.s) for ms in pool.values() for m in ms}
         baselines = [("moe", 1, e.matrix, sketches[id(source[e.matrix])]) for e in entries]
         for i in range(0, len(baselines), MAX_BATCH):
             engine.baseline_many(baselines[i : i + MAX_BATCH])
-        rows.append(("baselines, Engine.baseline_many", time.perf_counter() - t0, len(entries)))
+        rows.append(("baselines, Engine.baseline_many", time.perf_counter() - t0, len(entries),
+                     dir_mb(d)))  # fmt: skip
         sample = min(len(entries) // 2, 512)
         for step in range(1, checks + 1):
             made = {id(m): m.check(step, lock_step=4) for ms in pool.values() for m in ms}
@@ -387,13 +394,14 @@ def run_moe(layers: int, experts: int, checks: int) -> None:
             t0 = time.perf_counter()
             for i in range(0, len(new), MAX_BATCH):
                 engine.ingest_many(new[i : i + MAX_BATCH])
-            rows.append((f"check {step}, Engine.ingest_many", time.perf_counter() - t0, len(new)))
+            rows.append((f"check {step}, Engine.ingest_many", time.perf_counter() - t0, len(new),
+                         dir_mb(d)))  # fmt: skip
             if old:
                 t0 = time.perf_counter()
                 for run, inc, check, _ in old:
                     engine.ingest(run, inc, check)
                 rows.append((f"check {step}, Engine.ingest one by one (old path)",
-                             time.perf_counter() - t0, len(old)))  # fmt: skip
+                             time.perf_counter() - t0, len(old), dir_mb(d)))  # fmt: skip
         rss1 = rss_mb()
         series = {}
         for detail in ("matrix", "expert"):
@@ -401,10 +409,12 @@ def run_moe(layers: int, experts: int, checks: int) -> None:
             registry.register(EngineCollector(engine, detail=detail))
             series[detail] = sum(len(f.samples) for f in registry.collect())
         engine.store.close()
-    print("| what | reports | wall s | reports/s | s per 18,432 reports at this rate |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, wall, n in rows:
-        print(f"| {name} | {n:,} | {wall:.2f} | {n / wall:,.0f} | {18432 * wall / n:,.1f} |")
+    print("| what | reports | wall s | reports/s | s per 18,432 reports at this rate "
+          "| data dir MB after |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, wall, n, mb in rows:
+        print(f"| {name} | {n:,} | {wall:.2f} | {n / wall:,.0f} | {18432 * wall / n:,.1f} "
+              f"| {mb:,.0f} |")  # fmt: skip
     print()
     print(f"Prometheus series (engine collector): {series['matrix']:,} with --metrics-detail "
           f"matrix (the default), {series['expert']:,} with --metrics-detail expert")  # fmt: skip

@@ -5,7 +5,8 @@ A `MatrixGroup` checks B matrices of one shape, one view and one dtype as a [B, 
 the client's one iteration, client/sketch.py `subspace_iteration`, with a batch dimension:
 `bmm`-shaped power steps P = ΔW·V, G = ΔWᵀ·P, the block Krylov products of every member at once,
 one batched eigendecomposition for every member's Rayleigh–Ritz, each member's own stopping rule
-(its tracker's `_stopping_rule`: the r×r error bound on the host, and the rotation's rule on W_t),
+(its tracker's `StoppingRule`: the r×r error bound on the host, and the rotation's rule on W_t,
+batched over the members, client/tracker.py `measure_rules`),
 and, per group of members that stopped after the same number of steps, the compressed sketch, the
 Ritz vectors V_K and the next basis batched again. A member keeps iterating only while its own
 rule says so, so each member's `MatrixCheck` is the one its own `MatrixTracker` would produce
@@ -42,7 +43,7 @@ from .sketch import (
     ritz_vectors,
     subspace_iteration,
 )
-from .tracker import MatrixTracker, _to_wire
+from .tracker import MatrixTracker, StoppingRule, _to_wire, measure_rules
 
 BATCH_ELEMENTS = 1 << 26  # entries of ΔW formed at once (256 MiB of float32)
 # A group's stack: a [B, m, n] tensor, or B [m, n] tensors
@@ -155,7 +156,7 @@ class MatrixGroup:
         out: dict[int, tuple] = {}
         if idx:
             V = torch.stack([trackers[i].V for i in idx])
-            rules = [trackers[i]._stopping_rule(frob[i], trackers[i].fresh) for i in idx]
+            rules = [trackers[i].stopping_rule(frob[i], trackers[i].fresh) for i in idx]
             update = self._iterate(A, V, rules)
             for j, i in enumerate(idx):
                 out[i] = update[j]
@@ -176,7 +177,7 @@ class MatrixGroup:
                 A[c].copy_(_stacked(Wm, c, self.dtype))
             V_w = torch.stack([trackers[i].V_w for i in idx])
             rules = [
-                trackers[i]._stopping_rule(
+                trackers[i].stopping_rule(
                     None, False, trackers[i]._rotation_target(out[i][1], out[i][4], frob[i])
                 )
                 for i in idx
@@ -248,11 +249,11 @@ class MatrixGroup:
         self,
         A: torch.Tensor,
         V: torch.Tensor,
-        rules: list[tuple[Callable[[Space], float], Callable[[Space, float], bool]]],
+        rules: list[StoppingRule],
     ) -> list[tuple[Sketch, torch.Tensor, torch.Tensor, torch.Tensor, float]]:
         """The tracker's `_iterate` for each matrix of the batch A ([B, m, n]) from its basis
         V[b]: `subspace_iteration` over the batch on the block Krylov space, each matrix stopping
-        by its own tracker's rule (`rules[b]`, `MatrixTracker._stopping_rule`: the error bound,
+        by its own tracker's rule (`rules[b]`, `StoppingRule`: the error bound,
         and for the W_t trackers the rotation's), at most `max_power_steps`. Returns per matrix
         (the sketch, θ, the next basis, V_K (n × min(K, k')), the bound)."""
         if self.exact:  # min(m, n) <= r: one step, span(P) is exact, V is kept
@@ -266,9 +267,9 @@ class MatrixGroup:
             None,
             max_steps=self.max_power_steps,
             tolerance=self.tolerance,
-            measure=lambda x: rules[x.member][0](x),
+            measure_all=lambda xs: measure_rules(rules, xs),
             krylov=True,
-            done=lambda x, value: rules[x.member][1](x, value),
+            done=lambda x, value: rules[x.member].done(x, value),
         )
         return self._finish(spaces, exact=False)
 

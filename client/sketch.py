@@ -44,7 +44,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -336,9 +336,10 @@ def subspace_iteration(
     *,
     max_steps: int,
     tolerance: float,
-    measure: Callable[[Space], float],
+    measure: Callable[[Space], float] | None = None,
     krylov: bool = False,
     done: Callable[[Space, float], bool] | None = None,
+    measure_all: Callable[[list[Space]], list[float]] | None = None,
 ) -> tuple[Space, float] | list[tuple[Space, float]]:
     """Power steps from the orthonormal basis V with Rayleigh–Ritz after each, until
     `measure(space)` ≤ `tolerance` (or `done(space, measure)`, when given) or `max_steps` steps
@@ -354,9 +355,10 @@ def subspace_iteration(
     A leading batch dimension (A [B, m, n], V [B, n, r], whole matrices, spec None): the members
     still iterating take each step together (`bmm` power steps, batched QR, one batched
     eigendecomposition for their Rayleigh–Ritz, `batched_generalized_eigh`); `measure` and `done`
-    see each member's own Space (`Space.member` its index), and a member leaves the batch once
-    its own rule stops it, so each member's result is the one it would get alone. Returns then,
-    per member, (its last space, its measure)."""
+    see each member's own Space (`Space.member` its index), or `measure_all` the list of the
+    spaces of the members still iterating (one call per step, for a measure batched over them),
+    and a member leaves the batch once its own rule stops it, so each member's result is the one
+    it would get alone. Returns then, per member, (its last space, its measure)."""
     batched = V.dim() == 3
     members = list(range(V.shape[0])) if batched else [0]
     results: list[tuple[Space, float] | None] = [None] * len(members)
@@ -385,18 +387,20 @@ def subspace_iteration(
         elif krylov:
             pairs = _eighs(M, N, batched)
         blocks = Vs if krylov else [V]
-        going = []
+        spaces = []
         for j, member in enumerate(members):
             at = j if batched else None
             parts = [_member(t, at) for t in (V, G_j, C_j, G, H, M)]
             N_j = None if N is None else _member(N, at)
             X = [_member(x, at) for x in blocks]
             extra = {} if G64 is None else {"pairs": pairs[j], "G64": _member(G64, at)}
-            space = Space(*parts, N_j, *ritz[j], steps, X, member, **extra)
-            value = measure(space)
+            spaces.append(Space(*parts, N_j, *ritz[j], steps, X, member, **extra))
+        values = measure_all(spaces) if measure_all is not None else list(map(measure, spaces))
+        going = []
+        for j, (space, value) in enumerate(zip(spaces, values, strict=True)):
             finished = value <= tolerance if done is None else done(space, value)
             if finished or steps >= max_steps:
-                results[member] = (space, value)
+                results[space.member] = (space, value)
             else:
                 going.append(j)
         if not going:
@@ -552,27 +556,62 @@ def ritz_subspace_sine(
 
     The bound is first order in the gap: on the flat spectra of pretrained weights λ_k − λ_{k+1}
     is a fraction of a percent of λ_1, so the bound certifies only rotations well above the
-    basis error (docs/geometry.md "Rotation")."""
+    basis error (docs/geometry.md "Rotation"). `ritz_subspace_sines` of one space."""
     lam, Y = pairs if pairs is not None else generalized_eigh(M, N, cutoff)
-    if lam.numel() <= k:
-        return 1.0, math.inf
     X = torch.cat(Vs, dim=1).double()
-    Yd = Y.to(X.device)
-    R = G.double() @ Yd - (X @ Yd) * lam.to(X.device)  # every Ritz pair's residual, n×k'
-    eps = torch.linalg.vector_norm(R, dim=0).cpu()
-    upper = float((lam[k:] + eps[k:]).max())
-    if next_upper is not None:
-        upper = min(upper, float(next_upper))
-    delta = float(lam[k - 1]) - upper
-    if not delta > 0:
-        return 1.0, upper
-    rounding = ROUNDING * float(lam[0]) * math.sqrt(k)
-    dk = (float(torch.linalg.matrix_norm(R[:, :k], ord=2)) + rounding) / delta
-    Q = X @ Yd[:, :k]  # orthonormal: YᵀNY = I
     V_hat = ritz_vectors(G, Z, k) if V_hat is None else V_hat
-    beside = float(torch.linalg.matrix_norm(V_hat - Q @ (Q.T @ V_hat), ord=2))
-    angle = math.asin(min(dk, 1.0)) + math.asin(min(beside, 1.0))
-    return min(math.sin(min(angle, math.pi / 2)) + ROUNDING, 1.0), upper
+    (out,) = ritz_subspace_sines(X[None], G[None], lam[None], Y[None], V_hat[None], k, [next_upper])
+    return out
+
+
+def ritz_subspace_sines(
+    X: torch.Tensor,
+    G: torch.Tensor,
+    lam: torch.Tensor,
+    Y: torch.Tensor,
+    V_hat: torch.Tensor,
+    k: int,
+    next_upper: Sequence[float | None],
+) -> list[tuple[float, float]]:
+    """`ritz_subspace_sine` of B spaces of one shape at once: X = [V_1 … V_s] [B, n, sr]
+    (float64), G [B, n, sr], span(X)'s Ritz pairs λ [B, p] and Y [B, sr, p] (host), the reported
+    V̂_k [B, n, k] and each space's λ_{k+1}⁺ from Weyl's inequality (None: none). The n-sized
+    products are batched (`bmm`s), the spectral norms one batched call each; each space's result
+    is its own (the products of one member do not mix with another's)."""
+    B = X.shape[0]
+    if lam.shape[-1] <= k:
+        return [(1.0, math.inf)] * B
+    Yd, lam_d = Y.to(X.device), lam.to(X.device)
+    R = G.double() @ Yd - (X @ Yd) * lam_d[:, None, :]  # every Ritz pair's residual, [B, n, p]
+    eps = torch.linalg.vector_norm(R, dim=-2).cpu()
+    out: list[tuple[float, float]] = []
+    gapped = []  # the spaces with a positive gap δ: their spectral norms, batched
+    for b, upper in enumerate((lam[:, k:] + eps[:, k:]).amax(-1).tolist()):
+        if next_upper[b] is not None:
+            upper = min(upper, float(next_upper[b]))
+        out.append((1.0, upper))
+        if float(lam[b, k - 1]) - upper > 0:
+            gapped.append(b)
+    if not gapped:
+        return out
+    at = torch.tensor(gapped, device=X.device)
+    Q = X[at] @ Yd[at, :, :k]  # orthonormal: YᵀNY = I
+    V = V_hat[at]
+    norms = torch.stack(
+        [
+            torch.linalg.matrix_norm(R[at, :, :k], ord=2),
+            torch.linalg.matrix_norm(V - Q @ (Q.mT @ V), ord=2),
+        ],
+        dim=-1,
+    ).tolist()
+    for b, (residual, beside) in zip(gapped, norms, strict=True):
+        upper = out[b][1]
+        delta = float(lam[b, k - 1]) - upper
+        rounding = ROUNDING * float(lam[b, 0]) * math.sqrt(k)
+        dk = (residual + rounding) / delta
+        angle = math.asin(min(dk, 1.0)) + math.asin(min(beside, 1.0))
+        out[b] = (min(math.sin(min(angle, math.pi / 2)) + ROUNDING, 1.0), upper)
+    return out
 
 
 def rotation_bound_degrees(sine_weight: float, sine_anchor: float) -> float:

@@ -18,7 +18,7 @@ Matrices with min(m, n) ≤ r = K + p take the exact path: one power step, `exac
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
 
@@ -35,11 +35,12 @@ from .sketch import (
     Space,
     compress,
     error_bound,
+    generalized_eigh,
     highest_precision,
     orth,
     orthonormal_angles_degrees,
     rayleigh_ritz,
-    ritz_subspace_sine,
+    ritz_subspace_sines,
     ritz_vectors,
     rotation_bound_degrees,
     rotation_within_accuracy,
@@ -54,6 +55,90 @@ ROTATION_PROGRESS = 0.5
 def _to_wire(G: torch.Tensor, C: torch.Tensor, conv: float, steps: int, exact: bool) -> Sketch:
     conv = min(float(conv), NO_BOUND)  # inf (no bound) travels as NO_BOUND: the wire is finite
     return Sketch(G.detach().float().cpu(), C.detach().float().cpu(), conv, steps, exact)
+
+
+class StoppingRule:
+    """`subspace_iteration`'s measure and done for one iteration of one tracker: the error bound
+    (no residual bound from a `fresh` basis after one step) at or below the tolerance. With
+    `rotation` (the W_t tracker, `MatrixTracker._rotation_target`: W0's reported top-k basis, the
+    baseline's sine bound, λ_{k+1}⁺) the measure is also the sine bound of the top-k Ritz
+    subspace, and the steps go on until the rotation it implies is within its stated accuracy,
+    or while that bound still halves per step (`ROTATION_PROGRESS`), so a gap too small to
+    certify the rotation within the budget costs one extra step at most. `measure_rules` measures
+    many rules' spaces at once."""
+
+    def __init__(
+        self,
+        k: int,
+        tolerance: float,
+        frobenius_sq: float | None,
+        fresh: bool,
+        rotation: tuple[torch.Tensor, float, float] | None = None,
+    ) -> None:
+        self.k, self.tolerance = k, tolerance
+        self.frobenius_sq, self.fresh, self.rotation = frobenius_sq, fresh, rotation
+        self.previous_sine, self.accurate, self.converged = math.inf, True, False
+
+    def judge(self, x: Space, rotation: tuple[float, float] | None) -> float:
+        """The measure of the space x: the error bound, and for a W_t rule the sine bound, given
+        `rotation` = (that sine bound, the mean rotation against W0's basis it bounds)."""
+        residual = not (self.fresh and x.steps == 1)
+        bound = error_bound(
+            x.theta, x.H, x.M, x.N, self.k, self.frobenius_sq, residual, pairs=x.pairs
+        )
+        self.converged = bound <= self.tolerance
+        if self.rotation is None or rotation is None:
+            return bound
+        sine, mean_angle = rotation
+        angle_bound = rotation_bound_degrees(sine, self.rotation[1])
+        accurate = rotation_within_accuracy(mean_angle, angle_bound)
+        halving = sine <= ROTATION_PROGRESS * self.previous_sine
+        self.previous_sine, self.accurate = sine, accurate or not halving
+        return max(bound, sine)
+
+    def done(self, x: Space, value: float) -> bool:  # the ΔW bound, and the rotation's rule
+        return self.converged and self.accurate
+
+
+def measure_rules(rules: Sequence[StoppingRule], spaces: Sequence[Space]) -> list[float]:
+    """Each space's measure by its rule (`rules[space.member]`), the W_t rules' rotation bounds
+    batched over the spaces of one shape (`rotation_bounds`)."""
+    wanted = [j for j, x in enumerate(spaces) if rules[x.member].rotation is not None]
+    targets = [(rules[spaces[j].member].k, *rules[spaces[j].member].rotation) for j in wanted]
+    found = dict(zip(wanted, rotation_bounds([spaces[j] for j in wanted], targets), strict=True))
+    return [rules[x.member].judge(x, found.get(j)) for j, x in enumerate(spaces)]
+
+
+def rotation_bounds(
+    spaces: Sequence[Space], targets: Sequence[tuple[int, torch.Tensor, float, float]]
+) -> list[tuple[float, float]]:
+    """(sine bound, mean rotation) of each W_t space against its target (k, W0's reported top-k
+    basis Q0k, the baseline's sine bound, λ_{k+1}⁺): the sine bound of W_t's reported top-k
+    subspace V̂_k (`ritz_subspace_sines`) and the mean principal angle between V̂_k and Q0k,
+    batched over the spaces of one shape and k."""
+    out: list[tuple[float, float] | None] = [None] * len(spaces)
+    pairs = [x.pairs if x.pairs is not None else generalized_eigh(x.M, x.N) for x in spaces]
+    groups: dict[tuple, list[int]] = {}
+    for j, x in enumerate(spaces):
+        G = x.G64 if x.G64 is not None else x.G
+        shapes = (tuple(G.shape), tuple(x.Z.shape), tuple(pairs[j][1].shape), len(x.X),
+                  tuple(targets[j][1].shape))  # fmt: skip
+        groups.setdefault((G.device, targets[j][0], *shapes), []).append(j)
+    for members in groups.values():
+        xs = [spaces[j] for j in members]
+        k = targets[members[0]][0]
+        Q0k = torch.stack([targets[j][1] for j in members])
+        G = torch.stack([x.G64 if x.G64 is not None else x.G for x in xs]).double()
+        X = torch.stack([torch.cat(x.X, dim=-1) for x in xs]).double()
+        lam = torch.stack([pairs[j][0] for j in members])
+        Y = torch.stack([pairs[j][1] for j in members])
+        V_hat = ritz_vectors(G, torch.stack([x.Z for x in xs]), k)
+        sines = ritz_subspace_sines(X, G, lam, Y, V_hat, k, [targets[j][3] for j in members])
+        Qt = torch.linalg.qr(V_hat)[0]
+        means = orthonormal_angles_degrees(Q0k, Qt.to(Q0k.device)).mean(-1).tolist()
+        for j, (sine, _), mean in zip(members, sines, means, strict=True):
+            out[j] = (sine, mean)
+    return out  # type: ignore[return-value]  # every space is in a group
 
 
 class MatrixTracker:
@@ -295,7 +380,7 @@ class MatrixTracker:
             sketch = s.local(lambda: _to_wire(x.G, x.C_s, 0.0, 1, True))
             return sketch, x.theta, x.Z, V, x.G, 0.0
         fresh = self.fresh if fresh is None else fresh
-        measure, done = self._stopping_rule(frobenius_sq, fresh, rotation)
+        rule = self.stopping_rule(frobenius_sq, fresh, rotation)
         x, bound = subspace_iteration(
             A,
             V,
@@ -303,46 +388,22 @@ class MatrixTracker:
             s,
             max_steps=self.max_power_steps,
             tolerance=self.tolerance,
-            measure=measure,
+            measure=lambda x: measure_rules([rule], [x])[0],
             krylov=True,
-            done=done,
+            done=rule.done,
         )
         G_w, C_w = compress(x.G, x.M, x.Z, self.r)
         sketch = s.local(lambda: _to_wire(G_w, C_w, bound, x.steps, False))
         return sketch, x.theta, x.Z, orth(G_w), x.G64, bound
 
-    def _stopping_rule(
+    def stopping_rule(
         self,
         frobenius_sq: float | None,
         fresh: bool,
         rotation: tuple[torch.Tensor, float, float] | None = None,
-    ) -> tuple[Callable[[Space], float], Callable[[Space, float], bool]]:
-        """`subspace_iteration`'s measure and done for one iteration of this tracker: the error
-        bound (no residual bound from a `fresh` basis after one step) at or below the tolerance.
-        With `rotation` (the W_t tracker, `_rotation_target`) the measure is also the sine bound
-        of the top-k Ritz subspace, and the steps go on until the rotation it implies is within
-        its stated accuracy, or while that bound still halves per step (`ROTATION_PROGRESS`), so a
-        gap too small to certify the rotation within the budget costs one extra step at most."""
-        previous_sine, accurate, converged = math.inf, True, False
-
-        def measure(x: Space) -> float:
-            nonlocal previous_sine, accurate, converged
-            residual = not (fresh and x.steps == 1)
-            bound = error_bound(
-                x.theta, x.H, x.M, x.N, self.k, frobenius_sq, residual, pairs=x.pairs
-            )
-            converged = bound <= self.tolerance
-            if rotation is None:
-                return bound
-            sine, accurate = self._rotation_bound(x, rotation)
-            halving = sine <= ROTATION_PROGRESS * previous_sine
-            previous_sine, accurate = sine, accurate or not halving
-            return max(bound, sine)
-
-        def done(x: Space, value: float) -> bool:  # the ΔW bound, and the rotation's rule
-            return converged and accurate
-
-        return measure, done
+    ) -> StoppingRule:
+        """The stopping rule of one iteration of this tracker (`StoppingRule`)."""
+        return StoppingRule(self.k, self.tolerance, frobenius_sq, fresh, rotation)
 
     def _rotation_target(
         self, theta: torch.Tensor, indicator: float, frobenius_sq: float
@@ -367,23 +428,6 @@ class MatrixTracker:
             V0k = ritz_vectors(a.baseline_G, Z0, self.k)
             self._reported_w0 = torch.linalg.qr(V0k)[0]
         return self._reported_w0
-
-    def _rotation_bound(
-        self, x: Space, rotation: tuple[torch.Tensor, float, float]
-    ) -> tuple[float, bool]:
-        """(the sine bound of W_t's reported top-k subspace on the space x, whether the mean
-        rotation against V̂0 (`_reported_basis`) it implies is within its stated accuracy,
-        `rotation_within_accuracy`)."""
-        Q0k, base_sine, upper = rotation
-        G = x.G64 if x.G64 is not None else x.G
-        V_hat = ritz_vectors(G, x.Z, self.k)
-        sine, _ = ritz_subspace_sine(
-            x.X, G, x.M, x.N, x.Z, self.k, upper, pairs=x.pairs, V_hat=V_hat
-        )
-        Qt = torch.linalg.qr(V_hat)[0]
-        angles = orthonormal_angles_degrees(Q0k, Qt.to(Q0k.device))
-        bound = rotation_bound_degrees(sine, base_sine)
-        return sine, rotation_within_accuracy(float(angles.mean()), bound)
 
     def _channel_energy(
         self, D: torch.Tensor | None, v_ref: torch.Tensor, layout: ShardSpec, s: CheckSession

@@ -244,7 +244,7 @@ class MatrixGeometry:
                 keys["topk_energy_ratio"] = math.fsum(theta[:K].tolist()) / frob_sq
                 keys["horizon_alignment"] = alignment
         if check.locked_now and check.v_ref is not None:
-            self.v_ref = check.v_ref.to(self.device, torch.float64)
+            self.v_ref = check.v_ref.to(self.device)  # as sent (float32): Sim_K upcasts it
         self.lock_step = check.lock_step
         keys["locked"] = check.lock_step is not None
         keys["lock_step"] = check.lock_step
@@ -357,9 +357,11 @@ class MatrixGeometry:
         g.horizon.load_state_dict(lock, g.device)
         g.lock_step = meta["lock_step"]
         g.base_convergence = float(meta.get("base_convergence", 1.0))  # unknown: null
-        for name in ("base_sigma", "base_V", "v_ref"):
+        for name in ("base_sigma", "base_V"):
             if name in tensors:
                 setattr(g, name, tensors[name].to(g.device, torch.float64))
+        if "v_ref" in tensors:  # as it came (float64 in a data dir written before it was kept so)
+            g.v_ref = tensors["v_ref"].to(g.device)
         return g
 
 

@@ -87,3 +87,20 @@ def check_against_reference(traj, results: dict) -> None:
         if kind == "opd":
             assert data["at"]["3"]["deltawatch"]["errors"]["stable_rank"] <= 0.02
     assert torch.equal(W0, traj.pretrained_like(m, n, seed=0))  # seeded: reproducible
+
+
+def test_bench_ab_client_compares_two_checkouts_in_one_process(capsys) -> None:
+    """bench/bench_ab_client.py with this tree as its own base: both clients run the same checks
+    (the same power steps on every row) and the ratio line is printed."""
+    ab = load("bench_ab_client")
+    assert ab.main(["--base", str(ROOT), "--threads", "1", "--checks", "3", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [
+        line.split("|")[1:-1]
+        for line in out.splitlines()
+        if line.startswith("| ") and "ms" not in line
+    ]
+    rows = [[c.strip() for c in r] for r in rows if r[0].strip().isdigit()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3]
+    assert all(r[3] == r[4] and int(r[3]) >= 14 for r in rows)  # every matrix steps at least once
+    assert "this / base" in out

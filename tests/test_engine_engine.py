@@ -125,6 +125,9 @@ def test_engine_state_survives_a_new_engine_on_the_same_data_dir(toy, fed):
     assert set(refs) == set(run.shapes)
     for lock_step, v_ref in refs.values():
         assert lock_step <= STEPS and v_ref.shape[1] == run.channel_rank
+    for name, (_, v_ref) in refs.items():  # the geometry keeps V_ref as sent (float32), not twice
+        stored = engine.store.load_tensors(run.run, name)["v_ref"]
+        assert stored.dtype == torch.float32 and torch.equal(stored, v_ref)
 
 
 def test_engine_restart_mid_run_continues_exactly(toy, tmp_path):
