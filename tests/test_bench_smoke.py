@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -93,7 +94,17 @@ def test_bench_ab_client_compares_two_checkouts_in_one_process(capsys) -> None:
     """bench/bench_ab_client.py with this tree as its own base: both clients run the same checks
     (the same power steps on every row) and the ratio line is printed."""
     ab = load("bench_ab_client")
-    assert ab.main(["--base", str(ROOT), "--threads", "1", "--checks", "3", "--warmup", "1"]) == 0
+    threads, path, modules = torch.get_num_threads(), list(sys.path), set(sys.modules)
+    try:
+        assert (
+            ab.main(["--base", str(ROOT), "--threads", "1", "--checks", "3", "--warmup", "1"]) == 0
+        )
+    finally:  # the bench sets the process's threads and imports the base as `dwbase`
+        torch.set_num_threads(threads)
+        sys.path[:] = path
+        for name in set(sys.modules) - modules:
+            if name.split(".")[0] == "dwbase":
+                del sys.modules[name]
     out = capsys.readouterr().out
     rows = [
         line.split("|")[1:-1]
