@@ -251,8 +251,8 @@ class MatrixGeometry:
         if keys["locked"]:
             if self.v_ref is not None and V_K is not None and converged:
                 k_sim = self.horizon.k_sim
-                V_K = pad_columns(V_K, K)
-                keys["subspace_alignment"] = sim_k(V_K, self.v_ref, k_sim, matmul)
+                padded = pad_columns(V_K, K)
+                keys["subspace_alignment"] = sim_k(padded, self.v_ref, k_sim, matmul)
             if check.channel_energy_sq is not None and frob_sq > 0:
                 keys["channel_energy_ratio"] = float(check.channel_energy_sq) / frob_sq
         numel = check.numel
@@ -484,15 +484,16 @@ def angle_summary(angles: torch.Tensor) -> list[tuple[float, float]]:
 def _batched_angles(items, weight: dict[int, tuple]) -> dict[int, tuple[float, float]]:
     """item index -> the rotation's (largest, mean) principal angle `_rotation` reads (W0's
     `base_Q` against the weight's top-k Ritz vectors, `ritz_angles_degrees`), the k×k work
-    batched over the items of one (device, k) with weight pairs (a group whose batched call
-    fails is left to the items alone)."""
+    batched over the items of one (device, n, k) with weight pairs (one n: below
+    `PAIRWISE_ROWS` their products are stacked; a group whose batched call fails is left to the
+    items alone)."""
     groups: dict[tuple, list[int]] = {}
     for i, pairs in weight.items():
         g = items[i][0]
         k = min(pairs[1].shape[1], g.base_V.shape[1])
-        groups.setdefault((g.base_V.device, k), []).append(i)
+        groups.setdefault((g.base_V.device, g.shape[1], k), []).append(i)
     out: dict[int, tuple[float, float]] = {}
-    for (device, k), members in groups.items():
+    for (device, _, k), members in groups.items():
         try:
             Qa = [items[i][0].base_Q(k) for i in members]
             Vb = [weight[i][1][:, :k].double().to(device) for i in members]

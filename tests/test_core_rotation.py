@@ -124,3 +124,48 @@ def test_ritz_angles_are_the_constructed_principal_angles():
     qr_path = orthonormal_angles_degrees(Qa[1], torch.linalg.qr(Vz[1])[0])
     mixed = ritz_angles_degrees(Qa, Vz)
     assert torch.equal(mixed[1], qr_path) and torch.equal(mixed[0], got[0])
+
+
+def test_a_wave_of_mixed_widths_gets_its_angles_batched_as_each_alone():
+    """`ingest_batch` over W_t sketches of two widths (n = 64, below `PAIRWISE_ROWS`, and n =
+    1,100, above it) with one k: every item's rotation comes from the batched angles, equal to
+    its own report-by-report ingest (a group of mixed n once failed to stack and fell back)."""
+    from deltawatch.client.records import MatrixCheck, Sketch
+    from deltawatch.sidecar.geometry import PAIRWISE_ROWS, _batched_angles, ingest_batch
+
+    g = torch.Generator().manual_seed(5)
+    r = 32
+
+    def sketch(W: torch.Tensor) -> Sketch:
+        V = torch.linalg.qr(torch.randn(W.shape[1], r, generator=g))[0]
+        for _ in range(3):  # a settled basis
+            V = torch.linalg.qr(W.T @ (W @ V))[0]
+        P = W @ V
+        return Sketch(W.T @ P, P.T @ P, 0.0, 3, False)
+
+    items, alone = [], []
+    for i, n in enumerate((64, 1100, 64, 1100)):
+        assert (n < PAIRWISE_ROWS) == (n == 64)
+        W0 = torch.randn(48, n, generator=g) * torch.logspace(0, -2, n)
+        Wt = W0 + 0.05 * torch.randn(48, n, generator=g)
+        dW = Wt - W0
+        check = MatrixCheck(f"m{i}", 1, (48, n), 48 * n, float(dW.double().square().sum()),
+                            0, 0, 0, None, sketch(dW), sketch(Wt), None, False, None)  # fmt: skip
+        base, pair = sketch(W0), []
+        for _ in range(2):  # one for the batch, one alone, from the same baseline
+            geometry = MatrixGeometry((48, n), channel_rank=16)
+            geometry.baseline(base)
+            pair.append(geometry)
+        items.append((pair[0], check))
+        alone.append(pair[1].ingest(check))
+    weight = {i: pairs for i, pairs in enumerate(_ritz_of_weights(items))}
+    assert set(_batched_angles(items, weight)) == set(range(len(items)))
+    for got, ref in zip(ingest_batch(items), alone, strict=True):
+        for key in ("rotation_max_degrees", "rotation_mean_degrees", "spectral_shift_topk"):
+            assert got[key] is not None and got[key] == ref[key], key
+
+
+def _ritz_of_weights(items):
+    from deltawatch.sidecar.geometry import ritz_pairs
+
+    return [ritz_pairs(c.weight, g.channel_rank) for g, c in items]
